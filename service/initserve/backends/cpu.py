@@ -1,0 +1,186 @@
+"""The CPU backend: the C kernels (kernels/cpu_kernels.c) called through ctypes.
+
+ctypes releases the GIL for the duration of a foreign call, so large requests are split into
+contiguous parts that a small thread pool fills in parallel. Splitting cannot change a value:
+every element depends only on its own index.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+
+from initserve.kernels import _cpu_kernels
+from initserve.stream import StreamId
+
+_lib = ctypes.CDLL(_cpu_kernels.__file__)
+
+_u32, _u64, _i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
+_dp = ctypes.POINTER(ctypes.c_double)
+_fill_args = [ctypes.c_int, _dp, _u64, _u32, _u32, ctypes.c_void_p, _u64, _u64, ctypes.c_void_p]
+for _name in ("is_fill_runs_f64", "is_fill_runs_f32"):
+    getattr(_lib, _name).argtypes = _fill_args
+    getattr(_lib, _name).restype = None
+_lib.is_fill_words.argtypes = [_u64, _u32, _u32, _u64, _u64, ctypes.c_void_p]
+_lib.is_fill_words.restype = None
+_lib.is_philox_block.argtypes = [ctypes.POINTER(_u32), _u32, _u32]
+_lib.is_philox_block.restype = None
+for _name in (
+    "is_log_scalar",
+    "is_exp_scalar",
+    "is_normal_quantile_scalar",
+    "is_normal_lower_tail_scalar",
+):
+    getattr(_lib, _name).argtypes = [ctypes.c_double]
+    getattr(_lib, _name).restype = ctypes.c_double
+_lib.is_sincos_2pi_scalar.argtypes = [ctypes.c_double, _dp, _dp]
+_lib.is_sincos_2pi_scalar.restype = None
+_lib.is_orthonormal_columns.argtypes = [ctypes.c_void_p, _i64, _i64, ctypes.c_void_p, ctypes.c_void_p]
+_lib.is_orthonormal_columns.restype = ctypes.c_int
+
+# Distribution codes, as in initserve_math.h.
+UNIFORM, NORMAL, TRUNC_NORMAL = 0, 1, 2
+
+# Below this many elements a single call beats handing work to threads.
+_MIN_ELEMENTS_PER_THREAD = 1 << 16
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_threads = _default_threads()
+_pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="initserve-cpu")
+
+
+def set_threads(threads: int) -> None:
+    """Number of threads one fill may use (default: the CPUs this process may run on)."""
+    global _threads, _pool
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    _pool.shutdown(wait=True)
+    _threads = threads
+    _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="initserve-cpu")
+
+
+def fill_runs(
+    dist: int,
+    params: tuple[float, ...],
+    stream: StreamId,
+    run_starts: npt.NDArray[np.uint64],
+    run_len: int,
+    out: npt.NDArray[np.floating],
+) -> None:
+    """Fill ``out`` (float32 or float64, C-contiguous, ``len(run_starts) * run_len`` elements)."""
+    if out.dtype == np.float64:
+        fill = _lib.is_fill_runs_f64
+    elif out.dtype == np.float32:
+        fill = _lib.is_fill_runs_f32
+    else:
+        raise TypeError(f"the kernels write float32 or float64, not {out.dtype}")
+    n_runs = len(run_starts)
+    if n_runs == 0 or run_len == 0:
+        return
+    assert out.flags.c_contiguous and out.size == n_runs * run_len
+    run_starts = np.ascontiguousarray(run_starts, dtype=np.uint64)
+    param_array = (ctypes.c_double * 8)(*params)
+
+    def call(first_run: int, runs: int, start_offset: int, length: int) -> None:
+        # Either a slice of the runs, or (one run) a slice of that run.
+        if runs == 1:
+            starts = np.array([int(run_starts[first_run]) + start_offset], dtype=np.uint64)
+            target = out.reshape(-1)[first_run * run_len + start_offset :]
+        else:
+            starts = run_starts[first_run : first_run + runs]
+            target = out.reshape(-1)[first_run * run_len :]
+        fill(
+            dist,
+            param_array,
+            stream.seed,
+            stream.name0,
+            stream.name1,
+            starts.ctypes.data,
+            runs,
+            length,
+            target.ctypes.data,
+        )
+
+    total = n_runs * run_len
+    parts = min(_threads, max(1, total // _MIN_ELEMENTS_PER_THREAD))
+    if parts == 1:
+        call(0, n_runs, 0, run_len)
+        return
+    if n_runs >= parts:
+        bounds = np.linspace(0, n_runs, parts + 1).astype(np.int64)
+        futures = [
+            _pool.submit(call, int(lo), int(hi - lo), 0, run_len)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            if hi > lo
+        ]
+    else:
+        futures = []
+        for run in range(n_runs):
+            bounds = np.linspace(0, run_len, parts + 1).astype(np.int64)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                if hi > lo:
+                    futures.append(_pool.submit(call, run, 1, int(lo), int(hi - lo)))
+    for future in futures:
+        future.result()
+
+
+def stream_words(stream: StreamId, start: int, count: int) -> npt.NDArray[np.uint32]:
+    """Raw 32-bit words ``[start, start + count)`` of a stream."""
+    out = np.empty(count, dtype=np.uint32)
+    _lib.is_fill_words(stream.seed, stream.name0, stream.name1, start, count, out.ctypes.data)
+    return out
+
+
+def orthonormal_columns(matrix_column_major: npt.NDArray[np.float64]) -> None:
+    """In place: the m x n (m >= n) column-major matrix, stored as a (n, m) C array, becomes the
+    Q factor of its Householder QR with columns signed so that diag(R) > 0."""
+    n, m = matrix_column_major.shape
+    assert m >= n and matrix_column_major.dtype == np.float64
+    assert matrix_column_major.flags.c_contiguous
+    tau = np.empty(n, dtype=np.float64)
+    diag = np.empty(n, dtype=np.float64)
+    status = _lib.is_orthonormal_columns(
+        matrix_column_major.ctypes.data, m, n, tau.ctypes.data, diag.ctypes.data
+    )
+    if status != 0:  # probability zero: a Gaussian column that is exactly zero
+        raise ArithmeticError("orthogonal: rank-deficient Gaussian draw")
+
+
+def philox_block(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...]:
+    words = (_u32 * 4)(*counter)
+    _lib.is_philox_block(words, key[0], key[1])
+    return tuple(int(w) for w in words)
+
+
+def math_log(x: float) -> float:
+    return float(_lib.is_log_scalar(x))
+
+
+def math_exp(x: float) -> float:
+    return float(_lib.is_exp_scalar(x))
+
+
+def normal_quantile(p: float) -> float:
+    return float(_lib.is_normal_quantile_scalar(p))
+
+
+def normal_lower_tail(x: float) -> float:
+    """Phi(x) for x <= 0, from the kernels' own arithmetic (no libm)."""
+    return float(_lib.is_normal_lower_tail_scalar(x))
+
+
+def sincos_2pi(u: float) -> tuple[float, float]:
+    s, c = ctypes.c_double(), ctypes.c_double()
+    _lib.is_sincos_2pi_scalar(u, ctypes.byref(s), ctypes.byref(c))
+    return s.value, c.value

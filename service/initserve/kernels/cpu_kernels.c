@@ -50,7 +50,11 @@ IS_INLINE void is_tile(int dist, const double *params, is_stream st, is_u64 firs
             values[2 * pair + 1] = odd[pair];
         }
     } else if (dist == IS_DIST_TRUNC_NORMAL) {
-        for (int i = 0; i < n; ++i) values[i] = is_trunc_normal_value(params, words[i]);
+        if (params[7] != 0.0) { /* two loops, so each is specialised and vectorised */
+            for (int i = 0; i < n; ++i) values[i] = is_trunc_normal_value(params, words[i], 1);
+        } else {
+            for (int i = 0; i < n; ++i) values[i] = is_trunc_normal_value(params, words[i], 0);
+        }
     } else {
         for (int i = 0; i < n; ++i) values[i] = (double)words[i];
     }

@@ -166,8 +166,10 @@ IS_FN void is_sincos_2pi(double u, double *sin_out, double *cos_out) {
 
 /* Standard normal quantile: Wichura's AS241 (PPND16, Applied Statistics 37(3), 1988), relative
  * accuracy about 1e-16. All three rational approximations are evaluated and one is selected,
- * so the result does not depend on how a compiler or GPU treats the branches. 0 < p < 1. */
-IS_FN double is_normal_quantile(double p) {
+ * so the result does not depend on how a compiler or GPU treats the branches. 0 < p < 1.
+ * far_tail = 0 skips the third approximation (min(p, 1 - p) < exp(-25)); the caller passes it
+ * only when no p it can produce is that small, so the value is the same either way. */
+IS_FN double is_normal_quantile_ex(double p, int far_tail) {
     double q = p - 0.5;
     double r = 0.180625 - q * q;
     double central =
@@ -194,8 +196,10 @@ IS_FN double is_normal_quantile(double p) {
               1.51986665636164571966e-2) * r1 + 1.48103976427480074590e-1) * r1 +
             6.89767334985100004550e-1) * r1 + 1.67638483018380384940e+0) * r1 +
           2.05319162663775882187e+0) * r1 + 1.0);
+    double tail = near_tail;
+    if (far_tail) {
     double r2 = rt - 5.0;
-    double far_tail =
+    double far =
         (((((((2.01033439929228813265e-7 * r2 + 2.71155556874348757815e-5) * r2 +
               1.24266094738807843860e-3) * r2 + 2.65321895265761230930e-2) * r2 +
             2.96560571828504891230e-1) * r2 + 1.78482653991729133580e+0) * r2 +
@@ -204,18 +208,23 @@ IS_FN double is_normal_quantile(double p) {
               1.84631831751005468180e-5) * r2 + 7.86869131145613259100e-4) * r2 +
             1.48753612908506148525e-2) * r2 + 1.36929880922735805310e-1) * r2 +
           5.99832206555887937690e-1) * r2 + 1.0);
-    double tail = rt <= 5.0 ? near_tail : far_tail;
+    tail = rt <= 5.0 ? near_tail : far;
+    }
     tail = q < 0.0 ? -tail : tail;
     double abs_q = q < 0.0 ? -q : q;
     return abs_q <= 0.425 ? central : tail;
 }
 
+IS_FN double is_normal_quantile(double p) { return is_normal_quantile_ex(p, 1); }
+
 /* Standard normal CDF Phi(x) for x <= 0 (the lower tail, where it is accurate to a few ulp in
  * relative terms). Per-tensor constants only. For x > -3 the Taylor series of the integral about 0
  * (60 terms); below, phi(x) times the Laplace continued fraction of Mills' ratio, 200 terms,
- * evaluated from the inside out. */
+ * evaluated from the inside out. Below -37 the value is under 6e-302 and is returned as 0, which
+ * keeps exp's argument and result normal. */
 IS_FN double is_normal_lower_tail(double x) {
     const double inv_sqrt_2pi = 3.98942280401432702863e-01;
+    if (x < -37.0) return 0.0;
     if (x > -3.0) {
         double term = x, sum = x, x2 = x * x;
         for (int n = 1; n <= 60; ++n) {
@@ -242,8 +251,9 @@ enum { IS_DIST_UNIFORM = 0, IS_DIST_NORMAL = 1, IS_DIST_TRUNC_NORMAL = 2, IS_DIS
  *         NORMAL (mean, std): Box-Muller on word pairs (0,1) and (2,3) of a block, the first word
  *           of a pair giving the radius, the second the angle; the cosine branch goes to the even
  *           element, the sine branch to the odd one.
- *         TRUNC_NORMAL (mean, std, low, high, p_low, p_width, sign): inverse CDF,
- *           z = sign * quantile(p_low + p_width * u), value = clamp(mean + std * z, low, high). */
+ *         TRUNC_NORMAL (mean, std, low, high, p_low, p_width, sign, far_tail): inverse CDF,
+ *           z = sign * quantile(p_low + p_width * u), value = clamp(mean + std * z, low, high);
+ *           far_tail (0 or 1) is computed by the host from the range of p (see plan/schemes). */
 IS_FN double is_uniform_value(const double *params, is_u32 word) {
     return params[0] + params[1] * is_unit_open(word);
 }
@@ -257,9 +267,9 @@ IS_FN void is_normal_pair(const double *params, is_u32 radius_word, is_u32 angle
     *odd = params[0] + params[1] * (radius * s);
 }
 
-IS_FN double is_trunc_normal_value(const double *params, is_u32 word) {
+IS_FN double is_trunc_normal_value(const double *params, is_u32 word, int far_tail) {
     double p = params[4] + params[5] * is_unit_open(word);
-    double x = params[0] + params[1] * (params[6] * is_normal_quantile(p));
+    double x = params[0] + params[1] * (params[6] * is_normal_quantile_ex(p, far_tail));
     x = x < params[2] ? params[2] : x;
     return x > params[3] ? params[3] : x;
 }
@@ -271,7 +281,7 @@ IS_FN void is_block_values(int dist, const double *params, const is_u32 words[4]
         is_normal_pair(params, words[0], words[1], &out[0], &out[1]);
         is_normal_pair(params, words[2], words[3], &out[2], &out[3]);
     } else if (dist == IS_DIST_TRUNC_NORMAL) {
-        for (int j = 0; j < 4; ++j) out[j] = is_trunc_normal_value(params, words[j]);
+        for (int j = 0; j < 4; ++j) out[j] = is_trunc_normal_value(params, words[j], params[7] != 0.0);
     } else {
         for (int j = 0; j < 4; ++j) out[j] = (double)words[j];
     }

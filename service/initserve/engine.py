@@ -1,0 +1,253 @@
+"""The generator: planned tensors -> values, whole or any part.
+
+Element ``i`` of the C-order flattened tensor depends only on ``(stream, i)``, so a contiguous
+range, a hyper-rectangle (a shard) or the whole tensor are the same computation restricted to
+different indices, at a cost proportional to the part. Two schemes couple all elements of a
+tensor and are computed whole, then sliced: orthogonal (a QR factorisation) and sparse (the zeros
+of a column depend on the whole column). Their parts are still bit-identical to the same part of
+the whole; only their cost is that of the whole tensor (bounded by the service's limits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from initserve.backends import cpu
+from initserve.plan import Plan, TensorPlan, plan
+from initserve.spec import Spec, SpecError
+from initserve.stream import SPARSE_RANK_SUFFIX, stream_for
+
+_DIST_CODES = {"uniform": cpu.UNIFORM, "normal": cpu.NORMAL, "trunc_normal": cpu.TRUNC_NORMAL}
+_WHOLE_TENSOR_KINDS = ("orthogonal", "sparse")
+
+Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)
+
+
+def region_runs(shape: Sequence[int], region: Region) -> tuple[npt.NDArray[np.uint64], int]:
+    """The hyper-rectangle as runs of consecutive flat indices: (run starts, run length)."""
+    ndim = len(shape)
+    strides = [math.prod(shape[d + 1 :]) for d in range(ndim)]
+    # The innermost dimension not taken whole: dimensions after it fold into each run.
+    split = ndim - 1
+    while split > 0 and region[split] == (0, shape[split]):
+        split -= 1
+    lo, hi = region[split]
+    run_len = (hi - lo) * strides[split]
+    offsets = np.array([lo * strides[split]], dtype=np.uint64)
+    for d in range(split - 1, -1, -1):
+        d_lo, d_hi = region[d]
+        along = np.arange(d_lo, d_hi, dtype=np.uint64) * np.uint64(strides[d])
+        offsets = (along[:, None] + offsets[None, :]).reshape(-1)
+    return offsets, run_len
+
+
+def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
+    # float64 tensors come straight from the binary64 master value; every other dtype is the
+    # float32 rounding of it (and float16/bfloat16 round that float32, as the contract says).
+    return np.dtype(np.float64) if tensor.dtype.name == "float64" else np.dtype(np.float32)
+
+
+class TensorSource:
+    """Generates parts of one planned tensor. Caches the whole tensor for the schemes that must
+    compute it whole, so that streaming such a tensor in chunks computes it once."""
+
+    def __init__(self, tensor: TensorPlan) -> None:
+        self.tensor = tensor
+        self._whole: npt.NDArray[Any] | None = None
+
+    # -- public --------------------------------------------------------------------------------
+
+    def flat(self, start: int, stop: int, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
+        """Elements [start, stop) of the C-order flattened tensor, in the tensor's dtype.
+
+        ``out`` (optional, 1-D, C-contiguous, the tensor's dtype) is filled and returned instead
+        of a new array: streaming reuses one buffer rather than touching fresh pages per chunk.
+        """
+        if not 0 <= start <= stop <= self.tensor.numel:
+            raise IndexError(f"flat range [{start}, {stop}) outside [0, {self.tensor.numel})")
+        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
+            values = self.whole().reshape(-1)[start:stop]
+            if out is None:
+                return values
+            out[...] = values
+            return out
+        runs = np.array([start], dtype=np.uint64)
+        return self._values(runs, stop - start, out)
+
+    def region(self, region: Region) -> npt.NDArray[Any]:
+        """The hyper-rectangle ``region`` (per dimension [start, stop)), shaped."""
+        shape = self.tensor.shape
+        if len(region) != len(shape) or any(
+            not 0 <= lo <= hi <= n for (lo, hi), n in zip(region, shape, strict=True)
+        ):
+            raise IndexError(f"region {region} outside shape {shape}")
+        out_shape = tuple(hi - lo for lo, hi in region)
+        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
+            return np.ascontiguousarray(self.whole()[tuple(slice(lo, hi) for lo, hi in region)])
+        if math.prod(out_shape) == 0:
+            return np.empty(out_shape, dtype=self.tensor.dtype.numpy)
+        runs, run_len = region_runs(shape, region)
+        return self._values(runs, run_len).reshape(out_shape)
+
+    def whole(self) -> npt.NDArray[Any]:
+        if self._whole is None:
+            kind = self.tensor.draw.kind
+            if kind == "orthogonal":
+                self._whole = self._orthogonal()
+            elif kind == "sparse":
+                self._whole = self._sparse()
+            else:
+                full = ((0, n) for n in self.tensor.shape)
+                self._whole = self.region(tuple(full))
+        return self._whole
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _values(
+        self, runs: npt.NDArray[np.uint64], run_len: int, out: npt.NDArray[Any] | None = None
+    ) -> npt.NDArray[Any]:
+        tensor = self.tensor
+        draw = tensor.draw
+        count = len(runs) * run_len
+        if out is not None and (out.shape != (count,) or out.dtype != tensor.dtype.numpy):
+            raise ValueError(f"out must be a ({count},) {tensor.dtype.name} array")
+        if draw.kind in _DIST_CODES:
+            kernel_dtype = _kernel_dtype(tensor)
+            if out is not None and out.dtype == kernel_dtype:
+                master = out
+            else:
+                master = np.empty(count, dtype=kernel_dtype)
+            cpu.fill_runs(_DIST_CODES[draw.kind], draw.params, tensor.stream, runs, run_len, master)
+            values = master
+        else:
+            indices = (runs[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
+            values = self._structured(indices)
+        if out is None:
+            return values.astype(tensor.dtype.numpy, copy=False)
+        if values is not out:
+            out[...] = values
+        return out
+
+    def _structured(self, flat_indices: npt.NDArray[np.uint64]) -> npt.NDArray[Any]:
+        """constant, eye and dirac: values as a function of the index alone."""
+        draw, shape = self.tensor.draw, self.tensor.shape
+        if draw.kind == "constant":
+            return np.full(flat_indices.shape, draw.params[0], dtype=np.float64)
+        index = np.unravel_index(flat_indices.astype(np.int64), shape)
+        if draw.kind == "eye":
+            return (index[0] == index[1]).astype(np.float64)
+        if draw.kind == "dirac":
+            groups = int(draw.params[0])
+            if self.tensor.layout == "torch":
+                out_index, in_index, kernel = index[0], index[1], index[2:]
+                kernel_sizes, out_dim = shape[2:], shape[0]
+            else:
+                out_index, in_index, kernel = index[-1], index[-2], index[:-2]
+                kernel_sizes, out_dim = shape[:-2], shape[-1]
+            out_per_group = out_dim // groups
+            hit = (out_index % out_per_group) == in_index
+            for position, size in zip(kernel, kernel_sizes, strict=True):
+                hit &= position == size // 2
+            return hit.astype(np.float64)
+        raise AssertionError(f"unhandled draw {draw.kind}")  # pragma: no cover
+
+    def _normal_master(self, stream_key: str | None = None) -> npt.NDArray[np.float64]:
+        tensor = self.tensor
+        stream = tensor.stream if stream_key is None else stream_for(tensor.stream.seed, stream_key)
+        master = np.empty(tensor.numel, dtype=np.float64)
+        params = (0.0, 1.0) if tensor.draw.kind == "orthogonal" else (0.0, tensor.draw.params[1])
+        cpu.fill_runs(cpu.NORMAL, params, stream, np.zeros(1, np.uint64), tensor.numel, master)
+        return master
+
+    def _orthogonal(self) -> npt.NDArray[Any]:
+        tensor = self.tensor
+        shape = tensor.shape
+        # The matrix view: torch (rows = dim 0, cols = the rest); jax (cols = the last axis).
+        rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
+        cols = tensor.numel // rows
+        gaussian = self._normal_master().reshape(rows, cols)
+        if rows >= cols:
+            # Column-major storage of the rows x cols matrix is its transpose in C order.
+            work = np.ascontiguousarray(gaussian.T)
+            cpu.orthonormal_columns(work)
+            q = work.T
+        else:
+            work = gaussian.copy()  # column-major storage of the transpose (cols x rows)
+            cpu.orthonormal_columns(work)
+            q = work
+        values = q * tensor.draw.params[0]
+        return self._round(values).reshape(shape)
+
+    def _sparse(self) -> npt.NDArray[Any]:
+        tensor = self.tensor
+        rows, cols = tensor.shape
+        sparsity = tensor.draw.params[0]
+        values = self._normal_master().reshape(rows, cols)
+        num_zeros = math.ceil(sparsity * rows)
+        if num_zeros:
+            rank_stream = stream_for(tensor.stream.seed, tensor.key + SPARSE_RANK_SUFFIX)
+            ranks = cpu.stream_words(rank_stream, 0, tensor.numel).reshape(rows, cols)
+            # In each column, the rows with the num_zeros smallest rank words (ties: lower row).
+            order = np.argsort(ranks, axis=0, kind="stable")
+            np.put_along_axis(values, order[:num_zeros, :], 0.0, axis=0)
+        return self._round(values)
+
+    def _round(self, master: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
+        return master.astype(_kernel_dtype(self.tensor)).astype(self.tensor.dtype.numpy, copy=False)
+
+
+def shard_region(shape: Sequence[int], index: int, count: int, dim: int) -> Region:
+    """The part ``numpy.array_split(full, count, axis=dim)[index]`` selects; tensors with no axis
+    ``dim`` come whole."""
+    full = [(0, n) for n in shape]
+    if dim >= len(shape):
+        return tuple(full)
+    length = shape[dim]
+    base, extra = divmod(length, count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    full[dim] = (start, stop)
+    return tuple(full)
+
+
+def select(planned: Plan, only: Iterable[str] | None) -> tuple[TensorPlan, ...]:
+    """The planned tensors named in ``only`` (all when None), in plan order."""
+    if only is None:
+        return planned.tensors
+    wanted = list(only)
+    known = planned.by_key()
+    unknown = [key for key in wanted if key not in known]
+    if unknown:
+        raise SpecError.single(
+            ("only",), f"unknown tensor keys {unknown}; the spec produces {list(known)}"
+        )
+    chosen = set(wanted)
+    return tuple(t for t in planned.tensors if t.key in chosen)
+
+
+def generate(
+    spec: Spec | dict[str, Any] | str | bytes,
+    *,
+    only: Iterable[str] | None = None,
+    shard: tuple[int, int, int] | None = None,
+) -> dict[str, npt.NDArray[Any]]:
+    """The tensors of a spec, keyed as in a PyTorch state_dict.
+
+    ``only`` restricts to some keys; ``shard=(index, count, dim)`` returns each tensor's
+    ``numpy.array_split(full, count, axis=dim)[index]`` without generating the rest.
+    """
+    planned = plan(spec)
+    result: dict[str, npt.NDArray[Any]] = {}
+    for tensor in select(planned, only):
+        source = TensorSource(tensor)
+        if shard is None:
+            result[tensor.key] = source.whole()
+        else:
+            index, count, dim = shard
+            result[tensor.key] = source.region(shard_region(tensor.shape, index, count, dim))
+    return result

@@ -1,0 +1,169 @@
+"""The spec: what a request may say. The wire format shared by the engine, the HTTP API and the
+client. Validation here is structural (types, ranges, names); whether a scheme fits a shape is
+checked when the spec is planned (plan.py), and both report through ``SpecError``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from initserve.schemes import ACTIVATIONS, NONLINEARITIES, PARAM_NAMES, SCHEMES
+
+UINT64_MAX = 2**64 - 1
+MAX_RANK = 8
+# A dimension above 2^40 cannot be part of any tensor a server can produce; the per-request
+# element budget (settings) is far lower. This bound only keeps products within int64.
+MAX_DIM = 2**40
+
+DType = Literal["float32", "float64", "float16", "bfloat16"]
+SchemeName = Literal[tuple(SCHEMES)]  # type: ignore[valid-type]
+Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
+Nonlinearity = Literal[NONLINEARITIES]  # type: ignore[valid-type]
+
+Seed = Annotated[int, Field(ge=0, le=UINT64_MAX, strict=True, description="unsigned 64-bit")]
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM, strict=True)]
+Shape = Annotated[list[Dim], Field(min_length=1, max_length=MAX_RANK)]
+# Printable, no leading "__" (safetensors reserves __metadata__), no NUL or control characters.
+def _not_reserved(name: str) -> str:
+    if name.startswith("__"):
+        raise ValueError("names starting with '__' are reserved (safetensors' __metadata__)")
+    return name
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    AfterValidator(_not_reserved),
+]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be served. ``errors`` is a list of {"loc": [...], "msg": str,
+    "type": str}, the same shape pydantic uses, so callers report both kinds alike."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+    @classmethod
+    def single(cls, loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> SpecError:
+        return cls([{"loc": list(loc), "msg": msg, "type": kind}])
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError) -> SpecError:
+        return cls(
+            [
+                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_context=False, include_input=False)
+            ]
+        )
+
+
+_FORBID = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class InitParams(BaseModel):
+    """A scheme and its parameters (flat, as torch.nn.init's keyword arguments)."""
+
+    model_config = _FORBID
+
+    scheme: SchemeName = Field(description="initialisation scheme; see GET /schemes")
+    a: float | None = None
+    b: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    val: float | None = None
+    gain: float | None = None
+    mode: Literal["fan_in", "fan_out", "fan_avg"] | None = None
+    nonlinearity: Nonlinearity | None = None
+    sparsity: float | None = None
+    groups: Annotated[int, Field(strict=True)] | None = None
+    scale: float | None = None
+    distribution: Literal["truncated_normal", "normal", "uniform"] | None = None
+
+    @model_validator(mode="after")
+    def _params_belong_to_scheme(self) -> InitParams:
+        scheme = SCHEMES[self.scheme]
+        for name in PARAM_NAMES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            param = scheme.params_by_name.get(name)
+            if param is None:
+                allowed = ", ".join(p.name for p in scheme.params) or "no parameters"
+                raise ValueError(
+                    f"{name!r} is not a parameter of scheme {self.scheme!r} (it takes {allowed})"
+                )
+            if param.choices and value not in param.choices:
+                raise ValueError(f"{name} must be one of {list(param.choices)}, got {value!r}")
+            if param.minimum is not None:
+                bound, inclusive = param.minimum
+                if value < bound or (value == bound and not inclusive):
+                    op = ">=" if inclusive else ">"
+                    raise ValueError(f"{name} must be {op} {bound}, got {value}")
+            if param.maximum is not None:
+                bound, inclusive = param.maximum
+                if value > bound or (value == bound and not inclusive):
+                    op = "<=" if inclusive else "<"
+                    raise ValueError(f"{name} must be {op} {bound}, got {value}")
+        for param in scheme.params:
+            if param.default is None and param.kind != "choice" and getattr(self, param.name) is None:
+                raise ValueError(f"scheme {self.scheme!r} needs {param.name!r}")
+        return self
+
+    def given_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
+
+
+class _TensorCommon(InitParams):
+    name: Name
+    shape: Shape
+    activation: Activation | None = Field(
+        default=None, description="the nonlinearity that follows; drives 'auto' and gains"
+    )
+    seed: Seed | None = Field(default=None, description="overrides the spec's seed")
+    dtype: DType | None = Field(default=None, description="overrides the spec's dtype")
+
+
+class LayerSpec(_TensorCommon):
+    """A module-like layer: ``<name>.weight`` and, if ``bias`` asks for it, ``<name>.bias``."""
+
+    bias: bool | InitParams = Field(
+        default=False,
+        description="true: torch's default bias for torch_default, zeros otherwise;"
+        " an object: that scheme",
+    )
+
+
+class TensorSpec(_TensorCommon):
+    """A bare parameter whose key is exactly ``name``."""
+
+
+class Spec(BaseModel):
+    model_config = _FORBID
+
+    seed: Seed
+    dtype: DType = "float32"
+    layout: Literal["torch", "jax"] = "torch"
+    layers: list[LayerSpec] = Field(default_factory=list)
+    tensors: list[TensorSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Spec:
+        if not self.layers and not self.tensors:
+            raise ValueError("a spec needs at least one entry in 'layers' or 'tensors'")
+        return self
+
+
+def parse_spec(data: Spec | dict[str, Any] | str | bytes) -> Spec:
+    """A validated Spec from a dict, a JSON document or a Spec; raises SpecError."""
+    if isinstance(data, Spec):
+        return data
+    try:
+        if isinstance(data, str | bytes):
+            return Spec.model_validate_json(data)
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError.from_validation_error(exc) from None

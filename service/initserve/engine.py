@@ -94,6 +94,14 @@ class TensorSource:
         runs, run_len = region_runs(shape, region)
         return self._values(runs, run_len).reshape(out_shape)
 
+    def runs(self, run_starts: npt.NDArray[np.uint64], run_len: int) -> npt.NDArray[Any]:
+        """The runs [s, s + run_len) for each s in run_starts, concatenated."""
+        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
+            flat = self.whole().reshape(-1)
+            index = (run_starts[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
+            return flat[index.astype(np.int64)]
+        return self._values(run_starts, run_len)
+
     def whole(self) -> npt.NDArray[Any]:
         if self._whole is None:
             kind = self.tensor.draw.kind

@@ -1,0 +1,33 @@
+# initserve: `make run` serves on 127.0.0.1:8000, `make test` runs the whole suite. Both install
+# what they need into .venv first (the C kernels are compiled by that install).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SOURCES := pyproject.toml setup.py $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
+
+.PHONY: install run test lint bench kernels-check clean
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/initserve serve --host 127.0.0.1 --port 8000
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build service/*.egg-info service/initserve/kernels/*.so

@@ -1,0 +1,502 @@
+"""The HTTP service: POST /init streams reproducible safetensors.
+
+Built by ``create_app(settings)`` (tests build as many apps as they like); the lifespan warms the
+generator up before /readyz turns 200. State lives on ``app.state.service``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import iterate_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import initserve
+from initserve.backends import cpu
+from initserve.engine import select, shard_region
+from initserve.middleware import BearerAuthMiddleware, BodySizeLimitMiddleware
+from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
+from initserve.problems import problem_body, problem_response
+from initserve.safetensors_stream import BodyWriter, Layout, Part, build_layout
+from initserve.schemes import catalogue_json
+from initserve.settings import Settings
+from initserve.spec import MAX_RANK, Spec, SpecError
+
+log = logging.getLogger("initserve")
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class ShardSelection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0, strict=True)
+    count: int = Field(ge=1, le=1 << 20, strict=True)
+    dim: int = Field(ge=0, lt=MAX_RANK, strict=True)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> ShardSelection:
+        if self.index >= self.count:
+            raise ValueError(f"index must be < count ({self.count}), got {self.index}")
+        return self
+
+
+class InitRequest(Spec):
+    """A spec, plus which part of its output to send."""
+
+    only: list[str] | None = Field(
+        default=None, max_length=100_000, description="send only these tensor keys"
+    )
+    shard: ShardSelection | None = Field(
+        default=None,
+        description="send numpy.array_split(t, count, axis=dim)[index] of each tensor t"
+        " (tensors with fewer dims come whole)",
+    )
+
+
+EXAMPLE_REQUEST: dict[str, Any] = {
+    "seed": 42,
+    "dtype": "float32",
+    "layout": "torch",
+    "layers": [
+        {"name": "fc1", "shape": [256, 784], "activation": "relu", "scheme": "kaiming_normal", "bias": True},
+        {"name": "fc2", "shape": [10, 256], "activation": "tanh", "scheme": "xavier_uniform",
+         "bias": {"scheme": "constant", "val": 0.01}},
+    ],
+    "tensors": [{"name": "pos_embed", "shape": [1, 197, 768], "scheme": "trunc_normal", "std": 0.02}],
+}
+
+
+InitBody = Annotated[
+    InitRequest,
+    Body(
+        openapi_examples={
+            "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},
+            "shard": {
+                "summary": "rank 1 of 4, split along dim 0",
+                "value": {**EXAMPLE_REQUEST, "shard": {"index": 1, "count": 4, "dim": 0}},
+            },
+        }
+    ),
+]
+
+# --- state ---------------------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "initserve_requests", "HTTP requests answered", ["endpoint", "status"], registry=self.registry
+        )
+        self.rejections = Counter(
+            "initserve_rejections", "Requests refused, by reason", ["reason"], registry=self.registry
+        )
+        self.bytes_streamed = Counter(
+            "initserve_bytes_streamed", "Response body bytes sent by /init", registry=self.registry
+        )
+        self.generation_seconds = Histogram(
+            "initserve_generation_seconds",
+            "Time spent generating one /init response body",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("initserve_in_flight", "/init responses being streamed", registry=self.registry)
+
+
+@dataclass
+class Admission:
+    """Concurrency and memory budgets: a request that would exceed either is refused at once."""
+
+    max_streams: int
+    max_bytes: int
+    streams: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def try_acquire(self, nbytes: int) -> str | None:
+        with self.lock:
+            if self.streams >= self.max_streams:
+                return "concurrency"
+            if self.bytes + nbytes > self.max_bytes:
+                return "bytes_in_flight"
+            self.streams += 1
+            self.bytes += nbytes
+            return None
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.streams -= 1
+            self.bytes -= nbytes
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    admission: Admission
+    backend: str = "cpu"
+    ready: bool = False
+    draining: bool = False
+    known: OrderedDict[str, InitRequest] = field(default_factory=OrderedDict)
+    known_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def remember(self, etag: str, request: InitRequest) -> None:
+        if self.settings.plan_cache_entries == 0:
+            return
+        with self.known_lock:
+            self.known[etag] = request
+            self.known.move_to_end(etag)
+            while len(self.known) > self.settings.plan_cache_entries:
+                self.known.popitem(last=False)
+
+    def recall(self, etag: str) -> InitRequest | None:
+        with self.known_lock:
+            return self.known.get(etag)
+
+
+def service(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+class Rejected(Exception):
+    """A request refused for a reason the client can act on (limits, overload)."""
+
+    def __init__(self, status: int, title: str, detail: str, reason: str, headers: dict[str, str] | None = None,
+                 errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.reason = status, title, detail, reason
+        self.headers = headers
+        self.errors = errors
+
+
+# --- the response plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: InitRequest
+    layout: Layout
+    etag: str
+    working_bytes: int
+
+
+def prepare(request: InitRequest, settings: Settings) -> Prepared:
+    """Everything about the response except its body: limits checked before any allocation."""
+    planned: Plan = plan(request)
+    chosen = select(planned, request.only)
+    if len(chosen) > settings.max_tensors:
+        raise Rejected(413, "Content Too Large",
+                       f"the request produces {len(chosen)} tensors; at most {settings.max_tensors}"
+                       " (INITSERVE_MAX_TENSORS)", "too_many_tensors")
+    parts = []
+    coupled = 0
+    for tensor in chosen:
+        region = (
+            shard_region(tensor.shape, request.shard.index, request.shard.count, request.shard.dim)
+            if request.shard is not None
+            else tuple((0, n) for n in tensor.shape)
+        )
+        parts.append(Part(tensor, region))
+        if tensor.draw.kind in ("orthogonal", "sparse"):
+            if tensor.numel > settings.max_coupled_elements:
+                raise Rejected(413, "Content Too Large",
+                               f"{tensor.key}: {tensor.draw.kind} tensors are computed whole; this one has"
+                               f" {tensor.numel} elements, at most {settings.max_coupled_elements}"
+                               " (INITSERVE_MAX_COUPLED_ELEMENTS)", "coupled_too_large")
+            coupled = max(coupled, tensor.numel)
+    total = sum(p.nbytes for p in parts)
+    if total > settings.max_response_bytes:
+        raise Rejected(413, "Content Too Large",
+                       f"the response would be {total} bytes; at most {settings.max_response_bytes}"
+                       " (INITSERVE_MAX_RESPONSE_BYTES)", "response_too_large")
+    canonical = canonical_json(request)
+    metadata = {
+        "format": "pt",
+        "initserve.algorithm": ALGORITHM_VERSION,
+        "initserve.spec": canonical,
+        "initserve.version": initserve.__version__,
+    }
+    layout = build_layout(parts, metadata)
+    # The header records the package version, so it is part of the identity of the bytes.
+    identity = f"{ALGORITHM_VERSION}\n{initserve.__version__}\n{canonical}".encode()
+    etag = '"' + hashlib.sha256(identity).hexdigest() + '"'
+    # Chunk buffer, its bytes copy and a float32 master for narrow dtypes; plus, for coupled
+    # schemes, the Gaussian draw, the QR workspace and the result (binary64).
+    working = 3 * settings.chunk_bytes + 24 * coupled
+    return Prepared(request, layout, etag, working)
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None | str:
+    """One ``bytes=`` range as [start, stop); None to send everything (no header, several ranges
+    or a syntax RFC 9110 says to ignore); "unsatisfiable" for 416."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, total - suffix), total
+        start = int(first)
+        stop = total if last == "" else int(last) + 1
+    except ValueError:
+        return None
+    if start < 0 or stop <= start:
+        return None
+    if start >= total:
+        return "unsatisfiable"
+    return start, min(stop, total)
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    candidates = [c.strip() for c in header.split(",")]
+    return "*" in candidates or etag in candidates or f"W/{etag}" in candidates
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Load the kernels, start the thread pool, touch every distribution once."""
+    initserve.generate(
+        {
+            "seed": 0,
+            "tensors": [
+                {"name": "u", "shape": [1 << 17], "scheme": "uniform"},
+                {"name": "n", "shape": [1 << 17], "scheme": "normal"},
+                {"name": "t", "shape": [1 << 17], "scheme": "trunc_normal"},
+                {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},
+            ],
+        }
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServiceState(settings, metrics, Admission(settings.max_concurrent_streams, settings.max_bytes_in_flight))
+    if settings.threads is not None:
+        cpu.set_threads(settings.threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = state
+        started = time.perf_counter()
+        await anyio.to_thread.run_sync(warm_up)
+        state.ready = True
+        log.info("initserve %s ready on the %s backend (warm-up %.2fs)", initserve.__version__, state.backend,
+                 time.perf_counter() - started)
+        yield
+        state.ready = False
+
+    app = FastAPI(
+        title="initserve",
+        version=initserve.__version__,
+        summary="Reproducible neural-network weight initialisation, served as safetensors.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+
+    def reject(reason: str) -> None:
+        metrics.rejections.labels(reason).inc()
+
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=reject)
+    if settings.api_token:
+        app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=reject)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [p for p in e["loc"] if p != "body"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+        ]
+        return on_spec_error(request, SpecError(errors))
+
+    @app.exception_handler(SpecError)
+    async def on_spec_error_handler(request: Request, exc: SpecError) -> JSONResponse:
+        return on_spec_error(request, exc)
+
+    def on_spec_error(request: Request, exc: SpecError) -> JSONResponse:
+        reject("invalid_spec")
+        metrics.requests.labels(request.url.path, "422").inc()
+        return problem_response(422, "Unprocessable Content", str(exc), exc.errors)
+
+    @app.exception_handler(Rejected)
+    async def on_rejected(request: Request, exc: Rejected) -> JSONResponse:
+        reject(exc.reason)
+        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return problem_response(exc.status, exc.title, exc.detail, exc.errors, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, _title(exc.status_code), str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
+        log.exception("unexpected error on %s", request.url.path)
+        return problem_response(500, "Internal Server Error", "unexpected error; see the server log")
+
+    # -- probes and catalogue --------------------------------------------------------------------
+
+    @app.get("/livez", summary="Liveness: the process answers", responses={200: {"content": {"application/json": {"example": {"status": "alive"}}}}})
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: warmed up and not draining",
+             responses={200: {"content": {"application/json": {"example": {"status": "ready", "backend": "cpu"}}}},
+                        503: {"description": "warming up or draining"}})
+    async def readyz(request: Request) -> JSONResponse:
+        st = service(request)
+        if st.ready and not st.draining:
+            return JSONResponse({"status": "ready", "backend": st.backend, "algorithm": ALGORITHM_VERSION})
+        status = "draining" if st.draining else "warming_up"
+        return JSONResponse(problem_body(503, "Service Unavailable", status), status_code=503,
+                            media_type="application/problem+json", headers={"Retry-After": str(settings.retry_after_seconds)})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/schemes", summary="The catalogue of schemes: parameters, defaults, formulas")
+    async def schemes() -> dict[str, Any]:
+        return catalogue_json()
+
+    # -- generation ------------------------------------------------------------------------------
+
+
+    @app.post("/plan", summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating")
+    async def dry_run(request: Request, body: InitBody) -> dict[str, Any]:
+        prepared = prepare(body, settings)
+        service(request).remember(prepared.etag, body)
+        metrics.requests.labels("/plan", "200").inc()
+        return {
+            "etag": prepared.etag,
+            "algorithm": ALGORITHM_VERSION,
+            "total_bytes": prepared.layout.total_bytes,
+            "header_bytes": len(prepared.layout.header),
+            "tensors": prepared.layout.describe(),
+        }
+
+    @app.post(
+        "/init",
+        summary="Generate: a safetensors file, bit-identical for the same request everywhere",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
+            206: {"description": "the byte range asked for with Range"},
+            304: {"description": "If-None-Match matched the ETag"},
+            413: {"description": "over a size limit"},
+            416: {"description": "Range outside the file"},
+            422: {"description": "invalid spec (problem+json naming the field)"},
+            503: {"description": "overloaded; retry after Retry-After seconds"},
+        },
+    )
+    async def init(request: Request, body: InitBody) -> Response:
+        prepared = prepare(body, settings)
+        service(request).remember(prepared.etag, body)
+        return respond(request, prepared)
+
+    @app.api_route("/init/{etag}", methods=["GET", "HEAD"], response_class=Response,
+                   summary="The same bytes by ETag, for a request this server has seen (resume with Range)")
+    async def init_by_etag(request: Request, etag: str) -> Response:
+        quoted = etag if etag.startswith('"') else f'"{etag}"'
+        known = service(request).recall(quoted)
+        if known is None:
+            metrics.requests.labels("/init/{etag}", "404").inc()
+            return problem_response(404, "Not Found", "this server has not seen a request with that ETag; POST /init with the spec")
+        return respond(request, prepare(known, settings))
+
+    def respond(request: Request, prepared: Prepared) -> Response:
+        layout, etag = prepared.layout, prepared.etag
+        total = layout.total_bytes
+        headers = {
+            "ETag": etag,
+            "Cache-Control": IMMUTABLE,
+            "Accept-Ranges": "bytes",
+            "X-Initserve-Algorithm": ALGORITHM_VERSION,
+            "X-Initserve-Backend": state.backend,
+        }
+        endpoint = request.url.path if request.method == "POST" else "/init/{etag}"
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            metrics.requests.labels(endpoint, "304").inc()
+            return Response(status_code=304, headers=headers)
+        byte_range = parse_range(request.headers.get("range"), total)
+        if byte_range == "unsatisfiable":
+            raise Rejected(416, "Range Not Satisfiable", f"the file has {total} bytes", "range_not_satisfiable",
+                           headers={"Content-Range": f"bytes */{total}"})
+        start, stop = (0, total) if byte_range is None else byte_range  # type: ignore[misc]
+        status = 200 if byte_range is None else 206
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+        headers["Content-Length"] = str(stop - start)
+        if request.method == "HEAD":
+            metrics.requests.labels(endpoint, str(status)).inc()
+            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+        refusal = state.admission.try_acquire(prepared.working_bytes)
+        if refusal is not None:
+            raise Rejected(503, "Service Unavailable",
+                           f"busy ({refusal} budget exhausted); retry after {settings.retry_after_seconds}s",
+                           f"overload_{refusal}", headers={"Retry-After": str(settings.retry_after_seconds)})
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return StreamingResponse(stream(prepared, start, stop), status_code=status, headers=headers,
+                                 media_type="application/octet-stream")
+
+    async def stream(prepared: Prepared, start: int, stop: int) -> AsyncIterator[bytes]:
+        writer = BodyWriter(prepared.layout, settings.chunk_bytes)
+        chunks: Iterator[bytes] = writer.chunks(start, stop)
+        metrics.in_flight.inc()
+        generating = 0.0
+        try:
+            async for chunk in iterate_in_threadpool(_timed(chunks)):
+                elapsed, data = chunk
+                generating += elapsed
+                metrics.bytes_streamed.inc(len(data))
+                yield data
+        finally:
+            metrics.in_flight.dec()
+            metrics.generation_seconds.observe(generating)
+            state.admission.release(prepared.working_bytes)
+
+    return app
+
+
+def _timed(chunks: Iterator[bytes]) -> Iterator[tuple[float, bytes]]:
+    while True:
+        started = time.perf_counter()
+        try:
+            data = next(chunks)
+        except StopIteration:
+            return
+        yield time.perf_counter() - started, data
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

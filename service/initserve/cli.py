@@ -1,0 +1,83 @@
+"""Command line: ``initserve serve`` (the sidecar) and ``initserve generate`` (one file, offline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from initserve.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from initserve.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    settings = Settings(**overrides)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT, /readyz turns 503 before uvicorn stops accepting and lets
+        in-flight responses finish (up to INITSERVE_DRAIN_SECONDS)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.service.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,  # one generator (and, on a GPU, one context) per process
+        timeout_graceful_shutdown=int(settings.drain_seconds),
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    DrainingServer(config).run()
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from initserve.app import InitRequest, prepare
+    from initserve.safetensors_stream import BodyWriter
+
+    request = InitRequest.model_validate_json(Path(args.spec).read_bytes())
+    prepared = prepare(request, Settings(max_response_bytes=1 << 62))
+    with open(args.output, "wb") as out:
+        for chunk in BodyWriter(prepared.layout, 4 << 20).chunks():
+            out.write(chunk)
+    print(json.dumps({"etag": prepared.etag, "bytes": prepared.layout.total_bytes, "output": args.output}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="initserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service (settings: INITSERVE_* env)")
+    serve.add_argument("--host", default=None, help="bind address (default INITSERVE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default INITSERVE_PORT or 8000)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=_serve)
+    generate = commands.add_parser("generate", help="write the safetensors file for a spec, no server")
+    generate.add_argument("spec", help="spec JSON file")
+    generate.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    generate.set_defaults(run=_generate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Settings, read from INITSERVE_* environment variables (README: Settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INITSERVE_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address `initserve serve` binds")
+    port: int = Field(8000, ge=0, le=65535, description="port `initserve serve` binds")
+    backend: Literal["auto", "cpu", "gpu"] = Field(
+        "cpu", description="generator backend; auto takes the GPU when CuPy finds one"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU generator threads (default: the CPUs the process may use)"
+    )
+    api_token: str | None = Field(
+        None, description="if set, POST endpoints need `Authorization: Bearer <token>`"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
+    max_tensors: int = Field(10_000, ge=1, description="most tensors one request may produce")
+    max_response_bytes: int = Field(
+        64 << 30, ge=1, description="largest response one request may ask for (413 above)"
+    )
+    max_coupled_elements: int = Field(
+        1 << 24,
+        ge=1,
+        description="largest orthogonal/sparse tensor (computed whole, in memory) in elements",
+    )
+    max_concurrent_streams: int = Field(
+        8, ge=1, description="responses generated at once; more get 503 + Retry-After"
+    )
+    max_bytes_in_flight: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        description="memory budget for buffers of all requests in progress; over it, 503",
+    )
+    chunk_bytes: int = Field(4 << 20, ge=4096, description="bytes generated per streamed chunk")
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 503")
+    plan_cache_entries: int = Field(
+        1024, ge=0, description="specs remembered by ETag for GET /init/{etag}"
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight responses may take to finish"
+    )

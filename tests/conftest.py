@@ -14,3 +14,8 @@ def kat_path() -> Path:
     if not path.exists():  # CI and developers always have ../shared beside the clone
         pytest.fail(f"known-answer file missing: {path}")
     return path
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -263,7 +263,7 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None | str:
         stop = total if last == "" else int(last) + 1
     except ValueError:
         return None
-    if start < 0 or stop <= start:
+    if start < 0 or (last != "" and stop <= start):
         return None
     if start >= total:
         return "unsatisfiable"
@@ -419,15 +419,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service(request).remember(prepared.etag, body)
         return respond(request, prepared)
 
-    @app.api_route("/init/{etag}", methods=["GET", "HEAD"], response_class=Response,
-                   summary="The same bytes by ETag, for a request this server has seen (resume with Range)")
-    async def init_by_etag(request: Request, etag: str) -> Response:
+    async def by_etag(request: Request, etag: str) -> Response:
         quoted = etag if etag.startswith('"') else f'"{etag}"'
         known = service(request).recall(quoted)
         if known is None:
             metrics.requests.labels("/init/{etag}", "404").inc()
-            return problem_response(404, "Not Found", "this server has not seen a request with that ETag; POST /init with the spec")
+            return problem_response(
+                404, "Not Found",
+                "this server has not seen a request with that ETag; POST /init with the spec",
+            )
         return respond(request, prepare(known, settings))
+
+    etag_summary = "The same bytes by ETag, for a request this server has seen (resume with Range)"
+
+    @app.get("/init/{etag}", response_class=Response, summary=etag_summary)
+    async def get_by_etag(request: Request, etag: str) -> Response:
+        return await by_etag(request, etag)
+
+    @app.head("/init/{etag}", response_class=Response, summary="Headers only: size and ETag")
+    async def head_by_etag(request: Request, etag: str) -> Response:
+        return await by_etag(request, etag)
 
     def respond(request: Request, prepared: Prepared) -> Response:
         layout, etag = prepared.layout, prepared.etag

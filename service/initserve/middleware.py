@@ -17,10 +17,6 @@ from initserve.problems import problem_response
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/schemes")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimitMiddleware:
     """413 for a declared Content-Length over the limit before reading anything; for a body
     without one (chunked), 413 as soon as the bytes read pass the limit."""
@@ -49,30 +45,30 @@ class BodySizeLimitMiddleware:
                     self.on_reject("body_too_large")
                     await self._too_large(scope, receive, send)
                     return
+        # Read the body here, up to the limit, and replay it: the app never sees more than
+        # max_body_bytes, and an oversized body is refused without being read to its end.
+        messages: list[Message] = []
         received = 0
-        response_started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            self.on_reject("body_too_large")
-            if not response_started:
+            if message["type"] != "http.request":
+                messages.append(message)
+                break
+            received += len(message.get("body", b""))
+            if received > limit:
+                self.on_reject("body_too_large")
                 await self._too_large(scope, receive, send)
+                return
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"request body exceeds {self.max_body_bytes} bytes (INITSERVE_MAX_BODY_BYTES)"

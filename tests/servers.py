@@ -56,3 +56,5 @@ def uvicorn_server(**settings: str) -> Iterator[tuple[str, subprocess.Popen[byte
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

@@ -251,3 +251,11 @@ async def test_response_digest_is_pinned() -> None:
 
 
 GOLDEN_SMALL_RESPONSE = "a1cd8cc0a8cbbb69037357c8fea4a38fc0d233eb30d470b17b8b694c218926ce"
+
+
+async def test_readiness_is_503_while_draining(client: httpx.AsyncClient) -> None:
+    app = client._transport.app  # type: ignore[attr-defined]
+    app.state.service.draining = True
+    response = await client.get("/readyz")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert (await client.get("/livez")).status_code == 200

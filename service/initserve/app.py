@@ -324,7 +324,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def reject(reason: str) -> None:
         metrics.rejections.labels(reason).inc()
 
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=reject)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        on_reject=reject,
+    )
     if settings.api_token:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=reject)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+
+import anyio
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,9 +23,16 @@ class BodySizeLimitMiddleware:
     """413 for a declared Content-Length over the limit before reading anything; for a body
     without one (chunked), 413 as soon as the bytes read pass the limit."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout: float,
+        on_reject: Callable[[str], None],
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -47,21 +56,30 @@ class BodySizeLimitMiddleware:
                     return
         # Read the body here, up to the limit, and replay it: the app never sees more than
         # max_body_bytes, and an oversized body is refused without being read to its end.
+        # A body that trickles in (slow loris) is cut off after body_timeout seconds with 408:
+        # uvicorn has no read timeout of its own.
         messages: list[Message] = []
         received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
+        with anyio.move_on_after(self.body_timeout) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    messages.append(message)
+                    break
+                received += len(message.get("body", b""))
+                if received > limit:
+                    self.on_reject("body_too_large")
+                    await self._too_large(scope, receive, send)
+                    return
                 messages.append(message)
-                break
-            received += len(message.get("body", b""))
-            if received > limit:
-                self.on_reject("body_too_large")
-                await self._too_large(scope, receive, send)
-                return
-            messages.append(message)
-            if not message.get("more_body", False):
-                break
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            self.on_reject("body_timeout")
+            detail = f"request body not received within {self.body_timeout:g} s (INITSERVE_BODY_TIMEOUT_SECONDS)"
+            response = problem_response(408, "Request Timeout", detail, headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
 
         async def replay() -> Message:
             if messages:

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         None, description="if set, POST endpoints need `Authorization: Bearer <token>`"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="time allowed to receive a request body (408 after)"
+    )
     max_tensors: int = Field(10_000, ge=1, description="most tensors one request may produce")
     max_response_bytes: int = Field(
         64 << 30, ge=1, description="largest response one request may ask for (413 above)"

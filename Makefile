@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_service.py
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info service/initserve/kernels/*.so

@@ -13,10 +13,9 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
+import initserve
 import numpy as np
 import torch
-
-import initserve
 from initserve.engine import TensorSource
 
 SIDE = 4096
@@ -50,26 +49,68 @@ def main() -> None:
     rng = np.random.default_rng(1)
     out = np.empty(N, dtype=np.float32)
     rows = [
-        ("uniform", ours("uniform", a=-1.0, b=1.0), lambda: buffer.uniform_(-1, 1),
-         lambda: rng.random(out=out, dtype=np.float32), 2.5),
-        ("kaiming_uniform", ours("kaiming_uniform"), lambda: torch.nn.init.kaiming_uniform_(buffer), None, 2.5),
-        ("normal", ours("normal"), lambda: buffer.normal_(), lambda: rng.standard_normal(out=out, dtype=np.float32), 1.5),
-        ("xavier_normal", ours("xavier_normal"), lambda: torch.nn.init.xavier_normal_(buffer), None, 1.5),
-        ("trunc_normal", ours("trunc_normal"), lambda: torch.nn.init.trunc_normal_(buffer), None, 10.0),
+        (
+            "uniform",
+            ours("uniform", a=-1.0, b=1.0),
+            lambda: buffer.uniform_(-1, 1),
+            lambda: rng.random(out=out, dtype=np.float32),
+            2.5,
+        ),
+        (
+            "kaiming_uniform",
+            ours("kaiming_uniform"),
+            lambda: torch.nn.init.kaiming_uniform_(buffer),
+            None,
+            2.5,
+        ),
+        (
+            "normal",
+            ours("normal"),
+            lambda: buffer.normal_(),
+            lambda: rng.standard_normal(out=out, dtype=np.float32),
+            1.5,
+        ),
+        (
+            "xavier_normal",
+            ours("xavier_normal"),
+            lambda: torch.nn.init.xavier_normal_(buffer),
+            None,
+            1.5,
+        ),
+        (
+            "trunc_normal",
+            ours("trunc_normal"),
+            lambda: torch.nn.init.trunc_normal_(buffer),
+            None,
+            10.0,
+        ),
         # ViT's pos_embed/cls_token: std 0.02 with the default absolute cut-offs +-2 (100 std).
-        ("trunc_normal.02", ours("trunc_normal", std=0.02),
-         lambda: torch.nn.init.trunc_normal_(buffer, std=0.02), None, 10.0),
+        (
+            "trunc_normal.02",
+            ours("trunc_normal", std=0.02),
+            lambda: torch.nn.init.trunc_normal_(buffer, std=0.02),
+            None,
+            10.0,
+        ),
     ]
-    print(f"engine throughput, {SIDE}x{SIDE} float32, {threads} threads, best of {REPEATS} (M elements/s)")
-    header = f"{'scheme':<16} {'initserve':>10} {'torch':>8} {'numpy':>8} {'vs torch':>9} {'target':>7} {'vs numpy':>9}"
+    print(
+        f"engine throughput, {SIDE}x{SIDE} float32, {threads} threads, best of {REPEATS}"
+        " (M elements/s)"
+    )
+    header = (
+        f"{'scheme':<16} {'initserve':>10} {'torch':>8} {'numpy':>8} {'vs torch':>9}"
+        f" {'target':>7} {'vs numpy':>9}"
+    )
     print(header)
     print("-" * len(header))
     for name, mine, theirs, numpy_fn, target in rows:
         rate, torch_rate = best_rate(mine), best_rate(theirs)
         numpy_rate = best_rate(numpy_fn) if numpy_fn else float("nan")
         verdict = "ok" if rate / torch_rate >= target else "MISS"
-        print(f"{name:<16} {rate:>10.0f} {torch_rate:>8.0f} {numpy_rate:>8.0f} {rate / torch_rate:>8.2f}x"
-              f" {target:>5.1f}x {rate / numpy_rate:>8.2f}x  {verdict}")
+        print(
+            f"{name:<16} {rate:>10.0f} {torch_rate:>8.0f} {numpy_rate:>8.0f}"
+            f" {rate / torch_rate:>8.2f}x {target:>5.1f}x {rate / numpy_rate:>8.2f}x  {verdict}"
+        )
 
     # Peak memory for a slice: one shard of 1/64 of a 2^32-element (16 GiB float32) tensor.
     tensor = initserve.plan(
@@ -80,8 +121,11 @@ def main() -> None:
     part = TensorSource(tensor).region(region)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"\nslice of a 65536x65536 tensor (array_split 64 on dim 1): {part.nbytes / 2**20:.1f} MiB"
-          f" returned, peak traced allocation {peak / 2**20:.1f} MiB ({peak / part.nbytes:.2f}x the slice)")
+    print(
+        f"\nslice of a 65536x65536 tensor (array_split 64 on dim 1): {part.nbytes / 2**20:.1f}"
+        f" MiB returned, peak traced allocation {peak / 2**20:.1f} MiB"
+        f" ({peak / part.nbytes:.2f}x the slice)"
+    )
 
 
 if __name__ == "__main__":

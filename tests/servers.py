@@ -29,16 +29,31 @@ def uvicorn_server(**settings: str) -> Iterator[tuple[str, subprocess.Popen[byte
     port = free_port()
     env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}
     process = subprocess.Popen(
-        [sys.executable, "-m", "initserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "initserve.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
+                raise RuntimeError(
+                    f"server exited: {process.stderr.read().decode() if process.stderr else ''}"
+                )
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break

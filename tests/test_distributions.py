@@ -8,19 +8,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import initserve
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 from torch import nn
 
-import initserve
-
 N = 1 << 20
 
 
 def draw(scheme: str, shape: list[int], dtype: str = "float64", **params: Any) -> np.ndarray:
-    spec = {"seed": 1234, "dtype": dtype, "tensors": [{"name": "w", "shape": shape, "scheme": scheme, **params}]}
+    spec = {
+        "seed": 1234,
+        "dtype": dtype,
+        "tensors": [{"name": "w", "shape": shape, "scheme": scheme, **params}],
+    }
     return initserve.generate(spec)["w"].astype(np.float64).ravel()
 
 
@@ -30,8 +33,11 @@ def draw(scheme: str, shape: list[int], dtype: str = "float64", **params: Any) -
         ("uniform", {"a": -0.5, "b": 1.5}, stats.uniform(-0.5, 2.0)),
         ("normal", {"mean": 0.3, "std": 2.0}, stats.norm(0.3, 2.0)),
         ("trunc_normal", {}, stats.truncnorm(-2, 2)),
-        ("trunc_normal", {"mean": 1.0, "std": 0.5, "a": 1.2, "b": 3.0},
-         stats.truncnorm((1.2 - 1.0) / 0.5, (3.0 - 1.0) / 0.5, loc=1.0, scale=0.5)),
+        (
+            "trunc_normal",
+            {"mean": 1.0, "std": 0.5, "a": 1.2, "b": 3.0},
+            stats.truncnorm((1.2 - 1.0) / 0.5, (3.0 - 1.0) / 0.5, loc=1.0, scale=0.5),
+        ),
         ("trunc_normal", {"mean": 0.0, "std": 1.0, "a": -8.0, "b": -3.0}, stats.truncnorm(-8, -3)),
         ("trunc_normal", {"std": 0.02}, stats.norm(0, 0.02)),  # ViT's pos_embed: cut-off at 100 std
     ],
@@ -44,9 +50,17 @@ def test_one_sample_ks(scheme: str, params: dict[str, Any], reference: Any) -> N
 @pytest.mark.parametrize(
     ("scheme", "params", "torch_init"),
     [
-        ("kaiming_normal", {"nonlinearity": "relu"}, lambda t: nn.init.kaiming_normal_(t, nonlinearity="relu")),
+        (
+            "kaiming_normal",
+            {"nonlinearity": "relu"},
+            lambda t: nn.init.kaiming_normal_(t, nonlinearity="relu"),
+        ),
         ("xavier_uniform", {"gain": 5 / 3}, lambda t: nn.init.xavier_uniform_(t, gain=5 / 3)),
-        ("trunc_normal", {"std": 0.5, "a": -0.4, "b": 1.0}, lambda t: nn.init.trunc_normal_(t, std=0.5, a=-0.4, b=1.0)),
+        (
+            "trunc_normal",
+            {"std": 0.5, "a": -0.4, "b": 1.0},
+            lambda t: nn.init.trunc_normal_(t, std=0.5, a=-0.4, b=1.0),
+        ),
         ("torch_default", {}, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))),
     ],
 )
@@ -66,11 +80,15 @@ def test_trunc_normal_stays_inside_its_interval() -> None:
     ("distribution", "reference_std"),
     [("truncated_normal", 1.0), ("normal", 1.0), ("uniform", 1.0)],
 )
-def test_variance_scaling_has_the_variance_asked_for(distribution: str, reference_std: float) -> None:
+def test_variance_scaling_has_the_variance_asked_for(
+    distribution: str, reference_std: float
+) -> None:
     # JAX's promise: Var = scale / fan for every distribution (the truncated one is rescaled by
     # 1/.87962566103423978 so that truncation does not shrink it).
     fan_in, fan_out, scale = 512, 256, 2.0
-    values = draw("variance_scaling", [fan_out, fan_in], scale=scale, mode="fan_in", distribution=distribution)
+    values = draw(
+        "variance_scaling", [fan_out, fan_in], scale=scale, mode="fan_in", distribution=distribution
+    )
     expected_var = scale / fan_in
     # std of a sample variance of 2^17 values: ~ var * sqrt(2/n) < 0.4%; allow 1.5%.
     assert abs(values.var() / expected_var - 1) < 0.015

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import initserve
 import ml_dtypes
 import numpy as np
 import pytest
 from golden_specs import DTYPES, golden_spec
-
-import initserve
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_digests.json").read_text())
 
@@ -32,16 +31,40 @@ def test_every_scheme_matches_its_golden_digest(dtype: str) -> None:
 
 
 def test_first_uniform_values_are_exactly_these() -> None:
-    out = initserve.generate({"seed": 42, "tensors": [{"name": "w", "shape": [8], "scheme": "uniform", "a": -1.0, "b": 1.0}]})
-    expected = ["-0x1.8689bap-1", "0x1.b317cap-1", "-0x1.525192p-6", "-0x1.5749c8p-2",
-                "-0x1.ad1e8p-1", "0x1.b761f4p-2", "-0x1.4fbddap-3", "0x1.121c54p-1"]
+    out = initserve.generate(
+        {
+            "seed": 42,
+            "tensors": [{"name": "w", "shape": [8], "scheme": "uniform", "a": -1.0, "b": 1.0}],
+        }
+    )
+    expected = [
+        "-0x1.8689bap-1",
+        "0x1.b317cap-1",
+        "-0x1.525192p-6",
+        "-0x1.5749c8p-2",
+        "-0x1.ad1e8p-1",
+        "0x1.b761f4p-2",
+        "-0x1.4fbddap-3",
+        "0x1.121c54p-1",
+    ]
     assert out["w"].dtype == np.float32
     assert out["w"].tolist() == [float.fromhex(h) for h in expected]
 
 
 def test_first_normal_values_are_exactly_these() -> None:
-    out = initserve.generate({"seed": 42, "dtype": "float64", "tensors": [{"name": "w", "shape": [4], "scheme": "normal"}]})
-    expected = ["0x1.d6d650e711fb9p+0", "-0x1.e0962d23bcdb1p-1", "-0x1.2ebc972f299b6p-1", "0x1.09d8dd8387adfp+0"]
+    out = initserve.generate(
+        {
+            "seed": 42,
+            "dtype": "float64",
+            "tensors": [{"name": "w", "shape": [4], "scheme": "normal"}],
+        }
+    )
+    expected = [
+        "0x1.d6d650e711fb9p+0",
+        "-0x1.e0962d23bcdb1p-1",
+        "-0x1.2ebc972f299b6p-1",
+        "0x1.09d8dd8387adfp+0",
+    ]
     assert out["w"].tolist() == [float.fromhex(h) for h in expected]
 
 
@@ -53,9 +76,14 @@ def test_another_process_produces_the_same_bytes() -> None:
         "print(hashlib.sha256(b''.join(v.tobytes() for v in out.values())).hexdigest())"
     )
     repo = Path(__file__).parent.parent
-    child = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
     here = initserve.generate(golden_spec("float32"))
-    assert child.stdout.strip() == hashlib.sha256(b"".join(v.tobytes() for v in here.values())).hexdigest()
+    assert (
+        child.stdout.strip()
+        == hashlib.sha256(b"".join(v.tobytes() for v in here.values())).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("narrow", ["float16", "bfloat16"])

@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import initserve
 import numpy as np
 import pytest
-
-import initserve
 from initserve.schemes import TRUNCATED_STD_2, fans
 
 
@@ -19,7 +18,9 @@ def jax_compute_fans(shape: tuple[int, ...]) -> tuple[float, float]:
     return shape[-2] * receptive_field_size, shape[-1] * receptive_field_size
 
 
-def jax_variance_scaling(scale: float, mode: str, distribution: str, shape: tuple[int, ...]) -> tuple[str, float]:
+def jax_variance_scaling(
+    scale: float, mode: str, distribution: str, shape: tuple[int, ...]
+) -> tuple[str, float]:
     fan_in, fan_out = jax_compute_fans(shape)
     denominator = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
     variance = scale / denominator
@@ -31,8 +32,13 @@ def jax_variance_scaling(scale: float, mode: str, distribution: str, shape: tupl
 
 
 def ours(shape: tuple[int, ...], scheme: str, **params: Any) -> tuple[str, float]:
-    planned = initserve.plan({"seed": 0, "layout": "jax",
-                              "tensors": [{"name": "w", "shape": list(shape), "scheme": scheme, **params}]})
+    planned = initserve.plan(
+        {
+            "seed": 0,
+            "layout": "jax",
+            "tensors": [{"name": "w", "shape": list(shape), "scheme": scheme, **params}],
+        }
+    )
     draw = planned.tensors[0].draw
     if draw.kind == "uniform":
         return "bound", float(draw.info["high"])
@@ -56,14 +62,18 @@ def test_fans_equal_jax(shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("mode", ["fan_in", "fan_out", "fan_avg"])
 @pytest.mark.parametrize("distribution", ["truncated_normal", "normal", "uniform"])
 @pytest.mark.parametrize("scale", [1.0, 2.0, 1 / 3])
-def test_variance_scaling_equals_jax(shape: tuple[int, ...], mode: str, distribution: str, scale: float) -> None:
+def test_variance_scaling_equals_jax(
+    shape: tuple[int, ...], mode: str, distribution: str, scale: float
+) -> None:
     got = ours(shape, "variance_scaling", scale=scale, mode=mode, distribution=distribution)
     assert got == jax_variance_scaling(scale, mode, distribution, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lecun_schemes_equal_jax(shape: tuple[int, ...]) -> None:
-    assert ours(shape, "lecun_normal") == jax_variance_scaling(1.0, "fan_in", "truncated_normal", shape)
+    assert ours(shape, "lecun_normal") == jax_variance_scaling(
+        1.0, "fan_in", "truncated_normal", shape
+    )
     assert ours(shape, "lecun_uniform") == jax_variance_scaling(1.0, "fan_in", "uniform", shape)
 
 
@@ -76,14 +86,27 @@ def test_layout_changes_fans_not_the_stream() -> None:
 
 
 def test_jax_layer_bias_has_the_output_dimension() -> None:
-    out = initserve.generate({"seed": 1, "layout": "jax",
-                              "layers": [{"name": "dense", "shape": [784, 256], "scheme": "lecun_normal", "bias": True}]})
+    out = initserve.generate(
+        {
+            "seed": 1,
+            "layout": "jax",
+            "layers": [
+                {"name": "dense", "shape": [784, 256], "scheme": "lecun_normal", "bias": True}
+            ],
+        }
+    )
     assert out["dense.bias"].shape == (256,)
     assert not out["dense.bias"].any()
 
 
 def test_jax_orthogonal_columns_are_the_last_axis() -> None:
-    out = initserve.generate({"seed": 2, "layout": "jax", "dtype": "float64",
-                              "tensors": [{"name": "q", "shape": [3, 3, 8, 16], "scheme": "orthogonal"}]})
+    out = initserve.generate(
+        {
+            "seed": 2,
+            "layout": "jax",
+            "dtype": "float64",
+            "tensors": [{"name": "q", "shape": [3, 3, 8, 16], "scheme": "orthogonal"}],
+        }
+    )
     matrix = out["q"].reshape(-1, 16)
     assert np.abs(matrix.T @ matrix - np.eye(16)).max() < 1e-12

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy import special
-
 from initserve.backends import cpu
+from scipy import special
 
 RNG = np.random.default_rng(20261122)
 
@@ -65,20 +64,34 @@ def test_skipping_the_far_tail_never_changes_a_value() -> None:
     # values must equal those computed with every branch evaluated.
     import initserve
 
-    for params in ({}, {"std": 0.02}, {"a": 0.5, "b": 4.0}, {"mean": 1.0, "std": 3.0, "a": -9.0, "b": 1.5}):
-        spec = {"seed": 3, "dtype": "float64", "tensors": [{"name": "t", "shape": [1 << 16], "scheme": "trunc_normal", **params}]}
+    for params in (
+        {},
+        {"std": 0.02},
+        {"a": 0.5, "b": 4.0},
+        {"mean": 1.0, "std": 3.0, "a": -9.0, "b": 1.5},
+    ):
+        spec = {
+            "seed": 3,
+            "dtype": "float64",
+            "tensors": [{"name": "t", "shape": [1 << 16], "scheme": "trunc_normal", **params}],
+        }
         tensor = initserve.plan(spec).tensors[0]
         assert tensor.draw.params[7] == 0.0, params
         skipped = np.empty(1 << 16)
         full = np.empty(1 << 16)
         runs = np.zeros(1, np.uint64)
         cpu.fill_runs(cpu.TRUNC_NORMAL, tensor.draw.params, tensor.stream, runs, 1 << 16, skipped)
-        cpu.fill_runs(cpu.TRUNC_NORMAL, (*tensor.draw.params[:7], 1.0), tensor.stream, runs, 1 << 16, full)
+        cpu.fill_runs(
+            cpu.TRUNC_NORMAL, (*tensor.draw.params[:7], 1.0), tensor.stream, runs, 1 << 16, full
+        )
         assert skipped.tobytes() == full.tobytes()
 
 
 def test_far_tail_is_kept_when_the_interval_lies_in_it() -> None:
     import initserve
 
-    spec = {"seed": 3, "tensors": [{"name": "t", "shape": [8], "scheme": "trunc_normal", "a": -9.0, "b": -7.0}]}
+    spec = {
+        "seed": 3,
+        "tensors": [{"name": "t", "shape": [8], "scheme": "trunc_normal", "a": -9.0, "b": -7.0}],
+    }
     assert initserve.plan(spec).tensors[0].draw.params[7] == 1.0

@@ -8,15 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import initserve
 import numpy as np
 import pytest
 from golden_specs import golden_spec
-from safetensors import safe_open
-from safetensors.numpy import load
-
-import initserve
 from initserve.app import create_app
 from initserve.settings import Settings
+from safetensors import safe_open
+from safetensors.numpy import load
 
 SPEC = {k: v for k, v in golden_spec("float32").items()}
 pytestmark = pytest.mark.anyio
@@ -32,7 +31,9 @@ async def client_for() -> AsyncIterator[Any]:
         app = create_app(Settings(**settings))
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://initserve")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://initserve"
+        )
         opened.append((lifespan, client))
         return client
 
@@ -68,7 +69,9 @@ async def test_init_returns_safetensors_equal_to_generate(client: httpx.AsyncCli
         assert loaded[key].dtype == values.dtype and loaded[key].tobytes() == values.tobytes()
 
 
-async def test_metadata_records_spec_algorithm_and_version(client: httpx.AsyncClient, tmp_path: Any) -> None:
+async def test_metadata_records_spec_algorithm_and_version(
+    client: httpx.AsyncClient, tmp_path: Any
+) -> None:
     response = await client.post("/init", json=SMALL)
     path = tmp_path / "w.safetensors"
     path.write_bytes(response.content)
@@ -77,12 +80,18 @@ async def test_metadata_records_spec_algorithm_and_version(client: httpx.AsyncCl
     assert metadata["initserve.algorithm"] == initserve.ALGORITHM_VERSION
     assert metadata["initserve.version"] == initserve.__version__
     assert json.loads(metadata["initserve.spec"])["tensors"][0]["name"] == "w"
-    assert json.loads(metadata["initserve.spec"]) == json.loads(initserve.plan(SMALL).canonical_spec) | {}
+    assert (
+        json.loads(metadata["initserve.spec"])
+        == json.loads(initserve.plan(SMALL).canonical_spec) | {}
+    )
 
 
 async def test_equivalent_specs_get_the_same_etag_and_bytes(client: httpx.AsyncClient) -> None:
     explicit = {**SMALL, "dtype": "float32", "layout": "torch"}
-    first, second = await client.post("/init", json=SMALL), await client.post("/init", json=explicit)
+    first, second = (
+        await client.post("/init", json=SMALL),
+        await client.post("/init", json=explicit),
+    )
     assert first.headers["etag"] == second.headers["etag"]
     assert first.content == second.content
     other = await client.post("/init", json={**SMALL, "seed": 8})
@@ -103,10 +112,17 @@ async def test_caching_headers_and_304(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("bytes=0-99", (0, 100)), ("bytes=100-", (100, None)), ("bytes=-50", (-50, None)),
-     ("bytes=333-8000", (333, 8000 + 1)), ("bytes=5-5", (5, 6))],
+    [
+        ("bytes=0-99", (0, 100)),
+        ("bytes=100-", (100, None)),
+        ("bytes=-50", (-50, None)),
+        ("bytes=333-8000", (333, 8000 + 1)),
+        ("bytes=5-5", (5, 6)),
+    ],
 )
-async def test_range_returns_exactly_those_bytes(client: httpx.AsyncClient, header: str, expected: tuple[int, int | None]) -> None:
+async def test_range_returns_exactly_those_bytes(
+    client: httpx.AsyncClient, header: str, expected: tuple[int, int | None]
+) -> None:
     full = (await client.post("/init", json=SMALL)).content
     response = await client.post("/init", json=SMALL, headers={"Range": header})
     assert response.status_code == 206
@@ -136,8 +152,12 @@ async def test_get_and_head_by_etag(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (1, 3, 1), (3, 4, 0), (2, 3, 2)])
-async def test_shard_equals_array_split_of_the_full_tensors(client: httpx.AsyncClient, index: int, count: int, dim: int) -> None:
-    response = await client.post("/init", json={**SPEC, "shard": {"index": index, "count": count, "dim": dim}})
+async def test_shard_equals_array_split_of_the_full_tensors(
+    client: httpx.AsyncClient, index: int, count: int, dim: int
+) -> None:
+    response = await client.post(
+        "/init", json={**SPEC, "shard": {"index": index, "count": count, "dim": dim}}
+    )
     loaded = load(response.content)
     for key, full in initserve.generate(SPEC).items():
         expected = np.array_split(full, count, axis=dim)[index] if full.ndim > dim else full
@@ -167,19 +187,28 @@ async def test_probes_schemes_and_metrics(client: httpx.AsyncClient) -> None:
     ready = (await client.get("/readyz")).json()
     assert ready["status"] == "ready" and ready["backend"] == "cpu"
     names = [s["name"] for s in (await client.get("/schemes")).json()["schemes"]]
-    assert {"kaiming_normal", "trunc_normal", "orthogonal", "auto", "variance_scaling"} <= set(names)
+    assert {"kaiming_normal", "trunc_normal", "orthogonal", "auto", "variance_scaling"} <= set(
+        names
+    )
     await client.post("/init", json=SMALL)
     await client.post("/init", json={"seed": -1})
     text = (await client.get("/metrics")).text
-    for name in ("initserve_requests_total", "initserve_rejections_total", "initserve_bytes_streamed_total",
-                 "initserve_generation_seconds_bucket", "initserve_in_flight"):
+    for name in (
+        "initserve_requests_total",
+        "initserve_rejections_total",
+        "initserve_bytes_streamed_total",
+        "initserve_generation_seconds_bucket",
+        "initserve_in_flight",
+    ):
         assert name in text
     assert 'initserve_rejections_total{reason="invalid_spec"} 1.0' in text
 
 
 async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
-    examples = schema["paths"]["/init"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    examples = schema["paths"]["/init"]["post"]["requestBody"]["content"]["application/json"][
+        "examples"
+    ]
     assert {"mlp", "shard"} <= set(examples)
     assert (await client.get("/docs")).status_code == 200
 
@@ -187,45 +216,83 @@ async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("body", "loc"),
     [
-        ({"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "xavier_normal"}]}, ["tensors", 0, "shape"]),
+        (
+            {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "xavier_normal"}]},
+            ["tensors", 0, "shape"],
+        ),
         ({"seed": 2**64, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}]}, ["seed"]),
-        ({"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}], "shard": {"index": 3, "count": 2, "dim": 0}}, ["shard"]),
-        ({"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}], "bogus": 1}, ["bogus"]),
+        (
+            {
+                "seed": 1,
+                "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}],
+                "shard": {"index": 3, "count": 2, "dim": 0},
+            },
+            ["shard"],
+        ),
+        (
+            {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}], "bogus": 1},
+            ["bogus"],
+        ),
         ([1, 2, 3], []),
         ("a string", []),
     ],
 )
-async def test_invalid_requests_are_422_naming_the_field(client: httpx.AsyncClient, body: Any, loc: list[Any]) -> None:
+async def test_invalid_requests_are_422_naming_the_field(
+    client: httpx.AsyncClient, body: Any, loc: list[Any]
+) -> None:
     errors = problem(await client.post("/init", json=body), 422)["errors"]
     assert any(e["loc"] == loc for e in errors), errors
 
 
-@pytest.mark.parametrize("payload", [b"{", b"", b"\xff\xfe", b"null", b"{}" * 1000, b'{"seed": 1e999}'])
-async def test_malformed_bodies_are_4xx_never_500(client: httpx.AsyncClient, payload: bytes) -> None:
-    response = await client.post("/init", content=payload, headers={"content-type": "application/json"})
+@pytest.mark.parametrize(
+    "payload", [b"{", b"", b"\xff\xfe", b"null", b"{}" * 1000, b'{"seed": 1e999}']
+)
+async def test_malformed_bodies_are_4xx_never_500(
+    client: httpx.AsyncClient, payload: bytes
+) -> None:
+    response = await client.post(
+        "/init", content=payload, headers={"content-type": "application/json"}
+    )
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"] == "application/problem+json"
 
 
 async def test_body_over_the_limit_is_413(client_for: Any) -> None:
     client = await client_for(max_body_bytes=2048)
-    big = {**SMALL, "tensors": [{"name": "w" * 200 + str(i), "shape": [1], "scheme": "zeros"} for i in range(20)]}
+    big = {
+        **SMALL,
+        "tensors": [
+            {"name": "w" * 200 + str(i), "shape": [1], "scheme": "zeros"} for i in range(20)
+        ],
+    }
     problem(await client.post("/init", json=big), 413)
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted while reading
         yield json.dumps(big).encode()
 
-    problem(await client.post("/init", content=chunked(), headers={"content-type": "application/json"}), 413)
+    problem(
+        await client.post("/init", content=chunked(), headers={"content-type": "application/json"}),
+        413,
+    )
 
 
 async def test_request_limits_are_413_before_allocation(client_for: Any) -> None:
     client = await client_for(max_tensors=3, max_response_bytes=1 << 20, max_coupled_elements=1000)
-    many = {"seed": 1, "tensors": [{"name": f"t{i}", "shape": [1], "scheme": "zeros"} for i in range(4)]}
+    many = {
+        "seed": 1,
+        "tensors": [{"name": f"t{i}", "shape": [1], "scheme": "zeros"} for i in range(4)],
+    }
     assert "INITSERVE_MAX_TENSORS" in problem(await client.post("/init", json=many), 413)["detail"]
     huge = {"seed": 1, "tensors": [{"name": "w", "shape": [2**40, 2**40], "scheme": "normal"}]}
-    assert "INITSERVE_MAX_RESPONSE_BYTES" in problem(await client.post("/init", json=huge), 413)["detail"]
+    assert (
+        "INITSERVE_MAX_RESPONSE_BYTES"
+        in problem(await client.post("/init", json=huge), 413)["detail"]
+    )
     ortho = {"seed": 1, "tensors": [{"name": "q", "shape": [100, 100], "scheme": "orthogonal"}]}
-    assert "INITSERVE_MAX_COUPLED_ELEMENTS" in problem(await client.post("/init", json=ortho), 413)["detail"]
+    assert (
+        "INITSERVE_MAX_COUPLED_ELEMENTS"
+        in problem(await client.post("/init", json=ortho), 413)["detail"]
+    )
     text = (await client.get("/metrics")).text
     assert 'initserve_rejections_total{reason="too_many_tensors"} 1.0' in text
 
@@ -244,9 +311,11 @@ async def test_response_digest_is_pinned() -> None:
     # The whole file, header included, for a fixed request: changing the header layout, the
     # metadata or any generated bit fails here.
     app = create_app(Settings())
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-            body = (await client.post("/init", json=SMALL)).content
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        body = (await client.post("/init", json=SMALL)).content
     assert hashlib.sha256(body).hexdigest() == GOLDEN_SMALL_RESPONSE
 
 

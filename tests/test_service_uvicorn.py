@@ -8,15 +8,17 @@ import socket
 import time
 
 import httpx
+import initserve
 import pytest
 from golden_specs import golden_spec
 from safetensors.numpy import load
 from servers import uvicorn_server
 
-import initserve
-
 SPEC = golden_spec("float32")
-BIG = {"seed": 3, "tensors": [{"name": "big", "shape": [16384, 16384], "scheme": "normal"}]}  # 1 GiB
+BIG = {
+    "seed": 3,
+    "tensors": [{"name": "big", "shape": [16384, 16384], "scheme": "normal"}],
+}  # 1 GiB
 
 
 def metric(url: str, name: str) -> float:
@@ -39,7 +41,10 @@ def test_two_server_processes_return_identical_bytes() -> None:
 
 
 def test_streamed_response_arrives_in_chunks_and_is_whole() -> None:
-    spec = {"seed": 3, "tensors": [{"name": "w", "shape": [2048, 4096], "scheme": "trunc_normal", "std": 0.02}]}
+    spec = {
+        "seed": 3,
+        "tensors": [{"name": "w", "shape": [2048, 4096], "scheme": "trunc_normal", "std": 0.02}],
+    }
     with uvicorn_server(chunk_bytes=str(1 << 20)) as (url, _):
         digest = hashlib.sha256()
         sizes = []
@@ -77,7 +82,9 @@ def test_client_disconnect_stops_generation() -> None:
 
 
 def test_overload_is_503_with_retry_after_not_a_queue() -> None:
-    with uvicorn_server(max_concurrent_streams="1", retry_after_seconds="2", chunk_bytes=str(1 << 20)) as (url, _):
+    with uvicorn_server(
+        max_concurrent_streams="1", retry_after_seconds="2", chunk_bytes=str(1 << 20)
+    ) as (url, _):
         with httpx.stream("POST", f"{url}/init", json=BIG, timeout=60) as holding:
             assert holding.status_code == 200
             chunks = holding.iter_raw()  # kept referenced: a dropped iterator closes the stream
@@ -94,9 +101,15 @@ def test_overload_is_503_with_retry_after_not_a_queue() -> None:
 
 
 def test_sigterm_turns_readiness_off_and_lets_the_stream_finish() -> None:
-    spec = {"seed": 3, "tensors": [{"name": "w", "shape": [8192, 8192], "scheme": "normal"}]}  # 256 MiB
+    spec = {
+        "seed": 3,
+        "tensors": [{"name": "w", "shape": [8192, 8192], "scheme": "normal"}],
+    }  # 256 MiB
     with uvicorn_server(chunk_bytes=str(1 << 20), drain_seconds="30") as (url, process):
-        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/init", json=spec) as response:
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{url}/init", json=spec) as response,
+        ):
             total = int(response.headers["content-length"])
             chunks = response.iter_raw()
             received = len(next(chunks))
@@ -116,8 +129,10 @@ def test_slow_loris_body_gets_408_and_a_closed_connection() -> None:
     with uvicorn_server(body_timeout_seconds="1") as (url, _):
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /init HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{")
+            sock.sendall(
+                b"POST /init HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
             started = time.monotonic()
             answer = b""
             while chunk := sock.recv(4096):

@@ -3,11 +3,10 @@ generated alone, equals that slice of the whole; other tensors and their order c
 
 from __future__ import annotations
 
+import initserve
 import numpy as np
 import pytest
 from golden_specs import TENSORS, golden_spec
-
-import initserve
 from initserve.engine import TensorSource
 
 
@@ -30,7 +29,11 @@ def test_every_flat_range_equals_the_same_range_of_the_whole(
         for _ in range(20):
             start, stop = sorted(rng.integers(0, flat.size + 1, size=2).tolist())
             fresh = TensorSource(sources[key].tensor)  # nothing cached
-            assert fresh.flat(start, stop).tobytes() == flat[start:stop].tobytes(), (key, start, stop)
+            assert fresh.flat(start, stop).tobytes() == flat[start:stop].tobytes(), (
+                key,
+                start,
+                stop,
+            )
 
 
 def test_every_region_equals_the_same_region_of_the_whole(
@@ -39,10 +42,15 @@ def test_every_region_equals_the_same_region_of_the_whole(
     rng = np.random.default_rng(1)
     for key, full in whole.items():
         for _ in range(10):
-            region = tuple(tuple(sorted(rng.integers(0, n + 1, size=2).tolist())) for n in full.shape)
+            region = tuple(
+                tuple(sorted(rng.integers(0, n + 1, size=2).tolist())) for n in full.shape
+            )
             part = TensorSource(sources[key].tensor).region(region)  # type: ignore[arg-type]
             expected = full[tuple(slice(lo, hi) for lo, hi in region)]
-            assert part.shape == expected.shape and part.tobytes() == expected.tobytes(), (key, region)
+            assert part.shape == expected.shape and part.tobytes() == expected.tobytes(), (
+                key,
+                region,
+            )
 
 
 @pytest.mark.parametrize(("count", "dim"), [(2, 0), (3, 0), (4, 1), (5, 1), (3, 2), (7, 0)])
@@ -56,17 +64,28 @@ def test_shards_equal_numpy_array_split(whole: dict[str, np.ndarray], count: int
 
 def test_large_tensor_slice_costs_only_the_slice() -> None:
     # A 2^40-element tensor cannot be generated whole; its last elements can.
-    planned = initserve.plan({"seed": 1, "tensors": [{"name": "huge", "shape": [2**20, 2**20], "scheme": "normal"}]})
+    planned = initserve.plan(
+        {"seed": 1, "tensors": [{"name": "huge", "shape": [2**20, 2**20], "scheme": "normal"}]}
+    )
     source = TensorSource(planned.tensors[0])
     tail = source.flat(2**40 - 6, 2**40)
     row = source.region(((2**20 - 1, 2**20), (2**20 - 6, 2**20)))
     assert tail.tobytes() == row.tobytes() and np.isfinite(tail).all()
 
 
-def test_reordering_adding_and_removing_entries_changes_nothing(whole: dict[str, np.ndarray]) -> None:
+def test_reordering_adding_and_removing_entries_changes_nothing(
+    whole: dict[str, np.ndarray],
+) -> None:
     spec = golden_spec("float32")
-    reordered = {**spec, "tensors": list(reversed(TENSORS)), "layers": list(reversed(spec["layers"]))}
-    extra = {**spec, "tensors": [{"name": "new", "shape": [4, 4], "scheme": "normal"}, *TENSORS[::2]]}
+    reordered = {
+        **spec,
+        "tensors": list(reversed(TENSORS)),
+        "layers": list(reversed(spec["layers"])),
+    }
+    extra = {
+        **spec,
+        "tensors": [{"name": "new", "shape": [4, 4], "scheme": "normal"}, *TENSORS[::2]],
+    }
     for variant in (reordered, extra):
         out = initserve.generate(variant)
         for key, values in out.items():
@@ -91,6 +110,11 @@ def test_seed_and_key_select_the_stream() -> None:
 
 def test_per_tensor_seed_overrides_the_spec_seed() -> None:
     base = {"tensors": [{"name": "w", "shape": [16], "scheme": "normal", "seed": 5}]}
-    assert initserve.generate({"seed": 1, **base})["w"].tobytes() == initserve.generate({"seed": 2, **base})["w"].tobytes()
-    plain = initserve.generate({"seed": 5, "tensors": [{"name": "w", "shape": [16], "scheme": "normal"}]})
+    assert (
+        initserve.generate({"seed": 1, **base})["w"].tobytes()
+        == initserve.generate({"seed": 2, **base})["w"].tobytes()
+    )
+    plain = initserve.generate(
+        {"seed": 5, "tensors": [{"name": "w", "shape": [16], "scheme": "normal"}]}
+    )
     assert plain["w"].tobytes() == initserve.generate({"seed": 1, **base})["w"].tobytes()

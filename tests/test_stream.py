@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from initserve.backends import cpu
 from initserve.stream import StreamId, philox4x32_10, stream_for
 
@@ -19,7 +18,9 @@ def read_kat(path: Path) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[i
             continue
         left, right = line.split("->")
         words = [int(w, 16) for w in left.split()]
-        vectors.append((tuple(words[:4]), tuple(words[4:6]), tuple(int(w, 16) for w in right.split())))
+        vectors.append(
+            (tuple(words[:4]), tuple(words[4:6]), tuple(int(w, 16) for w in right.split()))
+        )
     return vectors
 
 

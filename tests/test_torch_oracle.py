@@ -8,13 +8,12 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import initserve
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import initserve
 from initserve.schemes import NONLINEARITIES, calculate_gain, fans
+from torch import nn
 
 SHAPES = [(256, 784), (10, 256), (64, 3, 7, 7), (32, 16, 3), (8, 4, 2, 3, 3), (3, 1)]
 
@@ -44,7 +43,7 @@ def our_draw(shape: tuple[int, ...], scheme: str, **params: Any) -> tuple[str, f
     )
     draw = planned.tensors[0].draw
     if draw.kind == "uniform":
-        low, width = draw.params
+        low, _width = draw.params
         return ("uniform", low, float(draw.info["high"]))
     assert draw.kind == "normal"
     return ("normal", draw.params[0], draw.params[1])
@@ -83,11 +82,24 @@ def test_xavier_bounds_equal_torch(
 @pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
 @pytest.mark.parametrize(
     ("nonlinearity", "a"),
-    [("relu", 0.0), ("leaky_relu", 0.0), ("leaky_relu", 0.1), ("tanh", 0.0), ("selu", 0.0),
-     ("linear", 0.0), ("sigmoid", 0.0), ("conv2d", 0.0)],
+    [
+        ("relu", 0.0),
+        ("leaky_relu", 0.0),
+        ("leaky_relu", 0.1),
+        ("tanh", 0.0),
+        ("selu", 0.0),
+        ("linear", 0.0),
+        ("sigmoid", 0.0),
+        ("conv2d", 0.0),
+    ],
 )
 def test_kaiming_bounds_equal_torch(
-    torch_draws: list[Any], shape: tuple[int, ...], scheme: str, mode: str, nonlinearity: str, a: float
+    torch_draws: list[Any],
+    shape: tuple[int, ...],
+    scheme: str,
+    mode: str,
+    nonlinearity: str,
+    a: float,
 ) -> None:
     getattr(nn.init, scheme + "_")(torch.empty(shape), a=a, mode=mode, nonlinearity=nonlinearity)
     ours = our_draw(shape, scheme, a=a, mode=mode, nonlinearity=nonlinearity)
@@ -102,8 +114,13 @@ def test_kaiming_defaults_equal_torch_defaults(torch_draws: list[Any]) -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [lambda: nn.Linear(784, 256), lambda: nn.Linear(3, 1), lambda: nn.Conv2d(3, 64, 7),
-     lambda: nn.Conv1d(16, 32, 3), lambda: nn.Conv3d(2, 4, (3, 2, 1))],
+    [
+        lambda: nn.Linear(784, 256),
+        lambda: nn.Linear(3, 1),
+        lambda: nn.Conv2d(3, 64, 7),
+        lambda: nn.Conv1d(16, 32, 3),
+        lambda: nn.Conv3d(2, 4, (3, 2, 1)),
+    ],
 )
 def test_torch_default_equals_reset_parameters(torch_draws: list[Any], module: Any) -> None:
     layer = module()
@@ -112,7 +129,12 @@ def test_torch_default_equals_reset_parameters(torch_draws: list[Any], module: A
     torch_weight, torch_bias = torch_draws
     shape = tuple(layer.weight.shape)
     planned = initserve.plan(
-        {"seed": 0, "layers": [{"name": "m", "shape": list(shape), "scheme": "torch_default", "bias": True}]}
+        {
+            "seed": 0,
+            "layers": [
+                {"name": "m", "shape": list(shape), "scheme": "torch_default", "bias": True}
+            ],
+        }
     )
     weight, bias = (t.draw for t in planned.tensors)
     assert ("uniform", weight.params[0], weight.info["high"]) == torch_weight
@@ -122,7 +144,9 @@ def test_torch_default_equals_reset_parameters(torch_draws: list[Any], module: A
 
 @pytest.mark.parametrize("shape", [(4, 4), (3, 5), (6, 2)])
 def test_eye_equals_torch(shape: tuple[int, int]) -> None:
-    ours = initserve.generate({"seed": 0, "tensors": [{"name": "e", "shape": list(shape), "scheme": "eye"}]})
+    ours = initserve.generate(
+        {"seed": 0, "tensors": [{"name": "e", "shape": list(shape), "scheme": "eye"}]}
+    )
     assert np.array_equal(ours["e"], nn.init.eye_(torch.empty(shape)).numpy())
 
 
@@ -131,21 +155,31 @@ def test_eye_equals_torch(shape: tuple[int, int]) -> None:
     [((4, 4, 3), 1), ((8, 4, 3, 3), 2), ((6, 2, 3, 4, 5), 3), ((4, 8, 5), 1), ((12, 3, 2, 2), 4)],
 )
 def test_dirac_equals_torch(shape: tuple[int, ...], groups: int) -> None:
-    spec = {"seed": 0, "tensors": [{"name": "d", "shape": list(shape), "scheme": "dirac", "groups": groups}]}
+    spec = {
+        "seed": 0,
+        "tensors": [{"name": "d", "shape": list(shape), "scheme": "dirac", "groups": groups}],
+    }
     expected = nn.init.dirac_(torch.empty(shape), groups=groups).numpy()
     assert np.array_equal(initserve.generate(spec)["d"], expected)
 
 
 @pytest.mark.parametrize(
     ("shape", "gain", "dtype", "tol"),
-    [((64, 32), 1.0, "float64", 1e-13), ((32, 64), 2.0, "float64", 1e-12),
-     ((16, 8, 3), 1.0, "float32", 2e-6), ((100, 100), 0.5, "float32", 2e-6)],
+    [
+        ((64, 32), 1.0, "float64", 1e-13),
+        ((32, 64), 2.0, "float64", 1e-12),
+        ((16, 8, 3), 1.0, "float32", 2e-6),
+        ((100, 100), 0.5, "float32", 2e-6),
+    ],
 )
 def test_orthogonal_rows_or_columns_are_orthonormal_times_gain(
     shape: tuple[int, ...], gain: float, dtype: str, tol: float
 ) -> None:
-    spec = {"seed": 3, "dtype": dtype,
-            "tensors": [{"name": "q", "shape": list(shape), "scheme": "orthogonal", "gain": gain}]}
+    spec = {
+        "seed": 3,
+        "dtype": dtype,
+        "tensors": [{"name": "q", "shape": list(shape), "scheme": "orthogonal", "gain": gain}],
+    }
     w = initserve.generate(spec)["q"].astype(np.float64).reshape(shape[0], -1)
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     assert np.abs(gram - gain**2 * np.eye(gram.shape[0])).max() < tol
@@ -157,20 +191,38 @@ def test_orthogonal_has_the_distribution_of_torchs() -> None:
     from scipy import stats
 
     torch.manual_seed(0)
-    theirs = np.concatenate([nn.init.orthogonal_(torch.empty(64, 64)).numpy().ravel() for _ in range(20)])
-    ours = np.concatenate([
-        initserve.generate({"seed": s, "tensors": [{"name": "q", "shape": [64, 64], "scheme": "orthogonal"}]})["q"].ravel()
-        for s in range(20)
-    ])
+    theirs = np.concatenate(
+        [nn.init.orthogonal_(torch.empty(64, 64)).numpy().ravel() for _ in range(20)]
+    )
+    ours = np.concatenate(
+        [
+            initserve.generate(
+                {"seed": s, "tensors": [{"name": "q", "shape": [64, 64], "scheme": "orthogonal"}]}
+            )["q"].ravel()
+            for s in range(20)
+        ]
+    )
     assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
 
 
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), [(20, 30, 0.3), (7, 5, 0.0), (10, 3, 0.95), (33, 4, 0.1)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "sparsity"), [(20, 30, 0.3), (7, 5, 0.0), (10, 3, 0.95), (33, 4, 0.1)]
+)
 def test_sparse_zero_count_per_column_is_torchs(rows: int, cols: int, sparsity: float) -> None:
-    spec = {"seed": 5, "tensors": [{"name": "s", "shape": [rows, cols], "scheme": "sparse",
-                                     "sparsity": sparsity, "std": 0.02}]}
+    spec = {
+        "seed": 5,
+        "tensors": [
+            {
+                "name": "s",
+                "shape": [rows, cols],
+                "scheme": "sparse",
+                "sparsity": sparsity,
+                "std": 0.02,
+            }
+        ],
+    }
     w = initserve.generate(spec)["s"]
-    expected_zeros = int(math.ceil(sparsity * rows))  # torch.nn.init.sparse_'s num_zeros
+    expected_zeros = math.ceil(sparsity * rows)  # torch.nn.init.sparse_'s num_zeros
     assert (w == 0).sum(axis=0).tolist() == [expected_zeros] * cols
     torch_w = nn.init.sparse_(torch.empty(rows, cols), sparsity, std=0.02).numpy()
     assert (torch_w == 0).sum(axis=0).tolist() == [expected_zeros] * cols

@@ -20,7 +20,14 @@ import anyio
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,11 +80,24 @@ EXAMPLE_REQUEST: dict[str, Any] = {
     "dtype": "float32",
     "layout": "torch",
     "layers": [
-        {"name": "fc1", "shape": [256, 784], "activation": "relu", "scheme": "kaiming_normal", "bias": True},
-        {"name": "fc2", "shape": [10, 256], "activation": "tanh", "scheme": "xavier_uniform",
-         "bias": {"scheme": "constant", "val": 0.01}},
+        {
+            "name": "fc1",
+            "shape": [256, 784],
+            "activation": "relu",
+            "scheme": "kaiming_normal",
+            "bias": True,
+        },
+        {
+            "name": "fc2",
+            "shape": [10, 256],
+            "activation": "tanh",
+            "scheme": "xavier_uniform",
+            "bias": {"scheme": "constant", "val": 0.01},
+        },
     ],
-    "tensors": [{"name": "pos_embed", "shape": [1, 197, 768], "scheme": "trunc_normal", "std": 0.02}],
+    "tensors": [
+        {"name": "pos_embed", "shape": [1, 197, 768], "scheme": "trunc_normal", "std": 0.02}
+    ],
 }
 
 
@@ -101,10 +121,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "initserve_requests", "HTTP requests answered", ["endpoint", "status"], registry=self.registry
+            "initserve_requests",
+            "HTTP requests answered",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self.rejections = Counter(
-            "initserve_rejections", "Requests refused, by reason", ["reason"], registry=self.registry
+            "initserve_rejections",
+            "Requests refused, by reason",
+            ["reason"],
+            registry=self.registry,
         )
         self.bytes_streamed = Counter(
             "initserve_bytes_streamed", "Response body bytes sent by /init", registry=self.registry
@@ -115,7 +141,9 @@ class Metrics:
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry,
         )
-        self.in_flight = Gauge("initserve_in_flight", "/init responses being streamed", registry=self.registry)
+        self.in_flight = Gauge(
+            "initserve_in_flight", "/init responses being streamed", registry=self.registry
+        )
 
 
 @dataclass
@@ -177,8 +205,15 @@ def service(request: Request) -> ServiceState:
 class Rejected(Exception):
     """A request refused for a reason the client can act on (limits, overload)."""
 
-    def __init__(self, status: int, title: str, detail: str, reason: str, headers: dict[str, str] | None = None,
-                 errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        reason: str,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.reason = status, title, detail, reason
         self.headers = headers
@@ -201,9 +236,13 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     planned: Plan = plan(request)
     chosen = select(planned, request.only)
     if len(chosen) > settings.max_tensors:
-        raise Rejected(413, "Content Too Large",
-                       f"the request produces {len(chosen)} tensors; at most {settings.max_tensors}"
-                       " (INITSERVE_MAX_TENSORS)", "too_many_tensors")
+        raise Rejected(
+            413,
+            "Content Too Large",
+            f"the request produces {len(chosen)} tensors; at most {settings.max_tensors}"
+            " (INITSERVE_MAX_TENSORS)",
+            "too_many_tensors",
+        )
     parts = []
     coupled = 0
     for tensor in chosen:
@@ -215,16 +254,24 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
         parts.append(Part(tensor, region))
         if tensor.draw.kind in ("orthogonal", "sparse"):
             if tensor.numel > settings.max_coupled_elements:
-                raise Rejected(413, "Content Too Large",
-                               f"{tensor.key}: {tensor.draw.kind} tensors are computed whole; this one has"
-                               f" {tensor.numel} elements, at most {settings.max_coupled_elements}"
-                               " (INITSERVE_MAX_COUPLED_ELEMENTS)", "coupled_too_large")
+                raise Rejected(
+                    413,
+                    "Content Too Large",
+                    f"{tensor.key}: {tensor.draw.kind} tensors are computed whole; this one has"
+                    f" {tensor.numel} elements, at most {settings.max_coupled_elements}"
+                    " (INITSERVE_MAX_COUPLED_ELEMENTS)",
+                    "coupled_too_large",
+                )
             coupled = max(coupled, tensor.numel)
     total = sum(p.nbytes for p in parts)
     if total > settings.max_response_bytes:
-        raise Rejected(413, "Content Too Large",
-                       f"the response would be {total} bytes; at most {settings.max_response_bytes}"
-                       " (INITSERVE_MAX_RESPONSE_BYTES)", "response_too_large")
+        raise Rejected(
+            413,
+            "Content Too Large",
+            f"the response would be {total} bytes; at most {settings.max_response_bytes}"
+            " (INITSERVE_MAX_RESPONSE_BYTES)",
+            "response_too_large",
+        )
     canonical = canonical_json(request)
     metadata = {
         "format": "pt",
@@ -242,9 +289,13 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     return Prepared(request, layout, etag, working)
 
 
-def parse_range(header: str | None, total: int) -> tuple[int, int] | None | str:
-    """One ``bytes=`` range as [start, stop); None to send everything (no header, several ranges
-    or a syntax RFC 9110 says to ignore); "unsatisfiable" for 416."""
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as [start, stop), or None to send everything (no header, several
+    ranges, or a syntax RFC 9110 says to ignore). Raises RangeNotSatisfiable (416)."""
     if header is None:
         return None
     unit, _, spec = header.partition("=")
@@ -257,7 +308,7 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None | str:
         if first == "":
             suffix = int(last)
             if suffix <= 0:
-                return "unsatisfiable"
+                raise RangeNotSatisfiable
             return max(0, total - suffix), total
         start = int(first)
         stop = total if last == "" else int(last) + 1
@@ -266,7 +317,7 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None | str:
     if start < 0 or (last != "" and stop <= start):
         return None
     if start >= total:
-        return "unsatisfiable"
+        raise RangeNotSatisfiable
     return start, min(stop, total)
 
 
@@ -298,7 +349,9 @@ def warm_up() -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    state = ServiceState(settings, metrics, Admission(settings.max_concurrent_streams, settings.max_bytes_in_flight))
+    state = ServiceState(
+        settings, metrics, Admission(settings.max_concurrent_streams, settings.max_bytes_in_flight)
+    )
     if settings.threads is not None:
         cpu.set_threads(settings.threads)
 
@@ -308,8 +361,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         await anyio.to_thread.run_sync(warm_up)
         state.ready = True
-        log.info("initserve %s ready on the %s backend (warm-up %.2fs)", initserve.__version__, state.backend,
-                 time.perf_counter() - started)
+        log.info(
+            "initserve %s ready on the %s backend (warm-up %.2fs)",
+            initserve.__version__,
+            state.backend,
+            time.perf_counter() - started,
+        )
         yield
         state.ready = False
 
@@ -336,7 +393,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"loc": [p for p in e["loc"] if p != "body"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            {"loc": [p for p in e["loc"] if p != "body"], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
         ]
         return on_spec_error(request, SpecError(errors))
 
@@ -357,29 +415,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(exc.status_code, _title(exc.status_code), str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem_response(
+            exc.status_code, _title(exc.status_code), str(exc.detail), headers=headers
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
         log.exception("unexpected error on %s", request.url.path)
-        return problem_response(500, "Internal Server Error", "unexpected error; see the server log")
+        return problem_response(
+            500, "Internal Server Error", "unexpected error; see the server log"
+        )
 
     # -- probes and catalogue --------------------------------------------------------------------
 
-    @app.get("/livez", summary="Liveness: the process answers", responses={200: {"content": {"application/json": {"example": {"status": "alive"}}}}})
+    @app.get(
+        "/livez",
+        summary="Liveness: the process answers",
+        responses={200: {"content": {"application/json": {"example": {"status": "alive"}}}}},
+    )
     async def livez() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="Readiness: warmed up and not draining",
-             responses={200: {"content": {"application/json": {"example": {"status": "ready", "backend": "cpu"}}}},
-                        503: {"description": "warming up or draining"}})
+    @app.get(
+        "/readyz",
+        summary="Readiness: warmed up and not draining",
+        responses={
+            200: {
+                "content": {"application/json": {"example": {"status": "ready", "backend": "cpu"}}}
+            },
+            503: {"description": "warming up or draining"},
+        },
+    )
     async def readyz(request: Request) -> JSONResponse:
         st = service(request)
         if st.ready and not st.draining:
-            return JSONResponse({"status": "ready", "backend": st.backend, "algorithm": ALGORITHM_VERSION})
+            return JSONResponse(
+                {"status": "ready", "backend": st.backend, "algorithm": ALGORITHM_VERSION}
+            )
         status = "draining" if st.draining else "warming_up"
-        return JSONResponse(problem_body(503, "Service Unavailable", status), status_code=503,
-                            media_type="application/problem+json", headers={"Retry-After": str(settings.retry_after_seconds)})
+        return JSONResponse(
+            problem_body(503, "Service Unavailable", status),
+            status_code=503,
+            media_type="application/problem+json",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
@@ -391,8 +471,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- generation ------------------------------------------------------------------------------
 
-
-    @app.post("/plan", summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating")
+    @app.post(
+        "/plan",
+        summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating",
+    )
     async def dry_run(request: Request, body: InitBody) -> dict[str, Any]:
         prepared = prepare(body, settings)
         service(request).remember(prepared.etag, body)
@@ -410,7 +492,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Generate: a safetensors file, bit-identical for the same request everywhere",
         response_class=Response,
         responses={
-            200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
+            200: {
+                "content": {"application/octet-stream": {}},
+                "description": "the safetensors file",
+            },
             206: {"description": "the byte range asked for with Range"},
             304: {"description": "If-None-Match matched the ETag"},
             413: {"description": "over a size limit"},
@@ -430,7 +515,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if known is None:
             metrics.requests.labels("/init/{etag}", "404").inc()
             return problem_response(
-                404, "Not Found",
+                404,
+                "Not Found",
                 "this server has not seen a request with that ETag; POST /init with the spec",
             )
         return respond(request, prepare(known, settings))
@@ -459,35 +545,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if etag_matches(request.headers.get("if-none-match"), etag):
             metrics.requests.labels(endpoint, "304").inc()
             return Response(status_code=304, headers=headers)
-        byte_range = parse_range(request.headers.get("range"), total)
-        if byte_range == "unsatisfiable":
-            raise Rejected(416, "Range Not Satisfiable", f"the file has {total} bytes", "range_not_satisfiable",
-                           headers={"Content-Range": f"bytes */{total}"})
-        start, stop = (0, total) if byte_range is None else byte_range  # type: ignore[misc]
+        try:
+            byte_range = parse_range(request.headers.get("range"), total)
+        except RangeNotSatisfiable:
+            raise Rejected(
+                416,
+                "Range Not Satisfiable",
+                f"the file has {total} bytes",
+                "range_not_satisfiable",
+                headers={"Content-Range": f"bytes */{total}"},
+            ) from None
+        start, stop = (0, total) if byte_range is None else byte_range
         status = 200 if byte_range is None else 206
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
         headers["Content-Length"] = str(stop - start)
         if request.method == "HEAD":
             metrics.requests.labels(endpoint, str(status)).inc()
-            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+            return Response(
+                status_code=status, headers=headers, media_type="application/octet-stream"
+            )
         refusal = state.admission.try_acquire(prepared.working_bytes)
         if refusal is not None:
-            raise Rejected(503, "Service Unavailable",
-                           f"busy ({refusal} budget exhausted); retry after {settings.retry_after_seconds}s",
-                           f"overload_{refusal}", headers={"Retry-After": str(settings.retry_after_seconds)})
+            raise Rejected(
+                503,
+                "Service Unavailable",
+                f"busy ({refusal} budget exhausted); retry after {settings.retry_after_seconds}s",
+                f"overload_{refusal}",
+                headers={"Retry-After": str(settings.retry_after_seconds)},
+            )
         metrics.requests.labels(endpoint, str(status)).inc()
-        return StreamingResponse(stream(prepared, start, stop), status_code=status, headers=headers,
-                                 media_type="application/octet-stream")
+        return StreamingResponse(
+            stream(prepared, start, stop),
+            status_code=status,
+            headers=headers,
+            media_type="application/octet-stream",
+        )
 
     async def stream(prepared: Prepared, start: int, stop: int) -> AsyncIterator[bytes]:
-        writer = BodyWriter(prepared.layout, settings.chunk_bytes)
-        chunks: Iterator[bytes] = writer.chunks(start, stop)
+        """Each chunk is generated in a worker thread (the event loop stays free); a cancelled
+        stream (client gone) stops after the chunk in progress, bounded by chunk_bytes."""
+        chunks = BodyWriter(prepared.layout, settings.chunk_bytes).chunks(start, stop)
         metrics.in_flight.inc()
         generating = 0.0
         try:
-            async for chunk in iterate_in_threadpool(_timed(chunks)):
-                elapsed, data = chunk
+            async for elapsed, data in iterate_in_threadpool(_timed(chunks)):
                 generating += elapsed
                 metrics.bytes_streamed.inc(len(data))
                 yield data
@@ -500,11 +602,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _timed(chunks: Iterator[bytes]) -> Iterator[tuple[float, bytes]]:
+    """The chunks, each with the seconds it took to generate."""
     while True:
         started = time.perf_counter()
-        try:
-            data = next(chunks)
-        except StopIteration:
+        data = next(chunks, None)
+        if data is None:
             return
         yield time.perf_counter() - started, data
 

@@ -1,4 +1,4 @@
-"""Command line: ``initserve serve`` (the sidecar) and ``initserve generate`` (one file, offline)."""
+"""Command line: ``initserve serve`` (the sidecar), ``initserve generate`` (a file, offline)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,11 @@ def _generate(args: argparse.Namespace) -> int:
     with open(args.output, "wb") as out:
         for chunk in BodyWriter(prepared.layout, 4 << 20).chunks():
             out.write(chunk)
-    print(json.dumps({"etag": prepared.etag, "bytes": prepared.layout.total_bytes, "output": args.output}))
+    print(
+        json.dumps(
+            {"etag": prepared.etag, "bytes": prepared.layout.total_bytes, "output": args.output}
+        )
+    )
     return 0
 
 
@@ -64,17 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="initserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP service (settings: INITSERVE_* env)")
-    serve.add_argument("--host", default=None, help="bind address (default INITSERVE_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default INITSERVE_PORT or 8000)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--host", default=None, help="bind address (default INITSERVE_HOST or 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=None, help="port (default INITSERVE_PORT or 8000)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=_serve)
-    generate = commands.add_parser("generate", help="write the safetensors file for a spec, no server")
+    generate = commands.add_parser(
+        "generate", help="write the safetensors file for a spec, no server"
+    )
     generate.add_argument("spec", help="spec JSON file")
     generate.add_argument("-o", "--output", required=True, help="safetensors file to write")
     generate.set_defaults(run=_generate)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     result: int = args.run(args)
     return result
 

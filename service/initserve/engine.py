@@ -145,10 +145,12 @@ class TensorSource:
         """constant, eye and dirac: values as a function of the index alone."""
         draw, shape = self.tensor.draw, self.tensor.shape
         if draw.kind == "constant":
-            return np.full(flat_indices.shape, draw.params[0], dtype=np.float64)
+            constant: npt.NDArray[np.float64] = np.full(flat_indices.shape, draw.params[0])
+            return constant
         index = np.unravel_index(flat_indices.astype(np.int64), shape)
         if draw.kind == "eye":
-            return (index[0] == index[1]).astype(np.float64)
+            diagonal: npt.NDArray[np.float64] = (index[0] == index[1]).astype(np.float64)
+            return diagonal
         if draw.kind == "dirac":
             groups = int(draw.params[0])
             if self.tensor.layout == "torch":
@@ -161,7 +163,8 @@ class TensorSource:
             hit = (out_index % out_per_group) == in_index
             for position, size in zip(kernel, kernel_sizes, strict=True):
                 hit &= position == size // 2
-            return hit.astype(np.float64)
+            pattern: npt.NDArray[np.float64] = hit.astype(np.float64)
+            return pattern
         raise AssertionError(f"unhandled draw {draw.kind}")  # pragma: no cover
 
     def _normal_master(self, stream_key: str | None = None) -> npt.NDArray[np.float64]:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-
-import anyio
 from collections.abc import Callable
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from initserve.problems import problem_response
@@ -48,7 +47,9 @@ class BodySizeLimitMiddleware:
                     declared = -1
                 if declared < 0:
                     self.on_reject("bad_request")
-                    await problem_response(400, "Bad Request", "invalid Content-Length header")(scope, receive, send)
+                    await problem_response(400, "Bad Request", "invalid Content-Length header")(
+                        scope, receive, send
+                    )
                     return
                 if declared > limit:
                     self.on_reject("body_too_large")
@@ -76,8 +77,13 @@ class BodySizeLimitMiddleware:
                     break
         if deadline.cancelled_caught:
             self.on_reject("body_timeout")
-            detail = f"request body not received within {self.body_timeout:g} s (INITSERVE_BODY_TIMEOUT_SECONDS)"
-            response = problem_response(408, "Request Timeout", detail, headers={"Connection": "close"})
+            detail = (
+                f"request body not received within {self.body_timeout:g} s"
+                " (INITSERVE_BODY_TIMEOUT_SECONDS)"
+            )
+            response = problem_response(
+                408, "Request Timeout", detail, headers={"Connection": "close"}
+            )
             await response(scope, receive, send)
             return
 
@@ -90,7 +96,9 @@ class BodySizeLimitMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"request body exceeds {self.max_body_bytes} bytes (INITSERVE_MAX_BODY_BYTES)"
-        response = problem_response(413, "Content Too Large", detail, headers={"Connection": "close"})
+        response = problem_response(
+            413, "Content Too Large", detail, headers={"Connection": "close"}
+        )
         await response(scope, receive, send)
 
 
@@ -116,7 +124,9 @@ class BearerAuthMiddleware:
         if not secrets.compare_digest(hashlib.sha256(presented).digest(), self.expected):
             self.on_reject("unauthorized")
             response = problem_response(
-                401, "Unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                401,
+                "Unauthorized",
+                "a valid 'Authorization: Bearer <token>' header is required",
                 headers={"WWW-Authenticate": 'Bearer realm="initserve"'},
             )
             await response(scope, receive, send)

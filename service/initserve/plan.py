@@ -15,7 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from initserve.schemes import Draw, SchemeError, resolve, torch_default_bias
+from initserve.schemes import Draw, Layout, SchemeError, resolve, torch_default_bias
 from initserve.spec import InitParams, Spec, SpecError, parse_spec
 from initserve.stream import StreamId, stream_for
 
@@ -90,11 +90,11 @@ def _resolve_at(
     loc: tuple[str | int, ...],
     init: InitParams,
     shape: tuple[int, ...],
-    layout: str,
+    layout: Layout,
     activation: str | None,
 ) -> Draw:
     try:
-        return resolve(init.scheme, init.given_params(), shape, layout, activation)  # type: ignore[arg-type]
+        return resolve(init.scheme, init.given_params(), shape, layout, activation)
     except SchemeError as exc:
         raise SpecError.single((*loc, exc.field), exc.message) from None
 
@@ -105,13 +105,23 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
     entries: list[TensorPlan] = []
     seen: dict[str, tuple[str | int, ...]] = {}
 
-    def add(loc: tuple[str | int, ...], key: str, shape: tuple[int, ...], dtype: str,
-            seed: int, draw: Draw) -> None:
+    def add(
+        loc: tuple[str | int, ...],
+        key: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        seed: int,
+        draw: Draw,
+    ) -> None:
         if key in seen:
             where = ".".join(map(str, seen[key]))
-            raise SpecError.single((*loc, "name"), f"output key {key!r} is produced twice (also by {where})")
+            raise SpecError.single(
+                (*loc, "name"), f"output key {key!r} is produced twice (also by {where})"
+            )
         seen[key] = loc
-        entries.append(TensorPlan(key, shape, DTYPES[dtype], draw, stream_for(seed, key), spec.layout))
+        entries.append(
+            TensorPlan(key, shape, DTYPES[dtype], draw, stream_for(seed, key), spec.layout)
+        )
 
     for index, layer in enumerate(spec.layers):
         loc: tuple[str | int, ...] = ("layers", index)
@@ -126,13 +136,17 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
         bias_shape = (out_features,)
         if layer.bias is True:
             if layer.scheme == "torch_default":
-                bias = torch_default_bias(shape, spec.layout)  # type: ignore[arg-type]
+                bias = torch_default_bias(shape, spec.layout)
             else:
-                bias = _resolve_at((*loc, "bias"), InitParams(scheme="zeros"), bias_shape, spec.layout, None)
+                bias = _resolve_at(
+                    (*loc, "bias"), InitParams(scheme="zeros"), bias_shape, spec.layout, None
+                )
         elif layer.bias.scheme == "torch_default":
-            bias = torch_default_bias(shape, spec.layout)  # type: ignore[arg-type]
+            bias = torch_default_bias(shape, spec.layout)
         else:
-            bias = _resolve_at((*loc, "bias"), layer.bias, bias_shape, spec.layout, layer.activation)
+            bias = _resolve_at(
+                (*loc, "bias"), layer.bias, bias_shape, spec.layout, layer.activation
+            )
         add(loc, f"{layer.name}.bias", bias_shape, dtype, seed, bias)
 
     for index, tensor in enumerate(spec.tensors):
@@ -140,5 +154,12 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
         shape = tuple(tensor.shape)
         dtype = tensor.dtype or spec.dtype
         seed = spec.seed if tensor.seed is None else tensor.seed
-        add(loc, tensor.name, shape, dtype, seed, _resolve_at(loc, tensor, shape, spec.layout, tensor.activation))
+        add(
+            loc,
+            tensor.name,
+            shape,
+            dtype,
+            seed,
+            _resolve_at(loc, tensor, shape, spec.layout, tensor.activation),
+        )
     return Plan(spec, tuple(entries))

@@ -85,13 +85,22 @@ def build_layout(parts: Sequence[Part], metadata: dict[str, str]) -> Layout:
     offsets: list[tuple[int, int]] = []
     position = 0
     entries: list[str] = [
-        '"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)
+        '"__metadata__":'
+        + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)
     ]
     for part in parts:
         begin, position = position, position + part.nbytes
         offsets.append((begin, position))
-        entry = {"dtype": part.tensor.dtype.safetensors, "shape": list(part.shape), "data_offsets": [begin, position]}
-        entries.append(json.dumps(part.tensor.key, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
+        entry = {
+            "dtype": part.tensor.dtype.safetensors,
+            "shape": list(part.shape),
+            "data_offsets": [begin, position],
+        }
+        entries.append(
+            json.dumps(part.tensor.key, ensure_ascii=False)
+            + ":"
+            + json.dumps(entry, separators=(",", ":"))
+        )
     text = ("{" + ",".join(entries) + "}").encode("utf-8")
     text += b" " * (-(8 + len(text)) % ALIGNMENT)
     return Layout(struct.pack("<Q", len(text)) + text, tuple(parts), tuple(offsets))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from initserve.backends import cpu as _cpu_math
 
 Layout = Literal["torch", "jax"]
 
-NONLINEARITIES = (
+Nonlinearity = Literal[
     "linear",
     "conv1d",
     "conv2d",
@@ -32,8 +32,31 @@ NONLINEARITIES = (
     "selu",
     "gelu",
     "silu",
-)
-ACTIVATIONS = ("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu", "gelu", "silu")
+]
+Activation = Literal["linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu", "gelu", "silu"]
+SchemeName = Literal[
+    "zeros",
+    "ones",
+    "constant",
+    "eye",
+    "dirac",
+    "uniform",
+    "normal",
+    "trunc_normal",
+    "xavier_uniform",
+    "xavier_normal",
+    "kaiming_uniform",
+    "kaiming_normal",
+    "lecun_uniform",
+    "lecun_normal",
+    "variance_scaling",
+    "orthogonal",
+    "sparse",
+    "torch_default",
+    "auto",
+]
+NONLINEARITIES: tuple[str, ...] = get_args(Nonlinearity)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 # stddev of a standard normal truncated to (-2, 2): JAX's variance_scaling divides by it so the
 # truncated draw has the variance asked for.
@@ -262,9 +285,8 @@ CATALOGUE: tuple[Scheme, ...] = (
 )
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in CATALOGUE}
-PARAM_NAMES: tuple[str, ...] = tuple(
-    sorted({p.name for s in CATALOGUE for p in s.params})
-)
+assert tuple(SCHEMES) == get_args(SchemeName), "the SchemeName literal and the catalogue disagree"
+PARAM_NAMES: tuple[str, ...] = tuple(sorted({p.name for s in CATALOGUE for p in s.params}))
 
 
 def catalogue_json() -> dict[str, Any]:
@@ -360,7 +382,11 @@ def trunc_normal_draw(mean: float, std: float, a: float, b: float, **info: float
     if alpha > 0.0:
         alpha, beta, sign = -beta, -alpha, -1.0
     p_low = _cpu_math.normal_lower_tail(alpha)
-    p_high = _cpu_math.normal_lower_tail(beta) if beta <= 0.0 else 1.0 - _cpu_math.normal_lower_tail(-beta)
+    p_high = (
+        _cpu_math.normal_lower_tail(beta)
+        if beta <= 0.0
+        else 1.0 - _cpu_math.normal_lower_tail(-beta)
+    )
     # AS241's third approximation is needed only for min(p, 1 - p) < exp(-25) ~ 1.39e-11. The
     # kernel's p lies in [p_low + p_width 2^-33, p_low + p_width (1 - 2^-33)] (u is never 0 or 1);
     # when that range stays clear of exp(-25) (with a wide margin for rounding) the kernel may
@@ -390,7 +416,9 @@ def _variance_scaling(
     variance = scale / max(1.0, _fan_for(mode, fan_in, fan_out))
     if distribution == "truncated_normal":
         std = math.sqrt(variance) / TRUNCATED_STD_2
-        return trunc_normal_draw(0.0, std, -2.0 * std, 2.0 * std, fan_in=fan_in, fan_out=fan_out, **info)
+        return trunc_normal_draw(
+            0.0, std, -2.0 * std, 2.0 * std, fan_in=fan_in, fan_out=fan_out, **info
+        )
     if distribution == "normal":
         return normal_draw(0.0, math.sqrt(variance), fan_in=fan_in, fan_out=fan_out, **info)
     bound = math.sqrt(3 * variance)
@@ -412,12 +440,15 @@ def resolve(
         raise SchemeError(
             "shape", f"scheme {scheme_name!r} needs a tensor of rank {allowed}, got {list(shape)}"
         )
-    p = {q.name: params.get(q.name, q.default) for q in scheme.params}
+    p: dict[str, Any] = {q.name: params.get(q.name, q.default) for q in scheme.params}
     if scheme_name == "auto":
         if activation is None:
             raise SchemeError("activation", "scheme 'auto' chooses by activation; give one")
         if activation in ("relu", "leaky_relu", "gelu", "silu"):
-            scheme_name, p = "kaiming_normal", {"a": 0.0, "mode": "fan_in", "nonlinearity": activation}
+            scheme_name, p = (
+                "kaiming_normal",
+                {"a": 0.0, "mode": "fan_in", "nonlinearity": activation},
+            )
         elif activation == "selu":
             scheme_name, p = "lecun_normal", {}
         else:
@@ -442,7 +473,9 @@ def resolve(
         groups = int(p["groups"])
         out_dim = shape[0] if layout == "torch" else shape[-1]
         if out_dim % groups != 0:
-            raise SchemeError("groups", f"dirac: groups={groups} must divide the output dimension {out_dim}")
+            raise SchemeError(
+                "groups", f"dirac: groups={groups} must divide the output dimension {out_dim}"
+            )
         return Draw("dirac", (float(groups),), {**info, "groups": groups})
     if scheme_name == "uniform":
         if not p["a"] < p["b"]:

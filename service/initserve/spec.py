@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from initserve.schemes import ACTIVATIONS, NONLINEARITIES, PARAM_NAMES, SCHEMES
+from initserve.schemes import PARAM_NAMES, SCHEMES, Activation, Nonlinearity, SchemeName
 
 UINT64_MAX = 2**64 - 1
 MAX_RANK = 8
@@ -18,13 +18,12 @@ MAX_RANK = 8
 MAX_DIM = 2**40
 
 DType = Literal["float32", "float64", "float16", "bfloat16"]
-SchemeName = Literal[tuple(SCHEMES)]  # type: ignore[valid-type]
-Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
-Nonlinearity = Literal[NONLINEARITIES]  # type: ignore[valid-type]
 
 Seed = Annotated[int, Field(ge=0, le=UINT64_MAX, strict=True, description="unsigned 64-bit")]
 Dim = Annotated[int, Field(ge=1, le=MAX_DIM, strict=True)]
 Shape = Annotated[list[Dim], Field(min_length=1, max_length=MAX_RANK)]
+
+
 # Printable, no leading "__" (safetensors reserves __metadata__), no NUL or control characters.
 def _not_reserved(name: str) -> str:
     if name.startswith("__"):
@@ -109,12 +108,18 @@ class InitParams(BaseModel):
                     op = "<=" if inclusive else "<"
                     raise ValueError(f"{name} must be {op} {bound}, got {value}")
         for param in scheme.params:
-            if param.default is None and param.kind != "choice" and getattr(self, param.name) is None:
+            if (
+                param.default is None
+                and param.kind != "choice"
+                and getattr(self, param.name) is None
+            ):
                 raise ValueError(f"scheme {self.scheme!r} needs {param.name!r}")
         return self
 
     def given_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
+        return {
+            name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None
+        }
 
 
 class _TensorCommon(InitParams):

@@ -8,13 +8,14 @@ every element depends only on its own index.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
 
-from initserve.kernels import _cpu_kernels
+import initserve.kernels._cpu_kernels as _cpu_kernels
 from initserve.stream import StreamId
 
 _lib = ctypes.CDLL(_cpu_kernels.__file__)
@@ -39,7 +40,13 @@ for _name in (
     getattr(_lib, _name).restype = ctypes.c_double
 _lib.is_sincos_2pi_scalar.argtypes = [ctypes.c_double, _dp, _dp]
 _lib.is_sincos_2pi_scalar.restype = None
-_lib.is_orthonormal_columns.argtypes = [ctypes.c_void_p, _i64, _i64, ctypes.c_void_p, ctypes.c_void_p]
+_lib.is_orthonormal_columns.argtypes = [
+    ctypes.c_void_p,
+    _i64,
+    _i64,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+]
 _lib.is_orthonormal_columns.restype = ctypes.c_int
 
 # Distribution codes, as in initserve_math.h.
@@ -121,14 +128,14 @@ def fill_runs(
         bounds = np.linspace(0, n_runs, parts + 1).astype(np.int64)
         futures = [
             _pool.submit(call, int(lo), int(hi - lo), 0, run_len)
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            for lo, hi in itertools.pairwise(bounds)
             if hi > lo
         ]
     else:
         futures = []
         for run in range(n_runs):
             bounds = np.linspace(0, run_len, parts + 1).astype(np.int64)
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            for lo, hi in itertools.pairwise(bounds):
                 if hi > lo:
                     futures.append(_pool.submit(call, run, 1, int(lo), int(hi - lo)))
     for future in futures:

@@ -331,8 +331,26 @@ def etag_matches(header: str | None, etag: str) -> bool:
 # --- the app -------------------------------------------------------------------------------------
 
 
-def warm_up() -> None:
-    """Load the kernels, start the thread pool, touch every distribution once."""
+def choose_backend(settings: Settings) -> str:
+    """cpu; gpu (fails with GPUUnavailable when there is none); auto (gpu when CuPy finds one)."""
+    if settings.backend == "cpu":
+        return "cpu"
+    from initserve.backends import gpu
+
+    try:
+        gpu.configure_memory_pool(settings.gpu_memory_limit_bytes)
+        name = gpu.device_name()
+    except gpu.GPUUnavailable as exc:
+        if settings.backend == "gpu":
+            raise gpu.GPUUnavailable(f"INITSERVE_BACKEND=gpu, but {exc}") from exc
+        log.info("backend auto: no usable GPU (%s); using the CPU", exc)
+        return "cpu"
+    log.info("backend %s: GPU %s", settings.backend, name)
+    return "gpu"
+
+
+def warm_up(backend: str) -> None:
+    """Load (or compile) the kernels, start the thread pool, touch every distribution once."""
     initserve.generate(
         {
             "seed": 0,
@@ -342,7 +360,8 @@ def warm_up() -> None:
                 {"name": "t", "shape": [1 << 17], "scheme": "trunc_normal"},
                 {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},
             ],
-        }
+        },
+        backend=backend,
     )
 
 
@@ -354,12 +373,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings.threads is not None:
         cpu.set_threads(settings.threads)
+    state.backend = choose_backend(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = state
         started = time.perf_counter()
-        await anyio.to_thread.run_sync(warm_up)
+        await anyio.to_thread.run_sync(warm_up, state.backend)
         state.ready = True
         log.info(
             "initserve %s ready on the %s backend (warm-up %.2fs)",
@@ -585,7 +605,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def stream(prepared: Prepared, start: int, stop: int) -> AsyncIterator[bytes]:
         """Each chunk is generated in a worker thread (the event loop stays free); a cancelled
         stream (client gone) stops after the chunk in progress, bounded by chunk_bytes."""
-        chunks = BodyWriter(prepared.layout, settings.chunk_bytes).chunks(start, stop)
+        chunks = BodyWriter(prepared.layout, settings.chunk_bytes, state.backend).chunks(start, stop)
         metrics.in_flight.inc()
         generating = 0.0
         try:
@@ -597,6 +617,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.in_flight.dec()
             metrics.generation_seconds.observe(generating)
             state.admission.release(prepared.working_bytes)
+            if state.backend == "gpu":
+                from initserve.backends import gpu
+
+                gpu.release_memory()
 
     return app
 

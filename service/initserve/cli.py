@@ -23,7 +23,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = Settings(**overrides)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # GPUUnavailable: INITSERVE_BACKEND=gpu on a machine without one
+        print(f"initserve: cannot start: {exc}", file=sys.stderr)
+        return 2
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT, /readyz turns 503 before uvicorn stops accepting and lets

@@ -56,8 +56,9 @@ class TensorSource:
     """Generates parts of one planned tensor. Caches the whole tensor for the schemes that must
     compute it whole, so that streaming such a tensor in chunks computes it once."""
 
-    def __init__(self, tensor: TensorPlan) -> None:
+    def __init__(self, tensor: TensorPlan, backend: str = "cpu") -> None:
         self.tensor = tensor
+        self.backend = backend
         self._whole: npt.NDArray[Any] | None = None
 
     # -- public --------------------------------------------------------------------------------
@@ -124,6 +125,12 @@ class TensorSource:
         count = len(runs) * run_len
         if out is not None and (out.shape != (count,) or out.dtype != tensor.dtype.numpy):
             raise ValueError(f"out must be a ({count},) {tensor.dtype.name} array")
+        if draw.kind in _DIST_CODES and self.backend == "gpu":
+            from initserve.backends import gpu  # CuPy is imported only when asked for
+
+            target = np.empty(count, dtype=tensor.dtype.numpy) if out is None else out
+            gpu.fill_runs(_DIST_CODES[draw.kind], draw.params, tensor.stream, runs, run_len, target)
+            return target
         if draw.kind in _DIST_CODES:
             kernel_dtype = _kernel_dtype(tensor)
             if out is not None and out.dtype == kernel_dtype:
@@ -246,16 +253,18 @@ def generate(
     *,
     only: Iterable[str] | None = None,
     shard: tuple[int, int, int] | None = None,
+    backend: str = "cpu",
 ) -> dict[str, npt.NDArray[Any]]:
     """The tensors of a spec, keyed as in a PyTorch state_dict.
 
     ``only`` restricts to some keys; ``shard=(index, count, dim)`` returns each tensor's
     ``numpy.array_split(full, count, axis=dim)[index]`` without generating the rest.
+    ``backend`` is "cpu" or "gpu" (CuPy); the bytes are the same.
     """
     planned = plan(spec)
     result: dict[str, npt.NDArray[Any]] = {}
     for tensor in select(planned, only):
-        source = TensorSource(tensor)
+        source = TensorSource(tensor, backend)
         if shard is None:
             result[tensor.key] = source.whole()
         else:

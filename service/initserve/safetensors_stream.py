@@ -109,8 +109,9 @@ def build_layout(parts: Sequence[Part], metadata: dict[str, str]) -> Layout:
 class BodyWriter:
     """Produces ``layout``'s bytes [start, stop) in chunks of at most ``chunk_bytes``."""
 
-    def __init__(self, layout: Layout, chunk_bytes: int) -> None:
+    def __init__(self, layout: Layout, chunk_bytes: int, backend: str = "cpu") -> None:
         self.layout = layout
+        self.backend = backend
         self.chunk_bytes = max(ALIGNMENT, chunk_bytes - chunk_bytes % ALIGNMENT)
         self._sources: dict[str, TensorSource] = {}
 
@@ -135,7 +136,7 @@ class BodyWriter:
         first, last = lo // itemsize, -(-hi // itemsize)  # elements covering the byte range
         source = self._sources.get(part.tensor.key)
         if source is None:
-            source = self._sources[part.tensor.key] = TensorSource(part.tensor)
+            source = self._sources[part.tensor.key] = TensorSource(part.tensor, self.backend)
         buffer = np.empty(min(per_chunk, last - first), dtype=part.tensor.dtype.numpy)
         runs, run_len = (None, 0) if part.is_whole else region_runs(part.tensor.shape, part.region)
         for element in range(first, last, per_chunk):

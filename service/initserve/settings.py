@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     backend: Literal["auto", "cpu", "gpu"] = Field(
         "cpu", description="generator backend; auto takes the GPU when CuPy finds one"
     )
+    gpu_memory_limit_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="cap on the GPU memory pool (the card is shared)"
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU generator threads (default: the CPUs the process may use)"
     )

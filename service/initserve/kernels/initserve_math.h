@@ -17,7 +17,7 @@
 #define INITSERVE_MATH_H
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define IS_FN static __device__ __forceinline__
+#define IS_FN __device__ __forceinline__
 #define IS_SQRT(x) sqrt(x)
 #else
 #define IS_FN static inline
@@ -40,10 +40,15 @@ typedef long long is_i64;
 IS_FN void is_philox4x32_10(is_u32 ctr[4], is_u32 k0, is_u32 k1) {
     is_u32 c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
     for (int round = 0; round < 10; ++round) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+        is_u32 hi0 = __umulhi(IS_PHILOX_M0, c0), lo0 = IS_PHILOX_M0 * c0;
+        is_u32 hi1 = __umulhi(IS_PHILOX_M1, c2), lo1 = IS_PHILOX_M1 * c2;
+#else
         is_u64 p0 = (is_u64)IS_PHILOX_M0 * c0;
         is_u64 p1 = (is_u64)IS_PHILOX_M1 * c2;
         is_u32 hi0 = (is_u32)(p0 >> 32), lo0 = (is_u32)p0;
         is_u32 hi1 = (is_u32)(p1 >> 32), lo1 = (is_u32)p1;
+#endif
         c0 = hi1 ^ c1 ^ k0;
         c1 = lo1;
         c2 = hi0 ^ c3 ^ k1;

@@ -605,7 +605,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def stream(prepared: Prepared, start: int, stop: int) -> AsyncIterator[bytes]:
         """Each chunk is generated in a worker thread (the event loop stays free); a cancelled
         stream (client gone) stops after the chunk in progress, bounded by chunk_bytes."""
-        chunks = BodyWriter(prepared.layout, settings.chunk_bytes, state.backend).chunks(start, stop)
+        chunks = BodyWriter(prepared.layout, settings.chunk_bytes, state.backend).chunks(
+            start, stop
+        )
         metrics.in_flight.inc()
         generating = 0.0
         try:

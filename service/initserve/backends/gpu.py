@@ -19,7 +19,13 @@ from initserve.stream import StreamId
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 # --fmad=false: no contraction into fused multiply-add. NVRTC's defaults already give IEEE
 # division and square root and keep denormals (no -use_fast_math, no --ftz).
-NVRTC_OPTIONS = ("--fmad=false", "--std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
+NVRTC_OPTIONS = (
+    "--fmad=false",
+    "--std=c++17",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+    "--ftz=false",
+)
 THREADS = 256
 
 
@@ -38,7 +44,9 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise GPUUnavailable("the GPU backend needs CuPy (pip install 'initserve[gpu-cuda12]' or [gpu-cuda13])") from exc
+        raise GPUUnavailable(
+            "the GPU backend needs CuPy (pip install 'initserve[gpu-cuda12]' or [gpu-cuda13])"
+        ) from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # pragma: no cover - depends on the machine
@@ -101,9 +109,16 @@ def fill_runs_device(
         grid,
         (THREADS,),
         (
-            np.int32(dist), param_array, np.uint64(stream.seed), np.uint32(stream.name0),
-            np.uint32(stream.name1), starts, np.uint64(n_runs), np.uint64(run_len),
-            np.uint64(blocks_per_run), out,
+            np.int32(dist),
+            param_array,
+            np.uint64(stream.seed),
+            np.uint32(stream.name0),
+            np.uint32(stream.name1),
+            starts,
+            np.uint64(n_runs),
+            np.uint64(run_len),
+            np.uint64(blocks_per_run),
+            out,
         ),
     )
     if dtype == np.float16:

@@ -16,9 +16,14 @@ __device__ __forceinline__ void is_fill_runs_kernel(int dist, const double *para
                                                     T *out) {
     is_u64 t = (is_u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n_runs * blocks_per_run) return;
-    is_u64 run = t / blocks_per_run;
+    /* A contiguous range (one run) is the common case: spare it the 64-bit division. */
+    is_u64 run = 0, k = t;
+    if (n_runs > 1) {
+        run = t / blocks_per_run;
+        k = t - run * blocks_per_run;
+    }
     is_u64 start = run_starts[run];
-    is_u64 block = (start >> 2) + t % blocks_per_run;
+    is_u64 block = (start >> 2) + k;
     is_u64 end = start + run_len;
     if (block * 4 >= end) return;
     double p[8];

@@ -13,9 +13,10 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-import initserve
 import numpy as np
 import torch
+
+import initserve
 from initserve.engine import TensorSource
 
 SIDE = 4096

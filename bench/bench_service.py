@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from initserve.app import InitRequest, prepare
 from initserve.safetensors_stream import BodyWriter
 from initserve.settings import Settings
+
 from servers import uvicorn_server
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import initserve
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 from torch import nn
+
+import initserve
 
 N = 1 << 20
 

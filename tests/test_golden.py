@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import initserve
 import ml_dtypes
 import numpy as np
 import pytest
+
+import initserve
+
 from golden_specs import DTYPES, golden_spec
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_digests.json").read_text())

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from golden_specs import DTYPES, golden_spec
 
 import initserve
 from initserve.backends.gpu import NVRTC_OPTIONS, cuda_source
+
+from golden_specs import DTYPES, golden_spec
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_digests.json").read_text())
 
@@ -116,6 +117,7 @@ def test_gpu_shards_equal_cpu_shards(index: int, count: int, dim: int) -> None:
 def test_gpu_server_returns_the_cpu_servers_bytes() -> None:
     _cupy_device()
     import httpx
+
     from servers import uvicorn_server
 
     spec = golden_spec("bfloat16")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import initserve
 import numpy as np
 import pytest
+
+import initserve
 from initserve.schemes import TRUNCATED_STD_2, fans
 
 

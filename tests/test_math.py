@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from initserve.backends import cpu
 from scipy import special
+
+from initserve.backends import cpu
 
 RNG = np.random.default_rng(20261122)
 

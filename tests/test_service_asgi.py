@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import initserve
 import numpy as np
 import pytest
-from golden_specs import golden_spec
-from initserve.app import create_app
-from initserve.settings import Settings
 from safetensors import safe_open
 from safetensors.numpy import load
+
+import initserve
+from initserve.app import create_app
+from initserve.settings import Settings
+
+from golden_specs import golden_spec
 
 SPEC = {k: v for k, v in golden_spec("float32").items()}
 pytestmark = pytest.mark.anyio

@@ -8,10 +8,12 @@ import socket
 import time
 
 import httpx
-import initserve
 import pytest
-from golden_specs import golden_spec
 from safetensors.numpy import load
+
+import initserve
+
+from golden_specs import golden_spec
 from servers import uvicorn_server
 
 SPEC = golden_spec("float32")

@@ -3,11 +3,13 @@ generated alone, equals that slice of the whole; other tensors and their order c
 
 from __future__ import annotations
 
-import initserve
 import numpy as np
 import pytest
-from golden_specs import TENSORS, golden_spec
+
+import initserve
 from initserve.engine import TensorSource
+
+from golden_specs import TENSORS, golden_spec
 
 
 @pytest.fixture(scope="module")

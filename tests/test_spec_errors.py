@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import initserve
 import pytest
+
+import initserve
 from initserve import SpecError
 
 

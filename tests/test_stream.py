@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from initserve.backends import cpu
 from initserve.stream import StreamId, philox4x32_10, stream_for
 

@@ -8,12 +8,13 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import initserve
 import numpy as np
 import pytest
 import torch
-from initserve.schemes import NONLINEARITIES, calculate_gain, fans
 from torch import nn
+
+import initserve
+from initserve.schemes import NONLINEARITIES, calculate_gain, fans
 
 SHAPES = [(256, 784), (10, 256), (64, 3, 7, 7), (32, 16, 3), (8, 4, 2, 3, 3), (3, 1)]
 

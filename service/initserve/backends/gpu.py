@@ -140,7 +140,7 @@ def fill_runs(
     run_len: int,
     out: npt.NDArray[Any],
 ) -> None:
-    """Like backends.cpu.fill_runs, for any output dtype: generated on the GPU, copied to ``out``."""
+    """Like backends.cpu.fill_runs, for any dtype: generated on the GPU, copied to ``out``."""
     device = fill_runs_device(dist, params, stream, run_starts, run_len, out.dtype)
     target = out.view(np.uint16) if out.dtype.name == "bfloat16" else out
     device.get(out=target)

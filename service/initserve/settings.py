@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         64 << 30, ge=1, description="largest response one request may ask for (413 above)"
     )
     max_coupled_elements: int = Field(
-        1 << 24,
+        1 << 22,
         ge=1,
         description="largest orthogonal/sparse tensor (computed whole, in memory) in elements",
     )

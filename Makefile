@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-SOURCES := pyproject.toml setup.py $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
+SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
 
 .PHONY: install run test lint bench kernels-check clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,12 +23,15 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff check service clients tests bench
+	$(VENV)/bin/ruff format --check service clients tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict clients/python/src/initserve_client
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_service.py
+	$(PY) bench/bench_client.py
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info service/initserve/kernels/*.so

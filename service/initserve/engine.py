@@ -139,6 +139,11 @@ class TensorSource:
                 master = np.empty(count, dtype=kernel_dtype)
             cpu.fill_runs(_DIST_CODES[draw.kind], draw.params, tensor.stream, runs, run_len, master)
             values = master
+        elif draw.kind == "constant":  # no index arithmetic for a constant
+            if out is not None:
+                out.fill(draw.params[0])
+                return out
+            return np.full(count, draw.params[0], dtype=tensor.dtype.numpy)
         else:
             indices = (runs[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
             values = self._structured(indices)
@@ -149,11 +154,8 @@ class TensorSource:
         return out
 
     def _structured(self, flat_indices: npt.NDArray[np.uint64]) -> npt.NDArray[Any]:
-        """constant, eye and dirac: values as a function of the index alone."""
+        """eye and dirac: values as a function of the index alone."""
         draw, shape = self.tensor.draw, self.tensor.shape
-        if draw.kind == "constant":
-            constant: npt.NDArray[np.float64] = np.full(flat_indices.shape, draw.params[0])
-            return constant
         index = np.unravel_index(flat_indices.astype(np.int64), shape)
         if draw.kind == "eye":
             diagonal: npt.NDArray[np.float64] = (index[0] == index[1]).astype(np.float64)

@@ -1,0 +1,520 @@
+"""Client and AsyncClient: twins over one base that holds everything but the I/O.
+
+A download is a loop of POST /init requests: the first from byte 0, each retry (a connection
+error, a timeout, 429 or 503) with ``Range: bytes=<received>-`` so nothing is fetched twice and
+nothing is lost. The bytes go straight into one preallocated buffer (or a file); the header is
+checked against what the spec asks for before anything else is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from initserve_client._exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    InvalidResponseError,
+    status_error,
+)
+from initserve_client._safetensors import (
+    Header,
+    check_against_spec,
+    expected_entries,
+    header_length,
+    load_file_strict,
+    parse_header,
+    tensors_from_buffer,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Large bodies need a long read timeout; connecting should be quick.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+def _read_size_at_least(num_bytes: int) -> None:
+    """httpcore reads 64 KiB per recv, which caps httpx near 0.4 GB/s on loopback; 1 MiB reads
+    reach the socket's speed. (A class attribute: raised, never lowered, for the process.)"""
+    try:
+        from httpcore._async.http11 import AsyncHTTP11Connection
+        from httpcore._sync.http11 import HTTP11Connection
+    except ImportError:  # pragma: no cover - a future httpcore
+        return
+    for connection in (HTTP11Connection, AsyncHTTP11Connection):
+        if getattr(connection, "READ_NUM_BYTES", num_bytes) < num_bytes:
+            connection.READ_NUM_BYTES = num_bytes
+
+
+_read_size_at_least(1 << 20)
+
+Shard = tuple[int, int, int]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter; a server's Retry-After is honoured."""
+
+    max_retries: int = 6
+    base_seconds: float = 0.25
+    cap_seconds: float = 10.0
+    max_retry_after: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff: float = min(self.cap_seconds, self.base_seconds * 2.0**attempt)
+        backoff *= random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            return max(backoff, min(retry_after, self.max_retry_after))
+        return backoff
+
+
+class _Retry(Exception):
+    def __init__(self, cause: Exception, retry_after: float | None = None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _problem(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+@dataclass
+class _Receiver:
+    """The state of one download across retries: bytes received so far go into ``buffer`` (the
+    tensor data) or ``file`` (the whole safetensors file)."""
+
+    expected: list[tuple[str, str, tuple[int, ...]]]
+    file: BinaryIO | None = None
+    progress: Progress | None = None
+    position: int = 0
+    etag: str | None = None
+    total: int | None = None
+    header: Header | None = None
+    head: bytearray = field(default_factory=bytearray)
+    buffer: npt.NDArray[np.uint8] | None = None
+
+    def request_headers(self) -> dict[str, str]:
+        return {"Range": f"bytes={self.position}-"} if self.position else {}
+
+    def begin(self, response: httpx.Response) -> None:
+        if response.status_code in RETRY_STATUSES:
+            raise _Retry(
+                status_error(response.status_code, _problem(response)), _retry_after(response)
+            )
+        if response.status_code not in (200, 206):
+            raise status_error(response.status_code, _problem(response))
+        etag = response.headers.get("etag")
+        if self.position and (response.status_code != 206 or etag != self.etag):
+            # Not a continuation of the same object (a server of another version?): restart.
+            self.reset()
+            raise _Retry(InvalidResponseError("the resumed response is not the same object"))
+        if not self.position:
+            self.etag = etag
+            length = response.headers.get("content-length")
+            self.total = int(length) if length is not None else None
+
+    def reset(self) -> None:
+        self.position, self.etag, self.total, self.header = 0, None, None, None
+        self.head, self.buffer = bytearray(), None
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while self.header is None and len(view):
+            need = 8 if len(self.head) < 8 else 8 + header_length(bytes(self.head[:8]))
+            take = min(len(view), need - len(self.head))
+            self.head += view[:take]
+            self.position += take
+            view = view[take:]
+            if len(self.head) >= 8 and len(self.head) == 8 + header_length(bytes(self.head[:8])):
+                self._start(parse_header(bytes(self.head)))
+        if not len(view):
+            return
+        assert self.header is not None
+        offset = self.position - self.header.size
+        if offset + len(view) > self.header.data_bytes:
+            raise InvalidResponseError("the body runs past the size its header declares")
+        if self.file is not None:
+            self.file.seek(self.position)
+            self.file.write(view)
+        else:
+            assert self.buffer is not None
+            self.buffer[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
+        self.position += len(view)
+        if self.progress is not None and self.total is not None:
+            self.progress(self.position, self.total)
+
+    def _start(self, header: Header) -> None:
+        check_against_spec(header, self.expected)
+        if self.total is not None and self.total != header.total_bytes:
+            raise InvalidResponseError(
+                f"Content-Length {self.total} but the header describes {header.total_bytes} bytes"
+            )
+        self.header = header
+        self.total = header.total_bytes
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.write(self.head)
+        else:
+            self.buffer = np.empty(header.data_bytes, dtype=np.uint8)
+
+    def finish(self) -> None:
+        if self.header is None or self.position != self.header.total_bytes:
+            raise _Retry(
+                APIConnectionError(f"the stream ended at byte {self.position} of {self.total}")
+            )
+
+    def tensors(self) -> dict[str, npt.NDArray[Any]]:
+        assert self.header is not None and self.buffer is not None
+        return tensors_from_buffer(self.header, self.buffer)
+
+
+class _Base:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.url = (url or os.environ.get("INITSERVE_URL") or DEFAULT_URL).rstrip("/")
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.retry = retry or RetryPolicy()
+        cache = cache_dir if cache_dir is not None else os.environ.get("INITSERVE_CACHE_DIR")
+        self.cache_dir = Path(cache) if cache else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @staticmethod
+    def _body(spec: dict[str, Any], only: list[str] | None, shard: Shard | None) -> dict[str, Any]:
+        body = dict(spec)
+        if only is not None:
+            body["only"] = list(only)
+        if shard is not None:
+            index, count, dim = shard
+            body["shard"] = {"index": index, "count": count, "dim": dim}
+        return body
+
+    def _give_up(self, attempt: int, exc: Exception) -> bool:
+        return attempt >= self.retry.max_retries
+
+    @staticmethod
+    def _connection_error(exc: Exception) -> Exception:
+        if isinstance(exc, _Retry):
+            exc = exc.cause
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"initserve timed out: {exc!r}")
+        if isinstance(exc, httpx.TransportError):
+            return APIConnectionError(f"could not reach initserve: {exc!r}")
+        return exc
+
+    def _cache_path(self, etag: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{etag.strip(chr(34))}.safetensors"
+
+
+def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for key, array in tensors.items():
+        if array.dtype.name == "bfloat16":
+            out[key] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            out[key] = torch.from_numpy(array)
+    return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (the ranks on a node): one downloads, the rest wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Client(_Base):
+    """Synchronous client. ``with Client(url) as client: client.fetch_weights(spec)``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self._http = httpx.Client(
+            base_url=self.url, timeout=self.timeout, headers=self.headers, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def plan(
+        self, spec: dict[str, Any], *, only: list[str] | None = None, shard: Shard | None = None
+    ) -> dict[str, Any]:
+        """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
+        body = self._body(spec, only, shard)
+        planned: dict[str, Any] = self._with_retries(lambda: self._post_json("/plan", body))
+        return planned
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self._http.post(path, json=body)
+        if response.status_code in RETRY_STATUSES:
+            raise _Retry(
+                status_error(response.status_code, _problem(response)), _retry_after(response)
+            )
+        if response.status_code != 200:
+            raise status_error(response.status_code, _problem(response))
+        result: dict[str, Any] = response.json()
+        return result
+
+    def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return attempt_fn()
+            except (_Retry, httpx.TransportError) as exc:
+                if self._give_up(attempt, exc):
+                    raise self._connection_error(exc) from exc
+                time.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                attempt += 1
+
+    def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+        def one_attempt() -> None:
+            with self._http.stream(
+                "POST", "/init", json=body, headers=receiver.request_headers()
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()  # the problem+json body, for the error
+                receiver.begin(response)
+                for chunk in response.iter_raw():
+                    receiver.feed(chunk)
+            receiver.finish()
+
+        self._with_retries(one_attempt)
+
+    def fetch_weights(
+        self,
+        spec: dict[str, Any],
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        as_torch: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """The tensors of ``spec`` (or the ``only`` keys, or this rank's ``shard``)."""
+        body = self._body(spec, only, shard)
+        expected = expected_entries(spec, only, shard)
+        if self.cache_dir is not None:
+            tensors = self._fetch_cached(body, expected, progress)
+        else:
+            receiver = _Receiver(expected, progress=progress)
+            self._download(body, receiver)
+            tensors = receiver.tensors()
+        return _as_torch(tensors) if as_torch else tensors
+
+    def download(
+        self,
+        spec: dict[str, Any],
+        path: str | os.PathLike[str],
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        progress: Progress | None = None,
+    ) -> Header:
+        """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
+        receiver = _Receiver(expected_entries(spec, only, shard), progress=progress)
+        try:
+            with open(temporary, "wb") as f:
+                receiver.file = f
+                self._download(self._body(spec, only, shard), receiver)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        assert receiver.header is not None
+        return receiver.header
+
+    def _fetch_cached(
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        progress: Progress | None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        etag = self._with_retries(lambda: self._post_json("/plan", body))["etag"]
+        path = self._cache_path(etag)
+        if not path.exists():
+            with _locked(path.with_suffix(".lock")):
+                if not path.exists():
+                    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
+                    receiver = _Receiver(expected, progress=progress)
+                    try:
+                        with open(temporary, "wb") as f:
+                            receiver.file = f
+                            self._download(body, receiver)
+                            f.flush()
+                            os.fsync(f.fileno())
+                        if receiver.etag != etag:
+                            raise InvalidResponseError(
+                                "the server's ETag changed between plan and download"
+                            )
+                        os.replace(temporary, path)
+                    finally:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(temporary)
+        header, tensors = load_file_strict(str(path))
+        check_against_spec(header, expected)
+        return tensors
+
+
+class AsyncClient(_Base):
+    """The asynchronous twin:
+    ``async with AsyncClient(url) as client: await client.fetch_weights(spec)``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=self.timeout, headers=self.headers, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream(
+                    "POST", "/init", json=body, headers=receiver.request_headers()
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                    receiver.begin(response)
+                    async for chunk in response.aiter_raw():
+                        receiver.feed(chunk)
+                receiver.finish()
+                return
+            except (_Retry, httpx.TransportError) as exc:
+                if self._give_up(attempt, exc):
+                    raise self._connection_error(exc) from exc
+                await asyncio.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                attempt += 1
+
+    async def plan(
+        self, spec: dict[str, Any], *, only: list[str] | None = None, shard: Shard | None = None
+    ) -> dict[str, Any]:
+        """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.post("/plan", json=self._body(spec, only, shard))
+                if response.status_code in RETRY_STATUSES:
+                    raise _Retry(
+                        status_error(response.status_code, _problem(response)),
+                        _retry_after(response),
+                    )
+                if response.status_code != 200:
+                    raise status_error(response.status_code, _problem(response))
+                result: dict[str, Any] = response.json()
+                return result
+            except (_Retry, httpx.TransportError) as exc:
+                if self._give_up(attempt, exc):
+                    raise self._connection_error(exc) from exc
+                await asyncio.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                attempt += 1
+
+    async def fetch_weights(
+        self,
+        spec: dict[str, Any],
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        as_torch: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """The tensors of ``spec`` (or the ``only`` keys, or this rank's ``shard``)."""
+        if self.cache_dir is not None:
+            # The on-disk cache is shared between processes through a file lock, which blocks:
+            # the sync twin does that work in a thread.
+            def cached() -> dict[str, Any]:
+                with Client(
+                    self.url, timeout=self.timeout, retry=self.retry, cache_dir=self.cache_dir
+                ) as client:
+                    client._http.headers.update(self.headers)
+                    return client.fetch_weights(
+                        spec, only=only, shard=shard, as_torch=as_torch, progress=progress
+                    )
+
+            return await asyncio.to_thread(cached)
+        receiver = _Receiver(expected_entries(spec, only, shard), progress=progress)
+        await self._download(self._body(spec, only, shard), receiver)
+        tensors = receiver.tensors()
+        return _as_torch(tensors) if as_torch else tensors
+
+
+def fetch_weights(
+    spec: dict[str, Any],
+    *,
+    url: str | None = None,
+    only: list[str] | None = None,
+    shard: Shard | None = None,
+    as_torch: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """One-shot ``Client(url).fetch_weights(spec, ...)``."""
+    with Client(url, **options) as client:
+        return client.fetch_weights(spec, only=only, shard=shard, as_torch=as_torch)

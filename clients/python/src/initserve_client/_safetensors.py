@@ -1,0 +1,204 @@
+"""A strict safetensors reader that fills one preallocated buffer, and the layout a spec implies.
+
+The official loader trusts its input more than a client of a network service should: here a
+header that is oversized, not UTF-8 JSON, has duplicate keys, unknown dtypes, offsets that
+overlap, leave gaps or do not match the shape, or a body with trailing or missing bytes, is
+refused with InvalidResponseError before any tensor is handed out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from initserve_client._exceptions import InvalidResponseError
+
+MAX_HEADER_BYTES = 64 << 20
+
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def numpy_dtype(code: str) -> np.dtype[Any]:
+    if code == "BF16":
+        try:
+            import ml_dtypes
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise InvalidResponseError(
+                "bfloat16 tensors need ml_dtypes (pip install 'initserve-client[bf16]')"
+            ) from exc
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
+    return np.dtype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[code])
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    size: int  # bytes before the data: 8 + header length
+    entries: tuple[Entry, ...]
+    metadata: dict[str, str]
+
+    @property
+    def data_bytes(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.size + self.data_bytes
+
+
+def header_length(prefix: bytes) -> int:
+    """The header length from the first 8 bytes, bounded."""
+    if len(prefix) < 8:
+        raise InvalidResponseError("truncated: fewer than 8 bytes")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES:
+        raise InvalidResponseError(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+    return int(length)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidResponseError(f"duplicate key {key!r} in the safetensors header")
+        result[key] = value
+    return result
+
+
+def parse_header(raw: bytes) -> Header:
+    """``raw``: the first 8 + N bytes of the file."""
+    length = header_length(raw)
+    if len(raw) < 8 + length:
+        raise InvalidResponseError("truncated header")
+    try:
+        document = json.loads(raw[8 : 8 + length].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidResponseError(f"header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise InvalidResponseError("header is not a JSON object")
+    metadata = document.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidResponseError("__metadata__ must map strings to strings")
+    entries = []
+    for key, info in document.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise InvalidResponseError(f"{key}: malformed tensor entry")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise InvalidResponseError(f"{key}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise InvalidResponseError(f"{key}: malformed shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
+            raise InvalidResponseError(f"{key}: malformed data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
+            raise InvalidResponseError(
+                f"{key}: data_offsets {offsets} do not hold shape {shape} of {dtype}"
+            )
+        entries.append(Entry(key, dtype, tuple(shape), begin, end))
+    entries.sort(key=lambda e: (e.begin, e.end))
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            kind = "overlap" if entry.begin < position else "a gap"
+            raise InvalidResponseError(f"{entry.key}: data_offsets leave {kind} at byte {position}")
+        position = entry.end
+    return Header(8 + length, tuple(entries), metadata)
+
+
+def tensors_from_buffer(header: Header, data: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[Any]]:
+    """Views into ``data`` (the bytes after the header): no copy."""
+    if len(data) != header.data_bytes:
+        raise InvalidResponseError(
+            f"body holds {len(data)} data bytes, the header {header.data_bytes}"
+        )
+    out: dict[str, npt.NDArray[Any]] = {}
+    for entry in header.entries:
+        dtype = numpy_dtype(entry.dtype)
+        out[entry.key] = data[entry.begin : entry.end].view(dtype).reshape(entry.shape)
+    return out
+
+
+def load_file_strict(path: str) -> tuple[Header, dict[str, npt.NDArray[Any]]]:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        raw = prefix + f.read(header_length(prefix))
+        header = parse_header(raw)
+        data = np.empty(header.data_bytes, dtype=np.uint8)
+        read = f.readinto(data.data)
+        if read != header.data_bytes or f.read(1):
+            raise InvalidResponseError(
+                f"{path}: the file is not exactly the size its header declares"
+            )
+    return header, tensors_from_buffer(header, data)
+
+
+# --- what a spec implies -------------------------------------------------------------------------
+
+
+def expected_entries(
+    spec: dict[str, Any], only: list[str] | None, shard: tuple[int, int, int] | None
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(key, safetensors dtype, shape) of every tensor the request asks for, in file order,
+    derived from the spec alone, to check the server's answer against."""
+    default_dtype = spec.get("dtype", "float32")
+    layout = spec.get("layout", "torch")
+    planned: list[tuple[str, str, tuple[int, ...]]] = []
+    for layer in spec.get("layers", []):
+        shape = tuple(layer["shape"])
+        dtype = DTYPE_NAMES[layer.get("dtype") or default_dtype]
+        planned.append((f"{layer['name']}.weight", dtype, shape))
+        if layer.get("bias", False) is not False:
+            out_features = shape[0] if layout == "torch" else shape[-1]
+            planned.append((f"{layer['name']}.bias", dtype, (out_features,)))
+    for tensor in spec.get("tensors", []):
+        planned.append(
+            (
+                tensor["name"],
+                DTYPE_NAMES[tensor.get("dtype") or default_dtype],
+                tuple(tensor["shape"]),
+            )
+        )
+    if only is not None:
+        wanted = set(only)
+        planned = [p for p in planned if p[0] in wanted]
+    if shard is not None:
+        index, count, dim = shard
+        planned = [
+            (key, dtype, shard_shape(shape, index, count, dim)) for key, dtype, shape in planned
+        ]
+    return planned
+
+
+def shard_shape(shape: tuple[int, ...], index: int, count: int, dim: int) -> tuple[int, ...]:
+    """The shape of numpy.array_split(t, count, axis=dim)[index]; whole if t has no axis dim."""
+    if dim >= len(shape):
+        return shape
+    base, extra = divmod(shape[dim], count)
+    return (*shape[:dim], base + (1 if index < extra else 0), *shape[dim + 1 :])
+
+
+def check_against_spec(header: Header, expected: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    got = [(e.key, e.dtype, e.shape) for e in header.entries]
+    if got != expected:
+        raise InvalidResponseError(f"the file holds {got}, the spec asks for {expected}")

@@ -1,0 +1,337 @@
+"""The thin client against a real server: same tensors as initserve.generate, shards, typed
+errors, retries that honour Retry-After, resume with Range after a broken stream, a strict parser
+that refuses hostile files, the on-disk cache, the command line and the async twin."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import initserve
+import initserve_client
+from initserve_client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    InvalidResponseError,
+    PayloadTooLargeError,
+    RetryPolicy,
+    UnprocessableEntityError,
+)
+
+from golden_specs import golden_spec
+from servers import uvicorn_server
+
+SPEC = golden_spec("bfloat16")
+FAST_RETRY = RetryPolicy(max_retries=8, base_seconds=0.01, cap_seconds=0.05)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with uvicorn_server(chunk_bytes=str(1 << 16)) as (url, _):
+        yield url
+
+
+def same(got: dict[str, Any], expected: dict[str, np.ndarray]) -> bool:
+    return list(got) == list(expected) and all(
+        got[k].dtype == expected[k].dtype and got[k].tobytes() == expected[k].tobytes()
+        for k in expected
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_fetch_weights_equals_generate(server: str, dtype: str) -> None:
+    spec = golden_spec(dtype)
+    assert same(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
+
+
+def test_url_from_environment(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INITSERVE_URL", server)
+    assert Client().url == server
+    assert same(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
+
+
+@pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (2, 3, 1), (1, 4, 2)])
+def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
+    with Client(server) as client:
+        got = client.fetch_weights(SPEC, shard=(index, count, dim))
+        assert same(got, initserve.generate(SPEC, shard=(index, count, dim)))
+        only = client.fetch_weights(SPEC, only=["conv.weight", "sparse"])
+        assert same(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
+
+
+def test_as_torch_gives_the_same_values(server: str) -> None:
+    import torch
+
+    got = initserve_client.fetch_weights(SPEC, url=server, as_torch=True)
+    expected = initserve.generate(SPEC)
+    assert got["fc.weight"].dtype == torch.bfloat16
+    for key, values in expected.items():
+        assert got[key].view(torch.int16).numpy().tobytes() == values.tobytes()
+
+
+def test_typed_errors(server: str) -> None:
+    bad = {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "xavier_normal"}]}
+    with pytest.raises(UnprocessableEntityError) as caught:
+        initserve_client.fetch_weights(bad, url=server)
+    assert caught.value.status_code == 422
+    assert caught.value.problem["errors"][0]["loc"] == ["tensors", 0, "shape"]
+    with uvicorn_server(max_tensors="2") as (url, _), pytest.raises(PayloadTooLargeError):
+        initserve_client.fetch_weights(SPEC, url=url)
+    with uvicorn_server(api_token="secret") as (url, _):
+        with pytest.raises(AuthenticationError):
+            initserve_client.fetch_weights(SPEC, url=url)
+        assert same(
+            initserve_client.fetch_weights(SPEC, url=url, token="secret"), initserve.generate(SPEC)
+        )
+
+
+def test_connection_refused_is_an_api_connection_error() -> None:
+    from servers import free_port
+
+    with pytest.raises(initserve_client.APIConnectionError):
+        initserve_client.fetch_weights(
+            SPEC,
+            url=f"http://127.0.0.1:{free_port()}",
+            retry=RetryPolicy(max_retries=2, base_seconds=0.01),
+        )
+
+
+def test_503_is_retried_honouring_retry_after() -> None:
+    big = {"seed": 3, "tensors": [{"name": "big", "shape": [8192, 8192], "scheme": "normal"}]}
+    with uvicorn_server(
+        max_concurrent_streams="1", retry_after_seconds="1", chunk_bytes=str(1 << 20)
+    ) as (url, _):
+        with httpx.stream("POST", f"{url}/init", json=big, timeout=60) as holding:
+            chunks = holding.iter_raw()
+            next(chunks)
+            timer = threading.Timer(1.5, holding.close)  # the holder gives up after 1.5 s
+            timer.start()
+            with Client(
+                url, retry=RetryPolicy(max_retries=10, base_seconds=0.01, cap_seconds=0.05)
+            ) as client:
+                got = client.fetch_weights(SPEC)
+            timer.join()
+        assert same(got, initserve.generate(SPEC))
+        text = httpx.get(f"{url}/metrics").text
+        assert 'initserve_rejections_total{reason="overload_concurrency"}' in text
+
+
+class BreakingTransport(httpx.HTTPTransport):
+    """A real transport that cuts the first ``breaks`` response bodies after ``after`` bytes."""
+
+    def __init__(self, after: int, breaks: int = 1) -> None:
+        super().__init__()
+        self.after, self.breaks = after, breaks
+        self.ranges: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.ranges.append(request.headers.get("range"))
+        response = super().handle_request(request)
+        if self.breaks <= 0:
+            return response
+        self.breaks -= 1
+        inner, limit = response.stream, self.after
+
+        class Cut(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                sent = 0
+                for chunk in inner:  # type: ignore[union-attr]
+                    if sent + len(chunk) > limit:
+                        yield chunk[: limit - sent]
+                        raise httpx.ReadError("connection reset (injected)")
+                    sent += len(chunk)
+                    yield chunk
+
+            def close(self) -> None:
+                inner.close()  # type: ignore[union-attr]
+
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=Cut(), request=request
+        )
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.01, 0.3, 0.45])
+def test_a_broken_stream_resumes_with_range(server: str, fraction: float) -> None:
+    total = httpx.post(f"{server}/plan", json=SPEC).json()["total_bytes"]
+    after = max(1, int(total * fraction))
+    transport = BreakingTransport(after, breaks=2)
+    with Client(server, transport=transport, retry=FAST_RETRY) as client:
+        got = client.fetch_weights(SPEC)
+    assert same(got, initserve.generate(SPEC))
+    # Each retry asks only for what it has not got: nothing twice, nothing lost.
+    assert transport.ranges == [None, f"bytes={after}-", f"bytes={2 * after}-"]
+
+
+def crafted(header: dict[str, Any], data: bytes, pad: bool = True) -> bytes:
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+HOSTILE = {
+    "oversized header": struct.pack("<Q", 1 << 40) + b"{}",
+    "not json": struct.pack("<Q", 4) + b"\xff\xfe{]",
+    "duplicate keys": struct.pack("<Q", 97)
+    + b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+    b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' + b"\0" * 4,
+    "overlap": crafted(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        },
+        b"\0" * 8,
+    ),
+    "shape mismatch": crafted(
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "unknown dtype": crafted(
+        {"w": {"dtype": "I8", "shape": [8], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "trailing bytes": crafted(
+        {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12
+    ),
+    "truncated": crafted({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 5),
+    "wrong tensor for the spec": crafted(
+        {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_responses_are_refused(name: str) -> None:
+    body = HOSTILE[name]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            stream=httpx.ByteStream(body),
+            headers={"etag": '"x"', "content-length": str(len(body))},
+        )
+
+    spec = {"seed": 1, "tensors": [{"name": "w", "shape": [2], "scheme": "zeros"}]}
+    transport = httpx.MockTransport(answer)
+    retry = RetryPolicy(max_retries=1, base_seconds=0.001)
+    refused = (InvalidResponseError, initserve_client.APIConnectionError)
+    with (
+        Client("http://initserve.test", transport=transport, retry=retry) as client,
+        pytest.raises(refused) as caught,
+    ):
+        client.fetch_weights(spec)
+    if name != "truncated":  # a short body is a broken stream: retried, then a connection error
+        assert isinstance(caught.value, InvalidResponseError)
+
+
+def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path) -> None:
+    def streamed() -> float:
+        for line in httpx.get(f"{server}/metrics").text.splitlines():
+            if line.startswith("initserve_bytes_streamed_total "):
+                return float(line.split()[1])
+        raise KeyError
+
+    before = streamed()
+    results: list[dict[str, Any]] = []
+
+    def rank() -> None:
+        with Client(server, cache_dir=tmp_path) as client:
+            results.append(client.fetch_weights(SPEC))
+
+    threads = [threading.Thread(target=rank) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(same(r, initserve.generate(SPEC)) for r in results)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f for f in files if f.endswith(".safetensors")] and not [
+        f for f in files if f.endswith(".part")
+    ]
+    size = next(p for p in tmp_path.iterdir() if p.suffix == ".safetensors").stat().st_size
+    assert streamed() - before == size  # one download for four ranks
+
+
+def test_command_line_fetch(server: str, tmp_path: Path) -> None:
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    out = tmp_path / "model.safetensors"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "initserve_client.cli",
+            "fetch",
+            str(spec_path),
+            "-o",
+            str(out),
+            "--url",
+            server,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout)["output"] == str(out)
+    assert "MB" in result.stderr  # the progress bar
+    body = httpx.post(f"{server}/init", json=SPEC).content
+    assert out.read_bytes() == body
+    import torch  # the official loader needs torch for bfloat16
+    from safetensors.torch import load_file as load_torch
+
+    loaded = load_torch(str(out))
+    assert (
+        loaded["fc.weight"].view(torch.int16).numpy().tobytes()
+        == initserve.generate(SPEC)["fc.weight"].tobytes()
+    )
+    f32 = golden_spec("float32")
+    spec_path.write_text(json.dumps(f32))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "initserve_client.cli",
+            "fetch",
+            str(spec_path),
+            "-o",
+            str(out),
+            "--url",
+            server,
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert same(load_file(str(out)), initserve.generate(f32)) or set(load_file(str(out))) == set(
+        initserve.generate(f32)
+    )
+
+
+@pytest.mark.anyio
+async def test_async_client(server: str) -> None:
+    async with AsyncClient(server) as client:
+        got = await client.fetch_weights(SPEC, shard=(1, 2, 0))
+        planned = await client.plan(SPEC)
+    assert same(got, initserve.generate(SPEC, shard=(1, 2, 0)))
+    assert planned["etag"] == httpx.post(f"{server}/plan", json=SPEC).json()["etag"]
+
+
+def test_client_imports_nothing_of_the_server() -> None:
+    code = (
+        "import sys, initserve_client;"
+        "server = ('fastapi', 'uvicorn', 'initserve', 'cupy', 'pydantic');"
+        "bad = [m for m in server if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ""})

@@ -1,0 +1,85 @@
+"""A real torch.distributed (gloo, CPU) job: every rank initialises the same model through the
+service, and the ranks' parameters are bit-identical and equal initserve.generate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_worker import RULES, Net, run
+from torch import nn
+
+import initserve
+from initserve_client import spec_from_module
+
+from servers import free_port, uvicorn_server
+
+
+@pytest.mark.parametrize("world_size", [3])
+def test_ranks_initialise_identically_through_the_service(tmp_path: Path, world_size: int) -> None:
+    out = tmp_path / "rank0.json"
+    with uvicorn_server() as (url, _):
+        mp.spawn(run, args=(world_size, free_port(), url, str(out)), nprocs=world_size, join=True)
+    result = json.loads(out.read_text())
+    gathered = result["gathered"]
+    assert all(digests == gathered[0] for digests in gathered)  # every rank, every bit
+
+    with torch.device("meta"):
+        model = Net()
+    spec = spec_from_module(model, seed=1234, rules=RULES)
+    expected = initserve.generate(spec)
+    assert set(expected) == {name for name, _ in model.named_parameters()}
+    for name, values in expected.items():
+        values = values.copy()
+        if name == "embed.weight":
+            values[0] = 0  # padding_idx, zeroed after the copy as nn.Embedding does
+        assert gathered[0][name] == hashlib.sha256(values.tobytes()).hexdigest(), name
+    assert result["running_var"] == [1.0] * 8  # BatchNorm statistics reset locally
+
+
+def test_spec_from_module_keys_shapes_and_defaults() -> None:
+    with torch.device("meta"):
+        model = Net()
+    spec = spec_from_module(model, seed=1)
+    weights = initserve.generate(spec)
+    assert {k: v.shape for k, v in weights.items()} == {
+        n: tuple(p.shape) for n, p in model.named_parameters()
+    }
+    # torch's own defaults where no rule is given
+    assert np.all(weights["norm.weight"] == 1) and np.all(weights["norm.bias"] == 0)
+    bound = 1 / np.sqrt(8)  # fc1: fan_in 8
+    assert (
+        np.abs(weights["fc1.weight"]).max() <= bound and np.abs(weights["fc1.bias"]).max() <= bound
+    )
+    up_bound = 1 / np.sqrt(8 * 4)  # ConvTranspose1d(16, 8, 4): weight [16, 8, 4], fan_in = 8 * 4
+    assert weights["up.bias"].shape == (8,) and np.abs(weights["up.bias"]).max() <= up_bound
+
+
+def test_unknown_modules_and_buffers_are_refused() -> None:
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.empty(4))
+
+    with pytest.raises(ValueError, match="no rule for Custom"):
+        spec_from_module(Custom(), seed=1)
+    with pytest.raises(ValueError, match="a rule covers weight and bias"):
+        spec_from_module(Custom(), seed=1, rules={Custom: {"scheme": "ones"}})
+
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(4.0))
+
+    from initserve_client import init_module
+
+    with torch.device("meta"):
+        model = WithBuffer()
+    with pytest.raises(ValueError, match="table"):
+        init_module(model, seed=1, url="http://127.0.0.1:9")  # refused before any request

@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check service clients tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict clients/python/src/initserve_client
+	$(VENV)/bin/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py

@@ -1,0 +1,151 @@
+"""Deployment files, checked without a Docker engine: hadolint on the Dockerfile, the compose and
+Kubernetes wiring (ports, probes, env names that exist in the settings), and the image's
+entrypoint command run here."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from initserve.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SETTING_ENV_NAMES = {f"INITSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in lines
+    ]
+
+
+def stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of one stage of the Dockerfile."""
+    out: list[tuple[str, str]] = []
+    inside = False
+    for instruction, args in dockerfile_instructions():
+        if instruction == "FROM":
+            inside = args.split()[-1] == name
+        elif inside:
+            out.append((instruction, args))
+    return out
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run(
+        [hadolint, "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_runtime_image_is_non_root_with_a_healthcheck_and_one_worker() -> None:
+    cpu = stage("cpu")
+    users = [args for instruction, args in cpu if instruction == "USER"]
+    assert users and users[-1] == "10001"
+    health = " ".join(args for instruction, args in cpu if instruction == "HEALTHCHECK")
+    assert "/livez" in health
+    assert ("EXPOSE", "8000") in cpu
+    env = " ".join(args for instruction, args in cpu if instruction == "ENV")
+    assert set(re.findall(r"INITSERVE_[A-Z_]+", env)) <= SETTING_ENV_NAMES
+    gpu = stage("gpu")
+    assert [args for instruction, args in gpu if instruction == "USER"][-1] == "10001"
+    assert any("cupy-cuda12x" in args for instruction, args in gpu if instruction == "RUN")
+    assert "INITSERVE_BACKEND=gpu" in " ".join(
+        args for instruction, args in gpu if instruction == "ENV"
+    )
+
+
+def test_the_images_entrypoint_command_runs_here() -> None:
+    cpu = stage("cpu")
+    entrypoint = json.loads(next(args for instruction, args in cpu if instruction == "ENTRYPOINT"))
+    command = json.loads(next(args for instruction, args in cpu if instruction == "CMD"))
+    executable = shutil.which(entrypoint[0]) or str(Path(sys.executable).parent / entrypoint[0])
+    result = subprocess.run(
+        [executable, *entrypoint[1:], *command, "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--port" in result.stdout
+    # The healthcheck's command is valid Python that exits non-zero without a server.
+    health = next(args for instruction, args in cpu if instruction == "HEALTHCHECK")
+    probe = json.loads(health[health.index("CMD") + 3 :].strip())
+    assert probe[0] == "python"
+    run = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30)
+    assert run.returncode != 0 and ("URLError" in run.stderr or "Connection refused" in run.stderr)
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_compose_wiring() -> None:
+    services = compose()["services"]
+    server, trainer = services["initserve"], services["trainer"]
+    assert server["build"]["target"] == "cpu"
+    assert "8000:8000" in server["ports"]
+    assert set(server["environment"]) <= SETTING_ENV_NAMES
+    assert any("/readyz" in part for part in server["healthcheck"]["test"])
+    assert trainer["depends_on"]["initserve"]["condition"] == "service_healthy"
+    assert trainer["environment"]["INITSERVE_URL"] == "http://initserve:8000"
+    assert "/examples/trainer.py" in " ".join(trainer["entrypoint"])
+    assert (REPO / "examples" / "trainer.py").exists()
+
+
+def pod() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(
+        (REPO / "deploy" / "kubernetes" / "initserve-sidecar.yaml").read_text()
+    )
+    return loaded
+
+
+def test_kubernetes_native_sidecar_wiring() -> None:
+    spec = pod()["spec"]
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: runs beside the trainer
+    port = sidecar["ports"][0]
+    assert port["containerPort"] == 8000 and port["name"] == "http"
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert sidecar["resources"]["requests"]["cpu"] and sidecar["resources"]["requests"]["memory"]
+    env = {item["name"]: item["value"] for item in sidecar["env"]}
+    assert set(env) <= SETTING_ENV_NAMES
+    assert env["INITSERVE_PORT"] == str(port["containerPort"])
+    Settings(**{k.removeprefix("INITSERVE_").lower(): v for k, v in env.items()})  # values parse
+    assert sidecar["securityContext"]["runAsUser"] == 10001
+    (trainer,) = spec["containers"]
+    trainer_env = {item["name"]: item["value"] for item in trainer["env"]}
+    assert trainer_env["INITSERVE_URL"] == f"http://127.0.0.1:{port['containerPort']}"
+    # The grace period covers the sidecar's drain.
+    assert spec["terminationGracePeriodSeconds"] > float(env["INITSERVE_DRAIN_SECONDS"])
+
+
+@pytest.mark.parametrize("path", ["pyproject.toml", "clients/python/pyproject.toml"])
+def test_packages_declare_their_entry_points(path: str) -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / path).read_text())["project"]
+    assert project["scripts"]
+    if path.startswith("clients"):
+        assert not any(
+            dep.split(">")[0].split("=")[0] in ("fastapi", "uvicorn", "initserve", "cupy-cuda12x")
+            for dep in project["dependencies"]
+        )

@@ -1,0 +1,52 @@
+"""The README's examples, run as a new user would, against a live server."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from servers import uvicorn_server
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"<!-- readme-test -->\n```(sh|python)\n(.*?)```", re.S)
+EXAMPLES = BLOCK.findall((REPO / "README.md").read_text())
+
+
+def test_readme_has_tested_examples() -> None:
+    assert [kind for kind, _ in EXAMPLES] == ["sh", "python", "python"]
+
+
+def test_readme_quickstart_commands_are_the_makefile_targets() -> None:
+    readme, makefile = (REPO / "README.md").read_text(), (REPO / "Makefile").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "127.0.0.1 --port 8000" in makefile
+
+
+@pytest.mark.parametrize("index", range(len(EXAMPLES)))
+def test_readme_example_runs(index: int, tmp_path: Path) -> None:
+    kind, code = EXAMPLES[index]
+    with uvicorn_server() as (url, _):
+        code = code.replace("http://127.0.0.1:8000", url)
+        env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+        if kind == "sh":
+            result = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", code],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env={"PATH": env_path},
+            )
+        else:
+            result = subprocess.run(
+                [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+            )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if index == 0:
+        assert "'fc1.weight': (256, 784)" in result.stdout and "'fc1.bias': (256,)" in result.stdout
+    if index == 1:
+        assert "'fc1.weight': (64, 784)" in result.stdout

@@ -37,7 +37,7 @@ from initserve.backends import cpu
 from initserve.engine import select, shard_region
 from initserve.middleware import BearerAuthMiddleware, BodySizeLimitMiddleware
 from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
-from initserve.problems import problem_body, problem_response
+from initserve.problems import problem_body, problem_response, problem_responses
 from initserve.safetensors_stream import BodyWriter, Layout, Part, build_layout
 from initserve.schemes import catalogue_json
 from initserve.settings import Settings
@@ -464,7 +464,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             200: {
                 "content": {"application/json": {"example": {"status": "ready", "backend": "cpu"}}}
             },
-            503: {"description": "warming up or draining"},
+            **problem_responses(503),
         },
     )
     async def readyz(request: Request) -> JSONResponse:
@@ -494,6 +494,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/plan",
         summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating",
+        responses=problem_responses(400, 401, 408, 413, 422),
     )
     async def dry_run(request: Request, body: InitBody) -> dict[str, Any]:
         prepared = prepare(body, settings)
@@ -516,12 +517,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "content": {"application/octet-stream": {}},
                 "description": "the safetensors file",
             },
-            206: {"description": "the byte range asked for with Range"},
+            206: {
+                "content": {"application/octet-stream": {}},
+                "description": "the byte range asked for with Range",
+            },
             304: {"description": "If-None-Match matched the ETag"},
-            413: {"description": "over a size limit"},
-            416: {"description": "Range outside the file"},
-            422: {"description": "invalid spec (problem+json naming the field)"},
-            503: {"description": "overloaded; retry after Retry-After seconds"},
+            **problem_responses(400, 401, 408, 413, 416, 422, 503),
         },
     )
     async def init(request: Request, body: InitBody) -> Response:
@@ -543,11 +544,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     etag_summary = "The same bytes by ETag, for a request this server has seen (resume with Range)"
 
-    @app.get("/init/{etag}", response_class=Response, summary=etag_summary)
+    etag_responses: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
+        206: {"content": {"application/octet-stream": {}}, "description": "a byte range"},
+        304: {"description": "If-None-Match matched the ETag"},
+        **problem_responses(401, 404, 413, 416, 422, 503),
+    }
+
+    @app.get(
+        "/init/{etag}", response_class=Response, summary=etag_summary, responses=etag_responses
+    )
     async def get_by_etag(request: Request, etag: str) -> Response:
         return await by_etag(request, etag)
 
-    @app.head("/init/{etag}", response_class=Response, summary="Headers only: size and ETag")
+    @app.head(
+        "/init/{etag}",
+        response_class=Response,
+        summary="Headers only: size and ETag",
+        responses=etag_responses,
+    )
     async def head_by_etag(request: Request, etag: str) -> Response:
         return await by_etag(request, etag)
 

@@ -40,3 +40,53 @@ def problem_response(
         headers=headers,
         media_type=PROBLEM_JSON,
     )
+
+
+# The problem+json schema, for the OpenAPI document (every error response declares it).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+_DESCRIPTIONS = {
+    400: "malformed request (body not JSON, bad header)",
+    401: "missing or wrong bearer token (when INITSERVE_API_TOKEN is set)",
+    404: "unknown",
+    408: "request body not received in time",
+    413: "over a size limit (body, tensors, response, coupled tensor)",
+    416: "range outside the file",
+    422: "invalid spec: `errors` names each field",
+    503: "overloaded, warming up or draining; retry after Retry-After seconds",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: these statuses answer problem+json."""
+    return {
+        status: {
+            "description": _DESCRIPTIONS[status],
+            "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+        }
+        for status in statuses
+    }

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
 
-.PHONY: install run test lint bench kernels-check clean
+.PHONY: install run test lint bench load clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_service.py
 	$(PY) bench/bench_client.py
+
+load: $(STAMP)
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info service/initserve/kernels/*.so

@@ -50,3 +50,11 @@ def test_readme_example_runs(index: int, tmp_path: Path) -> None:
         assert "'fc1.weight': (256, 784)" in result.stdout and "'fc1.bias': (256,)" in result.stdout
     if index == 1:
         assert "'fc1.weight': (64, 784)" in result.stdout
+
+
+def test_settings_table_lists_every_setting() -> None:
+    from initserve.settings import Settings
+
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(INITSERVE_[A-Z_]+)` \|", readme, re.M))
+    assert documented == {f"INITSERVE_{name.upper()}" for name in Settings.model_fields}

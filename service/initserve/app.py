@@ -530,6 +530,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service(request).remember(prepared.etag, body)
         return respond(request, prepared)
 
+    @app.post(
+        "/inspect",
+        summary="Per-tensor statistics and the activation/gradient scale through the layer chain",
+        responses=problem_responses(400, 401, 408, 413, 422),
+    )
+    async def inspect(request: Request, body: InitBody) -> dict[str, Any]:
+        from initserve.diagnostics import inspect_json
+
+        planned = plan(body)
+        weights = sum(t.numel for t in planned.tensors if t.key.endswith(".weight"))
+        if weights > settings.max_inspect_elements:
+            raise Rejected(
+                413,
+                "Content Too Large",
+                f"inspect propagates through every layer: {weights} weight elements, at most"
+                f" {settings.max_inspect_elements} (INITSERVE_MAX_INSPECT_ELEMENTS)",
+                "inspect_too_large",
+            )
+        result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, body)
+        metrics.requests.labels("/inspect", "200").inc()
+        return result
+
     async def by_etag(request: Request, etag: str) -> Response:
         quoted = etag if etag.startswith('"') else f'"{etag}"'
         known = service(request).recall(quoted)

@@ -68,6 +68,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from initserve.diagnostics import format_table, inspect_json, plot, report
+    from initserve.spec import SpecError
+
+    spec = Path(args.spec).read_text()
+    try:
+        if args.json:
+            print(json.dumps(inspect_json(spec), indent=1))
+        else:
+            print(format_table(report(spec)))
+        if args.plot:
+            plot(spec, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    except SpecError as exc:
+        print(f"initserve inspect: invalid spec: {exc}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print(
+            "initserve inspect: --plot needs matplotlib (pip install 'initserve[plot]')",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="initserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("spec", help="spec JSON file")
     generate.add_argument("-o", "--output", required=True, help="safetensors file to write")
     generate.set_defaults(run=_generate)
+    inspect = commands.add_parser(
+        "inspect", help="per-tensor statistics, and the signal through the layers (--plot)"
+    )
+    inspect.add_argument("spec", help="spec JSON file")
+    inspect.add_argument("--plot", default=None, help="write the variance-through-depth PNG here")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(run=_inspect)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         ge=1,
         description="largest orthogonal/sparse tensor (computed whole, in memory) in elements",
     )
+    max_inspect_elements: int = Field(
+        1 << 24, ge=1, description="most weight elements POST /inspect propagates through"
+    )
     max_concurrent_streams: int = Field(
         8, ge=1, description="responses generated at once; more get 503 + Retry-After"
     )

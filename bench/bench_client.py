@@ -11,22 +11,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import curl_post, uvicorn_server
 
 from initserve_client import Client
-
-from servers import uvicorn_server
 
 REPEATS = 3
 
@@ -101,30 +93,6 @@ def best(fn: Any) -> float:
     return min(times)
 
 
-def curl_seconds(url: str, spec: dict[str, Any]) -> float:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_total}",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            f"@{f.name}",
-            f"{url}/init",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(out)
-
-
 def main() -> None:
     torch.set_num_threads(2)
     # zeros: the server does almost no work, so this measures the client's reading; uniform: the
@@ -136,14 +104,14 @@ def main() -> None:
     with uvicorn_server() as (url, _), Client(url) as client:
         client.fetch_weights(big)  # warm-up
         fetch = best(lambda: client.fetch_weights(big))
-        curl = min(curl_seconds(url, big) for _ in range(REPEATS))
+        curl = min(curl_post(url, big)[0] for _ in range(REPEATS))
         size = (1 << 27) * 4
         print(
             f"512 MiB body (zeros): fetch_weights {size / fetch / 1e9:.2f} GB/s, curl {size / curl / 1e9:.2f} GB/s"
             f" (target >= 1.2 GB/s: {'ok' if size / fetch / 1e9 >= 1.2 else 'MISS'})"
         )
         fetch = best(lambda: client.fetch_weights(busy))
-        curl = min(curl_seconds(url, busy) for _ in range(REPEATS))
+        curl = min(curl_post(url, busy)[0] for _ in range(REPEATS))
         print(
             f"512 MiB body (uniform, generated meanwhile): fetch_weights {size / fetch / 1e9:.2f} GB/s,"
             f" curl {size / curl / 1e9:.2f} GB/s"

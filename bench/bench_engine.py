@@ -12,6 +12,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,14 +105,18 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    measured: list[tuple[str, float, float]] = []
     for name, mine, theirs, numpy_fn, target in rows:
         rate, torch_rate = best_rate(mine), best_rate(theirs)
+        measured.append((name, rate / torch_rate, target))
         numpy_rate = best_rate(numpy_fn) if numpy_fn else float("nan")
         verdict = "ok" if rate / torch_rate >= target else "MISS"
         print(
             f"{name:<16} {rate:>10.0f} {torch_rate:>8.0f} {numpy_rate:>8.0f}"
             f" {rate / torch_rate:>8.2f}x {target:>5.1f}x {rate / numpy_rate:>8.2f}x  {verdict}"
         )
+
+    plot(measured, threads)
 
     # Peak memory for a slice: one shard of 1/64 of a 2^32-element (16 GiB float32) tensor.
     tensor = initserve.plan(
@@ -127,6 +132,43 @@ def main() -> None:
         f" MiB returned, peak traced allocation {peak / 2**20:.1f} MiB"
         f" ({peak / part.nbytes:.2f}x the slice)"
     )
+
+
+def plot(measured: list[tuple[str, float, float]], threads: int) -> None:
+    """bench/results/engine.png: each scheme's speed-up over torch beside its target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: matplotlib is not installed)")
+        return
+    names = [m[0] for m in measured]
+    figure, axis = plt.subplots(figsize=(7.5, 3.6))
+    bars = axis.barh(names, [m[1] for m in measured], color="#4c72b0", label="initserve / torch")
+    axis.scatter(
+        [m[2] for m in measured],
+        names,
+        marker="|",
+        s=400,
+        color="#c44e52",
+        zorder=3,
+        label="target",
+    )
+    axis.bar_label(bars, fmt="%.2fx", padding=3)
+    axis.set_xscale("log")
+    axis.set_xlabel(
+        f"throughput relative to torch.nn.init ({SIDE}x{SIDE} float32, {threads} threads)"
+    )
+    axis.invert_yaxis()
+    axis.legend(loc="lower right")
+    axis.grid(True, axis="x", which="both", alpha=0.3)
+    figure.tight_layout()
+    out = Path(__file__).resolve().parent / "results" / "engine.png"
+    out.parent.mkdir(exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"(plot: {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out})")
 
 
 if __name__ == "__main__":

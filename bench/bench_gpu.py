@@ -7,18 +7,14 @@ device-to-host copy it cannot avoid.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import cupy
 import numpy as np
 import torch
+from common import curl_post, uvicorn_server
 
 import initserve
 from initserve.backends import gpu
@@ -133,37 +129,12 @@ def main() -> None:
     started = time.perf_counter()
     device.get(out=host)
     d2h = N * 4 / (time.perf_counter() - started)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from servers import uvicorn_server
-
     spec = {"seed": 1, "tensors": [{"name": "w", "shape": [1 << 14, N >> 14], "scheme": "normal"}]}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
     results = {}
     for backend in ("gpu", "cpu"):
         with uvicorn_server(backend=backend) as (url, _):
-            times = []
-            for _ in range(2):
-                out = subprocess.run(
-                    [
-                        "curl",
-                        "-sS",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{time_total} %{size_download}",
-                        "-H",
-                        "Content-Type: application/json",
-                        "--data-binary",
-                        f"@{f.name}",
-                        f"{url}/init",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.split()
-                times.append(float(out[0]))
-            results[backend] = int(out[1]) / min(times)
+            seconds, size = min(curl_post(url, spec) for _ in range(2))
+            results[backend] = size / seconds
     print(
         f"\nPOST /init, 1 GiB normal float32, curl to /dev/null: GPU backend {results['gpu'] / 1e9:.2f} GB/s,"
         f" CPU backend (16 cores here) {results['cpu'] / 1e9:.2f} GB/s; D2H copy alone {d2h / 1e9:.2f} GB/s;"

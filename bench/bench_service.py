@@ -9,21 +9,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import curl_post, uvicorn_server
 
 from initserve.app import InitRequest, prepare
 from initserve.safetensors_stream import BodyWriter
 from initserve.settings import Settings
-
-from servers import uvicorn_server
 
 
 def spec_of(elements_log2: int, scheme: str) -> dict[str, object]:
@@ -48,32 +41,6 @@ def in_process_seconds(spec: dict[str, object]) -> tuple[float, int]:
     return time.perf_counter() - started, total
 
 
-def curl_seconds(url: str, spec: dict[str, object]) -> tuple[float, int]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_total} %{size_download} %{http_code}",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            f"@{f.name}",
-            f"{url}/init",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    os.unlink(f.name)
-    assert out[2] == "200", out
-    return float(out[0]), int(out[1])
-
-
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -87,9 +54,9 @@ def main() -> None:
     with uvicorn_server() as (url, _):
         for scheme in ("uniform", "normal", "trunc_normal"):
             spec = spec_of(28, scheme)  # 2^28 float32 = 1 GiB
-            curl_seconds(url, spec_of(20, scheme))  # warm the connection path
+            curl_post(url, spec_of(20, scheme))  # warm the connection path
             local, size = min(in_process_seconds(spec) for _ in range(2))
-            remote, received = min(curl_seconds(url, spec) for _ in range(2))
+            remote, received = min(curl_post(url, spec) for _ in range(2))
             assert received == size
             ratio = local / remote
             print(
@@ -99,7 +66,7 @@ def main() -> None:
             )
     with uvicorn_server() as (url, process):
         baseline = peak_rss_mb(process.pid)
-        seconds, size = curl_seconds(url, spec_of(31, "normal"))  # 2^31 float32 = 8 GiB
+        seconds, size = curl_post(url, spec_of(31, "normal"))  # 2^31 float32 = 8 GiB
         peak = peak_rss_mb(process.pid)
     print(
         f"\n8 GiB response ({size / 2**30:.1f} GiB in {seconds:.1f} s,"

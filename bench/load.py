@@ -19,19 +19,14 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
+from common import uvicorn_server
 from hostile_requests import HOSTILE
 
 import initserve
 from initserve_client import Client, RetryPolicy
-
-from servers import uvicorn_server
 
 
 def workload() -> list[tuple[str, dict[str, Any], tuple[int, int, int] | None]]:

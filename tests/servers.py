@@ -1,4 +1,4 @@
-"""Test helpers: a real uvicorn server process on 127.0.0.1."""
+"""Test helpers: real uvicorn server processes on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -23,53 +23,47 @@ def free_port() -> int:
         return port
 
 
+def start_server(port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """`initserve serve` on ``port`` with INITSERVE_<KEY>=value settings, once /readyz says so."""
+    env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}
+    command = [sys.executable, "-m", "initserve.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            error = process.stderr.read().decode() if process.stderr else ""
+            raise RuntimeError(f"server exited: {error}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(process)
+            raise RuntimeError("server did not become ready in 30 s")
+        time.sleep(0.05)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+
+
 @contextmanager
 def uvicorn_server(**settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`initserve serve` in its own process, with INITSERVE_<KEY>=value settings."""
     port = free_port()
-    env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "initserve.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = start_server(port, **settings)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {process.stderr.read().decode() if process.stderr else ''}"
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready in 30 s")
-            time.sleep(0.05)
-        yield url, process
+        yield f"http://127.0.0.1:{port}", process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        stop_server(process)

@@ -5,10 +5,8 @@ test_client.)"""
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import httpx
 import initserve
 from initserve_client import Client, RetryPolicy
 
-from servers import REPO, free_port, uvicorn_server
+from servers import free_port, start_server, stop_server, uvicorn_server
 
 BIG = {
     "seed": 11,
@@ -29,39 +27,9 @@ BIG = {
 }
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "initserve.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        env={**os.environ, "INITSERVE_CHUNK_BYTES": str(1 << 20)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-        time.sleep(0.05)
-
-
 def test_server_killed_and_restarted_mid_download_resumes_with_range() -> None:
     port = free_port()
-    first = start_server(port)
+    first = start_server(port, chunk_bytes=str(1 << 20))
     replacement: list[subprocess.Popen[bytes]] = []
     progress: list[int] = []
     killed = threading.Event()
@@ -72,7 +40,9 @@ def test_server_killed_and_restarted_mid_download_resumes_with_range() -> None:
             killed.set()
             first.send_signal(signal.SIGKILL)  # no goodbye: the connection just dies
             first.wait()
-            threading.Thread(target=lambda: replacement.append(start_server(port))).start()
+            threading.Thread(
+                target=lambda: replacement.append(start_server(port, chunk_bytes=str(1 << 20)))
+            ).start()
 
     try:
         retry = RetryPolicy(max_retries=40, base_seconds=0.1, cap_seconds=0.5)
@@ -80,9 +50,7 @@ def test_server_killed_and_restarted_mid_download_resumes_with_range() -> None:
             got = client.fetch_weights(BIG, progress=on_progress)
     finally:
         for process in [first, *replacement]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=15)
+            stop_server(process)
     assert killed.is_set() and replacement
     expected = initserve.generate(BIG)
     for key in expected:

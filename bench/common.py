@@ -1,0 +1,47 @@
+"""What the bench scripts share: a live server (the tests' helper) and curl as the anchor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servers import uvicorn_server
+
+__all__ = ["curl_post", "uvicorn_server"]
+
+
+def curl_post(url: str, spec: dict[str, Any]) -> tuple[float, int]:
+    """POST the spec to {url}/init with curl, body to /dev/null: (seconds, bytes)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total} %{size_download} %{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                f"@{f.name}",
+                f"{url}/init",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    finally:
+        os.unlink(f.name)
+    if out[2] != "200":
+        raise RuntimeError(f"POST /init answered {out[2]}")
+    return float(out[0]), int(out[1])

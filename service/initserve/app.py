@@ -639,7 +639,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             media_type="application/octet-stream",
         )
 
-    async def stream(prepared: Prepared, start: int, stop: int) -> AsyncIterator[bytes]:
+    async def stream(
+        prepared: Prepared, start: int, stop: int
+    ) -> AsyncIterator[bytes | memoryview]:
         """Each chunk is generated in a worker thread (the event loop stays free); a cancelled
         stream (client gone) stops after the chunk in progress, bounded by chunk_bytes."""
         chunks = BodyWriter(prepared.layout, settings.chunk_bytes, state.backend).chunks(
@@ -664,7 +666,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _timed(chunks: Iterator[bytes]) -> Iterator[tuple[float, bytes]]:
+def _timed(
+    chunks: Iterator[bytes | memoryview],
+) -> Iterator[tuple[float, bytes | memoryview]]:
     """The chunks, each with the seconds it took to generate."""
     while True:
         started = time.perf_counter()

@@ -115,7 +115,7 @@ class BodyWriter:
         self.chunk_bytes = max(ALIGNMENT, chunk_bytes - chunk_bytes % ALIGNMENT)
         self._sources: dict[str, TensorSource] = {}
 
-    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[bytes | memoryview]:
         """A lazy iterator: each chunk is generated when asked for, so a consumer that stops
         (a client gone) stops the generation."""
         stop = self.layout.total_bytes if stop is None else stop
@@ -129,26 +129,27 @@ class BodyWriter:
                 continue
             yield from self._part_bytes(part, lo, hi)
 
-    def _part_bytes(self, part: Part, lo: int, hi: int) -> Iterator[bytes]:
-        """Bytes [lo, hi) of one part's data, generating only the elements they cover."""
+    def _part_bytes(self, part: Part, lo: int, hi: int) -> Iterator[memoryview]:
+        """Bytes [lo, hi) of one part's data, generating only the elements they cover. Each
+        chunk is a view of a freshly generated array that nothing writes to again, so it is
+        handed on without a copy."""
         itemsize = part.tensor.dtype.itemsize
         per_chunk = max(1, self.chunk_bytes // itemsize)
         first, last = lo // itemsize, -(-hi // itemsize)  # elements covering the byte range
         source = self._sources.get(part.tensor.key)
         if source is None:
             source = self._sources[part.tensor.key] = TensorSource(part.tensor, self.backend)
-        buffer = np.empty(min(per_chunk, last - first), dtype=part.tensor.dtype.numpy)
         runs, run_len = (None, 0) if part.is_whole else region_runs(part.tensor.shape, part.region)
         for element in range(first, last, per_chunk):
             count = min(per_chunk, last - element)
             if runs is None:
-                values = source.flat(element, element + count, out=buffer[:count])
+                values = source.flat(element, element + count)
             else:
                 values = _region_elements(source, runs, run_len, element, count)
             data = values.view(np.uint8)
             skip = lo - element * itemsize if element == first else 0
             take = min(len(data), hi - element * itemsize)
-            yield data[skip:take].tobytes()
+            yield data[skip:take].data
 
 
 def _region_elements(

@@ -174,25 +174,30 @@ IS_FN void is_sincos_2pi(double u, double *sin_out, double *cos_out) {
  * so the result does not depend on how a compiler or GPU treats the branches. 0 < p < 1.
  * far_tail = 0 skips the third approximation (min(p, 1 - p) < exp(-25)); the caller passes it
  * only when no p it can produce is that small, so the value is the same either way. */
-IS_FN double is_normal_quantile_ex(double p, int far_tail) {
+/* The central approximation, used where |p - 1/2| <= 0.425. */
+IS_FN double is_normal_quantile_central(double p) {
     double q = p - 0.5;
     double r = 0.180625 - q * q;
-    double central =
-        q *
-        (((((((2.5090809287301226727e+3 * r + 3.3430575583588128105e+4) * r +
-              6.7265770927008700853e+4) * r + 4.5921953931549871457e+4) * r +
-            1.3731693765509461125e+4) * r + 1.9715909503065514427e+3) * r +
-          1.3314166789178437745e+2) * r + 3.3871328727963666080e+0) /
-        (((((((5.2264952788528545610e+3 * r + 2.8729085735721942674e+4) * r +
-              3.9307895800092710610e+4) * r + 2.1213794301586595867e+4) * r +
-            5.3941960214247511077e+3) * r + 6.8718700749205790830e+2) * r +
-          4.2313330701600911252e+1) * r + 1.0);
+    return q *
+           (((((((2.5090809287301226727e+3 * r + 3.3430575583588128105e+4) * r +
+                 6.7265770927008700853e+4) * r + 4.5921953931549871457e+4) * r +
+               1.3731693765509461125e+4) * r + 1.9715909503065514427e+3) * r +
+             1.3314166789178437745e+2) * r + 3.3871328727963666080e+0) /
+           (((((((5.2264952788528545610e+3 * r + 2.8729085735721942674e+4) * r +
+                 3.9307895800092710610e+4) * r + 2.1213794301586595867e+4) * r +
+               5.3941960214247511077e+3) * r + 6.8718700749205790830e+2) * r +
+             4.2313330701600911252e+1) * r + 1.0);
+}
+
+/* The two tail approximations, used where |p - 1/2| > 0.425. */
+IS_FN double is_normal_quantile_tail(double p, int far_tail) {
+    double q = p - 0.5;
     double tail_p = q < 0.0 ? p : 1.0 - p;
     /* In the central region tail_p >= 0.075; clamp so the unused tail branch never sees p <= 0. */
     tail_p = tail_p < 0.075 ? tail_p : 0.075;
     double rt = IS_SQRT(-is_log(tail_p));
     double r1 = rt - 1.6;
-    double near_tail =
+    double tail =
         (((((((7.74545014278341407640e-4 * r1 + 2.27238449892691845833e-2) * r1 +
               2.41780725177450611770e-1) * r1 + 1.27045825245236838258e+0) * r1 +
             3.64784832476320460504e+0) * r1 + 5.76949722146069140550e+0) * r1 +
@@ -201,23 +206,32 @@ IS_FN double is_normal_quantile_ex(double p, int far_tail) {
               1.51986665636164571966e-2) * r1 + 1.48103976427480074590e-1) * r1 +
             6.89767334985100004550e-1) * r1 + 1.67638483018380384940e+0) * r1 +
           2.05319162663775882187e+0) * r1 + 1.0);
-    double tail = near_tail;
     if (far_tail) {
-    double r2 = rt - 5.0;
-    double far =
-        (((((((2.01033439929228813265e-7 * r2 + 2.71155556874348757815e-5) * r2 +
-              1.24266094738807843860e-3) * r2 + 2.65321895265761230930e-2) * r2 +
-            2.96560571828504891230e-1) * r2 + 1.78482653991729133580e+0) * r2 +
-          5.46378491116411436990e+0) * r2 + 6.65790464350110377720e+0) /
-        (((((((2.04426310338993978564e-15 * r2 + 1.42151175831644588870e-7) * r2 +
-              1.84631831751005468180e-5) * r2 + 7.86869131145613259100e-4) * r2 +
-            1.48753612908506148525e-2) * r2 + 1.36929880922735805310e-1) * r2 +
-          5.99832206555887937690e-1) * r2 + 1.0);
-    tail = rt <= 5.0 ? near_tail : far;
+        double r2 = rt - 5.0;
+        double far =
+            (((((((2.01033439929228813265e-7 * r2 + 2.71155556874348757815e-5) * r2 +
+                  1.24266094738807843860e-3) * r2 + 2.65321895265761230930e-2) * r2 +
+                2.96560571828504891230e-1) * r2 + 1.78482653991729133580e+0) * r2 +
+              5.46378491116411436990e+0) * r2 + 6.65790464350110377720e+0) /
+            (((((((2.04426310338993978564e-15 * r2 + 1.42151175831644588870e-7) * r2 +
+                  1.84631831751005468180e-5) * r2 + 7.86869131145613259100e-4) * r2 +
+                1.48753612908506148525e-2) * r2 + 1.36929880922735805310e-1) * r2 +
+              5.99832206555887937690e-1) * r2 + 1.0);
+        tail = rt <= 5.0 ? tail : far;
     }
-    tail = q < 0.0 ? -tail : tail;
+    return q < 0.0 ? -tail : tail;
+}
+
+IS_FN int is_normal_quantile_is_central(double p) {
+    double q = p - 0.5;
     double abs_q = q < 0.0 ? -q : q;
-    return abs_q <= 0.425 ? central : tail;
+    return abs_q <= 0.425;
+}
+
+IS_FN double is_normal_quantile_ex(double p, int far_tail) {
+    double central = is_normal_quantile_central(p);
+    double tail = is_normal_quantile_tail(p, far_tail);
+    return is_normal_quantile_is_central(p) ? central : tail;
 }
 
 IS_FN double is_normal_quantile(double p) { return is_normal_quantile_ex(p, 1); }
@@ -272,11 +286,18 @@ IS_FN void is_normal_pair(const double *params, is_u32 radius_word, is_u32 angle
     *odd = params[0] + params[1] * (radius * s);
 }
 
-IS_FN double is_trunc_normal_value(const double *params, is_u32 word, int far_tail) {
-    double p = params[4] + params[5] * is_unit_open(word);
-    double x = params[0] + params[1] * (params[6] * is_normal_quantile_ex(p, far_tail));
+IS_FN double is_trunc_normal_p(const double *params, is_u32 word) {
+    return params[4] + params[5] * is_unit_open(word);
+}
+
+IS_FN double is_trunc_normal_finish(const double *params, double z) {
+    double x = params[0] + params[1] * (params[6] * z);
     x = x < params[2] ? params[2] : x;
     return x > params[3] ? params[3] : x;
+}
+
+IS_FN double is_trunc_normal_value(const double *params, is_u32 word, int far_tail) {
+    return is_trunc_normal_finish(params, is_normal_quantile_ex(is_trunc_normal_p(params, word), far_tail));
 }
 
 IS_FN void is_block_values(int dist, const double *params, const is_u32 words[4], double out[4]) {

@@ -313,3 +313,18 @@ def test_client_imports_nothing_of_the_server() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_typed_builder_is_accepted(server: str) -> None:
+    from initserve_client import Layer, Spec, Tensor
+
+    spec = Spec(
+        seed=7,
+        dtype="bfloat16",
+        layers=[Layer("fc", (16, 8), "kaiming_normal", activation="relu", bias=True)],
+        tensors=[Tensor("emb", (10, 4), "trunc_normal", params={"std": 0.02})],
+    )
+    got = initserve_client.fetch_weights(spec, url=server)
+    assert same(got, initserve.generate(spec.to_dict()))
+    with pytest.raises(TypeError, match="a spec is a dict"):
+        initserve_client.fetch_weights("not a spec", url=server)  # type: ignore[arg-type]

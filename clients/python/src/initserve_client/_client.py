@@ -33,11 +33,13 @@ from initserve_client._safetensors import (
     Header,
     check_against_spec,
     expected_entries,
+    fresh_buffer,
     header_length,
     load_file_strict,
     parse_header,
     tensors_from_buffer,
 )
+from initserve_client.spec import Spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Large bodies need a long read timeout; connecting should be quick.
@@ -61,6 +63,7 @@ def _read_size_at_least(num_bytes: int) -> None:
 _read_size_at_least(1 << 20)
 
 Shard = tuple[int, int, int]
+SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
 
 
@@ -181,7 +184,7 @@ class _Receiver:
             self.file.seek(0)
             self.file.write(self.head)
         else:
-            self.buffer = np.empty(header.data_bytes, dtype=np.uint8)
+            self.buffer = fresh_buffer(header.data_bytes)
 
     def finish(self) -> None:
         if self.header is None or self.position != self.header.total_bytes:
@@ -212,8 +215,8 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     @staticmethod
-    def _body(spec: dict[str, Any], only: list[str] | None, shard: Shard | None) -> dict[str, Any]:
-        body = dict(spec)
+    def _body(spec: SpecLike, only: list[str] | None, shard: Shard | None) -> dict[str, Any]:
+        body = dict(_spec_dict(spec))
         if only is not None:
             body["only"] = list(only)
         if shard is not None:
@@ -237,6 +240,15 @@ class _Base:
     def _cache_path(self, etag: str) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / f"{etag.strip(chr(34))}.safetensors"
+
+
+def _spec_dict(spec: SpecLike) -> dict[str, Any]:
+    """A plain dict, or the typed builder (initserve_client.Spec) turned into one."""
+    if isinstance(spec, Spec):
+        return spec.to_dict()
+    if not isinstance(spec, dict):
+        raise TypeError(f"a spec is a dict or an initserve_client.Spec, not {type(spec).__name__}")
+    return spec
 
 
 def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
@@ -288,7 +300,7 @@ class Client(_Base):
         self._http.close()
 
     def plan(
-        self, spec: dict[str, Any], *, only: list[str] | None = None, shard: Shard | None = None
+        self, spec: SpecLike, *, only: list[str] | None = None, shard: Shard | None = None
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
         body = self._body(spec, only, shard)
@@ -333,7 +345,7 @@ class Client(_Base):
 
     def fetch_weights(
         self,
-        spec: dict[str, Any],
+        spec: SpecLike,
         *,
         only: list[str] | None = None,
         shard: Shard | None = None,
@@ -342,7 +354,7 @@ class Client(_Base):
     ) -> dict[str, Any]:
         """The tensors of ``spec`` (or the ``only`` keys, or this rank's ``shard``)."""
         body = self._body(spec, only, shard)
-        expected = expected_entries(spec, only, shard)
+        expected = expected_entries(_spec_dict(spec), only, shard)
         if self.cache_dir is not None:
             tensors = self._fetch_cached(body, expected, progress)
         else:
@@ -353,7 +365,7 @@ class Client(_Base):
 
     def download(
         self,
-        spec: dict[str, Any],
+        spec: SpecLike,
         path: str | os.PathLike[str],
         *,
         only: list[str] | None = None,
@@ -363,7 +375,7 @@ class Client(_Base):
         """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
         target = Path(path)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
-        receiver = _Receiver(expected_entries(spec, only, shard), progress=progress)
+        receiver = _Receiver(expected_entries(_spec_dict(spec), only, shard), progress=progress)
         try:
             with open(temporary, "wb") as f:
                 receiver.file = f
@@ -455,7 +467,7 @@ class AsyncClient(_Base):
                 attempt += 1
 
     async def plan(
-        self, spec: dict[str, Any], *, only: list[str] | None = None, shard: Shard | None = None
+        self, spec: SpecLike, *, only: list[str] | None = None, shard: Shard | None = None
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
         attempt = 0
@@ -479,7 +491,7 @@ class AsyncClient(_Base):
 
     async def fetch_weights(
         self,
-        spec: dict[str, Any],
+        spec: SpecLike,
         *,
         only: list[str] | None = None,
         shard: Shard | None = None,
@@ -500,14 +512,14 @@ class AsyncClient(_Base):
                     )
 
             return await asyncio.to_thread(cached)
-        receiver = _Receiver(expected_entries(spec, only, shard), progress=progress)
+        receiver = _Receiver(expected_entries(_spec_dict(spec), only, shard), progress=progress)
         await self._download(self._body(spec, only, shard), receiver)
         tensors = receiver.tensors()
         return _as_torch(tensors) if as_torch else tensors
 
 
 def fetch_weights(
-    spec: dict[str, Any],
+    spec: SpecLike,
     *,
     url: str | None = None,
     only: list[str] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,20 @@ class Header:
     @property
     def total_bytes(self) -> int:
         return self.size + self.data_bytes
+
+
+def fresh_buffer(size: int) -> npt.NDArray[np.uint8]:
+    """A writable byte array of ``size`` backed by its own anonymous mapping.
+
+    Not np.empty: numpy advises the kernel to back large arrays with transparent huge pages, and
+    with the kernel's default THP defrag policy the first touch of a freshly mapped region can
+    stall on memory compaction (seen here: 0.3 s to 1.6 s for the same 512 MiB). A plain private
+    mapping takes ordinary pages at a steady rate. The array keeps the mapping alive.
+    """
+    if size == 0:
+        return np.empty(0, dtype=np.uint8)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mapping, dtype=np.uint8)
 
 
 def header_length(prefix: bytes) -> int:
@@ -144,7 +159,7 @@ def load_file_strict(path: str) -> tuple[Header, dict[str, npt.NDArray[Any]]]:
         prefix = f.read(8)
         raw = prefix + f.read(header_length(prefix))
         header = parse_header(raw)
-        data = np.empty(header.data_bytes, dtype=np.uint8)
+        data = fresh_buffer(header.data_bytes)
         read = f.readinto(data.data)
         if read != header.data_bytes or f.read(1):
             raise InvalidResponseError(

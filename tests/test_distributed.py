@@ -83,3 +83,23 @@ def test_unknown_modules_and_buffers_are_refused() -> None:
         model = WithBuffer()
     with pytest.raises(ValueError, match="table"):
         init_module(model, seed=1, url="http://127.0.0.1:9")  # refused before any request
+
+
+def test_readme_torchrun_example(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 examples/trainer.py`: both ranks print the same digest."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    torchrun = Path(sys.executable).parent / "torchrun"
+    with uvicorn_server() as (url, _):
+        result = subprocess.run(
+            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
+             str(repo / "examples" / "trainer.py")],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            env={**os.environ, "INITSERVE_URL": url},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    digests = [line.rsplit("sha256 ", 1)[1][:16] for line in result.stdout.split("rank ")[1:]]
+    assert len(digests) == 2 and digests[0] == digests[1]

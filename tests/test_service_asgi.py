@@ -329,3 +329,22 @@ async def test_readiness_is_503_while_draining(client: httpx.AsyncClient) -> Non
     response = await client.get("/readyz")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert (await client.get("/livez")).status_code == 200
+
+
+async def test_etag_cache_is_bounded_in_bytes(client_for: Any) -> None:
+    client = await client_for(plan_cache_bytes=300)
+    etags = []
+    for seed in range(4):  # each canonical request is ~116 bytes: two fit, the oldest fall out
+        response = await client.post("/plan", json={**SMALL, "seed": seed})
+        etags.append(response.json()["etag"].strip('"'))
+    assert (await client.head(f"/init/{etags[0]}")).status_code == 404
+    assert (await client.head(f"/init/{etags[-1]}")).status_code == 200
+    state = client._transport.app.state.service  # type: ignore[attr-defined]
+    assert state.known_bytes <= 300 and len(state.known) == 2
+
+
+async def test_inspect_is_under_the_memory_budget(client_for: Any) -> None:
+    client = await client_for(max_bytes_in_flight=1 << 20, chunk_bytes=4096)
+    spec = {"seed": 1, "layers": [{"name": "l", "shape": [256, 256], "scheme": "kaiming_normal"}]}
+    response = await client.post("/inspect", json=spec)  # 32 B x 65536 weights > 1 MiB budget
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"

@@ -180,21 +180,32 @@ class ServiceState:
     backend: str = "cpu"
     ready: bool = False
     draining: bool = False
-    known: OrderedDict[str, InitRequest] = field(default_factory=OrderedDict)
+    # Requests seen, by ETag, for GET /init/{etag}: bounded in count and in bytes (the size of
+    # the canonical JSON), so that no stream of large specs can grow it without limit.
+    known: OrderedDict[str, tuple[InitRequest, int]] = field(default_factory=OrderedDict)
+    known_bytes: int = 0
     known_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def remember(self, etag: str, request: InitRequest) -> None:
-        if self.settings.plan_cache_entries == 0:
+    def remember(self, etag: str, request: InitRequest, size: int) -> None:
+        if self.settings.plan_cache_entries == 0 or size > self.settings.plan_cache_bytes:
             return
         with self.known_lock:
-            self.known[etag] = request
-            self.known.move_to_end(etag)
-            while len(self.known) > self.settings.plan_cache_entries:
-                self.known.popitem(last=False)
+            if etag in self.known:
+                self.known.move_to_end(etag)
+                return
+            self.known[etag] = (request, size)
+            self.known_bytes += size
+            while (
+                len(self.known) > self.settings.plan_cache_entries
+                or self.known_bytes > self.settings.plan_cache_bytes
+            ):
+                _, (_, evicted) = self.known.popitem(last=False)
+                self.known_bytes -= evicted
 
     def recall(self, etag: str) -> InitRequest | None:
         with self.known_lock:
-            return self.known.get(etag)
+            entry = self.known.get(etag)
+            return None if entry is None else entry[0]
 
 
 def service(request: Request) -> ServiceState:
@@ -229,6 +240,7 @@ class Prepared:
     layout: Layout
     etag: str
     working_bytes: int
+    spec_bytes: int  # size of the canonical request
 
 
 def prepare(request: InitRequest, settings: Settings) -> Prepared:
@@ -286,7 +298,7 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     # Chunk buffer, its bytes copy and a float32 master for narrow dtypes; plus, for coupled
     # schemes, the Gaussian draw, the QR workspace and the result (binary64).
     working = 3 * settings.chunk_bytes + 24 * coupled
-    return Prepared(request, layout, etag, working)
+    return Prepared(request, layout, etag, working, len(canonical))
 
 
 class RangeNotSatisfiable(Exception):
@@ -398,6 +410,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = state
 
+    def overloaded(refusal: str) -> Rejected:
+        return Rejected(
+            503,
+            "Service Unavailable",
+            f"busy ({refusal} budget exhausted); retry after {settings.retry_after_seconds}s",
+            f"overload_{refusal}",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+
     def reject(reason: str) -> None:
         metrics.rejections.labels(reason).inc()
 
@@ -498,7 +519,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def dry_run(request: Request, body: InitBody) -> dict[str, Any]:
         prepared = prepare(body, settings)
-        service(request).remember(prepared.etag, body)
+        service(request).remember(prepared.etag, body, prepared.spec_bytes)
         metrics.requests.labels("/plan", "200").inc()
         return {
             "etag": prepared.etag,
@@ -527,7 +548,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def init(request: Request, body: InitBody) -> Response:
         prepared = prepare(body, settings)
-        service(request).remember(prepared.etag, body)
+        service(request).remember(prepared.etag, body, prepared.spec_bytes)
         return respond(request, prepared)
 
     @app.post(
@@ -548,7 +569,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f" {settings.max_inspect_elements} (INITSERVE_MAX_INSPECT_ELEMENTS)",
                 "inspect_too_large",
             )
-        result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, body)
+        # The weights of three variants of the chain, in float64, and the batch's activations.
+        working = 32 * weights + 3 * settings.chunk_bytes
+        refusal = state.admission.try_acquire(working)
+        if refusal is not None:
+            raise overloaded(refusal)
+        try:
+            result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, body)
+        finally:
+            state.admission.release(working)
         metrics.requests.labels("/inspect", "200").inc()
         return result
 
@@ -624,13 +653,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         refusal = state.admission.try_acquire(prepared.working_bytes)
         if refusal is not None:
-            raise Rejected(
-                503,
-                "Service Unavailable",
-                f"busy ({refusal} budget exhausted); retry after {settings.retry_after_seconds}s",
-                f"overload_{refusal}",
-                headers={"Retry-After": str(settings.retry_after_seconds)},
-            )
+            raise overloaded(refusal)
         metrics.requests.labels(endpoint, str(status)).inc()
         return StreamingResponse(
             stream(prepared, start, stop),

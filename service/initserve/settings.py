@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         description="largest orthogonal/sparse tensor (computed whole, in memory) in elements",
     )
     max_inspect_elements: int = Field(
-        1 << 24, ge=1, description="most weight elements POST /inspect propagates through"
+        1 << 22, ge=1, description="most weight elements POST /inspect propagates through"
     )
     max_concurrent_streams: int = Field(
         8, ge=1, description="responses generated at once; more get 503 + Retry-After"
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 503")
     plan_cache_entries: int = Field(
         1024, ge=0, description="specs remembered by ETag for GET /init/{etag}"
+    )
+    plan_cache_bytes: int = Field(
+        64 << 20, ge=0, description="total size of the specs remembered by ETag"
     )
     drain_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight responses may take to finish"

@@ -113,7 +113,6 @@ class BodyWriter:
         self.layout = layout
         self.backend = backend
         self.chunk_bytes = max(ALIGNMENT, chunk_bytes - chunk_bytes % ALIGNMENT)
-        self._sources: dict[str, TensorSource] = {}
 
     def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[bytes | memoryview]:
         """A lazy iterator: each chunk is generated when asked for, so a consumer that stops
@@ -136,9 +135,9 @@ class BodyWriter:
         itemsize = part.tensor.dtype.itemsize
         per_chunk = max(1, self.chunk_bytes // itemsize)
         first, last = lo // itemsize, -(-hi // itemsize)  # elements covering the byte range
-        source = self._sources.get(part.tensor.key)
-        if source is None:
-            source = self._sources[part.tensor.key] = TensorSource(part.tensor, self.backend)
+        # One source per part and pass: a tensor computed whole (orthogonal, sparse) is held only
+        # while its own bytes are being sent, never for the rest of the response.
+        source = TensorSource(part.tensor, self.backend)
         runs, run_len = (None, 0) if part.is_whole else region_runs(part.tensor.shape, part.region)
         for element in range(first, last, per_chunk):
             count = min(per_chunk, last - element)

@@ -20,7 +20,9 @@ setup(
                 "-fno-fast-math",
                 "-fno-math-errno",
                 "-fno-trapping-math",
+                "-pthread",
             ],
+            extra_link_args=["-pthread"],
         )
     ]
 )

@@ -120,3 +120,22 @@ def test_per_tensor_seed_overrides_the_spec_seed() -> None:
         {"seed": 5, "tensors": [{"name": "w", "shape": [16], "scheme": "normal"}]}
     )
     assert plain["w"].tobytes() == initserve.generate({"seed": 1, **base})["w"].tobytes()
+
+
+def test_thread_count_never_changes_a_bit() -> None:
+    # Large enough that fills and the QR's column updates are split across threads.
+    from initserve.backends import cpu
+
+    spec = {"seed": 8, "dtype": "float64", "tensors": [
+        {"name": "q", "shape": [700, 600], "scheme": "orthogonal"},
+        {"name": "n", "shape": [1 << 20], "scheme": "normal"},
+        {"name": "t", "shape": [3, 1 << 18], "scheme": "trunc_normal"}]}  # fmt: skip
+    threads = cpu._threads
+    try:
+        cpu.set_threads(1)
+        one = initserve.generate(spec)
+        cpu.set_threads(3)
+        three = initserve.generate(spec)
+    finally:
+        cpu.set_threads(threads)
+    assert all(one[k].tobytes() == three[k].tobytes() for k in one)

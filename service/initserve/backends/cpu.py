@@ -46,6 +46,7 @@ _lib.is_orthonormal_columns.argtypes = [
     _i64,
     ctypes.c_void_p,
     ctypes.c_void_p,
+    ctypes.c_int,
 ]
 _lib.is_orthonormal_columns.restype = ctypes.c_int
 
@@ -158,7 +159,7 @@ def orthonormal_columns(matrix_column_major: npt.NDArray[np.float64]) -> None:
     tau = np.empty(n, dtype=np.float64)
     diag = np.empty(n, dtype=np.float64)
     status = _lib.is_orthonormal_columns(
-        matrix_column_major.ctypes.data, m, n, tau.ctypes.data, diag.ctypes.data
+        matrix_column_major.ctypes.data, m, n, tau.ctypes.data, diag.ctypes.data, _threads
     )
     if status != 0:  # probability zero: a Gaussian column that is exactly zero
         raise ArithmeticError("orthogonal: rank-deficient Gaussian draw")

@@ -9,6 +9,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <pthread.h>
+
 #include "initserve_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -149,7 +151,7 @@ void is_sincos_2pi_scalar(double u, double *s, double *c) { is_sincos_2pi(u, s, 
  * use eight interleaved partial sums added in a fixed tree: a fixed order, so a fixed result,
  * and one a compiler can vectorise without reassociating anything. */
 
-static double is_dot(const double *x, const double *y, is_i64 n) {
+IS_INLINE double is_dot(const double *x, const double *y, is_i64 n) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     is_i64 i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -159,13 +161,64 @@ static double is_dot(const double *x, const double *y, is_i64 n) {
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-/* column -= scale * v, over n entries. */
-static void is_axpy(double *column, double scale, const double *v, is_i64 n) {
-    for (is_i64 i = 0; i < n; ++i) column[i] = column[i] - scale * v[i];
+/* Columns j0 <= j < j1 of the column-major m-row matrix a become H_k a_j, where H_k = I - tau v v^T
+ * and v is reflector k (column k from row k down, its first entry 1). Columns are independent, so
+ * any split of the range across threads gives the same bits. */
+IS_CLONES void is_reflect_columns(double *a, is_i64 m, is_i64 k, is_i64 j0, is_i64 j1, double tau) {
+    const double *v = a + k * m + k;
+    is_i64 len = m - k;
+    for (is_i64 j = j0; j < j1; ++j) {
+        double *target = a + j * m + k;
+        double w = tau * is_dot(v, target, len);
+        for (is_i64 i = 0; i < len; ++i) target[i] = target[i] - w * v[i];
+    }
+}
+
+#define IS_MAX_THREADS 64
+/* Below this much work (entries touched) one reflection is not worth starting threads for. */
+#define IS_PARALLEL_WORK (1 << 18)
+
+typedef struct {
+    double *a;
+    is_i64 m, k, j0, j1;
+    double tau;
+} is_reflect_job;
+
+static void *is_reflect_job_run(void *arg) {
+    is_reflect_job *job = (is_reflect_job *)arg;
+    is_reflect_columns(job->a, job->m, job->k, job->j0, job->j1, job->tau);
+    return NULL;
+}
+
+/* Apply reflector k to columns k+1 .. n-1, split across up to `threads` threads. */
+static void is_reflect(double *a, is_i64 m, is_i64 n, is_i64 k, double tau, int threads) {
+    is_i64 first = k + 1, count = n - first;
+    if (count <= 0) return;
+    int parts = threads < IS_MAX_THREADS ? threads : IS_MAX_THREADS;
+    if (parts > count) parts = (int)count;
+    if (parts <= 1 || count * (m - k) < IS_PARALLEL_WORK) {
+        is_reflect_columns(a, m, k, first, n, tau);
+        return;
+    }
+    pthread_t ids[IS_MAX_THREADS];
+    int started[IS_MAX_THREADS];
+    is_reflect_job jobs[IS_MAX_THREADS];
+    for (int t = 0; t < parts; ++t) {
+        is_reflect_job job = {a, m, k, first + count * t / parts, first + count * (t + 1) / parts, tau};
+        jobs[t] = job;
+    }
+    for (int t = 1; t < parts; ++t) {
+        started[t] = pthread_create(&ids[t], NULL, is_reflect_job_run, &jobs[t]) == 0;
+        if (!started[t]) is_reflect_job_run(&jobs[t]); /* no thread to be had: do it here */
+    }
+    is_reflect_job_run(&jobs[0]);
+    for (int t = 1; t < parts; ++t) {
+        if (started[t]) pthread_join(ids[t], NULL);
+    }
 }
 
 /* tau and diag are scratch arrays of n doubles. Returns 0, or -1 if a column was exactly zero. */
-IS_CLONES int is_orthonormal_columns(double *a, is_i64 m, is_i64 n, double *tau, double *diag) {
+int is_orthonormal_columns(double *a, is_i64 m, is_i64 n, double *tau, double *diag, int threads) {
     /* reflector k lives in column k below the diagonal, with an implicit leading 1 */
     for (is_i64 k = 0; k < n; ++k) {
         double *col = a + k * m;
@@ -179,25 +232,16 @@ IS_CLONES int is_orthonormal_columns(double *a, is_i64 m, is_i64 n, double *tau,
         tau[k] = (beta - alpha) / beta;
         diag[k] = beta;
         col[k] = 1.0;
-        for (is_i64 j = k + 1; j < n; ++j) {
-            double *target = a + j * m + k;
-            double w = tau[k] * is_dot(col + k, target, len);
-            is_axpy(target, w, col + k, len);
-        }
+        is_reflect(a, m, n, k, tau[k], threads);
     }
     /* Form Q = H_0 H_1 ... H_{n-1} applied to the first n columns of I, from the last reflector
      * back (dorg2r). Column k of a still holds reflector k from row k + 1 down; it is consumed as
      * column k of Q is built. */
     for (is_i64 k = n - 1; k >= 0; --k) {
         double *col = a + k * m;
-        is_i64 len = m - k;
         /* columns j > k of Q already hold H_{k+1}..H_{n-1} e_j; apply H_k to them. */
         col[k] = 1.0;
-        for (is_i64 j = k + 1; j < n; ++j) {
-            double *target = a + j * m + k;
-            double w = tau[k] * is_dot(col + k, target, len);
-            is_axpy(target, w, col + k, len);
-        }
+        is_reflect(a, m, n, k, tau[k], threads);
         /* column k of Q: H_k e_k = e_k - tau v v^T e_k = e_k - tau v (v[0] = 1). */
         for (is_i64 i = k + 1; i < m; ++i) col[i] = -tau[k] * col[i];
         col[k] = 1.0 - tau[k];

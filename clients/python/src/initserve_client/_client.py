@@ -126,12 +126,8 @@ class _Receiver:
         return {"Range": f"bytes={self.position}-"} if self.position else {}
 
     def begin(self, response: httpx.Response) -> None:
-        if response.status_code in RETRY_STATUSES:
-            raise _Retry(
-                status_error(response.status_code, _problem(response)), _retry_after(response)
-            )
         if response.status_code not in (200, 206):
-            raise status_error(response.status_code, _problem(response))
+            _Base._json_or_raise(response)  # raises _Retry, or the typed error
         etag = response.headers.get("etag")
         if self.position and (response.status_code != 206 or etag != self.etag):
             # Not a continuation of the same object (a server of another version?): restart.
@@ -224,8 +220,24 @@ class _Base:
             body["shard"] = {"index": index, "count": count, "dim": dim}
         return body
 
-    def _give_up(self, attempt: int, exc: Exception) -> bool:
-        return attempt >= self.retry.max_retries
+    def _delay_or_raise(self, attempt: int, exc: Exception) -> float:
+        """Seconds to wait before retry number ``attempt``; the typed error once retries are
+        spent."""
+        if attempt >= self.retry.max_retries:
+            raise self._connection_error(exc) from exc
+        return self.retry.delay(attempt, getattr(exc, "retry_after", None))
+
+    @staticmethod
+    def _json_or_raise(response: httpx.Response) -> dict[str, Any]:
+        """A JSON answer; _Retry for the statuses worth retrying, the typed error otherwise."""
+        if response.status_code in RETRY_STATUSES:
+            raise _Retry(
+                status_error(response.status_code, _problem(response)), _retry_after(response)
+            )
+        if response.status_code != 200:
+            raise status_error(response.status_code, _problem(response))
+        result: dict[str, Any] = response.json()
+        return result
 
     @staticmethod
     def _connection_error(exc: Exception) -> Exception:
@@ -308,15 +320,7 @@ class Client(_Base):
         return planned
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = self._http.post(path, json=body)
-        if response.status_code in RETRY_STATUSES:
-            raise _Retry(
-                status_error(response.status_code, _problem(response)), _retry_after(response)
-            )
-        if response.status_code != 200:
-            raise status_error(response.status_code, _problem(response))
-        result: dict[str, Any] = response.json()
-        return result
+        return self._json_or_raise(self._http.post(path, json=body))
 
     def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
         attempt = 0
@@ -324,9 +328,7 @@ class Client(_Base):
             try:
                 return attempt_fn()
             except (_Retry, httpx.TransportError) as exc:
-                if self._give_up(attempt, exc):
-                    raise self._connection_error(exc) from exc
-                time.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                time.sleep(self._delay_or_raise(attempt, exc))
                 attempt += 1
 
     def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
@@ -461,9 +463,7 @@ class AsyncClient(_Base):
                 receiver.finish()
                 return
             except (_Retry, httpx.TransportError) as exc:
-                if self._give_up(attempt, exc):
-                    raise self._connection_error(exc) from exc
-                await asyncio.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                await asyncio.sleep(self._delay_or_raise(attempt, exc))
                 attempt += 1
 
     async def plan(
@@ -474,19 +474,9 @@ class AsyncClient(_Base):
         while True:
             try:
                 response = await self._http.post("/plan", json=self._body(spec, only, shard))
-                if response.status_code in RETRY_STATUSES:
-                    raise _Retry(
-                        status_error(response.status_code, _problem(response)),
-                        _retry_after(response),
-                    )
-                if response.status_code != 200:
-                    raise status_error(response.status_code, _problem(response))
-                result: dict[str, Any] = response.json()
-                return result
+                return self._json_or_raise(response)
             except (_Retry, httpx.TransportError) as exc:
-                if self._give_up(attempt, exc):
-                    raise self._connection_error(exc) from exc
-                await asyncio.sleep(self.retry.delay(attempt, getattr(exc, "retry_after", None)))
+                await asyncio.sleep(self._delay_or_raise(attempt, exc))
                 attempt += 1
 
     async def fetch_weights(

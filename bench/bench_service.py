@@ -14,7 +14,8 @@ from pathlib import Path
 
 from common import curl_post, uvicorn_server
 
-from initserve.app import InitRequest, prepare
+from initserve.delivery import prepare
+from initserve.request import InitRequest
 from initserve.safetensors_stream import BodyWriter
 from initserve.settings import Settings
 

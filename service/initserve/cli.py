@@ -52,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from initserve.app import InitRequest, prepare
+    from initserve.delivery import prepare
+    from initserve.request import InitRequest
     from initserve.safetensors_stream import BodyWriter
 
     request = InitRequest.model_validate_json(Path(args.spec).read_bytes())

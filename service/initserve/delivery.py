@@ -1,0 +1,144 @@
+"""From a request to what the response will be, before anything is generated: the limits, the
+safetensors layout, the ETag, the byte range, the memory the response will need."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import initserve
+from initserve.engine import select, shard_region
+from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
+from initserve.request import InitRequest
+from initserve.safetensors_stream import Layout, Part, build_layout
+from initserve.settings import Settings
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class Rejected(Exception):
+    """A request refused for a reason the client can act on (limits, overload)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        reason: str,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.reason = status, title, detail, reason
+        self.headers = headers
+        self.errors = errors
+
+
+# --- the response plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: InitRequest
+    layout: Layout
+    etag: str
+    working_bytes: int
+    spec_bytes: int  # size of the canonical request
+
+
+def prepare(request: InitRequest, settings: Settings) -> Prepared:
+    """Everything about the response except its body: limits checked before any allocation."""
+    planned: Plan = plan(request)
+    chosen = select(planned, request.only)
+    if len(chosen) > settings.max_tensors:
+        raise Rejected(
+            413,
+            "Content Too Large",
+            f"the request produces {len(chosen)} tensors; at most {settings.max_tensors}"
+            " (INITSERVE_MAX_TENSORS)",
+            "too_many_tensors",
+        )
+    parts = []
+    coupled = 0
+    for tensor in chosen:
+        region = (
+            shard_region(tensor.shape, request.shard.index, request.shard.count, request.shard.dim)
+            if request.shard is not None
+            else tuple((0, n) for n in tensor.shape)
+        )
+        parts.append(Part(tensor, region))
+        if tensor.draw.kind in ("orthogonal", "sparse"):
+            if tensor.numel > settings.max_coupled_elements:
+                raise Rejected(
+                    413,
+                    "Content Too Large",
+                    f"{tensor.key}: {tensor.draw.kind} tensors are computed whole; this one has"
+                    f" {tensor.numel} elements, at most {settings.max_coupled_elements}"
+                    " (INITSERVE_MAX_COUPLED_ELEMENTS)",
+                    "coupled_too_large",
+                )
+            coupled = max(coupled, tensor.numel)
+    total = sum(p.nbytes for p in parts)
+    if total > settings.max_response_bytes:
+        raise Rejected(
+            413,
+            "Content Too Large",
+            f"the response would be {total} bytes; at most {settings.max_response_bytes}"
+            " (INITSERVE_MAX_RESPONSE_BYTES)",
+            "response_too_large",
+        )
+    canonical = canonical_json(request)
+    metadata = {
+        "format": "pt",
+        "initserve.algorithm": ALGORITHM_VERSION,
+        "initserve.spec": canonical,
+        "initserve.version": initserve.__version__,
+    }
+    layout = build_layout(parts, metadata)
+    # The header records the package version, so it is part of the identity of the bytes.
+    identity = f"{ALGORITHM_VERSION}\n{initserve.__version__}\n{canonical}".encode()
+    etag = '"' + hashlib.sha256(identity).hexdigest() + '"'
+    # Chunk buffer, its bytes copy and a float32 master for narrow dtypes; plus, for coupled
+    # schemes, the Gaussian draw, the QR workspace and the result (binary64).
+    working = 3 * settings.chunk_bytes + 24 * coupled
+    return Prepared(request, layout, etag, working, len(canonical))
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as [start, stop), or None to send everything (no header, several
+    ranges, or a syntax RFC 9110 says to ignore). Raises RangeNotSatisfiable (416)."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                raise RangeNotSatisfiable
+            return max(0, total - suffix), total
+        start = int(first)
+        stop = total if last == "" else int(last) + 1
+    except ValueError:
+        return None
+    if start < 0 or (last != "" and stop <= start):
+        return None
+    if start >= total:
+        raise RangeNotSatisfiable
+    return start, min(stop, total)
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    candidates = [c.strip() for c in header.split(",")]
+    return "*" in candidates or etag in candidates or f"W/{etag}" in candidates

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_generate_writes_the_file_the_service_serves(tmp_path: Path) -> None:
     spec_path, out = tmp_path / "spec.json", tmp_path / "model.safetensors"
     spec_path.write_text(json.dumps(golden_spec("float32")))
-    result = subprocess.run([sys.executable, "-m", "initserve.cli", "generate", str(spec_path), "-o", str(out)],
-                            capture_output=True, text=True, check=True, cwd=REPO)  # fmt: skip
+    command = [sys.executable, "-m", "initserve.cli", "generate", str(spec_path), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     summary = json.loads(result.stdout)
     with uvicorn_server() as (url, _):
         served = httpx.post(f"{url}/init", json=golden_spec("float32"), timeout=60)

@@ -151,3 +151,21 @@ def test_probes_over_http(path: str) -> None:
     with uvicorn_server(api_token="t0ken") as (url, _):
         assert httpx.get(f"{url}{path}").status_code == 200
         assert httpx.post(f"{url}/init", json=SPEC).status_code == 401
+
+
+def test_oversized_request_headers_are_refused() -> None:
+    # uvicorn stops reading a request line + headers past 64 KiB (h11_max_incomplete_event_size).
+    with uvicorn_server() as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+            )
+            answer = b""
+            try:
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert httpx.get(f"{url}/readyz").status_code == 200

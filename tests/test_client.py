@@ -328,3 +328,17 @@ def test_typed_builder_is_accepted(server: str) -> None:
     assert same(got, initserve.generate(spec.to_dict()))
     with pytest.raises(TypeError, match="a spec is a dict"):
         initserve_client.fetch_weights("not a spec", url=server)  # type: ignore[arg-type]
+
+
+def test_fetch_into_preallocated_arrays(server: str) -> None:
+    spec = golden_spec("float32")
+    expected = initserve.generate(spec)
+    arrays = {key: np.empty_like(values) for key, values in expected.items()}
+    with Client(server) as client:
+        client.fetch_into(spec, arrays)
+        assert all(arrays[k].tobytes() == v.tobytes() for k, v in expected.items())
+        wrong = {**arrays, "fc.weight": np.empty((17, 9), dtype=np.float64)}
+        with pytest.raises(ValueError, match="fc.weight"):
+            client.fetch_into(spec, wrong)
+        with pytest.raises(KeyError, match="sparse"):
+            client.fetch_into(spec, {k: v for k, v in arrays.items() if k != "sparse"})

@@ -103,3 +103,25 @@ def test_readme_torchrun_example(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     digests = [line.rsplit("sha256 ", 1)[1][:16] for line in result.stdout.split("rank ")[1:]]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_init_module_streams_into_parameters_of_their_own_dtype() -> None:
+    import ml_dtypes
+
+    from initserve_client import init_module
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(torch.bfloat16)
+    with uvicorn_server() as (url, _):
+        init_module(model, seed=3, url=url)
+        bare = nn.Linear(5, 3)  # the whole module is one layer: no name to give it
+        init_module(bare, seed=4, url=url)
+    spec = spec_from_module(model, seed=3)
+    assert {t.get("dtype") for t in spec["layers"] + spec["tensors"]} == {"bfloat16"}
+    expected = initserve.generate(spec)
+    for name, parameter in model.named_parameters():
+        got = parameter.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        assert got.tobytes() == expected[name].tobytes(), name
+    bare_expected = initserve.generate(spec_from_module(bare, seed=4))
+    assert bare.weight.detach().numpy().tobytes() == bare_expected["weight"].tobytes()
+    bound = 1 / np.sqrt(5)
+    assert np.abs(bare.bias.detach().numpy()).max() <= bound

@@ -9,6 +9,7 @@ checked against what the spec asks for before anything else is accepted.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import os
@@ -36,6 +37,7 @@ from initserve_client._safetensors import (
     fresh_buffer,
     header_length,
     load_file_strict,
+    numpy_dtype,
     parse_header,
     tensors_from_buffer,
 )
@@ -110,10 +112,12 @@ def _problem(response: httpx.Response) -> dict[str, Any] | None:
 @dataclass
 class _Receiver:
     """The state of one download across retries: bytes received so far go into ``buffer`` (the
-    tensor data) or ``file`` (the whole safetensors file)."""
+    tensor data), ``file`` (the whole safetensors file) or ``targets`` (the caller's own arrays,
+    one per tensor in file order, as raw bytes)."""
 
     expected: list[tuple[str, str, tuple[int, ...]]]
     file: BinaryIO | None = None
+    targets: list[npt.NDArray[np.uint8]] | None = None
     progress: Progress | None = None
     position: int = 0
     etag: str | None = None
@@ -161,12 +165,26 @@ class _Receiver:
         if self.file is not None:
             self.file.seek(self.position)
             self.file.write(view)
+        elif self.targets is not None:
+            self._scatter(offset, view)
         else:
             assert self.buffer is not None
             self.buffer[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
         self.position += len(view)
         if self.progress is not None and self.total is not None:
             self.progress(self.position, self.total)
+
+    def _scatter(self, offset: int, view: memoryview) -> None:
+        """Data bytes at ``offset`` into the targets they belong to."""
+        assert self.header is not None and self.targets is not None
+        entries = self.header.entries
+        index = bisect.bisect_right([e.begin for e in entries], offset) - 1
+        while len(view):
+            entry, target = entries[index], self.targets[index]
+            within = offset - entry.begin
+            count = min(len(view), entry.end - offset)
+            target[within : within + count] = np.frombuffer(view[:count], dtype=np.uint8)
+            offset, view, index = offset + count, view[count:], index + 1
 
     def _start(self, header: Header) -> None:
         check_against_spec(header, self.expected)
@@ -179,6 +197,13 @@ class _Receiver:
         if self.file is not None:
             self.file.seek(0)
             self.file.write(self.head)
+        elif self.targets is not None:
+            sizes = [e.end - e.begin for e in header.entries]
+            if [t.nbytes for t in self.targets] != sizes:
+                raise ValueError(
+                    f"the target arrays hold {[t.nbytes for t in self.targets]} bytes,"
+                    f" the tensors {sizes}"
+                )
         else:
             self.buffer = fresh_buffer(header.data_bytes)
 
@@ -364,6 +389,32 @@ class Client(_Base):
             self._download(body, receiver)
             tensors = receiver.tensors()
         return _as_torch(tensors) if as_torch else tensors
+
+    def fetch_into(
+        self,
+        spec: SpecLike,
+        arrays: dict[str, npt.NDArray[Any]],
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        """Stream the tensors straight into the caller's preallocated arrays (keyed like the
+        spec's output; C-contiguous, of the spec's dtypes and shapes): no intermediate copy."""
+        expected = expected_entries(_spec_dict(spec), None, None)
+        targets = []
+        for key, code, shape in expected:
+            array = arrays.get(key)
+            if array is None:
+                raise KeyError(f"no target array for {key!r}")
+            if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype.newbyteorder("="):
+                raise ValueError(
+                    f"{key}: target is {array.dtype}{list(array.shape)}, the spec gives"
+                    f" {numpy_dtype(code)}{list(shape)}"
+                )
+            if not array.flags.c_contiguous or not array.flags.writeable:
+                raise ValueError(f"{key}: the target array must be C-contiguous and writeable")
+            targets.append(array.reshape(-1).view(np.uint8))
+        receiver = _Receiver(expected, targets=targets, progress=progress)
+        self._download(self._body(spec, None, None), receiver)
 
     def download(
         self,

@@ -62,9 +62,10 @@ def spec_from_module(
     seed: int,
     *,
     rules: Rules | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The spec whose keys are exactly ``module.named_parameters()``'s, with their shapes."""
+    """The spec whose keys are exactly ``module.named_parameters()``'s, with their shapes and
+    (unless ``dtype`` forces one) their dtypes."""
     from torch import nn
 
     layers: list[dict[str, Any]] = []
@@ -89,10 +90,8 @@ def spec_from_module(
             if bias is not None:
                 tensors.append({"name": f"{prefix}bias", "shape": list(bias.shape), **bias_init})
             continue
-        if isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and set(own) <= {
-            "weight",
-            "bias",
-        }:
+        plain = isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        if plain and name and set(own) <= {"weight", "bias"}:
             layers.append(
                 {
                     "name": name,
@@ -101,7 +100,11 @@ def spec_from_module(
                     "bias": bias is not None,
                 }
             )
-        elif isinstance(child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        elif plain or isinstance(
+            child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        ):
+            # Transposed convolutions (and a bare layer that is the whole module, which has no
+            # name to give a layer entry): the same formulas, the bias bound spelled out.
             tensors.append(
                 {
                     "name": f"{prefix}weight",
@@ -138,7 +141,52 @@ def spec_from_module(
                 f"no rule for {type(child).__name__} {name!r} (parameters {sorted(own)}): pass"
                 " rules={ModuleType or 'name glob': {'scheme': ...}}"
             )
-    return {"seed": seed, "dtype": dtype, "layers": layers, "tensors": tensors}
+    spec: dict[str, Any] = {"seed": seed, "dtype": dtype or "float32", "layers": layers,
+                            "tensors": tensors}  # fmt: skip
+    if dtype is None:
+        _set_dtypes(spec, dict(module.named_parameters()))
+    return spec
+
+
+def _dtype_name(torch_dtype: Any) -> str:
+    name = str(torch_dtype).removeprefix("torch.")
+    if name not in ("float32", "float64", "float16", "bfloat16"):
+        raise ValueError(f"parameters of dtype {name} cannot be initialised from the service")
+    return name
+
+
+def _set_dtypes(spec: dict[str, Any], parameters: dict[str, Any]) -> None:
+    """Each entry gets its parameter's dtype, so the bytes can land in the parameters as is."""
+    for layer in spec["layers"]:
+        prefix = f"{layer['name']}." if layer["name"] else ""
+        names = {_dtype_name(parameters[prefix + "weight"].dtype)}
+        if layer.get("bias"):
+            names.add(_dtype_name(parameters[prefix + "bias"].dtype))
+        if len(names) > 1:
+            raise ValueError(f"{layer['name']}: weight and bias have different dtypes {names}")
+        layer["dtype"] = names.pop()
+    for tensor in spec["tensors"]:
+        tensor["dtype"] = _dtype_name(parameters[tensor["name"]].dtype)
+
+
+def _numpy_views(parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """Writable numpy views of CPU, contiguous parameters (None if any is not one)."""
+    import torch
+
+    views = {}
+    for name, parameter in parameters.items():
+        if parameter.device.type != "cpu" or not parameter.is_contiguous():
+            return None
+        data = parameter.detach()
+        if data.dtype == torch.bfloat16:
+            try:
+                import ml_dtypes
+            except ImportError:
+                return None
+            views[name] = data.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            views[name] = data.numpy()
+    return views
 
 
 def init_module(
@@ -179,16 +227,25 @@ def init_module(
                 f"buffers {unknown} would be left uninitialised by to_empty(); build the module on"
                 " a real device (its parameters are still initialised from the service)"
             )
-    if client is None:
-        with Client(url, **options) as own_client:
-            weights = own_client.fetch_weights(spec, as_torch=True)
-    else:
-        weights = client.fetch_weights(spec, as_torch=True)
     if on_meta:
         module.to_empty(device=device or "cpu")
+    own_client = Client(url, **options) if client is None else None
+    active = client if own_client is None else own_client
+    try:
+        parameters = dict(module.named_parameters())
+        targets = _numpy_views(parameters)
+        if targets is not None:
+            # CPU parameters: the bytes are streamed straight into them, no second copy.
+            active.fetch_into(spec, targets)
+        else:
+            weights = active.fetch_weights(spec, as_torch=True)
+            with torch.no_grad():
+                for name, parameter in parameters.items():
+                    parameter.copy_(weights[name])
+    finally:
+        if own_client is not None:
+            own_client.close()
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            parameter.copy_(weights[name])
         for child in module.modules():
             if isinstance(child, nn.modules.batchnorm._NormBase) and child.track_running_stats:
                 child.reset_running_stats()

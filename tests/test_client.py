@@ -333,12 +333,13 @@ def test_typed_builder_is_accepted(server: str) -> None:
 def test_fetch_into_preallocated_arrays(server: str) -> None:
     spec = golden_spec("float32")
     expected = initserve.generate(spec)
+    assert all(values.flags.c_contiguous for values in expected.values())
     arrays = {key: np.empty_like(values) for key, values in expected.items()}
     with Client(server) as client:
         client.fetch_into(spec, arrays)
         assert all(arrays[k].tobytes() == v.tobytes() for k, v in expected.items())
         wrong = {**arrays, "fc.weight": np.empty((17, 9), dtype=np.float64)}
-        with pytest.raises(ValueError, match="fc.weight"):
+        with pytest.raises(ValueError, match=r"fc\.weight"):
             client.fetch_into(spec, wrong)
         with pytest.raises(KeyError, match="sparse"):
             client.fetch_into(spec, {k: v for k, v in arrays.items() if k != "sparse"})

@@ -200,7 +200,7 @@ class TensorSource:
             work = gaussian.copy()  # column-major storage of the transpose (cols x rows)
             cpu.orthonormal_columns(work)
             q = work
-        values = q * tensor.draw.params[0]
+        values = np.ascontiguousarray(q) * tensor.draw.params[0]  # C order, like every tensor
         return self._round(values).reshape(shape)
 
     def _sparse(self) -> npt.NDArray[Any]:

@@ -6,7 +6,6 @@ generating anything, so sizes, offsets and the ETag are known before the first b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -65,12 +64,6 @@ class Plan:
     @property
     def canonical_spec(self) -> str:
         return canonical_json(self.spec)
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 of the algorithm version and the canonical spec: the identity of the output."""
-        payload = f"{ALGORITHM_VERSION}\n{self.canonical_spec}".encode()
-        return hashlib.sha256(payload).hexdigest()
 
     def by_key(self) -> dict[str, TensorPlan]:
         return {t.key: t for t in self.tensors}

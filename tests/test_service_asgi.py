@@ -348,3 +348,11 @@ async def test_inspect_is_under_the_memory_budget(client_for: Any) -> None:
     spec = {"seed": 1, "layers": [{"name": "l", "shape": [256, 256], "scheme": "kaiming_normal"}]}
     response = await client.post("/inspect", json=spec)  # 32 B x 65536 weights > 1 MiB budget
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+async def test_every_operation_has_a_worked_example(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            text = json.dumps(operation)
+            assert '"example"' in text or '"examples"' in text, f"{method.upper()} {path}"

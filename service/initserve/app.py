@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -201,6 +201,31 @@ def warm_up(backend: str) -> None:
     )
 
 
+EtagPath = Annotated[
+    str,
+    Path(
+        description="the ETag of a response this server produced (quotes optional)",
+        examples=["3f9c2a7d0b6e41c8a5d2e9f0b7c4a1d6e8f3b2c5a9d7e1f4b6c8a2d5e7f9b1c3"],
+        max_length=70,
+    ),
+]
+
+SCHEMES_EXAMPLE = {
+    "schemes": [
+        {
+            "name": "kaiming_normal",
+            "params": [{"name": "a", "kind": "float", "default": 0.0, "doc": "negative slope"}],
+            "formula": "N(0, std^2), std = gain(nonlinearity, a) / sqrt(fan)",
+            "reference": "torch.nn.init.kaiming_normal_; He et al. 2015",
+            "random": True,
+            "needs_fans": True,
+            "ranks": None,
+        }
+    ],
+    "activations": ["linear", "relu", "tanh"],
+}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -326,11 +351,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {
+                    CONTENT_TYPE_LATEST: {
+                        "example": 'initserve_requests_total{endpoint="/init",status="200"} 3.0\n'
+                        'initserve_rejections_total{reason="overload_concurrency"} 1.0\n'
+                        "initserve_bytes_streamed_total 4.2e+09\ninitserve_in_flight 1.0\n"
+                    }
+                }
+            }
+        },
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/schemes", summary="The catalogue of schemes: parameters, defaults, formulas")
+    @app.get(
+        "/schemes",
+        summary="The catalogue of schemes: parameters, defaults, formulas",
+        responses={200: {"content": {"application/json": {"example": SCHEMES_EXAMPLE}}}},
+    )
     async def schemes() -> dict[str, Any]:
         return catalogue_json()
 
@@ -429,7 +473,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/init/{etag}", response_class=Response, summary=etag_summary, responses=etag_responses
     )
-    async def get_by_etag(request: Request, etag: str) -> Response:
+    async def get_by_etag(request: Request, etag: EtagPath) -> Response:
         return await by_etag(request, etag)
 
     @app.head(
@@ -438,7 +482,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Headers only: size and ETag",
         responses=etag_responses,
     )
-    async def head_by_etag(request: Request, etag: str) -> Response:
+    async def head_by_etag(request: Request, etag: EtagPath) -> Response:
         return await by_etag(request, etag)
 
     def respond(request: Request, prepared: Prepared) -> Response:

@@ -38,6 +38,6 @@ CMD ["serve"]
 # the container runtime, e.g. the NVIDIA container toolkit) -------------------------------------
 FROM cpu AS gpu
 USER 0
-RUN pip install --no-cache-dir "cupy-cuda12x[ctk]==13.6.0"
+RUN pip install --no-cache-dir "cupy-cuda12x[ctk]==14.2.0"
 ENV INITSERVE_BACKEND=gpu
 USER 10001

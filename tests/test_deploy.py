@@ -149,3 +149,23 @@ def test_packages_declare_their_entry_points(path: str) -> None:
             dep.split(">")[0].split("=")[0] in ("fastapi", "uvicorn", "initserve", "cupy-cuda12x")
             for dep in project["dependencies"]
         )
+
+
+def test_wheels_hold_every_module(tmp_path: Path) -> None:
+    """What the image installs: both wheels, built from this tree, with every module in them."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(REPO), str(REPO / "clients" / "python")],
+                   check=True, capture_output=True)  # fmt: skip
+    (server,) = tmp_path.glob("initserve-*.whl")
+    (client,) = tmp_path.glob("initserve_client-*.whl")
+    names = set(zipfile.ZipFile(server).namelist())
+    for source in (REPO / "service").rglob("*.py"):
+        assert str(source.relative_to(REPO / "service")) in names, source
+    for kernel in ("initserve_math.h", "gpu_kernels.cu", "cpu_kernels.c"):
+        assert f"initserve/kernels/{kernel}" in names
+    assert any(n.startswith("initserve/kernels/_cpu_kernels") and n.endswith(".so") for n in names)
+    client_names = set(zipfile.ZipFile(client).namelist())
+    for source in (REPO / "clients" / "python" / "src").rglob("*.py"):
+        assert str(source.relative_to(REPO / "clients" / "python" / "src")) in client_names

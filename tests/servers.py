@@ -23,6 +23,14 @@ def free_port() -> int:
         return port
 
 
+def metric(url: str, name: str) -> float:
+    """One sample from the server's /metrics: ``name`` is the metric with its labels, if any."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
 def start_server(port: int, **settings: str) -> subprocess.Popen[bytes]:
     """`initserve serve` on ``port`` with INITSERVE_<KEY>=value settings, once /readyz says so."""
     env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}

@@ -32,7 +32,7 @@ from initserve_client import (
 )
 
 from golden_specs import golden_spec
-from servers import uvicorn_server
+from servers import metric, uvicorn_server
 
 SPEC = golden_spec("bfloat16")
 FAST_RETRY = RetryPolicy(max_retries=8, base_seconds=0.01, cap_seconds=0.05)
@@ -236,13 +236,7 @@ def test_hostile_responses_are_refused(name: str) -> None:
 
 
 def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path) -> None:
-    def streamed() -> float:
-        for line in httpx.get(f"{server}/metrics").text.splitlines():
-            if line.startswith("initserve_bytes_streamed_total "):
-                return float(line.split()[1])
-        raise KeyError
-
-    before = streamed()
+    before = metric(server, "initserve_bytes_streamed_total")
     results: list[dict[str, Any]] = []
 
     def rank() -> None:
@@ -260,7 +254,8 @@ def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path)
         f for f in files if f.endswith(".part")
     ]
     size = next(p for p in tmp_path.iterdir() if p.suffix == ".safetensors").stat().st_size
-    assert streamed() - before == size  # one download for four ranks
+    # One download for four ranks.
+    assert metric(server, "initserve_bytes_streamed_total") - before == size
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import httpx
 import initserve
 from initserve_client import Client, RetryPolicy
 
-from servers import free_port, start_server, stop_server, uvicorn_server
+from servers import free_port, metric, start_server, stop_server, uvicorn_server
 
 BIG = {
     "seed": 11,
@@ -81,12 +81,6 @@ def test_200_disconnects_leave_memory_and_threads_flat() -> None:
                 next(chunks)
                 next(chunks)  # a couple of chunks, then the client is gone
 
-    def in_flight() -> float:
-        for line in httpx.get(f"{url}/metrics").text.splitlines():
-            if line.startswith("initserve_in_flight "):
-                return float(line.split()[1])
-        raise KeyError
-
     with uvicorn_server(chunk_bytes=str(1 << 20)) as (url, process):
         abandon_streams(20)  # warm-up: thread pools and allocator arenas reach their size
         time.sleep(0.5)
@@ -96,13 +90,13 @@ def test_200_disconnects_leave_memory_and_threads_flat() -> None:
         )
         abandon_streams(200)
         deadline = time.monotonic() + 10
-        while in_flight() != 0 and time.monotonic() < deadline:
+        while metric(url, "initserve_in_flight") != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         rss_after, threads_after = (
             status_of(process.pid, "VmRSS"),
             status_of(process.pid, "Threads"),
         )
-        assert in_flight() == 0
+        assert metric(url, "initserve_in_flight") == 0
         assert httpx.get(f"{url}/readyz").status_code == 200
     assert rss_after - rss_before < 32 * 1024, (rss_before, rss_after)  # kB
     assert threads_after <= threads_before + 2, (threads_before, threads_after)

@@ -14,20 +14,13 @@ from safetensors.numpy import load
 import initserve
 
 from golden_specs import golden_spec
-from servers import uvicorn_server
+from servers import metric, uvicorn_server
 
 SPEC = golden_spec("float32")
 BIG = {
     "seed": 3,
     "tensors": [{"name": "big", "shape": [16384, 16384], "scheme": "normal"}],
 }  # 1 GiB
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def test_two_server_processes_return_identical_bytes() -> None:

@@ -125,6 +125,7 @@ class _Receiver:
     header: Header | None = None
     head: bytearray = field(default_factory=bytearray)
     buffer: npt.NDArray[np.uint8] | None = None
+    _begins: list[int] = field(default_factory=list)  # data offset of each entry (targets)
 
     def request_headers(self) -> dict[str, str]:
         return {"Range": f"bytes={self.position}-"} if self.position else {}
@@ -178,7 +179,7 @@ class _Receiver:
         """Data bytes at ``offset`` into the targets they belong to."""
         assert self.header is not None and self.targets is not None
         entries = self.header.entries
-        index = bisect.bisect_right([e.begin for e in entries], offset) - 1
+        index = bisect.bisect_right(self._begins, offset) - 1
         while len(view):
             entry, target = entries[index], self.targets[index]
             within = offset - entry.begin
@@ -198,6 +199,7 @@ class _Receiver:
             self.file.seek(0)
             self.file.write(self.head)
         elif self.targets is not None:
+            self._begins = [e.begin for e in header.entries]
             sizes = [e.end - e.begin for e in header.entries]
             if [t.nbytes for t in self.targets] != sizes:
                 raise ValueError(
@@ -426,15 +428,23 @@ class Client(_Base):
         progress: Progress | None = None,
     ) -> Header:
         """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
         receiver = _Receiver(expected_entries(_spec_dict(spec), only, shard), progress=progress)
+        return self._download_file(self._body(spec, only, shard), receiver, Path(path))
+
+    def _download_file(
+        self, body: dict[str, Any], receiver: _Receiver, target: Path, etag: str | None = None
+    ) -> Header:
+        """Download into a temporary file beside ``target``, fsync, then rename it into place;
+        with ``etag``, refuse a response that is not that object."""
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
             with open(temporary, "wb") as f:
                 receiver.file = f
-                self._download(self._body(spec, only, shard), receiver)
+                self._download(body, receiver)
                 f.flush()
                 os.fsync(f.fileno())
+            if etag is not None and receiver.etag != etag:
+                raise InvalidResponseError("the server's ETag changed between plan and download")
             os.replace(temporary, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -453,22 +463,7 @@ class Client(_Base):
         if not path.exists():
             with _locked(path.with_suffix(".lock")):
                 if not path.exists():
-                    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
-                    receiver = _Receiver(expected, progress=progress)
-                    try:
-                        with open(temporary, "wb") as f:
-                            receiver.file = f
-                            self._download(body, receiver)
-                            f.flush()
-                            os.fsync(f.fileno())
-                        if receiver.etag != etag:
-                            raise InvalidResponseError(
-                                "the server's ETag changed between plan and download"
-                            )
-                        os.replace(temporary, path)
-                    finally:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(temporary)
+                    self._download_file(body, _Receiver(expected, progress=progress), path, etag)
         header, tensors = load_file_strict(str(path))
         check_against_spec(header, expected)
         return tensors

@@ -122,7 +122,7 @@ def main() -> None:
     tensor = initserve.plan(
         {"seed": 1, "tensors": [{"name": "w", "shape": [65536, 65536], "scheme": "normal"}]}
     ).tensors[0]
-    region = initserve.shard_region(tensor.shape, 5, 64, 1)
+    region = initserve.shard_region(tensor.shape, 5, 64, 1, "array_split")
     tracemalloc.start()
     part = TensorSource(tensor).region(region)
     _, peak = tracemalloc.get_traced_memory()

@@ -26,7 +26,9 @@ HOSTILE: list[tuple[str, bytes, int]] = [
     ("element count overflowing 64 bits", _tensor(shape=[2**40] * 4), 413),
     ("dimension over the cap", _tensor(shape=[2**63]), 422),
     ("negative dimension", _tensor(shape=[4, -4]), 422),
-    ("zero dimension", _tensor(shape=[0]), 422),
+    ("zero dimension: an empty tensor, served", _tensor(shape=[0]), 200),
+    ("0-d tensor, served", _tensor(shape=[]), 200),
+    ("zero-size dimensions beside an absurd one", _tensor(shape=[0, 2**40, 2**40]), 200),
     ("rank 9", _tensor(shape=[1] * 9), 422),
     ("float dimension", _tensor(shape=[1.5]), 422),
     ("string dimension", _tensor(shape=["4"]), 422),
@@ -105,7 +107,7 @@ HOSTILE: list[tuple[str, bytes, int]] = [
             {
                 "seed": 1,
                 "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}],
-                "shard": {"index": 5, "count": 2, "dim": 0},
+                "shard": {"index": 5, "count": 2, "dim": 0, "split": "chunk"},
             }
         ).encode(),
         422,

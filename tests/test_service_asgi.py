@@ -156,13 +156,50 @@ async def test_get_and_head_by_etag(client: httpx.AsyncClient) -> None:
 async def test_shard_equals_array_split_of_the_full_tensors(
     client: httpx.AsyncClient, index: int, count: int, dim: int
 ) -> None:
-    response = await client.post(
-        "/init", json={**SPEC, "shard": {"index": index, "count": count, "dim": dim}}
-    )
+    shard = {"index": index, "count": count, "dim": dim, "split": "array_split"}
+    response = await client.post("/init", json={**SPEC, "shard": shard})
     loaded = load(response.content)
     for key, full in initserve.generate(SPEC).items():
         expected = np.array_split(full, count, axis=dim)[index] if full.ndim > dim else full
         assert loaded[key].shape == expected.shape and loaded[key].tobytes() == expected.tobytes()
+
+
+async def test_shard_without_a_split_is_refused(client: httpx.AsyncClient) -> None:
+    # chunk and array_split disagree whenever count does not divide the size: no guessing.
+    response = await client.post(
+        "/init", json={**SPEC, "shard": {"index": 0, "count": 2, "dim": 0}}
+    )
+    body = problem(response, 422)
+    assert ["shard", "split"] in [e["loc"] for e in body["errors"]]
+
+
+async def test_regions_request_several_tensors_in_one_response(client: httpx.AsyncClient) -> None:
+    whole = initserve.generate(SPEC)
+    key_a, key_b = list(whole)[:2]
+    regions = {
+        key_a: [[1, 2]] + [[0, n] for n in whole[key_a].shape[1:]],
+        key_b: [[0, 0]] + [[0, n] for n in whole[key_b].shape[1:]],
+    }
+    response = await client.post("/init", json={**SPEC, "regions": regions})
+    loaded = load(response.content)
+    assert sorted(loaded) == sorted([key_a, key_b])
+    for key, region in regions.items():
+        expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
+        assert loaded[key].shape == expected.shape and loaded[key].tobytes() == expected.tobytes()
+    etag = response.headers["etag"]
+    again = await client.post(
+        "/init", json={**SPEC, "regions": regions}, headers={"If-None-Match": etag}
+    )
+    assert again.status_code == 304
+    ranged = await client.post(
+        "/init", json={**SPEC, "regions": regions}, headers={"Range": "bytes=9-"}
+    )
+    assert ranged.status_code == 206 and ranged.content == response.content[9:]
+    bad = await client.post("/init", json={**SPEC, "regions": {key_a: [[0, 1]], "nope": []}})
+    assert {tuple(e["loc"][:2]) for e in problem(bad, 422)["errors"]} == {
+        ("regions", key_a),
+        ("regions", "nope"),
+    }
 
 
 async def test_only_selects_tensors(client: httpx.AsyncClient) -> None:
@@ -226,7 +263,7 @@ async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
             {
                 "seed": 1,
                 "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}],
-                "shard": {"index": 3, "count": 2, "dim": 0},
+                "shard": {"index": 3, "count": 2, "dim": 0, "split": "chunk"},
             },
             ["shard"],
         ),

@@ -58,10 +58,73 @@ def test_every_region_equals_the_same_region_of_the_whole(
 @pytest.mark.parametrize(("count", "dim"), [(2, 0), (3, 0), (4, 1), (5, 1), (3, 2), (7, 0)])
 def test_shards_equal_numpy_array_split(whole: dict[str, np.ndarray], count: int, dim: int) -> None:
     for index in range(count):
-        shard = initserve.generate(golden_spec("float32"), shard=(index, count, dim))
+        shard = initserve.generate(
+            golden_spec("float32"), shard=(index, count, dim), split="array_split"
+        )
         for key, full in whole.items():
             expected = np.array_split(full, count, axis=dim)[index] if full.ndim > dim else full
             assert shard[key].shape == expected.shape and shard[key].tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(("count", "dim"), [(2, 0), (3, 0), (4, 1), (5, 1), (3, 2), (8, 0)])
+def test_shards_equal_torch_chunk(whole: dict[str, np.ndarray], count: int, dim: int) -> None:
+    # torch.chunk, DTensor's split: trailing parts short or empty, never numpy's [3, 3, 2, 2].
+    import torch
+
+    for index in range(count):
+        shard = initserve.generate(golden_spec("float32"), shard=(index, count, dim))
+        for key, full in whole.items():
+            if full.ndim <= dim:
+                expected = full
+            else:
+                chunks = torch.from_numpy(full).chunk(count, dim=dim)
+                # torch.chunk returns fewer than count chunks when the trailing ones are empty.
+                empty_shape = [*full.shape[:dim], 0, *full.shape[dim + 1 :]]
+                expected = chunks[index].numpy() if index < len(chunks) else np.empty(empty_shape)
+            assert shard[key].shape == expected.shape and shard[key].tobytes() == expected.tobytes()
+
+
+def test_regions_of_several_tensors_equal_slices_of_the_whole(whole: dict[str, np.ndarray]) -> None:
+    regions = {
+        key: [(n // 3, n - n // 4) if d % 2 == 0 else (1 if n > 1 else 0, n) for d, n in
+              enumerate(full.shape)]
+        for key, full in whole.items()
+    }  # fmt: skip
+    got = initserve.generate(golden_spec("float32"), regions=regions)
+    assert list(got) == [k for k in whole if k in regions]
+    for key, region in regions.items():
+        expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
+        assert got[key].shape == expected.shape and got[key].tobytes() == expected.tobytes()
+
+
+def test_zero_size_and_zero_d_tensors_are_tensors() -> None:
+    spec = {
+        "seed": 3,
+        "tensors": [
+            {"name": "scalar", "shape": [], "scheme": "normal"},
+            {"name": "empty", "shape": [0, 5], "scheme": "kaiming_uniform"},
+            {"name": "empty_orth", "shape": [4, 0], "scheme": "orthogonal"},
+        ],
+    }
+    got = initserve.generate(spec)
+    assert got["scalar"].shape == () and got["empty"].shape == (0, 5)
+    assert got["empty_orth"].shape == (4, 0)
+    # A 0-d tensor is element 0 of its stream, like the first element of any normal tensor.
+    longer = initserve.generate(
+        {"seed": 3, "tensors": [{"name": "scalar", "shape": [7], "scheme": "normal"}]}
+    )
+    assert got["scalar"].tobytes() == longer["scalar"][:1].tobytes()
+    empty_shard = initserve.generate(spec, regions={"empty": [(0, 0), (2, 5)]})
+    assert empty_shard["empty"].shape == (0, 3)
+
+
+def test_regions_name_every_problem_at_once() -> None:
+    spec = {"seed": 1, "tensors": [{"name": "w", "shape": [4, 6], "scheme": "normal"}]}
+    with pytest.raises(initserve.SpecError) as caught:
+        initserve.generate(spec, regions={"w": [(0, 5), (4, 2)], "nope": [(0, 1)]})
+    messages = {".".join(map(str, e["loc"])): e["msg"] for e in caught.value.errors}
+    assert set(messages) == {"regions.w", "regions.nope"}
+    assert "dim 0: [0, 5)" in messages["regions.w"] and "dim 1: [4, 2)" in messages["regions.w"]
 
 
 def test_large_tensor_slice_costs_only_the_slice() -> None:

@@ -19,16 +19,10 @@ CASES: list[tuple[str, Any, list[Any], str]] = [
     ("unknown scheme", tensor(scheme="glorot"), ["tensors", 0, "scheme"], "Input should be"),
     ("unknown activation", tensor(activation="swish"), ["tensors", 0, "activation"], "'relu'"),
     (
-        "zero dimension",
-        tensor(shape=[4, 0]),
-        ["tensors", 0, "shape", 1],
-        "greater than or equal to 1",
-    ),
-    (
         "negative dimension",
         tensor(shape=[-3]),
         ["tensors", 0, "shape", 0],
-        "greater than or equal to 1",
+        "greater than or equal to 0",
     ),
     (
         "absurd dimension",
@@ -37,7 +31,18 @@ CASES: list[tuple[str, Any, list[Any], str]] = [
         "less than or equal to",
     ),
     ("too many dimensions", tensor(shape=[1] * 9), ["tensors", 0, "shape"], "at most 8"),
-    ("empty shape", tensor(shape=[]), ["tensors", 0, "shape"], "at least 1"),
+    (
+        "0-d layer",
+        {"seed": 1, "layers": [{"name": "fc", "shape": [], "scheme": "normal"}]},
+        ["layers", 0, "shape"],
+        "at least 1",
+    ),
+    (
+        "fans on 0-d",
+        tensor(shape=[], scheme="xavier_uniform"),
+        ["tensors", 0, "shape"],
+        "at least 2 dimensions",
+    ),
     ("float dimension", tensor(shape=[4.5]), ["tensors", 0, "shape", 0], "integer"),
     (
         "fans on 1-D",

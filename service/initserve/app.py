@@ -59,7 +59,10 @@ InitBody = Annotated[
             "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},
             "shard": {
                 "summary": "rank 1 of 4, split along dim 0",
-                "value": {**EXAMPLE_REQUEST, "shard": {"index": 1, "count": 4, "dim": 0}},
+                "value": {
+                    **EXAMPLE_REQUEST,
+                    "shard": {"index": 1, "count": 4, "dim": 0, "split": "chunk"},
+                },
             },
         }
     ),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import initserve
-from initserve.engine import select, shard_region
+from initserve.engine import selected_parts
 from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
 from initserve.request import InitRequest
 from initserve.safetensors_stream import Layout, Part, build_layout
@@ -50,7 +50,14 @@ class Prepared:
 def prepare(request: InitRequest, settings: Settings) -> Prepared:
     """Everything about the response except its body: limits checked before any allocation."""
     planned: Plan = plan(request)
-    chosen = select(planned, request.only)
+    shard = request.shard
+    chosen = selected_parts(
+        planned,
+        request.only,
+        None if shard is None else (shard.index, shard.count, shard.dim),
+        "chunk" if shard is None else shard.split,
+        request.regions,
+    )
     if len(chosen) > settings.max_tensors:
         raise Rejected(
             413,
@@ -61,12 +68,7 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
         )
     parts = []
     coupled = 0
-    for tensor in chosen:
-        region = (
-            shard_region(tensor.shape, request.shard.index, request.shard.count, request.shard.dim)
-            if request.shard is not None
-            else tuple((0, n) for n in tensor.shape)
-        )
+    for tensor, region in chosen:
         parts.append(Part(tensor, region))
         if tensor.draw.kind in ("orthogonal", "sparse"):
             if tensor.numel > settings.max_coupled_elements:

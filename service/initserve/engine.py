@@ -11,7 +11,7 @@ the whole; only their cost is that of the whole tensor (bounded by the service's
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,8 @@ Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 def region_runs(shape: Sequence[int], region: Region) -> tuple[npt.NDArray[np.uint64], int]:
     """The hyper-rectangle as runs of consecutive flat indices: (run starts, run length)."""
     ndim = len(shape)
+    if ndim == 0:  # a 0-d tensor: one element
+        return np.zeros(1, dtype=np.uint64), 1
     strides = [math.prod(shape[d + 1 :]) for d in range(ndim)]
     # The innermost dimension not taken whole: dimensions after it fold into each run.
     split = ndim - 1
@@ -106,7 +108,9 @@ class TensorSource:
     def whole(self) -> npt.NDArray[Any]:
         if self._whole is None:
             kind = self.tensor.draw.kind
-            if kind == "orthogonal":
+            if self.tensor.numel == 0:  # nothing to draw (torch's init is a no-op here too)
+                self._whole = np.empty(self.tensor.shape, dtype=self.tensor.dtype.numpy)
+            elif kind == "orthogonal":
                 self._whole = self._orthogonal()
             elif kind == "sparse":
                 self._whole = self._sparse()
@@ -221,18 +225,45 @@ class TensorSource:
         return master.astype(_kernel_dtype(self.tensor)).astype(self.tensor.dtype.numpy, copy=False)
 
 
-def shard_region(shape: Sequence[int], index: int, count: int, dim: int) -> Region:
-    """The part ``numpy.array_split(full, count, axis=dim)[index]`` selects; tensors with no axis
-    ``dim`` come whole."""
-    full = [(0, n) for n in shape]
-    if dim >= len(shape):
-        return tuple(full)
-    length = shape[dim]
+def split_bounds(length: int, index: int, count: int, split: str) -> tuple[int, int]:
+    """[start, stop) of part ``index`` of ``count`` of a dimension of ``length``.
+
+    "chunk" is torch.chunk's rule (DTensor's Shard): parts of ceil(length / count), trailing
+    parts short or empty. "array_split" is numpy's: the first length % count parts one longer.
+    """
+    if split == "chunk":
+        size = -(-length // count)
+        start = min(index * size, length)
+        return start, min(start + size, length)
     base, extra = divmod(length, count)
     start = index * base + min(index, extra)
-    stop = start + base + (1 if index < extra else 0)
-    full[dim] = (start, stop)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def shard_region(
+    shape: Sequence[int], index: int, count: int, dim: int, split: str = "chunk"
+) -> Region:
+    """Part ``index`` of ``count`` along ``dim``, split as ``split`` says (see split_bounds);
+    tensors with no axis ``dim`` come whole."""
+    full = [(0, n) for n in shape]
+    if dim < len(shape):
+        full[dim] = split_bounds(shape[dim], index, count, split)
     return tuple(full)
+
+
+def region_problems(shape: Sequence[int], region: Sequence[Sequence[int]]) -> str | None:
+    """Why ``region`` is not a hyper-rectangle of a tensor of ``shape`` (None if it is)."""
+    if len(region) != len(shape):
+        return (
+            f"a region of a rank-{len(shape)} tensor {list(shape)} needs {len(shape)}"
+            f" [start, stop) pairs, got {len(region)}"
+        )
+    bad = [
+        f"dim {d}: [{lo}, {hi}) not within [0, {n}]"
+        for d, ((lo, hi), n) in enumerate(zip(region, shape, strict=True))
+        if not 0 <= lo <= hi <= n
+    ]
+    return f"region outside shape {list(shape)}: {'; '.join(bad)}" if bad else None
 
 
 def select(planned: Plan, only: Iterable[str] | None) -> tuple[TensorPlan, ...]:
@@ -250,26 +281,61 @@ def select(planned: Plan, only: Iterable[str] | None) -> tuple[TensorPlan, ...]:
     return tuple(t for t in planned.tensors if t.key in chosen)
 
 
+def selected_parts(
+    planned: Plan,
+    only: Iterable[str] | None = None,
+    shard: tuple[int, int, int] | None = None,
+    split: str = "chunk",
+    regions: Mapping[str, Sequence[Sequence[int]]] | None = None,
+) -> list[tuple[TensorPlan, Region]]:
+    """Each tensor a selection asks for, with its region; raises SpecError naming every unknown
+    key and every region that does not fit its tensor."""
+    if regions is not None:
+        known = planned.by_key()
+        errors = []
+        for key, region in regions.items():
+            if key not in known:
+                errors.append({"loc": ["regions", key], "msg": f"unknown tensor key {key!r}",
+                               "type": "value_error"})  # fmt: skip
+                continue
+            problem = region_problems(known[key].shape, region)
+            if problem is not None:
+                errors.append({"loc": ["regions", key], "msg": problem, "type": "value_error"})
+        if errors:
+            raise SpecError(errors)
+        chosen = [t for t in planned.tensors if t.key in regions]
+        return [(t, tuple((int(lo), int(hi)) for lo, hi in regions[t.key])) for t in chosen]
+    parts = []
+    for tensor in select(planned, only):
+        if shard is None:
+            parts.append((tensor, tuple((0, n) for n in tensor.shape)))
+        else:
+            index, count, dim = shard
+            parts.append((tensor, shard_region(tensor.shape, index, count, dim, split)))
+    return parts
+
+
 def generate(
     spec: Spec | dict[str, Any] | str | bytes,
     *,
     only: Iterable[str] | None = None,
     shard: tuple[int, int, int] | None = None,
+    split: str = "chunk",
+    regions: Mapping[str, Sequence[Sequence[int]]] | None = None,
     backend: str = "cpu",
 ) -> dict[str, npt.NDArray[Any]]:
     """The tensors of a spec, keyed as in a PyTorch state_dict.
 
-    ``only`` restricts to some keys; ``shard=(index, count, dim)`` returns each tensor's
-    ``numpy.array_split(full, count, axis=dim)[index]`` without generating the rest.
-    ``backend`` is "cpu" or "gpu" (CuPy); the bytes are the same.
+    ``only`` restricts to some keys; ``shard=(index, count, dim)`` returns each tensor's part
+    ``index`` of ``count`` along ``dim`` (``split="chunk"``: ``torch.chunk``'s, DTensor's split;
+    ``"array_split"``: numpy's), and ``regions={key: [(start, stop), ...]}`` any hyper-rectangle
+    of any tensor, each without generating the rest. ``backend`` is "cpu" or "gpu" (CuPy); the
+    bytes are the same.
     """
     planned = plan(spec)
     result: dict[str, npt.NDArray[Any]] = {}
-    for tensor in select(planned, only):
+    for tensor, region in selected_parts(planned, only, shard, split, regions):
         source = TensorSource(tensor, backend)
-        if shard is None:
-            result[tensor.key] = source.whole()
-        else:
-            index, count, dim = shard
-            result[tensor.key] = source.region(shard_region(tensor.shape, index, count, dim))
+        whole = region == tuple((0, n) for n in tensor.shape)
+        result[tensor.key] = source.whole() if whole else source.region(region)
     return result

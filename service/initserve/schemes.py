@@ -441,6 +441,10 @@ def resolve(
             "shape", f"scheme {scheme_name!r} needs a tensor of rank {allowed}, got {list(shape)}"
         )
     p: dict[str, Any] = {q.name: params.get(q.name, q.default) for q in scheme.params}
+    if math.prod(shape) == 0:
+        # A zero-element tensor (an empty shard, a zero-width layer) has nothing to draw and, as
+        # in torch.nn.init, no fans to divide by: every scheme gives the empty tensor.
+        return Draw("constant", (0.0,), {"scheme": scheme_name, "empty": "true"})
     if scheme_name == "auto":
         if activation is None:
             raise SchemeError("activation", "scheme 'auto' chooses by activation; give one")

@@ -20,8 +20,12 @@ MAX_DIM = 2**40
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 
 Seed = Annotated[int, Field(ge=0, le=UINT64_MAX, strict=True, description="unsigned 64-bit")]
-Dim = Annotated[int, Field(ge=1, le=MAX_DIM, strict=True)]
-Shape = Annotated[list[Dim], Field(min_length=1, max_length=MAX_RANK)]
+# Zero-size dimensions and 0-d tensors (shape []) are tensors like any other: torch has both
+# (an empty shard, CLIP's scalar logit_scale), and safetensors stores both.
+Dim = Annotated[int, Field(ge=0, le=MAX_DIM, strict=True)]
+Shape = Annotated[list[Dim], Field(min_length=0, max_length=MAX_RANK)]
+# A layer has a weight with an output dimension for its bias to follow.
+LayerShape = Annotated[list[Dim], Field(min_length=1, max_length=MAX_RANK)]
 
 
 # Printable, no leading "__" (safetensors reserves __metadata__), no NUL or control characters.
@@ -134,6 +138,8 @@ class _TensorCommon(InitParams):
 
 class LayerSpec(_TensorCommon):
     """A module-like layer: ``<name>.weight`` and, if ``bias`` asks for it, ``<name>.bias``."""
+
+    shape: LayerShape
 
     bias: bool | InitParams = Field(
         default=False,

@@ -41,6 +41,7 @@ from initserve_client._safetensors import (
     parse_header,
     tensors_from_buffer,
 )
+from initserve_client._safetensors import Region as Region
 from initserve_client.spec import Spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -64,7 +65,8 @@ def _read_size_at_least(num_bytes: int) -> None:
 
 _read_size_at_least(1 << 20)
 
-Shard = tuple[int, int, int]
+Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
+Regions = dict[str, Region]  # tensor key -> per dimension [start, stop)
 SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
 
@@ -147,7 +149,7 @@ class _Receiver:
         self.position, self.etag, self.total, self.header = 0, None, None, None
         self.head, self.buffer = bytearray(), None
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         view = memoryview(chunk)
         while self.header is None and len(view):
             need = 8 if len(self.head) < 8 else 8 + header_length(bytes(self.head[:8]))
@@ -238,13 +240,20 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     @staticmethod
-    def _body(spec: SpecLike, only: list[str] | None, shard: Shard | None) -> dict[str, Any]:
+    def _body(
+        spec: SpecLike,
+        only: list[str] | None,
+        shard: Shard | None,
+        regions: Regions | None = None,
+    ) -> dict[str, Any]:
         body = dict(_spec_dict(spec))
         if only is not None:
             body["only"] = list(only)
         if shard is not None:
             index, count, dim = shard
-            body["shard"] = {"index": index, "count": count, "dim": dim}
+            body["shard"] = {"index": index, "count": count, "dim": dim, "split": "chunk"}
+        if regions is not None:
+            body["regions"] = {k: [[int(lo), int(hi)] for lo, hi in r] for k, r in regions.items()}
         return body
 
     def _delay_or_raise(self, attempt: int, exc: Exception) -> float:
@@ -314,8 +323,46 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+LOCAL = "local"
+
+
+def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
+    """The bytes ``POST /init`` would answer, made in this process by the initserve engine
+    (``url="local"``): the same request model, layout and writer as the service, so the same
+    bytes, with the service's own limits."""
+    try:
+        from initserve.delivery import Rejected, prepare
+        from initserve.request import InitRequest
+        from initserve.safetensors_stream import BodyWriter
+        from initserve.settings import Settings
+        from initserve.spec import SpecError
+    except ImportError as exc:  # pragma: no cover - the client alone, without the engine
+        raise ImportError(
+            'url="local" generates in this process: install the initserve engine beside the'
+            " client (pip install initserve)"
+        ) from exc
+    from pydantic import ValidationError
+
+    settings = Settings()
+    try:
+        prepared = prepare(InitRequest.model_validate(body), settings)
+    except ValidationError as exc:
+        spec_error = SpecError.from_validation_error(exc)
+        raise status_error(422, {"detail": str(spec_error), "errors": spec_error.errors}) from None
+    except SpecError as exc:
+        raise status_error(422, {"detail": str(exc), "errors": exc.errors}) from None
+    except Rejected as exc:
+        raise status_error(exc.status, {"title": exc.title, "detail": exc.detail}) from None
+    yield from BodyWriter(prepared.layout, settings.chunk_bytes).chunks()
+
+
 class Client(_Base):
-    """Synchronous client. ``with Client(url) as client: client.fetch_weights(spec)``."""
+    """Synchronous client. ``with Client(url) as client: client.fetch_weights(spec)``.
+
+    ``url="local"`` generates in this process with the initserve engine (installed beside the
+    client) instead of asking a server: the same bytes, for unit tests of training code and
+    single-node jobs.
+    """
 
     def __init__(
         self,
@@ -325,8 +372,12 @@ class Client(_Base):
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
+        self.local = self.url == LOCAL
         self._http = httpx.Client(
-            base_url=self.url, timeout=self.timeout, headers=self.headers, transport=transport
+            base_url="http://local.invalid" if self.local else self.url,
+            timeout=self.timeout,
+            headers=self.headers,
+            transport=transport,
         )
 
     def __enter__(self) -> Client:
@@ -339,10 +390,15 @@ class Client(_Base):
         self._http.close()
 
     def plan(
-        self, spec: SpecLike, *, only: list[str] | None = None, shard: Shard | None = None
+        self,
+        spec: SpecLike,
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        regions: Regions | None = None,
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
-        body = self._body(spec, only, shard)
+        body = self._body(spec, only, shard, regions)
         planned: dict[str, Any] = self._with_retries(lambda: self._post_json("/plan", body))
         return planned
 
@@ -359,6 +415,12 @@ class Client(_Base):
                 attempt += 1
 
     def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+        if self.local:
+            for chunk in _local_body(body):
+                receiver.feed(chunk)
+            receiver.finish()
+            return
+
         def one_attempt() -> None:
             with self._http.stream(
                 "POST", "/init", json=body, headers=receiver.request_headers()
@@ -378,13 +440,15 @@ class Client(_Base):
         *,
         only: list[str] | None = None,
         shard: Shard | None = None,
+        regions: Regions | None = None,
         as_torch: bool = False,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
-        """The tensors of ``spec`` (or the ``only`` keys, or this rank's ``shard``)."""
-        body = self._body(spec, only, shard)
-        expected = expected_entries(_spec_dict(spec), only, shard)
-        if self.cache_dir is not None:
+        """The tensors of ``spec``, or the ``only`` keys, or this rank's ``shard`` (split as
+        ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
+        body = self._body(spec, only, shard, regions)
+        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        if self.cache_dir is not None and not self.local:
             tensors = self._fetch_cached(body, expected, progress)
         else:
             receiver = _Receiver(expected, progress=progress)
@@ -397,11 +461,13 @@ class Client(_Base):
         spec: SpecLike,
         arrays: dict[str, npt.NDArray[Any]],
         *,
+        regions: Regions | None = None,
         progress: Progress | None = None,
     ) -> None:
         """Stream the tensors straight into the caller's preallocated arrays (keyed like the
-        spec's output; C-contiguous, of the spec's dtypes and shapes): no intermediate copy."""
-        expected = expected_entries(_spec_dict(spec), None, None)
+        spec's output; C-contiguous, of the spec's dtypes and shapes): no intermediate copy.
+        With ``regions``, only those keys, each array of its region's shape."""
+        expected = expected_entries(_spec_dict(spec), None, None, regions)
         targets = []
         for key, code, shape in expected:
             array = arrays.get(key)
@@ -416,7 +482,7 @@ class Client(_Base):
                 raise ValueError(f"{key}: the target array must be C-contiguous and writeable")
             targets.append(array.reshape(-1).view(np.uint8))
         receiver = _Receiver(expected, targets=targets, progress=progress)
-        self._download(self._body(spec, None, None), receiver)
+        self._download(self._body(spec, None, None, regions), receiver)
 
     def download(
         self,
@@ -425,11 +491,13 @@ class Client(_Base):
         *,
         only: list[str] | None = None,
         shard: Shard | None = None,
+        regions: Regions | None = None,
         progress: Progress | None = None,
     ) -> Header:
         """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
-        receiver = _Receiver(expected_entries(_spec_dict(spec), only, shard), progress=progress)
-        return self._download_file(self._body(spec, only, shard), receiver, Path(path))
+        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        receiver = _Receiver(expected, progress=progress)
+        return self._download_file(self._body(spec, only, shard, regions), receiver, Path(path))
 
     def _download_file(
         self, body: dict[str, Any], receiver: _Receiver, target: Path, etag: str | None = None
@@ -513,13 +581,19 @@ class AsyncClient(_Base):
                 attempt += 1
 
     async def plan(
-        self, spec: SpecLike, *, only: list[str] | None = None, shard: Shard | None = None
+        self,
+        spec: SpecLike,
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        regions: Regions | None = None,
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
+        body = self._body(spec, only, shard, regions)
         attempt = 0
         while True:
             try:
-                response = await self._http.post("/plan", json=self._body(spec, only, shard))
+                response = await self._http.post("/plan", json=body)
                 return self._json_or_raise(response)
             except (_Retry, httpx.TransportError) as exc:
                 await asyncio.sleep(self._delay_or_raise(attempt, exc))
@@ -531,10 +605,12 @@ class AsyncClient(_Base):
         *,
         only: list[str] | None = None,
         shard: Shard | None = None,
+        regions: Regions | None = None,
         as_torch: bool = False,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
-        """The tensors of ``spec`` (or the ``only`` keys, or this rank's ``shard``)."""
+        """The tensors of ``spec``, or the ``only`` keys, or this rank's ``shard`` (split as
+        ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         if self.cache_dir is not None:
             # The on-disk cache is shared between processes through a file lock, which blocks:
             # the sync twin does that work in a thread.
@@ -544,12 +620,18 @@ class AsyncClient(_Base):
                 ) as client:
                     client._http.headers.update(self.headers)
                     return client.fetch_weights(
-                        spec, only=only, shard=shard, as_torch=as_torch, progress=progress
+                        spec,
+                        only=only,
+                        shard=shard,
+                        regions=regions,
+                        as_torch=as_torch,
+                        progress=progress,
                     )
 
             return await asyncio.to_thread(cached)
-        receiver = _Receiver(expected_entries(_spec_dict(spec), only, shard), progress=progress)
-        await self._download(self._body(spec, only, shard), receiver)
+        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        receiver = _Receiver(expected, progress=progress)
+        await self._download(self._body(spec, only, shard, regions), receiver)
         tensors = receiver.tensors()
         return _as_torch(tensors) if as_torch else tensors
 
@@ -560,9 +642,13 @@ def fetch_weights(
     url: str | None = None,
     only: list[str] | None = None,
     shard: Shard | None = None,
+    regions: Regions | None = None,
     as_torch: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
-    """One-shot ``Client(url).fetch_weights(spec, ...)``."""
+    """One-shot ``Client(url).fetch_weights(spec, ...)``; ``url="local"`` generates in this
+    process (the initserve engine installed beside the client)."""
     with Client(url, **options) as client:
-        return client.fetch_weights(spec, only=only, shard=shard, as_torch=as_torch)
+        return client.fetch_weights(
+            spec, only=only, shard=shard, regions=regions, as_torch=as_torch
+        )

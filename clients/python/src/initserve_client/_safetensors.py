@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve_client._exceptions import InvalidResponseError
+
+Region = Sequence[tuple[int, int]]  # per dimension [start, stop)
 
 MAX_HEADER_BYTES = 64 << 20
 
@@ -172,7 +175,10 @@ def load_file_strict(path: str) -> tuple[Header, dict[str, npt.NDArray[Any]]]:
 
 
 def expected_entries(
-    spec: dict[str, Any], only: list[str] | None, shard: tuple[int, int, int] | None
+    spec: dict[str, Any],
+    only: list[str] | None,
+    shard: tuple[int, int, int] | None,
+    regions: dict[str, Region] | None = None,
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """(key, safetensors dtype, shape) of every tensor the request asks for, in file order,
     derived from the spec alone, to check the server's answer against."""
@@ -202,15 +208,31 @@ def expected_entries(
         planned = [
             (key, dtype, shard_shape(shape, index, count, dim)) for key, dtype, shape in planned
         ]
+    if regions is not None:
+        planned = [
+            (key, dtype, tuple(hi - lo for lo, hi in regions[key]))
+            for key, dtype, _ in planned
+            if key in regions
+        ]
     return planned
 
 
+def chunk_bounds(length: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of ``torch.chunk``'s part ``index`` of ``count`` (DTensor's Shard): parts
+    of ceil(length / count), the trailing ones short or empty. The service's rule of the same
+    name, written again so that the client needs nothing of the engine."""
+    size = -(-length // count)
+    start = min(index * size, length)
+    return start, min(start + size, length)
+
+
 def shard_shape(shape: tuple[int, ...], index: int, count: int, dim: int) -> tuple[int, ...]:
-    """The shape of numpy.array_split(t, count, axis=dim)[index]; whole if t has no axis dim."""
+    """The shape of ``torch.chunk(t, count, dim)[index]`` (empty past the last chunk); whole if
+    t has no axis dim."""
     if dim >= len(shape):
         return shape
-    base, extra = divmod(shape[dim], count)
-    return (*shape[:dim], base + (1 if index < extra else 0), *shape[dim + 1 :])
+    start, stop = chunk_bounds(shape[dim], index, count)
+    return (*shape[:dim], stop - start, *shape[dim + 1 :])
 
 
 def check_against_spec(header: Header, expected: list[tuple[str, str, tuple[int, ...]]]) -> None:

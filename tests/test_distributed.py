@@ -66,10 +66,13 @@ def test_unknown_modules_and_buffers_are_refused() -> None:
             super().__init__()
             self.scale = nn.Parameter(torch.empty(4))
 
-    with pytest.raises(ValueError, match="no rule for Custom"):
+    with pytest.raises(ValueError, match="'scale' \\[4\\]: no init code initialises it"):
         spec_from_module(Custom(), seed=1)
-    with pytest.raises(ValueError, match="a rule covers weight and bias"):
-        spec_from_module(Custom(), seed=1, rules={Custom: {"scheme": "ones"}})
+    # A rule for a bare parameter: by its qualified name, or by (module type, parameter name).
+    for rules in ({"scale": {"scheme": "ones"}}, {(Custom, "sc*"): {"scheme": "ones"}}):
+        spec = spec_from_module(Custom(), seed=1, rules=rules)  # type: ignore[arg-type]
+        assert spec["tensors"] == [{"name": "scale", "shape": [4], "dtype": "float32",
+                                    "scheme": "ones"}]  # fmt: skip
 
     class WithBuffer(nn.Module):
         def __init__(self) -> None:
@@ -116,7 +119,7 @@ def test_init_module_streams_into_parameters_of_their_own_dtype() -> None:
         bare = nn.Linear(5, 3)  # the whole module is one layer: no name to give it
         init_module(bare, seed=4, url=url)
     spec = spec_from_module(model, seed=3)
-    assert {t.get("dtype") for t in spec["layers"] + spec["tensors"]} == {"bfloat16"}
+    assert {t.get("dtype") for t in spec["tensors"]} == {"bfloat16"}
     expected = initserve.generate(spec)
     for name, parameter in model.named_parameters():
         got = parameter.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)

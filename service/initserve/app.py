@@ -37,6 +37,7 @@ from initserve.delivery import (
     Prepared,
     RangeNotSatisfiable,
     Rejected,
+    dry_run_answer,
     etag_matches,
     parse_range,
     prepare,
@@ -392,13 +393,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prepared = prepare(body, settings)
         service(request).remember(prepared.etag, body, prepared.spec_bytes)
         metrics.requests.labels("/plan", "200").inc()
-        return {
-            "etag": prepared.etag,
-            "algorithm": ALGORITHM_VERSION,
-            "total_bytes": prepared.layout.total_bytes,
-            "header_bytes": len(prepared.layout.header),
-            "tensors": prepared.layout.describe(),
-        }
+        return dry_run_answer(prepared)
 
     @app.post(
         "/init",

@@ -107,6 +107,17 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     return Prepared(request, layout, etag, working, len(canonical))
 
 
+def dry_run_answer(prepared: Prepared) -> dict[str, Any]:
+    """What ``POST /plan`` answers: keys, shapes, byte ranges, total size and ETag."""
+    return {
+        "etag": prepared.etag,
+        "algorithm": ALGORITHM_VERSION,
+        "total_bytes": prepared.layout.total_bytes,
+        "header_bytes": len(prepared.layout.header),
+        "tensors": prepared.layout.describe(),
+    }
+
+
 class RangeNotSatisfiable(Exception):
     pass
 

@@ -15,7 +15,7 @@ import fcntl
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -66,7 +66,7 @@ def _read_size_at_least(num_bytes: int) -> None:
 _read_size_at_least(1 << 20)
 
 Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
-Regions = dict[str, Region]  # tensor key -> per dimension [start, stop)
+Regions = Mapping[str, Region]  # tensor key -> per dimension [start, stop)
 SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
 
@@ -326,14 +326,12 @@ def _locked(path: Path) -> Iterator[None]:
 LOCAL = "local"
 
 
-def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
-    """The bytes ``POST /init`` would answer, made in this process by the initserve engine
-    (``url="local"``): the same request model, layout and writer as the service, so the same
-    bytes, with the service's own limits."""
+def _local_prepare(body: dict[str, Any]) -> Any:
+    """The request prepared in this process by the initserve engine (``url="local"``): the same
+    request model, limits and layout as the service, and the same typed errors."""
     try:
         from initserve.delivery import Rejected, prepare
         from initserve.request import InitRequest
-        from initserve.safetensors_stream import BodyWriter
         from initserve.settings import Settings
         from initserve.spec import SpecError
     except ImportError as exc:  # pragma: no cover - the client alone, without the engine
@@ -343,9 +341,8 @@ def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
         ) from exc
     from pydantic import ValidationError
 
-    settings = Settings()
     try:
-        prepared = prepare(InitRequest.model_validate(body), settings)
+        return prepare(InitRequest.model_validate(body), Settings())
     except ValidationError as exc:
         spec_error = SpecError.from_validation_error(exc)
         raise status_error(422, {"detail": str(spec_error), "errors": spec_error.errors}) from None
@@ -353,7 +350,15 @@ def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
         raise status_error(422, {"detail": str(exc), "errors": exc.errors}) from None
     except Rejected as exc:
         raise status_error(exc.status, {"title": exc.title, "detail": exc.detail}) from None
-    yield from BodyWriter(prepared.layout, settings.chunk_bytes).chunks()
+
+
+def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
+    """The bytes ``POST /init`` would answer, made in this process with the service's writer."""
+    from initserve.safetensors_stream import BodyWriter
+    from initserve.settings import Settings
+
+    prepared = _local_prepare(body)
+    yield from BodyWriter(prepared.layout, Settings().chunk_bytes).chunks()
 
 
 class Client(_Base):
@@ -399,6 +404,11 @@ class Client(_Base):
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
         body = self._body(spec, only, shard, regions)
+        if self.local:
+            from initserve.delivery import dry_run_answer
+
+            local: dict[str, Any] = dry_run_answer(_local_prepare(body))
+            return local
         planned: dict[str, Any] = self._with_retries(lambda: self._post_json("/plan", body))
         return planned
 

@@ -12,7 +12,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ def expected_entries(
     spec: dict[str, Any],
     only: list[str] | None,
     shard: tuple[int, int, int] | None,
-    regions: dict[str, Region] | None = None,
+    regions: Mapping[str, Region] | None = None,
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """(key, safetensors dtype, shape) of every tensor the request asks for, in file order,
     derived from the spec alone, to check the server's answer against."""

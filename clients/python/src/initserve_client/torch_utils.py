@@ -1,44 +1,109 @@
-"""PyTorch helpers: a spec from a module (meta device welcome), and in-place initialisation.
+"""PyTorch: a model's own init, with every random draw from initserve, on any sharding.
 
-Rules choose a parameter's init by module name (a glob on the qualified name) or module type;
-without a rule, a module gets PyTorch's own default, as its reset_parameters would:
+``init_module(model, seed)`` runs the init code the model itself would run — each module's
+``reset_parameters()`` (what torch's constructors do, children before parents), then the model's
+whole-model init: ``init_fn(model)`` if given, else Hugging Face's ``initialize_weights()`` for a
+``PreTrainedModel``, else a torchtitan-style ``init_weights()`` — with each draw on a parameter or
+buffer served by initserve under that tensor's canonical qualified name (see torch_capture.py).
+So every value is a function of (seed, name) alone: the same on every rank, world size, sharding
+and device.
 
-* Linear, Conv1d/2d/3d: ``torch_default`` (kaiming_uniform, a=sqrt(5); bias U(±1/sqrt(fan_in)));
-* ConvTranspose1d/2d/3d: the same formulas (weight torch_default, bias uniform with that bound);
-* Embedding: N(0, 1) (and the padding_idx row zeroed after the copy, as torch does);
-* LayerNorm, GroupNorm, RMSNorm, BatchNorm1d/2d/3d: weight ones, bias zeros (BatchNorm's running
-  statistics are reset locally).
+Sharded parameters (DTensor: FSDP2, tensor parallelism, 2-D meshes, uneven and empty shards) are
+written locally: each rank asks for exactly its shard (DTensor's own offsets) of every tensor in
+one request, and the bytes land in ``param.to_local()``; no rank materialises a full tensor and no
+collective is needed.
 
-A rule is a dict like ``{"scheme": "kaiming_normal", "activation": "relu", "bias": {"scheme":
-"zeros"}}``: the weight's init, and optionally the bias's.
+Rules override the model's init for chosen parameters. A key is a glob on a module's qualified
+name or a module type (the rule is for its ``weight``; its ``bias`` gets ``rule["bias"]``, zeros
+by default), or a glob on a parameter's qualified name or a ``(module type, parameter name)``
+pair (the rule is for that parameter). Module keys are tried first.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-Rules = Mapping[Any, Mapping[str, Any]]  # keys: a module type or a glob on the module's name
+Rules = Mapping[Any, Mapping[str, Any]]
+InitFn = Callable[[Any], None]
+_Slot = tuple[Any, str, str]  # (owning module, "_parameters" | "_buffers", attribute name)
 
-_NORMS = (
-    "LayerNorm",
-    "GroupNorm",
-    "RMSNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "SyncBatchNorm",
-    "InstanceNorm1d",
-    "InstanceNorm2d",
-    "InstanceNorm3d",
-)
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
-def _rule_for(name: str, module: Any, rules: Rules | None) -> Mapping[str, Any] | None:
+class ModelInitError(ValueError):
+    """The model's init cannot be served as asked; ``problems`` lists every reason at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"initserve cannot initialise this model ({len(problems)} problems):\n{lines}"
+        )
+
+
+@dataclass
+class _Tensors:
+    """A model's parameters and buffers by canonical name (``named_parameters()``'s first name
+    for a tied weight), with every slot that holds each."""
+
+    params: dict[str, Any]
+    buffers: dict[str, Any]
+    slots: dict[str, list[_Slot]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, module: Any) -> _Tensors:
+        found = cls(dict(module.named_parameters()), dict(module.named_buffers()))
+        by_id = {id(t): n for n, t in (*found.params.items(), *found.buffers.items())}
+        for owner in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for key, tensor in getattr(owner, kind).items():
+                    if tensor is not None and id(tensor) in by_id:
+                        found.slots.setdefault(by_id[id(tensor)], []).append((owner, kind, key))
+        return found
+
+    def get(self, name: str) -> Any:
+        return self.params[name] if name in self.params else self.buffers[name]
+
+    def names(self) -> list[str]:
+        return [*self.params, *self.buffers]
+
+    def on_meta(self) -> bool:
+        return any(t.is_meta for t in (*self.params.values(), *self.buffers.values()))
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
+def _rule_inits(module: Any, tensors: _Tensors, rules: Rules | None) -> dict[str, dict[str, Any]]:
+    """Canonical parameter name -> the spec fields of its rule."""
     if not rules:
-        return None
+        return {}
+    ruled: dict[str, dict[str, Any]] = {}
+    canonical = {id(t): n for n, t in tensors.params.items()}
+    for module_name, child in module.named_modules():
+        own = {k: p for k, p in child._parameters.items() if p is not None}
+        prefix = f"{module_name}." if module_name else ""
+        rule = _module_rule(module_name, child, rules) if "weight" in own else None
+        for key, parameter in own.items():
+            name = canonical[id(parameter)]
+            if name in ruled:
+                continue
+            if rule is not None and key == "weight":
+                ruled[name] = {k: v for k, v in rule.items() if k != "bias"}
+            elif rule is not None and key == "bias":
+                ruled[name] = dict(rule.get("bias") or {"scheme": "zeros"})
+            else:
+                chosen = _parameter_rule(prefix + key, child, key, rules)
+                if chosen is not None:
+                    ruled[name] = dict(chosen)
+    return ruled
+
+
+def _module_rule(name: str, module: Any, rules: Rules) -> Mapping[str, Any] | None:
     for key, rule in rules.items():
         if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
             return rule
@@ -51,10 +116,221 @@ def _rule_for(name: str, module: Any, rules: Rules | None) -> Mapping[str, Any] 
     return None
 
 
-def _fan_in_bound(weight_shape: tuple[int, ...]) -> float:
-    # nn.ConvNd / nn.Linear reset_parameters: bound = 1 / sqrt(fan_in), torch's fan rule.
-    fan_in = weight_shape[1] * math.prod(weight_shape[2:])
-    return 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+def _parameter_rule(
+    qualified: str, module: Any, key: str, rules: Rules
+) -> Mapping[str, Any] | None:
+    for pattern, rule in rules.items():
+        if isinstance(pattern, str) and fnmatch.fnmatchcase(qualified, pattern):
+            return rule
+        if (
+            isinstance(pattern, tuple)
+            and len(pattern) == 2
+            and isinstance(module, pattern[0])
+            and fnmatch.fnmatchcase(key, pattern[1])
+        ):
+            return rule
+    return None
+
+
+# --- running the model's own init ---------------------------------------------------------------
+
+
+def _post_order(module: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for name, child in module.named_children():
+        yield from _post_order(child, f"{prefix}{name}.")
+    yield prefix.rstrip("."), module
+
+
+def _hf_roots(module: Any) -> list[Any]:
+    """The outermost Hugging Face PreTrainedModels in ``module`` (itself, or a wrapped one)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    roots: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, PreTrainedModel):
+            roots.append(node)
+            return
+        for child in node.children():
+            visit(child)
+
+    visit(module)
+    return roots
+
+
+def _run_own_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
+    from initserve_client.torch_capture import routed
+
+    with routed(router):
+        for name, child in _post_order(module):
+            # nn.MultiheadAttention and nn.Transformer name theirs _reset_parameters.
+            reset = getattr(child, "reset_parameters", None) or getattr(
+                child, "_reset_parameters", None
+            )
+            if callable(reset):
+                router.context.append(f"{type(child).__name__}.reset_parameters of {name!r}")
+                reset()
+                router.context.pop()
+        if init_fn is not None:
+            router.context.append("init_fn")
+            init_fn(module)
+        elif roots := _hf_roots(module):
+            router.context.append("Hugging Face _init_weights")
+            for root in roots:
+                _clear_hf_flags(root)
+                root.initialize_weights()
+        elif callable(getattr(module, "init_weights", None)):
+            router.context.append(f"{type(module).__name__}.init_weights")
+            module.init_weights()
+
+
+def _clear_hf_flags(module: Any) -> None:
+    """Hugging Face marks what it has initialised and skips it next time (post_init on meta, a
+    first run of ours): a routed init runs every init function."""
+    for item in (*module.modules(), *module.parameters(), *module.buffers()):
+        if "_is_hf_initialized" in getattr(item, "__dict__", {}):
+            del item._is_hf_initialized
+
+
+# --- the first run: on meta stand-ins -----------------------------------------------------------
+
+
+@dataclass
+class _Recording:
+    spec: dict[str, Any]
+    draws: list[Any]  # torch_capture.DrawCall, in call order
+    final: dict[str, int]  # canonical name -> index of the draw that gives its values
+    filled: set[str]  # names the init code sets to a constant: in the spec, not fetched
+    direct: set[str]  # names whose values may be written before the second run
+    ruled: dict[str, dict[str, Any]]
+
+
+def _stand_in(tensor: Any) -> Any:
+    import torch
+    from torch import nn
+
+    empty = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
+
+
+def _record(
+    module: Any, tensors: _Tensors, init_fn: InitFn | None, ruled: dict[str, dict[str, Any]]
+) -> tuple[Any, list[str]]:
+    """Run the init code on meta stand-ins of every tensor (nothing real is touched); the trace
+    and the buffers the code assigned anew."""
+    from initserve_client.torch_capture import Recorder
+
+    stand_ins = {name: _stand_in(tensors.get(name)) for name in tensors.names()}
+    recorder = Recorder({id(t): n for n, t in stand_ins.items()}, frozenset(ruled))
+    for name, slots in tensors.slots.items():
+        for owner, kind, key in slots:
+            getattr(owner, kind)[key] = stand_ins[name]
+    reassigned: list[str] = []
+    try:
+        _run_own_init(module, init_fn, recorder)
+    except Exception as exc:  # the init code itself failed: one more problem, named
+        recorder.refuse(f"the init code raised {type(exc).__name__}: {exc}{recorder.where()}")
+    finally:
+        for name, slots in tensors.slots.items():
+            for owner, kind, key in slots:
+                if getattr(owner, kind).get(key) is not stand_ins[name]:
+                    reassigned.append(name)
+                getattr(owner, kind)[key] = tensors.get(name)
+        _clear_hf_flags(module)
+    return recorder.trace, reassigned
+
+
+def _dtype_name(tensor: Any) -> str | None:
+    name = str(tensor.dtype).removeprefix("torch.")
+    return name if name in _DTYPES else None
+
+
+def _analyse(
+    module: Any,
+    seed: int,
+    tensors: _Tensors,
+    init_fn: InitFn | None,
+    ruled: dict[str, dict[str, Any]],
+) -> _Recording:
+    trace, reassigned = _record(module, tensors, init_fn, ruled)
+    problems = list(trace.problems)
+    final: dict[str, int] = {}
+    fills: dict[str, dict[str, Any]] = {}
+    direct: set[str] = set()
+    on_meta = tensors.on_meta()
+    for name in tensors.names():
+        if name in ruled:
+            direct.add(name)
+            continue
+        events = trace.events.get(name, [])
+        # Events after which the values no longer depend on the past: a draw, a fill, a copy.
+        # Only the last one's draw is served; an earlier draw is dead, unless something reads it.
+        kills = [i for i, e in enumerate(events) if e.determines]
+        for here, after in itertools.pairwise(kills):
+            reads = [e.call for e in events[here:after] if e.kind == "read"]
+            if events[here].kind == "draw" and reads:
+                problems.append(
+                    f"{name!r}: the init code reads the values of {events[here].call}"
+                    f" ({reads[0]}) and then sets {name!r} again with {events[after].call};"
+                    " initserve serves the last draw only (give the tensor a rule)"
+                )
+        if kills and events[kills[-1]].kind == "draw":
+            last = kills[-1]
+            final[name] = events[last].draw
+            if not any(e.kind == "write" for e in events[:last]):
+                direct.add(name)
+        elif kills and events[kills[-1]].value is not None and name in tensors.params:
+            # A parameter the init code fills (norms' ones, biases' zeros): in the spec, so that
+            # it describes the whole model, but never fetched.
+            value = events[kills[-1]].value
+            fills[name] = {"scheme": {0.0: "zeros", 1.0: "ones"}.get(value, "constant")}
+            if fills[name]["scheme"] == "constant":
+                fills[name]["val"] = value
+        initialised = bool(kills)
+        tensor = tensors.get(name)
+        if name in tensors.params and not initialised:
+            problems.append(
+                f"parameter {name!r} {list(tensor.shape)}: no init code initialises it; give it"
+                f" a rule, e.g. rules={{{name!r}: {{'scheme': 'normal', 'std': 0.02}}}}"
+            )
+        elif name in tensors.params and name in reassigned:
+            problems.append(
+                f"parameter {name!r}: the init code replaces it with a new tensor; initserve"
+                " initialises parameters in place"
+            )
+        elif (
+            name in tensors.buffers
+            and tensor.is_meta
+            and on_meta
+            and not initialised
+            and name not in reassigned
+        ):
+            problems.append(
+                f"buffer {name!r} {list(tensor.shape)} is on the meta device and no init code"
+                " computes it: compute it in init_fn=, or build the model on a real device"
+            )
+    entries = []
+    for name in tensors.names():
+        init = ruled.get(name) or (trace.draws[final[name]].init if name in final else None)
+        init = init or fills.get(name)
+        if init is None:
+            continue
+        tensor = tensors.get(name)
+        dtype = _dtype_name(tensor)
+        if dtype is None:
+            problems.append(
+                f"{name!r} is {tensor.dtype}: initserve serves {', '.join(_DTYPES)} tensors"
+            )
+            continue
+        entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype, **init})
+    if problems:
+        raise ModelInitError(problems)
+    spec = {"seed": seed, "tensors": entries}
+    return _Recording(spec, trace.draws, final, set(fills) - set(ruled), direct, ruled)
 
 
 def spec_from_module(
@@ -62,131 +338,79 @@ def spec_from_module(
     seed: int,
     *,
     rules: Rules | None = None,
+    init_fn: InitFn | None = None,
     dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The spec whose keys are exactly ``module.named_parameters()``'s, with their shapes and
-    (unless ``dtype`` forces one) their dtypes."""
-    from torch import nn
-
-    layers: list[dict[str, Any]] = []
-    tensors: list[dict[str, Any]] = []
-    for name, child in module.named_modules():
-        own = dict(child.named_parameters(recurse=False))
-        if not own:
-            continue
-        prefix = f"{name}." if name else ""
-        rule = _rule_for(name, child, rules)
-        weight, bias = own.get("weight"), own.get("bias")
-        if rule is not None:
-            extra = sorted(set(own) - {"weight", "bias"})
-            if extra or weight is None:
-                raise ValueError(
-                    f"{name or type(child).__name__}: a rule covers weight and bias,"
-                    f" not {extra or list(own)}"
-                )
-            init = {k: v for k, v in rule.items() if k != "bias"}
-            bias_init = rule.get("bias", {"scheme": "zeros"})
-            tensors.append({"name": f"{prefix}weight", "shape": list(weight.shape), **init})
-            if bias is not None:
-                tensors.append({"name": f"{prefix}bias", "shape": list(bias.shape), **bias_init})
-            continue
-        plain = isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        if plain and name and set(own) <= {"weight", "bias"}:
-            layers.append(
-                {
-                    "name": name,
-                    "shape": list(child.weight.shape),
-                    "scheme": "torch_default",
-                    "bias": bias is not None,
-                }
-            )
-        elif plain or isinstance(
-            child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-        ):
-            # Transposed convolutions (and a bare layer that is the whole module, which has no
-            # name to give a layer entry): the same formulas, the bias bound spelled out.
-            tensors.append(
-                {
-                    "name": f"{prefix}weight",
-                    "shape": list(child.weight.shape),
-                    "scheme": "torch_default",
-                }
-            )
-            if bias is not None:
-                bound = _fan_in_bound(tuple(child.weight.shape))
-                tensors.append(
-                    {
-                        "name": f"{prefix}bias",
-                        "shape": list(bias.shape),
-                        "scheme": "uniform",
-                        "a": -bound,
-                        "b": bound,
-                    }
-                )
-        elif isinstance(child, nn.Embedding):
-            tensors.append(
-                {"name": f"{prefix}weight", "shape": list(child.weight.shape), "scheme": "normal"}
-            )
-        elif type(child).__name__ in _NORMS:
-            if weight is not None:
-                tensors.append(
-                    {"name": f"{prefix}weight", "shape": list(weight.shape), "scheme": "ones"}
-                )
-            if bias is not None:
-                tensors.append(
-                    {"name": f"{prefix}bias", "shape": list(bias.shape), "scheme": "zeros"}
-                )
-        else:
-            raise ValueError(
-                f"no rule for {type(child).__name__} {name!r} (parameters {sorted(own)}): pass"
-                " rules={ModuleType or 'name glob': {'scheme': ...}}"
-            )
-    spec: dict[str, Any] = {"seed": seed, "dtype": dtype or "float32", "layers": layers,
-                            "tensors": tensors}  # fmt: skip
-    if dtype is None:
-        _set_dtypes(spec, dict(module.named_parameters()))
+    """The spec of the model's own init (with ``rules`` applied): one entry per tensor that a
+    random draw initialises, keyed by its canonical qualified name, in its own dtype (unless
+    ``dtype`` forces one). JSON-able: it can be inspected, stored or served to another framework.
+    Raises ModelInitError listing every problem at once. Nothing of the model is changed."""
+    tensors = _Tensors.of(module)
+    spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
+    if dtype is not None:
+        for entry in spec["tensors"]:
+            entry["dtype"] = dtype
     return spec
 
 
-def _dtype_name(torch_dtype: Any) -> str:
-    name = str(torch_dtype).removeprefix("torch.")
-    if name not in ("float32", "float64", "float16", "bfloat16"):
-        raise ValueError(f"parameters of dtype {name} cannot be initialised from the service")
-    return name
+# --- the second run: on the real tensors ----------------------------------------------------------
 
 
-def _set_dtypes(spec: dict[str, Any], parameters: dict[str, Any]) -> None:
-    """Each entry gets its parameter's dtype, so the bytes can land in the parameters as is."""
-    for layer in spec["layers"]:
-        prefix = f"{layer['name']}." if layer["name"] else ""
-        names = {_dtype_name(parameters[prefix + "weight"].dtype)}
-        if layer.get("bias"):
-            names.add(_dtype_name(parameters[prefix + "bias"].dtype))
-        if len(names) > 1:
-            raise ValueError(f"{layer['name']}: weight and bias have different dtypes {names}")
-        layer["dtype"] = names.pop()
-    for tensor in spec["tensors"]:
-        tensor["dtype"] = _dtype_name(parameters[tensor["name"]].dtype)
+def local_region(tensor: Any) -> list[tuple[int, int]]:
+    """The part of the full tensor this rank holds: DTensor's own offsets (any placements:
+    Shard, _StridedShard, Replicate; uneven and empty shards), or the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return [(0, n) for n in tensor.shape]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    return [(o, o + n) for o, n in zip(offset, shape, strict=True)]
 
 
-def _numpy_views(parameters: dict[str, Any]) -> dict[str, Any] | None:
-    """Writable numpy views of CPU, contiguous parameters (None if any is not one)."""
+def _local(tensor: Any) -> Any:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _materialise(module: Any, tensors: _Tensors, device: Any) -> _Tensors:
+    """``to_empty`` on ``device`` (default: the device mesh's type for DTensors, else CPU), with
+    ties restored (to_empty makes one new tensor per slot) and real buffers kept."""
     import torch
 
-    views = {}
-    for name, parameter in parameters.items():
-        if parameter.device.type != "cpu" or not parameter.is_contiguous():
+    if device is None:
+        meshes = [t.device_mesh for t in tensors.params.values() if hasattr(t, "device_mesh")]
+        device = meshes[0].device_type if meshes else "cpu"
+    kept = {n: b for n, b in tensors.buffers.items() if not b.is_meta}
+    module.to_empty(device=device)
+    for slots in tensors.slots.values():
+        owner, kind, key = slots[0]
+        canonical = getattr(owner, kind)[key]
+        for owner, kind, key in slots[1:]:
+            getattr(owner, kind)[key] = canonical
+    fresh = _Tensors.of(module)
+    with torch.no_grad():
+        for name, buffer in kept.items():
+            fresh.buffers[name].copy_(buffer)
+    return fresh
+
+
+def _numpy_view(tensor: Any) -> Any:
+    """A writable numpy view of a CPU, contiguous tensor (None if it is not one)."""
+    import torch
+
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    data = tensor.detach()
+    if data.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
             return None
-        data = parameter.detach()
-        if data.dtype == torch.bfloat16:
-            try:
-                import ml_dtypes
-            except ImportError:
-                return None
-            views[name] = data.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            views[name] = data.numpy()
-    return views
+        return data.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return data.numpy()
 
 
 def init_module(
@@ -194,61 +418,77 @@ def init_module(
     seed: int,
     *,
     rules: Rules | None = None,
+    init_fn: InitFn | None = None,
     url: str | None = None,
     client: Any = None,
     device: Any = None,
     **options: Any,
 ) -> Any:
-    """Initialise ``module``'s parameters in place from the service and return the module.
+    """Initialise ``module`` in place with its own init (and ``rules``), every draw from initserve;
+    returns the module. ``url="local"`` generates in this process (the initserve engine installed).
 
-    A module on the meta device is first materialised with ``to_empty(device=...)`` (default
-    CPU); its buffers must then be ones this function knows how to reset (BatchNorm's running
-    statistics), else it refuses rather than leave garbage in them.
+    A module on the meta device is materialised with ``to_empty(device=...)`` (default: the
+    device mesh's device type for DTensors, else CPU). Every problem is found before anything is
+    materialised or written, and raised at once as ModelInitError.
     """
+    import numpy as np
     import torch
-    from torch import nn
 
     from initserve_client._client import Client
+    from initserve_client._safetensors import numpy_dtype
+    from initserve_client.torch_capture import Writer
 
-    spec = spec_from_module(module, seed, rules=rules)
-    on_meta = any(p.is_meta for p in module.parameters()) or any(
-        b.is_meta for b in module.buffers()
-    )
-    if on_meta:  # checked before any request: refuse rather than leave garbage in buffers
-        resettable = set()
-        for name, child in module.named_modules():
-            if isinstance(child, nn.modules.batchnorm._NormBase):
-                resettable |= {
-                    f"{name}.{b}" if name else b for b, _ in child.named_buffers(recurse=False)
-                }
-        unknown = [name for name, _ in module.named_buffers() if name not in resettable]
-        if unknown:
-            raise ValueError(
-                f"buffers {unknown} would be left uninitialised by to_empty(); build the module on"
-                " a real device (its parameters are still initialised from the service)"
-            )
-    if on_meta:
-        module.to_empty(device=device or "cpu")
+    tensors = _Tensors.of(module)
+    ruled = _rule_inits(module, tensors, rules)
+    recording = _analyse(module, seed, tensors, init_fn, ruled)
+    # What the init code fills itself is not fetched; the same names give the same streams, so
+    # this subset's values are those of the whole spec.
+    fetched = [e for e in recording.spec["tensors"] if e["name"] not in recording.filled]
+    spec = {**recording.spec, "tensors": fetched}
+    regions = {e["name"]: local_region(tensors.get(e["name"])) for e in fetched}
     own_client = Client(url, **options) if client is None else None
     active = client if own_client is None else own_client
     try:
-        parameters = dict(module.named_parameters())
-        targets = _numpy_views(parameters)
-        if targets is not None:
-            # CPU parameters: the bytes are streamed straight into them, no second copy.
-            active.fetch_into(spec, targets)
-        else:
-            weights = active.fetch_weights(spec, as_torch=True)
-            with torch.no_grad():
-                for name, parameter in parameters.items():
-                    parameter.copy_(weights[name])
+        if spec["tensors"]:
+            active.plan(spec, regions=regions)  # the service's checks, before anything is written
+        if tensors.on_meta():
+            tensors = _materialise(module, tensors, device)
+        arrays: dict[str, Any] = {}
+        later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
+        for entry in spec["tensors"]:
+            name = entry["name"]
+            local = _local(tensors.get(name))
+            view = _numpy_view(local) if name in recording.direct else None
+            if view is None:
+                shape = tuple(hi - lo for lo, hi in regions[name])
+                view = np.empty(shape, dtype=numpy_dtype(_SAFETENSORS[entry["dtype"]]))
+                later[name] = view
+            arrays[name] = view
+        if arrays:
+            active.fetch_into(spec, arrays, regions=regions)
     finally:
         if own_client is not None:
             own_client.close()
+    staged: dict[int, Any] = {}
     with torch.no_grad():
-        for child in module.modules():
-            if isinstance(child, nn.modules.batchnorm._NormBase) and child.track_running_stats:
-                child.reset_running_stats()
-            if isinstance(child, nn.Embedding) and child.padding_idx is not None:
-                child.weight[child.padding_idx].fill_(0)
+        for name, values in later.items():
+            data = _as_tensor(values)
+            if name in recording.direct:  # another device: copied now, before the second run
+                _local(tensors.get(name)).copy_(data.view(_local(tensors.get(name)).shape))
+            else:
+                staged[recording.final[name]] = data
+    names = {id(tensors.get(n)): n for n in tensors.names()}
+    writer = Writer(names, frozenset(recording.ruled), recording.draws, staged)
+    _run_own_init(module, init_fn, writer)
     return module
+
+
+_SAFETENSORS = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _as_tensor(array: Any) -> Any:
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view("int16")).view(torch.bfloat16)
+    return torch.from_numpy(array)

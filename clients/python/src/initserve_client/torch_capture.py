@@ -1,0 +1,534 @@
+"""Running a model's own init code with every random draw taken from initserve.
+
+The init code (``reset_parameters``, Hugging Face ``_init_weights``, a torchtitan-style
+``init_weights``) runs twice, as written and in order:
+
+1. **Recording**, on meta stand-ins of every parameter and buffer: each random draw on a tensor of
+   the model (``torch.nn.init``'s functions and the in-place ``Tensor.normal_``/``uniform_``) is
+   written down as a scheme for that tensor's qualified name, every write and read of the model's
+   tensors is noted, and anything initserve cannot serve (torch's own generator, a draw on part of
+   a tensor or on a copy of one) becomes a problem. Nothing of the real model is touched.
+2. **Replaying**, on the real (materialised, perhaps sharded) tensors: each draw is replaced by the
+   values the service generated for that name, and everything else the code does (``fill_``,
+   scaling after a draw, zeroing a padding row, computing rotary buffers) happens as written.
+
+Draws are seen at three depths, because ``torch.nn.init`` reaches its random kernels three ways:
+the ``_no_grad_*`` helpers (looked up as module globals, so replacing the globals catches every
+caller, even one holding a reference bound at import: ``uniform_``, ``normal_``,
+``trunc_normal_``, the xavier pair), the ``__torch_function__`` hook that ``uniform_``,
+``normal_``, ``constant_`` and ``kaiming_uniform_`` have, and the ``Tensor`` methods that
+``kaiming_normal_`` and model code call directly (a ``TorchFunctionMode`` sees those).
+``orthogonal_`` and ``sparse_`` couple all elements and draw into a scratch tensor, so their code
+objects are swapped for a trampoline while the init runs (callers hold references to the function
+objects, which a module-attribute patch would miss). Every bound (a uniform's ``a``/``b``, a
+normal's ``std``) is computed by torch's own code, so the spec holds exactly what torch would use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# torch's random functions other than the two draws initserve serves: used during a routed init
+# they would give each rank different values, silently.
+_TORCH_RNG = frozenset(
+    {
+        "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
+        "normal", "bernoulli", "bernoulli_", "multinomial", "poisson", "cauchy_",
+        "exponential_", "geometric_", "log_normal_", "random_", "rrelu", "rrelu_",
+        "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "binomial",
+        "_standard_gamma", "_sample_dirichlet", "seed", "manual_seed",
+    }
+)  # fmt: skip
+# Functions whose result is the same memory as their first argument.
+_ALIASES = frozenset(
+    {
+        "__get__", "detach", "view", "view_as", "reshape", "reshape_as", "flatten",
+        "__getitem__", "narrow", "select", "t", "transpose", "permute", "unsqueeze",
+        "squeeze", "expand", "expand_as", "unflatten", "movedim", "diagonal", "as_strided",
+        "unfold", "split", "chunk", "unbind", "to_local", "contiguous",
+    }
+)  # fmt: skip
+# In-place functions that set every value they cover, whatever was there.
+_OVERWRITES = frozenset({"fill_", "zero_", "copy_", "torch.nn.init.constant_"})
+# Of those, the ones that keep the whole tensor (when the shape is unchanged).
+_WHOLE_ALIASES = frozenset({"__get__", "detach", "view", "view_as", "reshape", "reshape_as",
+                            "flatten", "contiguous", "to_local"})  # fmt: skip
+# Queries of metadata, not of values: never a read.
+_METADATA = frozenset(
+    {
+        "size", "dim", "numel", "stride", "nelement", "ndimension", "element_size",
+        "is_contiguous", "is_floating_point", "is_complex", "__len__", "storage_offset",
+        "data_ptr", "untyped_storage", "get_device", "__hash__", "__repr__", "__format__",
+        "__bool__", "type", "is_shared", "is_pinned", "has_names",
+    }
+)  # fmt: skip
+_IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+
+_LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
+
+
+@dataclass(frozen=True)
+class DrawCall:
+    """One random draw the init code asked for, on the whole of one tensor of the model."""
+
+    target: str  # the tensor's canonical qualified name
+    init: dict[str, Any]  # the scheme and its parameters, as a spec entry holds them
+    call: str  # which function asked, for messages
+
+
+@dataclass
+class Event:
+    kind: str  # "draw" | "write" | "read"
+    call: str
+    draw: int | None = None  # index into the draws, for "draw"
+    whole: bool = True  # the event covers the whole tensor
+    overwrite: bool = False  # a write that sets every value it covers (fill_, copy_), not mul_
+    value: float | None = None  # the value a fill sets
+
+    @property
+    def determines(self) -> bool:
+        """After this event the tensor's values no longer depend on what came before."""
+        return self.whole and (self.kind == "draw" or (self.kind == "write" and self.overwrite))
+
+
+@dataclass
+class Trace:
+    """What one run of the init code did to the model's tensors, by canonical name."""
+
+    draws: list[DrawCall] = field(default_factory=list)
+    events: dict[str, list[Event]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def note(self, name: str, event: Event) -> None:
+        self.events.setdefault(name, []).append(event)
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    whole: bool
+
+
+class Router:
+    """Receives what the init code does; the recorder and the writer are its two kinds."""
+
+    def __init__(self, names: dict[int, str], skip: frozenset[str] = frozenset()) -> None:
+        self._aliases: dict[int, Alias] = {}
+        self._keep: list[torch.Tensor] = []  # alias objects stay alive, so their ids stay unique
+        self.skip = skip  # names whose init the code must not touch (a rule initialises them)
+        for tensor_id, name in names.items():
+            self._aliases[tensor_id] = Alias(name, True)
+        self.context: list[str] = []  # which init is running, for messages
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def alias_of(self, tensor: Any) -> Alias | None:
+        return self._aliases.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+
+    def add_alias(self, result: Any, source: Alias, whole: bool) -> None:
+        outputs = result if isinstance(result, tuple | list) else (result,)
+        for out in outputs:
+            if isinstance(out, torch.Tensor) and id(out) not in self._aliases:
+                self._aliases[id(out)] = Alias(source.name, source.whole and whole)
+                self._keep.append(out)
+
+    def where(self) -> str:
+        return f" (in {self.context[-1]})" if self.context else ""
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        """A draw of ``init`` into ``tensor``, asked for by ``call``."""
+        raise NotImplementedError
+
+    def refuse(self, message: str) -> None:
+        raise NotImplementedError
+
+    def write(self, alias: Alias, call: str, value: float | None = None) -> None:
+        pass
+
+    def read(self, alias: Alias, call: str) -> None:
+        pass
+
+
+class Recorder(Router):
+    """The first run: writes down the draws, the writes and reads, and every problem."""
+
+    def __init__(self, names: dict[int, str], skip: frozenset[str] = frozenset()) -> None:
+        super().__init__(names, skip)
+        self.trace = Trace()
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        alias = self.alias_of(tensor)
+        if alias is None:
+            self.refuse(
+                f"{call} draws into a tensor that is not a parameter or buffer of the model (a"
+                f" copy or a scratch tensor){self.where()}: its values would come from torch's"
+                " generator and differ between ranks"
+            )
+            return
+        if not alias.whole:
+            self.refuse(
+                f"{call} draws into part of {alias.name!r}{self.where()}: initserve draws whole"
+                " tensors (give the tensor a rule instead)"
+            )
+            return
+        if alias.name in self.skip:
+            return
+        scheme = init["scheme"]
+        if scheme in ("uniform", "normal", "trunc_normal"):
+            values = [v for k, v in init.items() if k != "scheme"]
+            if not all(math.isfinite(v) for v in values):
+                self.refuse(f"{alias.name!r}: {call} with non-finite parameters {init}")
+                return
+        self.trace.note(alias.name, Event("draw", call, len(self.trace.draws)))
+        self.trace.draws.append(DrawCall(alias.name, init, call))
+
+    def refuse(self, message: str) -> None:
+        if message not in self.trace.problems:
+            self.trace.problems.append(message)
+
+    def write(self, alias: Alias, call: str, value: float | None = None) -> None:
+        overwrite = call in _OVERWRITES or call.startswith("fill ")
+        whole = alias.whole and call != "__setitem__"  # t[index] = v sets part of t
+        event = Event("write", call, whole=whole, overwrite=overwrite, value=value)
+        self.trace.note(alias.name, event)
+
+    def read(self, alias: Alias, call: str) -> None:
+        self.trace.note(alias.name, Event("read", call))
+
+
+class Writer(Router):
+    """The second run, on the real tensors: each draw the recording kept is replaced by the
+    service's values (``staged``: index of the draw -> its local values); the others are dead
+    (overwritten later) or were written before the run (``direct``)."""
+
+    def __init__(
+        self,
+        names: dict[int, str],
+        skip: frozenset[str],
+        draws: list[DrawCall],
+        staged: dict[int, torch.Tensor],
+    ) -> None:
+        super().__init__(names, skip)
+        self.draws, self.staged, self.position = draws, staged, 0
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        alias = self.alias_of(tensor)
+        if alias is not None and alias.name in self.skip:
+            return
+        index = self.position
+        expected = self.draws[index] if index < len(self.draws) else None
+        got = DrawCall(alias.name if alias else "?", init, call)
+        if expected is None or (expected.target, expected.init) != (got.target, got.init):
+            raise RuntimeError(
+                f"the model's init code drew {got} on its second run where its first drew"
+                f" {expected}: it is not deterministic, and initserve cannot route it"
+            )
+        self.position += 1
+        values = self.staged.pop(index, None)
+        if values is not None:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            with _quiet():
+                local.copy_(values.view(local.shape))
+
+    def refuse(self, message: str) -> None:
+        raise RuntimeError(f"the model's init code changed between its two runs: {message}")
+
+
+# --- the draws, as torch computes their parameters ----------------------------------------------
+
+
+def _fill(router: Router, tensor: torch.Tensor, value: float, call: str) -> None:
+    """A draw whose distribution has collapsed to one value (U(a, a), N(m, 0)) is a fill, done
+    here as torch would: there is no randomness left to serve."""
+    alias = router.alias_of(tensor)
+    if alias is not None and alias.name in router.skip:
+        return
+    with _quiet():
+        tensor.fill_(value)
+    if alias is not None:
+        router.write(alias, f"fill by {call}", value)
+
+
+def _uniform(router: Router, tensor: torch.Tensor, a: float, b: float, call: str) -> None:
+    a, b = float(a), float(b)
+    if tensor.numel() == 0:
+        return
+    if a > b:
+        router.refuse(f"{call}: a={a} > b={b}{router.where()} (torch refuses it too)")
+    elif a == b:
+        _fill(router, tensor, a, call)
+    else:
+        router.draw(tensor, {"scheme": "uniform", "a": a, "b": b}, call)
+
+
+def _normal(router: Router, tensor: torch.Tensor, mean: float, std: float, call: str) -> None:
+    mean, std = float(mean), float(std)
+    if tensor.numel() == 0:
+        return
+    if std < 0:
+        router.refuse(f"{call}: std={std} < 0{router.where()} (torch refuses it too)")
+    elif std == 0:
+        _fill(router, tensor, mean, call)
+    else:
+        router.draw(tensor, {"scheme": "normal", "mean": mean, "std": std}, call)
+
+
+def _trunc_normal(
+    router: Router, tensor: torch.Tensor, mean: float, std: float, a: float, b: float, call: str
+) -> None:
+    if tensor.numel() == 0:
+        return
+    init = {"scheme": "trunc_normal", "mean": float(mean), "std": float(std), "a": float(a),
+            "b": float(b)}  # fmt: skip
+    router.draw(tensor, init, call)
+
+
+_ACTIVE: list[Router] = []  # the router of the init running now (under _LOCK)
+_QUIET = threading.local()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The router's own tensor work is not the model's: the mode lets it through unseen."""
+    previous = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = previous
+
+
+def _router() -> Router:
+    return _ACTIVE[-1]
+
+
+def _no_grad_uniform_(tensor: torch.Tensor, a: float, b: float, generator: Any = None) -> Any:
+    _uniform(_router(), tensor, a, b, "torch.nn.init.uniform_")
+    return tensor
+
+
+def _no_grad_normal_(tensor: torch.Tensor, mean: float, std: float, generator: Any = None) -> Any:
+    _normal(_router(), tensor, mean, std, "torch.nn.init.normal_")
+    return tensor
+
+
+def _no_grad_trunc_normal_(
+    tensor: torch.Tensor, mean: float, std: float, a: float, b: float, generator: Any = None
+) -> Any:
+    _trunc_normal(_router(), tensor, mean, std, a, b, "torch.nn.init.trunc_normal_")
+    return tensor
+
+
+def _orthogonal_(tensor: torch.Tensor, gain: float = 1, generator: Any = None) -> Any:
+    if tensor.ndimension() < 2:
+        raise ValueError("Only tensors with 2 or more dimensions are supported")  # as torch
+    if tensor.numel() == 0:
+        return tensor
+    _router().draw(
+        tensor, {"scheme": "orthogonal", "gain": float(gain)}, "torch.nn.init.orthogonal_"
+    )
+    return tensor
+
+
+def _sparse_(
+    tensor: torch.Tensor, sparsity: float, std: float = 0.01, generator: Any = None
+) -> Any:
+    if tensor.ndimension() != 2:
+        raise ValueError("Only tensors with 2 dimensions are supported")  # as torch
+    if tensor.numel() == 0:
+        return tensor
+    init = {"scheme": "sparse", "sparsity": float(sparsity), "std": float(std)}
+    _router().draw(tensor, init, "torch.nn.init.sparse_")
+    return tensor
+
+
+def _kaiming_uniform(router: Router, bound_args: inspect.BoundArguments) -> None:
+    """torch.nn.init.kaiming_uniform_'s bound, by torch's own helpers, in its order."""
+    args = bound_args.arguments
+    tensor = args["tensor"]
+    if 0 in tensor.shape:
+        return  # torch warns and does nothing
+    fan = torch.nn.init._calculate_correct_fan(tensor, args.get("mode", "fan_in"))
+    gain = torch.nn.init.calculate_gain(args.get("nonlinearity", "leaky_relu"), args.get("a", 0))
+    std = gain / math.sqrt(fan)
+    bound = math.sqrt(3.0) * std
+    _uniform(router, tensor, -bound, bound, "torch.nn.init.kaiming_uniform_")
+
+
+_HOOKED = ("uniform_", "normal_", "constant_", "kaiming_uniform_")  # nn.init with a torch hook
+_SIGNATURES = {name: inspect.signature(getattr(torch.nn.init, name)) for name in _HOOKED}
+
+
+class _Mode(TorchFunctionMode):
+    """Sees every torch call the init code makes."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(_QUIET, "on", False):
+            return func(*args, **kwargs)
+        router = _router()
+        name = getattr(func, "__name__", "")
+        module = getattr(func, "__module__", None) or ""
+        if name in _HOOKED and module.startswith(("torch.nn.init", "transformers")):
+            bound = _SIGNATURES[name].bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if name == "uniform_":
+                _uniform(router, a["tensor"], a["a"], a["b"], "torch.nn.init.uniform_")
+            elif name == "normal_":
+                _normal(router, a["tensor"], a["mean"], a["std"], "torch.nn.init.normal_")
+            elif name == "kaiming_uniform_":
+                _kaiming_uniform(router, bound)
+            else:
+                return self._in_place(router, func, args, kwargs, f"torch.nn.init.{name}")
+            return a["tensor"]
+        if func is torch.Tensor.uniform_:
+            bound = inspect.signature(_tensor_uniform).bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            _uniform(router, a["self"], a["from_"], a["to"], "Tensor.uniform_")
+            return args[0]
+        if func is torch.Tensor.normal_:
+            bound = inspect.signature(_tensor_normal).bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
+            return args[0]
+        if name in _TORCH_RNG:
+            router.refuse(
+                f"{module + '.' if module else ''}{name} uses torch's generator{router.where()}:"
+                " its values differ between ranks and cannot be served by initserve (draw with"
+                " torch.nn.init or Tensor.normal_/uniform_ on the parameter itself, or give the"
+                " tensor a rule)"
+            )
+            return func(*args, **kwargs)
+        if name in _ALIASES and args:
+            result = func(*args, **kwargs)
+            source = router.alias_of(args[0])
+            if source is not None:
+                same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape
+                router.add_alias(result, source, name in _WHOLE_ALIASES and same_shape)
+            return result
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
+            return self._in_place(router, func, args, kwargs, name)
+        if name not in _METADATA:
+            for arg in _tensors(args, kwargs):
+                alias = router.alias_of(arg)
+                if alias is not None:
+                    router.read(alias, name)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _in_place(
+        router: Router,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call: str,
+    ) -> Any:
+        target = args[0] if args else next(iter(kwargs.values()), None)
+        alias = router.alias_of(target)
+        if alias is not None and alias.name in router.skip:
+            return target  # a rule initialises this tensor: the init code leaves it alone
+        for arg in _tensors(args[1:], kwargs):
+            other = router.alias_of(arg)
+            if other is not None and arg is not target:
+                router.read(other, call)
+        if alias is not None:
+            router.write(alias, call, _fill_value(call, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _fill_value(call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """The value a fill sets (fill_, zero_, constant_), for the spec; None for other writes."""
+    if call == "zero_":
+        return 0.0
+    given = args[1] if len(args) > 1 else kwargs.get("value", kwargs.get("val"))
+    if call in ("fill_", "torch.nn.init.constant_") and isinstance(given, int | float):
+        return float(given)
+    return None
+
+
+def _tensor_uniform(self: Any, from_: float = 0, to: float = 1, *, generator: Any = None) -> None:
+    """The signature of Tensor.uniform_, to bind its arguments."""
+
+
+def _tensor_normal(self: Any, mean: float = 0, std: float = 1, *, generator: Any = None) -> None:
+    """The signature of Tensor.normal_, to bind its arguments."""
+
+
+def _tensors(args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+def _trampoline(name: str) -> types.CodeType:
+    """Code for ``def <name>(*args, **kwargs)`` that calls the active router's version."""
+    namespace: dict[str, Any] = {}
+    source = (
+        f"def {name}(*args, **kwargs):\n"
+        f"    return __initserve_routed__[{name!r}](*args, **kwargs)\n"
+    )
+    exec(compile(source, f"<initserve routing {name}>", "exec"), namespace)
+    code: types.CodeType = namespace[name].__code__
+    return code
+
+
+_GLOBALS = {
+    "_no_grad_uniform_": _no_grad_uniform_,
+    "_no_grad_normal_": _no_grad_normal_,
+    "_no_grad_trunc_normal_": _no_grad_trunc_normal_,
+}
+_SWAPPED = {"orthogonal_": _orthogonal_, "sparse_": _sparse_}
+
+
+@contextmanager
+def routed(router: Router) -> Iterator[None]:
+    """Every draw of the code run inside goes to ``router``; torch is restored after."""
+    init_module = sys.modules["torch.nn.init"]
+    with _LOCK:
+        saved_globals = {name: getattr(init_module, name) for name in _GLOBALS}
+        saved_code = {}
+        for name in _SWAPPED:
+            function = getattr(init_module, name)
+            saved_code[name] = (function, function.__code__, function.__defaults__)
+        _ACTIVE.append(router)
+        try:
+            for name, replacement in _GLOBALS.items():
+                setattr(init_module, name, replacement)
+            init_module.__dict__["__initserve_routed__"] = _SWAPPED
+            for name, (function, _, _) in saved_code.items():
+                function.__code__ = _trampoline(name)
+                function.__defaults__ = None
+            with _Mode(), torch.no_grad():
+                yield
+        finally:
+            for function, code, defaults in saved_code.values():
+                function.__code__ = code
+                function.__defaults__ = defaults
+            init_module.__dict__.pop("__initserve_routed__", None)
+            for name, original in saved_globals.items():
+                setattr(init_module, name, original)
+            _ACTIVE.pop()

@@ -1,0 +1,95 @@
+"""One rank of the layout-invariance test (run by torch.multiprocessing.spawn): initialise the
+awkward TitanLlama under each layout, then report every parameter's full_tensor() digest and the
+bytes this rank received against the bytes its shards hold."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import torch
+import torch.distributed as dist
+from torch_models import TitanLlama, parallelize
+
+from initserve_client import Client, init_module
+from initserve_client.torch_utils import local_region
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Counts the body bytes of every /init response, as they arrive from the socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_bytes = 0
+        self.init_requests = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.url.path != "/init":
+            return response
+        self.init_requests += 1
+        inner = response.stream
+        transport = self
+
+        class Counted(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                for chunk in inner:  # type: ignore[union-attr]
+                    transport.init_bytes += len(chunk)
+                    yield chunk
+
+            def close(self) -> None:
+                inner.close()  # type: ignore[union-attr]
+
+        response.stream = Counted()
+        return response
+
+
+def digests(model: torch.nn.Module) -> dict[str, str]:
+    out = {}
+    for name, parameter in model.named_parameters():
+        full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+        out[name] = hashlib.sha256(full.detach().contiguous().numpy().tobytes()).hexdigest()
+    return out
+
+
+def shard_bytes(model: torch.nn.Module, fetched: set[str]) -> int:
+    total = 0
+    for name, parameter in model.named_parameters():
+        if name in fetched:
+            region = local_region(parameter)
+            total += math.prod(hi - lo for lo, hi in region) * parameter.element_size()
+    return total
+
+
+def run(rank: int, world_size: int, port: int, url: str, layouts: list[str], out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    report: dict[str, Any] = {}
+    for layout in layouts:
+        with torch.device("meta"):
+            model = TitanLlama()
+        parallelize(model, layout, world_size)
+        transport = CountingTransport()
+        with Client(url, transport=transport) as client:
+            init_module(model, seed=2024, client=client)
+        from initserve_client import spec_from_module
+
+        with torch.device("meta"):
+            plain = TitanLlama()
+        fetched = {e["name"] for e in spec_from_module(plain, 2024)["tensors"]
+                   if e["scheme"] not in ("zeros", "ones", "constant")}  # fmt: skip
+        received: list[Any] = [None] * world_size
+        dist.all_gather_object(
+            received, (transport.init_bytes, shard_bytes(model, fetched), transport.init_requests)
+        )
+        report[layout] = {"digests": digests(model), "received": received}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,9 +80,10 @@ def test_uneven_fsdp_shards_are_the_torch_chunk_split(reports: dict[str, Any]) -
     # registers is (2, 48): on 4 ranks torch.chunk gives rows [1, 1, 0, 0].
     with torch.device("meta"):
         model = TitanLlama()
-    full = initserve.generate(spec_from_module(model, seed=2024), only=["registers"])["registers"]
-    parts = [initserve.generate(spec_from_module(model, seed=2024), regions={
-        "registers": [(min(r, 2), min(r + 1, 2)), (0, 48)]})["registers"] for r in range(4)]  # fmt: skip
+    spec = spec_from_module(model, seed=2024)
+    full = initserve.generate(spec, only=["registers"])["registers"]
+    parts = [initserve.generate(spec, shard=(rank, 4, 0), only=["registers"])["registers"]
+             for rank in range(4)]  # fmt: skip
     assert [p.shape[0] for p in parts] == [1, 1, 0, 0]
     assert np.concatenate(parts).tobytes() == full.tobytes()
     assert reports["fsdp@4"]["digests"]["registers"] == hashlib.sha256(full.tobytes()).hexdigest()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,31 +218,63 @@ def _stand_in(tensor: Any) -> Any:
     return empty
 
 
+@dataclass
+class _Placed:
+    names: dict[int, str]  # id of each tensor in a slot -> its name
+    discarded: frozenset[str]  # names of the tied slots' own stand-ins
+    reassigned: list[str] = field(default_factory=list)  # names whose first slot was assigned anew
+
+
+@contextmanager
+def _placed(tensors: _Tensors, canonical: dict[str, Any], restore_all: bool) -> Iterator[_Placed]:
+    """Each tensor's first slot holds ``canonical[name]``; a tied weight's other slots hold a meta
+    stand-in of their own while the init code runs. The models' own init runs before the tie
+    (Hugging Face's post_init ties after initialize_weights; torch models assign the tie after
+    constructing both modules), so what it does through those slots is discarded, as here.
+    Afterwards the tie is restored, and with ``restore_all`` every slot's original too."""
+    names = {id(t): n for n, t in canonical.items()}
+    placed: dict[tuple[int, str, str], Any] = {}
+    discarded = set()
+    for name, slots in tensors.slots.items():
+        for index, (owner, kind, key) in enumerate(slots):
+            tensor = canonical[name]
+            if index:
+                tensor = _stand_in(tensors.get(name))
+                alias = f"{name} (tied, as {key} of {type(owner).__name__})"
+                names[id(tensor)] = alias
+                discarded.add(alias)
+            getattr(owner, kind)[key] = placed[(id(owner), kind, key)] = tensor
+    result = _Placed(names, frozenset(discarded))
+    try:
+        yield result
+    finally:
+        for name, slots in tensors.slots.items():
+            for index, (owner, kind, key) in enumerate(slots):
+                if (
+                    getattr(owner, kind).get(key) is not placed[(id(owner), kind, key)]
+                    and not index
+                ):
+                    result.reassigned.append(name)
+                if index or restore_all:
+                    getattr(owner, kind)[key] = tensors.get(name)
+
+
 def _record(
     module: Any, tensors: _Tensors, init_fn: InitFn | None, ruled: dict[str, dict[str, Any]]
 ) -> tuple[Any, list[str]]:
     """Run the init code on meta stand-ins of every tensor (nothing real is touched); the trace
-    and the buffers the code assigned anew."""
+    and the names the code assigned anew (a buffer recomputed, a parameter replaced)."""
     from initserve_client.torch_capture import Recorder
 
     stand_ins = {name: _stand_in(tensors.get(name)) for name in tensors.names()}
-    recorder = Recorder({id(t): n for n, t in stand_ins.items()}, frozenset(ruled))
-    for name, slots in tensors.slots.items():
-        for owner, kind, key in slots:
-            getattr(owner, kind)[key] = stand_ins[name]
-    reassigned: list[str] = []
-    try:
-        _run_own_init(module, init_fn, recorder)
-    except Exception as exc:  # the init code itself failed: one more problem, named
-        recorder.refuse(f"the init code raised {type(exc).__name__}: {exc}{recorder.where()}")
-    finally:
-        for name, slots in tensors.slots.items():
-            for owner, kind, key in slots:
-                if getattr(owner, kind).get(key) is not stand_ins[name]:
-                    reassigned.append(name)
-                getattr(owner, kind)[key] = tensors.get(name)
-        _clear_hf_flags(module)
-    return recorder.trace, reassigned
+    with _placed(tensors, stand_ins, restore_all=True) as placed:
+        recorder = Recorder(placed.names, frozenset(ruled) | placed.discarded)
+        try:
+            _run_own_init(module, init_fn, recorder)
+        except Exception as exc:  # the init code itself failed: one more problem, named
+            recorder.refuse(f"the init code raised {type(exc).__name__}: {exc}{recorder.where()}")
+    _clear_hf_flags(module)
+    return recorder.trace, placed.reassigned
 
 
 def _dtype_name(tensor: Any) -> str | None:
@@ -477,9 +510,11 @@ def init_module(
                 _local(tensors.get(name)).copy_(data.view(_local(tensors.get(name)).shape))
             else:
                 staged[recording.final[name]] = data
-    names = {id(tensors.get(n)): n for n in tensors.names()}
-    writer = Writer(names, frozenset(recording.ruled), recording.draws, staged)
-    _run_own_init(module, init_fn, writer)
+    real = {name: tensors.get(name) for name in tensors.names()}
+    with _placed(tensors, real, restore_all=False) as placed:
+        skip = frozenset(recording.ruled) | placed.discarded
+        _run_own_init(module, init_fn, Writer(placed.names, skip, recording.draws, staged))
+    _clear_hf_flags(module)
     return module
 
 

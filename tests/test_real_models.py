@@ -86,7 +86,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], None] | None]] 
             eos_token_id=0,
         ),
         None,
-    ),  # fmt: skip
+    ),
     "llama": (
         _hf(
             "LlamaForCausalLM",
@@ -97,11 +97,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], None] | None]] 
             max_position_embeddings=64,
         ),
         None,
-    ),  # fmt: skip
+    ),
     "bert": (
         _hf("BertForMaskedLM", "BertConfig", **SMALL, vocab_size=1001, max_position_embeddings=64),
         None,
-    ),  # fmt: skip
+    ),
     "vit": (
         _hf(
             "ViTForImageClassification",
@@ -112,7 +112,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], None] | None]] 
             num_labels=7,
         ),
         None,
-    ),  # fmt: skip
+    ),
     "titan_llama": (lambda: TitanLlama(dim=96, hidden=201, n_layers=3), None),
     "cnn": (SmallCNN, None),
     "recurrent": (Recurrent, recurrent_init),
@@ -251,8 +251,8 @@ def test_rules_override_the_models_init_for_chosen_parameters() -> None:
     entries = {e["name"]: e for e in spec["tensors"]}
     assert entries["vit.embeddings.cls_token"]["scheme"] == "zeros"
     assert entries["classifier.weight"]["scheme"] == "xavier_uniform"
-    assert entries["classifier.bias"] == {"name": "classifier.bias", "shape": [7],
-                                          "dtype": "float32", "scheme": "constant", "val": 0.5}  # fmt: skip
+    bias = {"name": "classifier.bias", "shape": [7], "dtype": "float32", "scheme": "constant"}
+    assert entries["classifier.bias"] == {**bias, "val": 0.5}
     assert entries["vit.layers.0.mlp.fc1.weight"]["scheme"] == "orthogonal"
     init_module(model, SEED, rules=rules, url="local")
     expected = initserve.generate(spec)

@@ -65,6 +65,18 @@ def shard_bytes(model: torch.nn.Module, fetched: set[str]) -> int:
     return total
 
 
+def build(layout: str) -> torch.nn.Module:
+    """The awkward TitanLlama; for "hf_*" layouts, a Hugging Face Llama of awkward sizes."""
+    if not layout.startswith("hf_"):
+        return TitanLlama()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=77,
+                         num_attention_heads=3, num_key_value_heads=1, vocab_size=1001,
+                         max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
 def run(rank: int, world_size: int, port: int, url: str, layouts: list[str], out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
@@ -72,15 +84,22 @@ def run(rank: int, world_size: int, port: int, url: str, layouts: list[str], out
     report: dict[str, Any] = {}
     for layout in layouts:
         with torch.device("meta"):
-            model = TitanLlama()
-        parallelize(model, layout, world_size)
+            model = build(layout)
+        if layout == "hf_llama_fsdp":  # the README's route: each decoder layer, then the root
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:  # type: ignore[union-attr]
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            parallelize(model, layout, world_size)  # type: ignore[arg-type]
         transport = CountingTransport()
         with Client(url, transport=transport) as client:
             init_module(model, seed=2024, client=client)
         from initserve_client import spec_from_module
 
         with torch.device("meta"):
-            plain = TitanLlama()
+            plain = build(layout)
         fetched = {e["name"] for e in spec_from_module(plain, 2024)["tensors"]
                    if e["scheme"] not in ("zeros", "ones", "constant")}  # fmt: skip
         received: list[Any] = [None] * world_size

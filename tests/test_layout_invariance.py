@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from layout_worker import run
+from layout_worker import build, run
 from torch_models import TitanLlama
 
 import initserve
@@ -22,7 +22,12 @@ from initserve_client import init_module, spec_from_module
 
 from servers import free_port, uvicorn_server
 
-LAYOUTS = {1: ["fsdp"], 2: ["fsdp", "fsdp_dim1", "tp"], 3: ["fsdp"], 4: ["fsdp", "fsdp_tp"]}
+LAYOUTS = {
+    1: ["fsdp"],
+    2: ["fsdp", "fsdp_dim1", "tp"],
+    3: ["fsdp", "hf_llama_fsdp"],
+    4: ["fsdp", "fsdp_tp"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +43,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
-def single_process() -> dict[str, str]:
+def single_process(layout: str) -> dict[str, str]:
     with torch.device("meta"):
-        model = TitanLlama()
+        model = build(layout)
     init_module(model, seed=2024, url="local")
     return {
         name: hashlib.sha256(p.detach().numpy().tobytes()).hexdigest()
@@ -49,10 +54,11 @@ def single_process() -> dict[str, str]:
 
 
 def test_every_layout_gives_the_single_process_bits(reports: dict[str, Any]) -> None:
-    expected = single_process()
+    expected = {kind: single_process(kind) for kind in ("fsdp", "hf_llama_fsdp")}
     assert set(reports) == {f"{l}@{w}" for w, ls in LAYOUTS.items() for l in ls}  # noqa: E741
     for layout, report in reports.items():
-        assert report["digests"] == expected, layout
+        kind = "hf_llama_fsdp" if layout.startswith("hf_") else "fsdp"
+        assert report["digests"] == expected[kind], layout
 
 
 def test_single_process_init_equals_generate_of_the_spec() -> None:

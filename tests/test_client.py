@@ -72,6 +72,40 @@ def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
         assert same(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
 
 
+@pytest.mark.parametrize(("rows", "world"), [(10, 4), (2, 8), (1001, 3), (7, 7)])
+def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) -> None:
+    """fetch_weights(shard=(rank, world, 0)) gives what FSDP2/DTensor's Shard(0) holds on that
+    rank (torch.chunk: [3, 3, 3, 1] for 10 rows on 4 ranks, empty trailing ranks), never
+    numpy.array_split's [3, 3, 2, 2], which was copied into to_local() before."""
+    import torch
+
+    spec = {"seed": 5, "tensors": [{"name": "w", "shape": [rows, 3], "scheme": "normal"},
+                                   {"name": "b", "shape": [rows], "scheme": "normal"}]}  # fmt: skip
+    whole = initserve.generate(spec)
+    with Client(server) as client:
+        for rank in range(world):
+            got = client.fetch_weights(spec, shard=(rank, world, 0))
+            for key, full in whole.items():
+                chunks = torch.from_numpy(full).chunk(world, dim=0)
+                local = chunks[rank].numpy() if rank < len(chunks) else full[:0]
+                assert got[key].shape == local.shape and got[key].tobytes() == local.tobytes()
+
+
+def test_regions_of_several_tensors_in_one_request(server: str) -> None:
+    regions = {"conv.weight": [(1, 3), (0, 2), (0, 3), (1, 2)], "fc.bias": [(0, 0)]}
+    whole = initserve.generate(SPEC)
+    with Client(server) as client:
+        got = client.fetch_weights(SPEC, regions=regions)
+        into = {k: np.empty_like(v) for k, v in got.items()}
+        client.fetch_into(SPEC, into, regions=regions)
+    assert set(got) == set(regions)
+    for key, region in regions.items():
+        expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
+        assert got[key].tobytes() == expected.tobytes() == into[key].tobytes()
+    with Client("local") as local:
+        assert same(local.fetch_weights(SPEC, regions=regions), got)
+
+
 def test_as_torch_gives_the_same_values(server: str) -> None:
     import torch
 

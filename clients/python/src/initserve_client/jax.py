@@ -214,10 +214,14 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 _TRUNCATED_STD_2 = 0.87962566103423978
 
 
-def _flax_default(module: Any, name: str, shape: tuple[int, ...]) -> dict[str, Any] | None:
-    """Flax's own initialiser of parameter ``name`` of ``module``, as a spec entry (None: no
-    default known)."""
-    kind = type(module).__name__
+_BARE_OWNER = {"kernel": "Linear", "bias": "Linear", "scale": "LayerNorm", "embedding": "Embed"}
+
+
+def _flax_default(
+    kind: str | None, name: str, shape: tuple[int, ...], module: Any = None
+) -> dict[str, Any] | None:
+    """Flax's own initialiser of parameter ``name`` of a module of type ``kind``, as a spec
+    entry (None: no default known)."""
     if name == "bias" and kind in (*_KERNEL_MODULES, "LinearGeneral", *_NORMS):
         return _ZEROS
     if name == "kernel" and kind in _KERNEL_MODULES:
@@ -314,11 +318,11 @@ def spec_from_nnx(
         key, name, shape = _path(parts), str(parts[-1]), tuple(int(n) for n in variable.shape)
         init = _rule_for(key, name, module, rules)
         if init is None and module is not None:
-            init = _flax_default(module, name, shape)
-        bare_default = name in ("bias", "scale") or (name == "kernel" and len(shape) == 2)
-        if init is None and module is None and bare_default:
-            # From a bare State: only the defaults every Flax module agrees on.
-            init = {"bias": _ZEROS, "scale": _ONES}.get(name, {"scheme": "lecun_normal"})
+            init = _flax_default(type(module).__name__, name, shape, module)
+        if init is None and module is None and (len(shape) == 2 or name in ("bias", "scale")):
+            # From a bare State: only the defaults every Flax module that names a parameter so
+            # agrees on (a kernel of more than 2 dimensions may be Conv's or LinearGeneral's).
+            init = _flax_default(_BARE_OWNER.get(name), name, shape)
         if init is None:
             owner = type(module).__name__ if module is not None else "a bare nnx.State"
             raise ValueError(

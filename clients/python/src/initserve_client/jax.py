@@ -212,8 +212,8 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 # lecun_normal is variance_scaling(1, fan_in, truncated_normal): the std of a standard normal
 # truncated to (-2, 2), as jax.nn.initializers divides by it.
 _TRUNCATED_STD_2 = 0.87962566103423978
-
-
+# A bare State has no module types: the module each parameter name implies, where Flax's
+# defaults for that name agree across modules.
 _BARE_OWNER = {"kernel": "Linear", "bias": "Linear", "scale": "LayerNorm", "embedding": "Embed"}
 
 
@@ -272,7 +272,9 @@ def _parameters(model: Any) -> list[tuple[tuple[Any, ...], Any, Any]]:
     from flax import nnx
 
     if isinstance(model, nnx.State):
-        return [(tuple(p), v, None) for p, v in nnx.to_flat_state(model) if _is_param(v)]
+        return [
+            (tuple(p), v, None) for p, v in nnx.to_flat_state(model) if isinstance(v, nnx.Param)
+        ]
     modules = {tuple(p): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
     found = [
         (tuple(p), v, modules.get(tuple(p)[:-1]))
@@ -280,16 +282,6 @@ def _parameters(model: Any) -> list[tuple[tuple[Any, ...], Any, Any]]:
         if isinstance(v, nnx.Param)
     ]
     return sorted(found, key=lambda item: tuple(str(part) for part in item[0]))
-
-
-def _is_param(variable: Any) -> bool:
-    from flax import nnx
-
-    return isinstance(variable, nnx.Param) or (
-        isinstance(variable, nnx.VariableState) and issubclass(variable.type, nnx.Param)
-        if hasattr(nnx, "VariableState")
-        else False
-    )
 
 
 def _dtype_name(key: str, dtype: Any) -> str:

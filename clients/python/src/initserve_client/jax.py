@@ -1,0 +1,414 @@
+"""JAX and Flax NNX: sharded ``jax.Array``s from the same bytes every other client gets.
+
+``fetch_arrays(spec, shardings)`` builds each array with ``jax.make_array_from_callback``. The
+host first works out which hyper-rectangle of each tensor its addressable devices hold (devices
+holding the same block, replicas, are counted once), then asks the service for all of them in one
+``POST /init`` with ``regions`` and streams the bytes straight into host buffers; each device's
+callback is a view into them. A host whose devices hold blocks of one tensor that do not form a
+rectangle (possible on some multi-host meshes) needs one request per block of that tensor; every
+other layout is one request per host.
+
+``spec_from_nnx(model, seed)`` and ``init_nnx(model, seed)`` do for Flax NNX what
+``torch_utils`` does for PyTorch: keys are the state's paths (``layers.0.linear.kernel``), shapes
+and dtypes come from the (abstract, ``nnx.eval_shape``) model, and without a rule a parameter
+gets Flax's own default for its module type:
+
+* Linear, Conv, ConvTranspose, Einsum: kernel ``lecun_normal`` (``layout: "jax"``: fans from
+  ``[*kernel, in, out]``, as ``jax.nn.initializers``), bias zeros;
+* LinearGeneral (and so MultiHeadAttention's projections): the same ``lecun_normal``, with
+  LinearGeneral's fans: it initialises the kernel flattened to ``[batch * in, out]``;
+* Embed: ``variance_scaling(1.0, "fan_in", "normal", out_axis=0)``, which for its
+  ``[num_embeddings, features]`` table is N(0, 1 / features);
+* LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm: scale ones, bias zeros.
+
+JAX requires a sharded axis to divide evenly by the mesh axes it is split over; a sharding that
+asks otherwise is refused, naming the tensor and the mesh axis, before any request is made.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import numpy.typing as npt
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from initserve_client._client import Client, SpecLike, _spec_dict
+from initserve_client._safetensors import Region, expected_entries, numpy_dtype
+
+Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)
+Shardings = Sharding | Mapping[str, Sharding]
+Rules = Mapping[Any, Mapping[str, Any]]  # a glob on the parameter path, or a module type
+
+__all__ = ["fetch_arrays", "host_requests", "init_nnx", "spec_from_nnx"]
+
+
+# --- sharded arrays ------------------------------------------------------------------------------
+
+
+def _sharding_for(key: str, shardings: Shardings) -> Sharding:
+    if isinstance(shardings, Sharding):
+        return shardings
+    try:
+        return shardings[key]
+    except KeyError:
+        raise KeyError(f"no sharding given for tensor {key!r}") from None
+
+
+def _check_divisible(key: str, shape: tuple[int, ...], sharding: Sharding) -> None:
+    """JAX's own rule (every shard the same shape), checked here to name the tensor and the
+    mesh axis before anything is fetched."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        if len(spec) > len(shape):
+            raise ValueError(
+                f"{key}: its PartitionSpec {sharding.spec} names {len(spec)} dimensions, the"
+                f" tensor has {len(shape)} (shape {list(shape)})"
+            )
+        mesh_shape = dict(sharding.mesh.shape)
+        for dim, entry in enumerate(spec):
+            if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+                continue
+            axes = (entry,) if isinstance(entry, str) else tuple(entry)
+            unknown = [axis for axis in axes if axis not in mesh_shape]
+            if unknown:
+                raise ValueError(
+                    f"{key}: mesh axis {unknown[0]!r} is not in the mesh {list(mesh_shape)}"
+                )
+            count = math.prod(mesh_shape[axis] for axis in axes)
+            if shape[dim] % count:
+                named = " x ".join(f"{axis!r} ({mesh_shape[axis]})" for axis in axes)
+                raise ValueError(
+                    f"{key}: dimension {dim} of shape {list(shape)} has {shape[dim]} elements,"
+                    f" split over mesh axis {named}: {count} does not divide {shape[dim]}, and"
+                    " JAX requires a split axis to divide evenly (pad it, or shard another axis)"
+                )
+    try:
+        sharding.shard_shape(shape)
+    except ValueError as exc:  # another kind of sharding: JAX's words, with the tensor's name
+        raise ValueError(f"{key}: {exc}") from exc
+
+
+def _block(index: tuple[slice, ...], shape: tuple[int, ...]) -> Block:
+    bounds = []
+    for part, length in zip(index, shape, strict=True):
+        start, stop, step = part.indices(length)
+        if step != 1:
+            raise ValueError(f"a shard index with step {step} is not a hyper-rectangle")
+        bounds.append((start, max(start, stop)))
+    return tuple(bounds)
+
+
+def _volume(block: Block) -> int:
+    return math.prod(stop - start for start, stop in block)
+
+
+def _covering(blocks: list[Block]) -> list[Block]:
+    """What to fetch so that every block is held: their bounding box when the distinct blocks
+    tile it exactly (the usual case: all a host's devices together hold a rectangle), else the
+    blocks one by one, so that nothing is fetched that no device holds."""
+    if not blocks:
+        return []
+    rank = len(blocks[0])
+    box = tuple((min(b[d][0] for b in blocks), max(b[d][1] for b in blocks)) for d in range(rank))
+    # Shards of one sharding never overlap, so equal volume means they tile the box.
+    return [box] if sum(_volume(b) for b in blocks) == _volume(box) else blocks
+
+
+def host_requests(
+    spec: SpecLike, shardings: Shardings, devices: Sequence[Any] | None = None
+) -> list[dict[str, Block]]:
+    """The ``regions`` of each ``POST /init`` that ``fetch_arrays`` makes for the ``devices``
+    (default: each sharding's addressable devices, i.e. this host's). Checks every sharding
+    first; nothing is fetched."""
+    entries = expected_entries(_spec_dict(spec), None, None)
+    per_tensor: dict[str, list[Block]] = {}
+    for key, _, shape in entries:
+        sharding = _sharding_for(key, shardings)
+        _check_divisible(key, shape, sharding)
+        indices = sharding.devices_indices_map(shape)
+        wanted = sharding.addressable_devices if devices is None else devices
+        distinct = sorted({_block(indices[device], shape) for device in wanted})
+        per_tensor[key] = _covering(distinct)
+    rounds = max((len(blocks) for blocks in per_tensor.values()), default=0)
+    return [
+        {key: blocks[r] for key, blocks in per_tensor.items() if r < len(blocks)}
+        for r in range(rounds)
+    ]
+
+
+def _view(pieces: list[tuple[Block, npt.NDArray[Any]]], block: Block) -> npt.NDArray[Any]:
+    for region, buffer in pieces:
+        bounds = list(zip(region, block, strict=True))
+        if all(lo <= start and stop <= hi for (lo, hi), (start, stop) in bounds):
+            window: tuple[Any, ...] = tuple(
+                slice(start - lo, stop - lo) for (lo, _), (start, stop) in bounds
+            )
+            # The trailing Ellipsis keeps a 0-d tensor an array, not a numpy scalar.
+            view: npt.NDArray[Any] = buffer[(*window, Ellipsis)]
+            return view
+    raise AssertionError(f"no fetched region holds {block}")  # pragma: no cover
+
+
+def fetch_arrays(
+    spec: SpecLike,
+    shardings: Shardings,
+    *,
+    url: str | None = None,
+    client: Client | None = None,
+    **options: Any,
+) -> dict[str, jax.Array]:
+    """Every tensor of ``spec`` as a ``jax.Array`` laid out as ``shardings`` says (one
+    ``Sharding`` for all, or one per key). This host fetches only what its addressable devices
+    hold, replicas once, in one request (see ``host_requests``); ``client`` (or ``url`` and
+    ``Client`` options) says where from, ``url="local"`` generating in this process."""
+    requests = host_requests(spec, shardings)
+    entries = expected_entries(_spec_dict(spec), None, None)
+    dtypes = {key: numpy_dtype(code) for key, code, _ in entries}
+    pieces: dict[str, list[tuple[Block, npt.NDArray[Any]]]] = {key: [] for key, _, _ in entries}
+    active = client if client is not None else Client(url, **options)
+    try:
+        for regions in requests:
+            buffers = {
+                key: np.empty(tuple(stop - start for start, stop in block), dtype=dtypes[key])
+                for key, block in regions.items()
+            }
+            # The client checks the header's keys, dtypes and shapes against these regions.
+            wire: dict[str, Region] = dict(regions)
+            active.fetch_into(spec, buffers, regions=wire)
+            for key, block in regions.items():
+                pieces[key].append((block, buffers[key]))
+    finally:
+        if client is None:
+            active.close()
+    arrays: dict[str, jax.Array] = {}
+    for key, _, shape in entries:
+
+        def from_pieces(
+            index: Any, key: str = key, shape: tuple[int, ...] = shape
+        ) -> npt.NDArray[Any]:
+            return _view(pieces[key], _block(tuple(index), shape))
+
+        arrays[key] = jax.make_array_from_callback(
+            shape, _sharding_for(key, shardings), from_pieces, dtype=dtypes[key]
+        )
+    return arrays
+
+
+# --- Flax NNX ------------------------------------------------------------------------------------
+
+_ZEROS: dict[str, Any] = {"scheme": "zeros"}
+_ONES: dict[str, Any] = {"scheme": "ones"}
+# flax.nnx.nn.linear: default_kernel_init = lecun_normal(), default_bias_init = zeros_init().
+_KERNEL_MODULES = ("Linear", "Conv", "ConvTranspose", "Einsum")
+# flax.nnx.nn.normalization: scale_init = ones, bias_init = zeros.
+_NORMS = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
+_REPLICATED = PartitionSpec()  # type: ignore[no-untyped-call]  # jax leaves P() untyped
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+# lecun_normal is variance_scaling(1, fan_in, truncated_normal): the std of a standard normal
+# truncated to (-2, 2), as jax.nn.initializers divides by it.
+_TRUNCATED_STD_2 = 0.87962566103423978
+# A bare State has no module types: the module each parameter name implies, where Flax's
+# defaults for that name agree across modules.
+_BARE_OWNER = {"kernel": "Linear", "bias": "Linear", "scale": "LayerNorm", "embedding": "Embed"}
+
+
+def _flax_default(
+    kind: str | None, name: str, shape: tuple[int, ...], module: Any = None
+) -> dict[str, Any] | None:
+    """Flax's own initialiser of parameter ``name`` of a module of type ``kind``, as a spec
+    entry (None: no default known)."""
+    if name == "bias" and kind in (*_KERNEL_MODULES, "LinearGeneral", *_NORMS):
+        return _ZEROS
+    if name == "kernel" and kind in _KERNEL_MODULES:
+        # The kernels are [*kernel, in, out]: the service's jax layout computes the same fans.
+        return {"scheme": "lecun_normal"}
+    if name == "kernel" and kind == "LinearGeneral":
+        # LinearGeneral calls kernel_init on the kernel flattened to [batch * in, out].
+        out_size = math.prod(shape[len(shape) - len(module.out_features) :])
+        fan_in = math.prod(shape) // out_size if out_size else 0
+        if fan_in == 0:
+            return _ZEROS  # an empty kernel: nothing to draw
+        std = math.sqrt(1.0 / fan_in) / _TRUNCATED_STD_2
+        return {"scheme": "trunc_normal", "std": std, "a": -2 * std, "b": 2 * std}
+    if name == "embedding" and kind == "Embed":
+        # variance_scaling(1.0, "fan_in", "normal", out_axis=0) on [num_embeddings, features]:
+        # in_axis=-2 and out_axis=0 are both num_embeddings, so fan_in = features.
+        return {"scheme": "normal", "std": math.sqrt(1.0 / shape[-1]) if shape[-1] else 1.0}
+    if name == "scale" and kind in _NORMS:
+        return _ONES
+    return None
+
+
+def _rule_for(path: str, name: str, module: Any, rules: Rules | None) -> dict[str, Any] | None:
+    """A glob on the parameter's path gives its init; a module type gives the init of that
+    module's parameters but its bias (zeros, unless the rule says ``"bias": {...}``)."""
+    if not rules:
+        return None
+    for key, rule in rules.items():
+        if isinstance(key, str) and fnmatch.fnmatchcase(path, key):
+            return dict(rule)
+    types = [key for key in rules if isinstance(key, type)]
+    # The exact type first, then a base class: as torch_utils chooses.
+    exact = [t for t in types if type(module) is t]
+    for key in exact + [t for t in types if t not in exact and isinstance(module, t)]:
+        rule = rules[key]
+        if name == "bias":
+            return dict(rule.get("bias", _ZEROS))
+        return {k: v for k, v in rule.items() if k != "bias"}
+    return None
+
+
+def _path(parts: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+def _parameters(model: Any) -> list[tuple[tuple[Any, ...], Any, Any]]:
+    """(path, Param, owning module or None) of every parameter, in the state's order."""
+    from flax import nnx
+
+    if isinstance(model, nnx.State):
+        return [
+            (tuple(p), v, None) for p, v in nnx.to_flat_state(model) if isinstance(v, nnx.Param)
+        ]
+    modules = {tuple(p): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    found = [
+        (tuple(p), v, modules.get(tuple(p)[:-1]))
+        for p, v in nnx.iter_graph(model)
+        if isinstance(v, nnx.Param)
+    ]
+    return sorted(found, key=lambda item: tuple(str(part) for part in item[0]))
+
+
+def _dtype_name(key: str, dtype: Any) -> str:
+    name = np.dtype(dtype).name
+    if name not in _DTYPES:
+        raise ValueError(
+            f"{key}: parameters of dtype {name} cannot be initialised from the service"
+        )
+    return str(name)
+
+
+def spec_from_nnx(
+    model_or_abstract_state: Any,
+    seed: int,
+    *,
+    rules: Rules | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The spec (``layout: "jax"``) whose keys are the paths of the model's ``nnx.Param``s,
+    with their shapes and (unless ``dtype`` forces one) dtypes. Pass the model, concrete or
+    abstract (``nnx.eval_shape(lambda: Model(rngs=nnx.Rngs(0)))``: nothing is allocated), or its
+    ``nnx.State``; a state has no module types, so each of its parameters needs a rule or a name
+    whose Flax default does not depend on the module (``bias``, ``scale``, a 2-D ``kernel``)."""
+    tensors = []
+    for parts, variable, module in _parameters(model_or_abstract_state):
+        key, name, shape = _path(parts), str(parts[-1]), tuple(int(n) for n in variable.shape)
+        init = _rule_for(key, name, module, rules)
+        if init is None and module is not None:
+            init = _flax_default(type(module).__name__, name, shape, module)
+        if init is None and module is None and (len(shape) == 2 or name in ("bias", "scale")):
+            # From a bare State: only the defaults every Flax module that names a parameter so
+            # agrees on (a kernel of more than 2 dimensions may be Conv's or LinearGeneral's).
+            init = _flax_default(_BARE_OWNER.get(name), name, shape)
+        if init is None:
+            owner = type(module).__name__ if module is not None else "a bare nnx.State"
+            raise ValueError(
+                f"no rule for parameter {key!r} (shape {list(shape)}, in {owner}): pass"
+                " rules={'path glob' or ModuleType: {'scheme': ...}}"
+            )
+        entry = {"name": key, "shape": list(shape), **init}
+        entry["dtype"] = dtype or _dtype_name(key, variable.dtype)
+        tensors.append(entry)
+    return {"seed": seed, "layout": "jax", "dtype": dtype or "float32", "tensors": tensors}
+
+
+def _value(variable: Any) -> Any:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _param_shardings(model: Any, mesh: jax.sharding.Mesh | None) -> dict[str, Sharding]:
+    """Each parameter's sharding: its ``with_partitioning`` annotation on ``mesh`` (or the mesh
+    in its metadata, or the current one); else the array's own, for a concrete model; else
+    replicated on the mesh, or on the default device without one."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    specs = {
+        _path(tuple(p)): _value(v) for p, v in nnx.to_flat_state(nnx.get_partition_spec(state))
+    }
+    context = jax.sharding.get_mesh() if hasattr(jax.sharding, "get_mesh") else None
+    shardings: dict[str, Sharding] = {}
+    for parts, variable, _ in _parameters(model):
+        key = _path(parts)
+        pspec = specs.get(key) or _REPLICATED
+        annotated = (
+            variable.get_metadata().get("mesh") if hasattr(variable, "get_metadata") else None
+        )
+        chosen = next(
+            (m for m in (mesh, annotated, context) if isinstance(m, jax.sharding.Mesh) and m.shape),
+            None,
+        )
+        value = _value(variable)
+        if tuple(pspec) and chosen is None:
+            raise ValueError(f"{key} is annotated {pspec}: pass mesh=, or build it under a mesh")
+        if tuple(pspec) or (chosen is not None and not isinstance(value, jax.Array)):
+            assert chosen is not None
+            shardings[key] = NamedSharding(chosen, pspec)
+        elif isinstance(value, jax.Array):
+            shardings[key] = value.sharding
+        else:
+            shardings[key] = SingleDeviceSharding(jax.devices()[0])
+    return shardings
+
+
+def _abstract_leaves(model: Any) -> list[str]:
+    """Paths of the non-parameter variables that hold no values yet (an abstract model)."""
+    from flax import nnx
+
+    return [
+        _path(tuple(p))
+        for p, v in nnx.iter_graph(model)
+        if isinstance(v, nnx.Variable)
+        and not isinstance(v, nnx.Param)
+        and isinstance(_value(v), jax.ShapeDtypeStruct)
+    ]
+
+
+def init_nnx(
+    model: Any,
+    seed: int,
+    *,
+    rules: Rules | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    url: str | None = None,
+    client: Client | None = None,
+    **options: Any,
+) -> Any:
+    """Initialise ``model``'s ``nnx.Param``s from the service (``spec_from_nnx``'s spec) and
+    return the model. A sharded model is fetched shard by shard (``fetch_arrays``) and the arrays
+    put in place with ``nnx.update``. An abstract model (``nnx.eval_shape``) becomes a concrete
+    one, provided it has no other variables (batch statistics, RNG state) waiting for values:
+    those are refused, before any request, rather than left abstract."""
+    from flax import nnx
+
+    spec = spec_from_nnx(model, seed, rules=rules)
+    waiting = _abstract_leaves(model)
+    if waiting:
+        raise ValueError(
+            f"the abstract model's non-parameter variables {waiting} would stay without values:"
+            " build the model concretely (its parameters are still initialised from the service)"
+        )
+    arrays = fetch_arrays(spec, _param_shardings(model, mesh), url=url, client=client, **options)
+    nested: dict[Any, Any] = {}
+    for parts, _, _ in _parameters(model):
+        node: dict[Any, Any] = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = arrays[_path(parts)]
+    nnx.update(model, nnx.State(nested))
+    return model

@@ -52,6 +52,47 @@ def test_readme_example_runs(index: int, tmp_path: Path) -> None:
         assert "'fc1.weight': (64, 784)" in result.stdout
 
 
+TORCHRUN = re.compile(r"<!-- readme-test torchrun -->\n```python\n(.*?)```", re.S)
+
+
+def test_readme_fsdp2_example_runs_under_torchrun(tmp_path: Path) -> None:
+    """The FSDP2 + Hugging Face example, as written, on 2 ranks: each rank holds its torch.chunk
+    shard and both see the same full tensor, equal to the single-process init."""
+    import hashlib
+    import os
+
+    (code,) = TORCHRUN.findall((REPO / "README.md").read_text())
+    torchrun = Path(sys.executable).parent / "torchrun"
+    with uvicorn_server() as (url, _):
+        (tmp_path / "train.py").write_text(code.replace("http://127.0.0.1:8000", url))
+        from servers import free_port
+
+        result = subprocess.run(
+            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "train.py"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(" full tensor ")[0] for line in lines] == [
+        "rank 0 holds (501, 64),",
+        "rank 1 holds (500, 64),",
+    ]
+    digests = {line.rsplit(" ", 1)[1] for line in lines}
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from initserve_client import init_module
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=172,
+                         num_attention_heads=4, vocab_size=1001)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    init_module(model, seed=42, url="local")
+    embed = model.model.embed_tokens.weight.detach().numpy().tobytes()
+    assert digests == {hashlib.sha256(embed).hexdigest()[:16]}
+
+
 def test_settings_table_lists_every_setting() -> None:
     from initserve.settings import Settings
 

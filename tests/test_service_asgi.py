@@ -234,8 +234,8 @@ async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
             {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}], "bogus": 1},
             ["bogus"],
         ),
-        ([1, 2, 3], []),
-        ("a string", []),
+        ([1, 2, 3], ["body"]),
+        ("a string", ["body"]),
     ],
 )
 async def test_invalid_requests_are_422_naming_the_field(

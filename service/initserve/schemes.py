@@ -347,7 +347,7 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
         elif isinstance(param, int | float) and not isinstance(param, bool):
             negative_slope = param
         else:
-            raise SchemeError("a", f"negative_slope {param!r} not a valid number")
+            raise SchemeError("a", f"negative_slope {param} not a valid number")
         return math.sqrt(2.0 / (1 + negative_slope**2))
     if nonlinearity == "selu":
         return 3.0 / 4

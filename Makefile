@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
 
-.PHONY: install run test lint bench load clean
+.PHONY: install run test lint bench load soak clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 
 load: $(STAMP)
 	$(PY) bench/load.py
+
+# Not part of `make test`: a long run under faults (bench/soak.py). SOAK_SECONDS=60 make soak
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info service/initserve/kernels/*.so

@@ -12,6 +12,12 @@ def _tensor(**fields: object) -> bytes:
     ).encode()
 
 
+def _typed(dtype: str, **fields: object) -> bytes:
+    return json.dumps(
+        {"seed": 1, "dtype": dtype, "tensors": [{"name": "w", "shape": [4, 4], **fields}]}
+    ).encode()
+
+
 def _many(count: int) -> bytes:
     return json.dumps(
         {
@@ -123,4 +129,42 @@ HOSTILE: list[tuple[str, bytes, int]] = [
         ).encode(),
         422,
     ),
-]
+    # Finite inputs whose values would not be (issue 13): each refused before generating.
+    ("normal std 1e308 in float32", _typed("float32", scheme="normal", std=1e308), 422),
+    ("uniform width overflowing binary64", _typed("float32", scheme="uniform", a=-1e308, b=1e308), 422),
+    ("constant 1e39 in float32", _typed("float32", scheme="constant", val=1e39), 422),
+    ("normal std 1e30 in float16", _typed("float16", scheme="normal", std=1e30), 422),
+    ("constant 1e5 in float16", _typed("float16", scheme="constant", val=1e5), 422),
+    ("orthogonal gain 1e39 in bfloat16", _typed("bfloat16", scheme="orthogonal", gain=1e39), 422),
+    ("trunc_normal narrower than float32", _typed("float32", scheme="trunc_normal", a=1.0, b=1.0 + 1e-10), 422),
+    ("constant at the float16 maximum (allowed)", _typed("float16", scheme="constant", val=65504.0), 200),
+    # Loose numbers.
+    ("boolean slope", _tensor(scheme="kaiming_normal", a=True), 422),
+    ("std as a string", _tensor(std="0.1"), 422),
+    ("groups as a float", _tensor(scheme="dirac", shape=[4, 4, 3], groups=2.0), 422),
+    (
+        "bias as 1",
+        json.dumps({"seed": 1, "layers": [{"name": "l", "shape": [2, 2], "scheme": "zeros", "bias": 1}]}).encode(),
+        422,
+    ),
+    ("500 bad tensors (errors capped)", json.dumps({"seed": 1, "tensors": [
+        {"name": f"t{i}", "shape": [2], "scheme": "eye"} for i in range(500)]}).encode(), 422),
+]  # fmt: skip
+
+_SMALL = json.dumps(
+    {"seed": 1, "tensors": [{"name": "w", "shape": [4, 4], "scheme": "normal"}]}
+).encode()
+
+# Requests refused for their headers: (name, headers, body, status).
+HOSTILE_HEADERS: list[tuple[str, dict[str, str], bytes, int]] = [
+    ("text/plain body", {"content-type": "text/plain"}, _SMALL, 415),
+    ("no Content-Type", {}, _SMALL, 415),
+    ("form-encoded body", {"content-type": "application/x-www-form-urlencoded"}, _SMALL, 415),
+    ("multipart body", {"content-type": "multipart/form-data; boundary=x"}, _SMALL, 415),
+    ("JSON in latin-1", {"content-type": "application/json; charset=latin-1"}, _SMALL, 415),
+    ("gzip encoding, plain body", {"content-type": "application/json", "content-encoding": "gzip"}, _SMALL, 415),
+    ("br then identity", {"content-type": "application/json", "content-encoding": "br, identity"}, _SMALL, 415),
+    ("identity encoding (allowed)", {"content-type": "application/json", "content-encoding": "identity"}, _SMALL, 200),
+    ("JSON, charset UTF-8 (allowed)", {"content-type": "Application/JSON; charset=UTF-8"}, _SMALL, 200),
+    ("empty body, no Content-Type", {"content-length": "0"}, b"", 422),
+]  # fmt: skip

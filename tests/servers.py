@@ -31,18 +31,24 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def start_server(port: int, **settings: str) -> subprocess.Popen[bytes]:
-    """`initserve serve` on ``port`` with INITSERVE_<KEY>=value settings, once /readyz says so."""
+def start_server(port: int, log: Path | None = None, **settings: str) -> subprocess.Popen[bytes]:
+    """`initserve serve` on ``port`` with INITSERVE_<KEY>=value settings, once /readyz says so.
+    Its stderr is a pipe, or appended to ``log`` for long runs (a pipe nobody reads fills up
+    and stalls the server)."""
     env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}
     command = [sys.executable, "-m", "initserve.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    if log is None:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    else:
+        with log.open("ab") as sink:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
-            error = process.stderr.read().decode() if process.stderr else ""
+            error = process.stderr.read().decode() if process.stderr else f"see {log}"
             raise RuntimeError(f"server exited: {error}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:

@@ -1,13 +1,15 @@
 """Every request of the hostile corpus gets its 4xx (or 200 where it is legitimate), never a 5xx
-or a crash, and the server keeps serving afterwards."""
+or a crash, never an error located nowhere, and the server keeps serving afterwards; no stream
+of requests can grow the metrics."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from hostile_requests import HOSTILE
+from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 import initserve
 
@@ -27,9 +29,79 @@ def test_hostile_request_gets_its_status(server: str, name: str, body: bytes, st
     )
     assert response.status_code == status, response.text[:300]
     if status >= 400:
-        problem = response.json()
-        assert response.headers["content-type"] == "application/problem+json"
-        assert problem["status"] == status and problem["detail"]
+        assert_problem(response, status)
+
+
+def assert_problem(response: httpx.Response, status: int) -> None:
+    problem = response.json()
+    assert response.headers["content-type"] == "application/problem+json"
+    assert problem["status"] == status and problem["detail"]
+    assert not problem["detail"].startswith(":"), problem["detail"]
+    for error in problem.get("errors", []):
+        assert error["loc"] and all(part != "" for part in error["loc"]), error
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "body", "status"), HOSTILE_HEADERS, ids=[h[0] for h in HOSTILE_HEADERS]
+)
+def test_hostile_headers_get_their_status(
+    server: str, name: str, headers: dict[str, str], body: bytes, status: int
+) -> None:
+    # httpx adds no Content-Type of its own for raw content.
+    response = httpx.post(f"{server}/init", content=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    if status >= 400:
+        assert_problem(response, status)
+    if status == 415:
+        problem = response.json()["detail"]
+        if "content-encoding" in headers:
+            assert response.headers["accept-encoding"] == "identity"
+            assert "Content-Encoding" in problem
+        else:
+            assert response.headers["accept-post"] == "application/json"
+            assert "application/json" in problem
+
+
+def test_many_problems_are_capped_and_counted(server: str) -> None:
+    body = next(b for name, b, _ in HOSTILE if name.startswith("500 bad tensors"))
+    response = httpx.post(
+        f"{server}/plan", content=body, headers={"content-type": "application/json"}
+    )
+    problem = response.json()
+    assert len(problem["errors"]) == 100
+    assert "more problems (the first 100 are listed)" in problem["detail"]
+
+
+def request_series(url: str) -> dict[str, float]:
+    """initserve_requests_total's samples, by their label set."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("initserve_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            samples[labels] = float(value)
+    return samples
+
+
+def test_distinct_paths_do_not_create_metric_series(server: str) -> None:
+    with httpx.Client(base_url=server) as http:
+
+        def one_round() -> None:
+            assert http.get(f"/no/such/{secrets.token_hex(16)}").status_code == 404
+            assert http.get(f"/init/{secrets.token_hex(32)}").status_code == 404
+            # Over the ETag's length limit: a 422 on the same route template.
+            assert http.get(f"/init/{secrets.token_hex(40)}").status_code == 422
+
+        one_round()
+        request_series(server)  # a scrape is counted too, once it has been answered
+        before = request_series(server)
+        for _ in range(1000):
+            one_round()
+        after = request_series(server)
+    assert set(after) == set(before), set(after) ^ set(before)
+    unmatched = 'initserve_requests_total{endpoint="unmatched",status="404"}'
+    by_etag = 'initserve_requests_total{endpoint="/init/{etag}",status="404"}'
+    assert after[unmatched] - before[unmatched] == 1000
+    assert after[by_etag] - before[by_etag] == 1000
 
 
 def test_server_still_serves_after_the_corpus(server: str) -> None:

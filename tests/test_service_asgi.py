@@ -271,8 +271,8 @@ async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
             {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "zeros"}], "bogus": 1},
             ["bogus"],
         ),
-        ([1, 2, 3], []),
-        ("a string", []),
+        ([1, 2, 3], ["body"]),
+        ("a string", ["body"]),
     ],
 )
 async def test_invalid_requests_are_422_naming_the_field(
@@ -393,3 +393,82 @@ async def test_every_operation_has_a_worked_example(client: httpx.AsyncClient) -
         for method, operation in operations.items():
             text = json.dumps(operation)
             assert '"example"' in text or '"examples"' in text, f"{method.upper()} {path}"
+
+
+def requests_counted(text: str) -> dict[tuple[str, str], float]:
+    """initserve_requests_total by (endpoint, status)."""
+    counted = {}
+    for line in text.splitlines():
+        if line.startswith("initserve_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            endpoint = labels.split('endpoint="')[1].split('"')[0]
+            status = labels.split('status="')[1].split('"')[0]
+            counted[endpoint, status] = float(value)
+    return counted
+
+
+async def test_every_answer_is_counted_once_by_route_and_status(client_for: Any) -> None:
+    client = await client_for(
+        api_token="s3cret", max_body_bytes=2048, max_concurrent_streams=1, chunk_bytes=4096
+    )
+    auth = {"Authorization": "Bearer s3cret"}
+    assert (await client.post("/init", json=SMALL)).status_code == 401
+    assert (await client.post("/init", json=SMALL, headers=auth)).status_code == 200
+    assert (await client.post("/plan", json=SMALL, headers=auth)).status_code == 200
+    bad = {**SMALL, "seed": -1}
+    assert (await client.post("/init", json=bad, headers=auth)).status_code == 422
+    big = {**SMALL, "pad": "x" * 4096}
+    assert (await client.post("/init", json=big, headers=auth)).status_code == 413
+    plain = {**auth, "content-type": "text/plain"}
+    assert (await client.post("/init", content=b"{}", headers=plain)).status_code == 415
+    gzip = {**auth, "content-type": "application/json", "content-encoding": "gzip"}
+    assert (await client.post("/init", content=b"{}", headers=gzip)).status_code == 415
+    assert (await client.get("/init", headers=auth)).status_code == 405
+    assert (await client.get("/init/abc", headers=auth)).status_code == 404
+    assert (await client.get("/nowhere", headers=auth)).status_code == 404
+    counted = requests_counted((await client.get("/metrics")).text)
+    assert counted == {
+        ("/init", "401"): 1,
+        ("/init", "200"): 1,
+        ("/plan", "200"): 1,
+        ("/init", "422"): 1,
+        ("/init", "413"): 1,
+        ("/init", "415"): 2,
+        ("/init", "405"): 1,
+        ("/init/{etag}", "404"): 1,
+        ("unmatched", "404"): 1,
+    }
+
+
+async def test_a_refused_stream_is_counted_as_its_503(client_for: Any) -> None:
+    client = await client_for(max_bytes_in_flight=1 << 20, chunk_bytes=1 << 20)
+    assert (await client.post("/init", json=SMALL)).status_code == 503
+    counted = requests_counted((await client.get("/metrics")).text)
+    assert counted[("/init", "503")] == 1 and ("/init", "200") not in counted
+
+
+async def test_problem_locations_are_never_empty(client: httpx.AsyncClient) -> None:
+    for body in ([1, 2, 3], "text", None, {"seed": 1}, {}):
+        response = await client.post("/init", json=body)
+        errors = problem(response, 422)["errors"]
+        assert all(e["loc"] for e in errors), errors
+        assert not response.json()["detail"].startswith(":")
+    empty = await client.post("/init", json={"seed": 1})
+    assert problem(empty, 422)["errors"][0]["loc"] == ["body"]
+
+
+async def test_every_spec_problem_comes_back_in_one_answer(client: httpx.AsyncClient) -> None:
+    spec = {
+        "seed": 1,
+        "tensors": [
+            {"name": "a", "shape": [4], "scheme": "xavier_normal"},
+            {"name": "b", "shape": [4, 4], "scheme": "constant", "val": 1e39},
+            {"name": "a", "shape": [4], "scheme": "zeros"},
+        ],
+    }
+    errors = problem(await client.post("/plan", json=spec), 422)["errors"]
+    assert [e["loc"] for e in errors] == [
+        ["tensors", 0, "shape"],
+        ["tensors", 1, "val"],
+        ["tensors", 2, "name"],
+    ]

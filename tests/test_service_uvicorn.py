@@ -137,6 +137,7 @@ def test_slow_loris_body_gets_408_and_a_closed_connection() -> None:
         assert b"INITSERVE_BODY_TIMEOUT_SECONDS" in answer
         assert httpx.get(f"{url}/readyz").status_code == 200
         assert metric(url, 'initserve_rejections_total{reason="body_timeout"}') == 1
+        assert metric(url, 'initserve_requests_total{endpoint="/init",status="408"}') == 1
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics", "/schemes"])

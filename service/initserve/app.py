@@ -42,7 +42,12 @@ from initserve.delivery import (
     parse_range,
     prepare,
 )
-from initserve.middleware import BearerAuthMiddleware, BodySizeLimitMiddleware
+from initserve.middleware import (
+    BearerAuthMiddleware,
+    BodySizeLimitMiddleware,
+    ContentNegotiationMiddleware,
+    RequestMetricsMiddleware,
+)
 from initserve.plan import ALGORITHM_VERSION, plan
 from initserve.problems import problem_body, problem_response, problem_responses
 from initserve.request import EXAMPLE_REQUEST, InitRequest
@@ -77,7 +82,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "initserve_requests",
-            "HTTP requests answered",
+            "HTTP requests answered, by route template (every unknown path: 'unmatched') and"
+            " status; counted once, by RequestMetricsMiddleware",
             ["endpoint", "status"],
             registry=self.registry,
         )
@@ -275,21 +281,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def reject(reason: str) -> None:
         metrics.rejections.labels(reason).inc()
 
+    def count(route: str, status: int) -> None:
+        metrics.requests.labels(route, str(status)).inc()
+
+    # add_middleware wraps what is there: the last added runs first. Order of a request: counted,
+    # authenticated, media type checked (from headers), then the body read up to its limit.
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout_seconds,
         on_reject=reject,
     )
+    app.add_middleware(ContentNegotiationMiddleware, on_reject=reject)
     if settings.api_token:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=reject)
+    app.add_middleware(RequestMetricsMiddleware, count=count)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": [p for p in e["loc"] if p != "body"], "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors()
-        ]
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return on_spec_error(request, SpecError(errors))
 
     @app.exception_handler(SpecError)
@@ -298,14 +308,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def on_spec_error(request: Request, exc: SpecError) -> JSONResponse:
         reject("invalid_spec")
-        metrics.requests.labels(request.url.path, "422").inc()
-        return problem_response(422, "Unprocessable Content", str(exc), exc.errors)
+        # Locations relative to the body, as the spec's own are; a problem with the body as a
+        # whole (not an object, no entries) is located at "body", never at an empty path.
+        errors = [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
+        located = SpecError(errors)
+        detail = str(located)
+        if exc.omitted:
+            detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+        return problem_response(422, "Unprocessable Content", detail, errors)
 
     @app.exception_handler(Rejected)
     async def on_rejected(request: Request, exc: Rejected) -> JSONResponse:
         reject(exc.reason)
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return problem_response(exc.status, exc.title, exc.detail, exc.errors, exc.headers)
+        errors = (
+            None
+            if exc.errors is None
+            else [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
+        )
+        return problem_response(exc.status, exc.title, exc.detail, errors, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -387,12 +407,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/plan",
         summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating",
-        responses=problem_responses(400, 401, 408, 413, 422),
+        responses=problem_responses(400, 401, 408, 413, 415, 422),
     )
     async def dry_run(request: Request, body: InitBody) -> dict[str, Any]:
         prepared = prepare(body, settings)
         service(request).remember(prepared.etag, body, prepared.spec_bytes)
-        metrics.requests.labels("/plan", "200").inc()
         return dry_run_answer(prepared)
 
     @app.post(
@@ -409,7 +428,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "description": "the byte range asked for with Range",
             },
             304: {"description": "If-None-Match matched the ETag"},
-            **problem_responses(400, 401, 408, 413, 416, 422, 503),
+            **problem_responses(400, 401, 408, 413, 415, 416, 422, 503),
         },
     )
     async def init(request: Request, body: InitBody) -> Response:
@@ -420,7 +439,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/inspect",
         summary="Per-tensor statistics and the activation/gradient scale through the layer chain",
-        responses=problem_responses(400, 401, 408, 413, 422),
+        responses=problem_responses(400, 401, 408, 413, 415, 422),
     )
     async def inspect(request: Request, body: InitBody) -> dict[str, Any]:
         from initserve.diagnostics import inspect_json
@@ -444,14 +463,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, body)
         finally:
             state.admission.release(working)
-        metrics.requests.labels("/inspect", "200").inc()
         return result
 
     async def by_etag(request: Request, etag: str) -> Response:
         quoted = etag if etag.startswith('"') else f'"{etag}"'
         known = service(request).recall(quoted)
         if known is None:
-            metrics.requests.labels("/init/{etag}", "404").inc()
             return problem_response(
                 404,
                 "Not Found",
@@ -493,9 +510,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "X-Initserve-Algorithm": ALGORITHM_VERSION,
             "X-Initserve-Backend": state.backend,
         }
-        endpoint = request.url.path if request.method == "POST" else "/init/{etag}"
         if etag_matches(request.headers.get("if-none-match"), etag):
-            metrics.requests.labels(endpoint, "304").inc()
             return Response(status_code=304, headers=headers)
         try:
             byte_range = parse_range(request.headers.get("range"), total)
@@ -513,14 +528,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
         headers["Content-Length"] = str(stop - start)
         if request.method == "HEAD":
-            metrics.requests.labels(endpoint, str(status)).inc()
             return Response(
                 status_code=status, headers=headers, media_type="application/octet-stream"
             )
         refusal = state.admission.try_acquire(prepared.working_bytes)
         if refusal is not None:
             raise overloaded(refusal)
-        metrics.requests.labels(endpoint, str(status)).inc()
         return StreamingResponse(
             stream(prepared, start, stop),
             status_code=status,
@@ -565,6 +578,14 @@ def _timed(
         if data is None:
             return
         yield time.perf_counter() - started, data
+
+
+def _body_location(loc: list[Any]) -> list[Any]:
+    """FastAPI's ("body", "tensors", 0, ...) as ("tensors", 0, ...); ("body",) and () as
+    ("body",); path and query locations as they are."""
+    if loc and loc[0] == "body" and len(loc) > 1:
+        return list(loc[1:])
+    return list(loc) or ["body"]
 
 
 def _title(status: int) -> str:

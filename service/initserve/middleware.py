@@ -1,7 +1,8 @@
-"""Plain-ASGI middleware: request body size limit and bearer-token auth.
+"""Plain-ASGI middleware: request counting, bearer-token auth, content negotiation and the
+request body size limit (outermost first).
 
-Both answer with the service's one error shape (RFC 9457 problem+json, see problems.py) and
-never read more of a body than the limit allows: Starlette and uvicorn enforce no body limit.
+Each answers with the service's one error shape (RFC 9457 problem+json, see problems.py) and
+none reads more of a body than the limit allows: Starlette and uvicorn enforce no body limit.
 """
 
 from __future__ import annotations
@@ -11,11 +12,135 @@ import secrets
 from collections.abc import Callable
 
 import anyio
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from initserve.problems import problem_response
 
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/schemes")
+
+# The label of every path no route matches: one series, whatever a client sends.
+UNMATCHED_ROUTE = "unmatched"
+# What the JSON endpoints accept (RFC 8259 JSON is UTF-8).
+ACCEPTED_MEDIA_TYPE = "application/json"
+# The methods whose body an endpoint parses; a body on GET or HEAD is never read.
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class RequestMetricsMiddleware:
+    """Counts every answer once, here and nowhere else: outermost, so the answers of the other
+    middleware (401, 408, 413, 415) and the router's 404/405 are counted too. The label is the
+    route's template (``/init/{etag}``), never the raw path, so no client can create series:
+    the set of labels is the routes, ``unmatched``, and the statuses the service sends."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._template(scope)
+        status: int | None = None
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            # Starlette's ServerErrorMiddleware, outside this one, answers it with a 500.
+            status = 500 if status is None else status
+            raise
+        finally:
+            # None: the client left before any answer was started; nothing was answered.
+            if status is not None:
+                self.count(route, status)
+
+    @staticmethod
+    def _template(scope: Scope) -> str:
+        # Starlette sets scope["app"] before the middleware stack runs; its routes are matched
+        # the way the router will match them (a PARTIAL match is a wrong method: 405).
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in getattr(router, "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match != Match.NONE:
+                path: str = getattr(candidate, "path", UNMATCHED_ROUTE)
+                return path
+        return UNMATCHED_ROUTE
+
+
+class ContentNegotiationMiddleware:
+    """415 for a request body that is not ``application/json`` (a charset, if given, must be
+    utf-8) or that carries a ``Content-Encoding`` the server does not decode (any but
+    ``identity``): an ignored encoding would be parsed as if it were plain JSON. Decided from
+    the headers alone, before any of the body is read."""
+
+    def __init__(self, app: ASGIApp, on_reject: Callable[[str], None]) -> None:
+        self.app = app
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in BODY_METHODS
+            or not self._has_body(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+        encoding = (_header(scope, b"content-encoding") or b"identity").decode("latin-1")
+        codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+        if any(c != "identity" for c in codings):
+            self.on_reject("unsupported_encoding")
+            response = problem_response(
+                415,
+                "Unsupported Media Type",
+                f"Content-Encoding {encoding!r} is not decoded by this server; send the body"
+                " uncompressed (Content-Encoding: identity, or no header)",
+                headers={"Accept-Encoding": "identity"},
+            )
+            await response(scope, receive, send)
+            return
+        raw = _header(scope, b"content-type")
+        media_type, _, parameters = (raw or b"").decode("latin-1").partition(";")
+        charset = ""
+        for parameter in parameters.split(";"):
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "charset":
+                charset = value.strip().strip('"').lower()
+        if media_type.strip().lower() != ACCEPTED_MEDIA_TYPE or charset not in ("", "utf-8"):
+            self.on_reject("unsupported_media_type")
+            given = "no Content-Type" if raw is None else f"Content-Type {raw.decode('latin-1')!r}"
+            response = problem_response(
+                415,
+                "Unsupported Media Type",
+                f"the body must be JSON: Content-Type: {ACCEPTED_MEDIA_TYPE} (charset utf-8,"
+                f" if given); got {given}",
+                headers={"Accept-Post": ACCEPTED_MEDIA_TYPE},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _has_body(scope: Scope) -> bool:
+        # An empty POST is left to the endpoint (422: the body is required); only bytes that
+        # would be parsed need a media type.
+        length = _header(scope, b"content-length")
+        if length is not None:
+            return length.strip() not in (b"0", b"")
+        return _header(scope, b"transfer-encoding") is not None
 
 
 class BodySizeLimitMiddleware:

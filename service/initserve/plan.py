@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from initserve.schemes import Draw, Layout, SchemeError, resolve, torch_default_bias
-from initserve.spec import InitParams, Spec, SpecError, parse_spec
+from initserve.spec import MAX_REPORTED_ERRORS, InitParams, Spec, SpecError, parse_spec
 from initserve.stream import StreamId, stream_for
 
 # Bump when any generated bit changes (docs/ALGORITHM.md, section 7).
@@ -79,80 +79,221 @@ def canonical_json(spec: Spec) -> str:
     )
 
 
+# --- representable or refused (docs/ALGORITHM.md, section 3.5) -----------------------------------
+
+# The largest |z| Box-Muller can produce: the radius sqrt(-2 log u) at the smallest u the
+# generator draws, unit(0) = 2^-33, times |cos| = 1 (reached: the angle word 0 gives cos = 1
+# exactly). Computed with the kernel's own log; section 3.5 gives the derivation.
+BOX_MULLER_MAX_RADIUS = 6.763705635001895
+
+# Orthogonal columns have unit norm, so |q| <= 1 up to the rounding of the QR, which the
+# relative margin covers many times over (n * 2^-53 for the largest coupled tensor, 2^22
+# elements, is 2^-31).
+ORTHOGONAL_MARGIN = 1.0 + 2.0**-20
+
+# The same names as in the spec, so a refusal points at the parameter that sets the magnitude.
+_MAGNITUDE_FIELD = {
+    "constant": "val",
+    "xavier_uniform": "gain",
+    "xavier_normal": "gain",
+    "orthogonal": "gain",
+    "sparse": "std",
+    "variance_scaling": "scale",
+}
+
+
+def in_dtype(value: float, dtype: DTypeInfo) -> float:
+    """``value`` (binary64) rounded as the generator rounds it into ``dtype`` (section 3.4:
+    through float32 for the 16-bit types); inf where it overflows."""
+    with np.errstate(over="ignore"):
+        if dtype.name == "float64":
+            return value
+        single = np.array([value], dtype=np.float64).astype(np.float32)
+        return float(single.astype(dtype.numpy)[0])
+
+
+def largest_magnitude(draw: Draw) -> float:
+    """An upper bound, attained or within rounding of attained, on |value| over every value the
+    draw can produce, in binary64 before the dtype's rounding (section 3.5)."""
+    if draw.kind == "uniform":
+        low, width = draw.params
+        # low + width * u with 0 < u < 1: by monotonicity of rounding, between low and
+        # fl(low + width); inf when the width overflows.
+        return max(abs(low), abs(low + width))
+    if draw.kind == "normal":
+        mean, std = draw.params
+        return abs(mean) + std * BOX_MULLER_MAX_RADIUS
+    if draw.kind == "trunc_normal":
+        return max(abs(draw.params[2]), abs(draw.params[3]))  # clamped to [a, b]
+    if draw.kind == "constant":
+        return abs(draw.params[0])
+    if draw.kind == "orthogonal":
+        return abs(draw.params[0]) * ORTHOGONAL_MARGIN
+    if draw.kind == "sparse":
+        return draw.params[1] * BOX_MULLER_MAX_RADIUS
+    return 1.0  # eye, dirac
+
+
+def _magnitude_field(scheme: str, draw: Draw) -> str:
+    if scheme in _MAGNITUDE_FIELD:
+        return _MAGNITUDE_FIELD[scheme]
+    if draw.kind == "normal":
+        mean, std = draw.params
+        return "mean" if abs(mean) > std * BOX_MULLER_MAX_RADIUS else "std"
+    if draw.kind == "uniform":
+        low, width = draw.params
+        return "a" if abs(low) > abs(low + width) else "b"
+    if draw.kind == "trunc_normal":
+        return "a" if abs(draw.params[2]) > abs(draw.params[3]) else "b"
+    return "scheme"
+
+
+def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple[str, str] | None:
+    """(field, message) when some value of the draw would not be finite in ``dtype``, or when a
+    bounded draw's interval collapses to a single value of the dtype; None when it is fine."""
+    bound = largest_magnitude(draw)
+    if not math.isfinite(in_dtype(bound, dtype)):
+        largest = float(np.finfo(dtype.numpy).max)
+        how = {
+            "normal": " (|mean| + 6.7637 std: the largest Box-Muller draw)",
+            "sparse": " (6.7637 std: the largest Box-Muller draw)",
+        }.get(draw.kind, "")
+        size = f"up to {bound:.6g}" if math.isfinite(bound) else "overflowing binary64"
+        return (
+            _magnitude_field(scheme, draw),
+            f"{scheme} in {dtype.name} would produce values {size} in magnitude{how}, which"
+            f" {dtype.name} cannot represent: its largest finite value is {largest:.8g}",
+        )
+    if draw.kind in ("uniform", "trunc_normal"):
+        low, high = (
+            (draw.params[0], draw.params[0] + draw.params[1])
+            if draw.kind == "uniform"
+            else (draw.params[2], draw.params[3])
+        )
+        if in_dtype(low, dtype) == in_dtype(high, dtype):
+            return (
+                "b",
+                f"{scheme}: the interval [{low!r}, {high!r}] is narrower than {dtype.name} can"
+                f" resolve: every value would be {in_dtype(low, dtype)!r}; widen it, or use"
+                " scheme 'constant' for a constant tensor",
+            )
+        if draw.kind == "trunc_normal" and draw.params[5] <= 0.0:
+            return (
+                "b",
+                f"{scheme}: the interval [{low!r}, {high!r}] holds less probability than"
+                " binary64 can resolve around the mean; widen it or move it towards the mean",
+            )
+    return None
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+class _Problems:
+    """The semantic problems of a spec, collected so that one answer lists them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[dict[str, Any]] = []
+
+    def add(self, loc: tuple[str | int, ...], msg: str) -> None:
+        self.errors.append({"loc": list(loc), "msg": msg, "type": "value_error"})
+
+    @property
+    def full(self) -> bool:
+        # One beyond the cap, so that SpecError can say more were found.
+        return len(self.errors) > MAX_REPORTED_ERRORS
+
+
 def _resolve_at(
+    problems: _Problems,
     loc: tuple[str | int, ...],
     init: InitParams,
     shape: tuple[int, ...],
     layout: Layout,
     activation: str | None,
-) -> Draw:
+) -> Draw | None:
     try:
         return resolve(init.scheme, init.given_params(), shape, layout, activation)
     except SchemeError as exc:
-        raise SpecError.single((*loc, exc.field), exc.message) from None
+        problems.add((*loc, exc.field), exc.message)
+        return None
 
 
 def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
-    """Validate a spec and resolve every tensor; raises SpecError naming the field."""
+    """Validate a spec and resolve every tensor; raises SpecError naming every field at fault
+    (up to MAX_REPORTED_ERRORS)."""
     spec = parse_spec(spec_data)
     entries: list[TensorPlan] = []
     seen: dict[str, tuple[str | int, ...]] = {}
+    problems = _Problems()
 
     def add(
         loc: tuple[str | int, ...],
         key: str,
         shape: tuple[int, ...],
-        dtype: str,
+        dtype_name: str,
         seed: int,
-        draw: Draw,
+        init: tuple[tuple[str | int, ...], str, Draw | None],
     ) -> None:
+        """``loc``: the entry (whose name makes the key); ``init``: where its scheme is given,
+        the scheme, and its draw (None when resolving it failed, already reported)."""
+        init_loc, scheme, draw = init
         if key in seen:
             where = ".".join(map(str, seen[key]))
-            raise SpecError.single(
-                (*loc, "name"), f"output key {key!r} is produced twice (also by {where})"
-            )
+            problems.add((*loc, "name"), f"output key {key!r} is produced twice (also by {where})")
+            return
         seen[key] = loc
-        entries.append(
-            TensorPlan(key, shape, DTYPES[dtype], draw, stream_for(seed, key), spec.layout)
-        )
+        if draw is None:
+            return
+        dtype = DTYPES[dtype_name]
+        problem = representability_problem(scheme, draw, dtype)
+        if problem is not None:
+            problems.add((*init_loc, problem[0]), problem[1])
+            return
+        entries.append(TensorPlan(key, shape, dtype, draw, stream_for(seed, key), spec.layout))
 
     for index, layer in enumerate(spec.layers):
+        if problems.full:
+            break
         loc: tuple[str | int, ...] = ("layers", index)
         shape = tuple(layer.shape)
         dtype = layer.dtype or spec.dtype
         seed = spec.seed if layer.seed is None else layer.seed
-        weight = _resolve_at(loc, layer, shape, spec.layout, layer.activation)
-        add(loc, f"{layer.name}.weight", shape, dtype, seed, weight)
+        weight = _resolve_at(problems, loc, layer, shape, spec.layout, layer.activation)
+        add(loc, f"{layer.name}.weight", shape, dtype, seed, (loc, layer.scheme, weight))
         if layer.bias is False:
             continue
         out_features = shape[0] if spec.layout == "torch" else shape[-1]
         bias_shape = (out_features,)
+        bias_loc = (*loc, "bias")
         if layer.bias is True:
+            bias_init, bias_activation = InitParams(scheme="zeros"), None
             if layer.scheme == "torch_default":
+                bias_init = InitParams(scheme="torch_default")
+        else:
+            bias_init, bias_activation = layer.bias, layer.activation
+        bias: Draw | None
+        if bias_init.scheme == "torch_default":
+            try:
                 bias = torch_default_bias(shape, spec.layout)
-            else:
-                bias = _resolve_at(
-                    (*loc, "bias"), InitParams(scheme="zeros"), bias_shape, spec.layout, None
-                )
-        elif layer.bias.scheme == "torch_default":
-            bias = torch_default_bias(shape, spec.layout)
+            except SchemeError as exc:  # the weight has no fan_in
+                problems.add((*bias_loc, exc.field), f"torch_default bias: {exc.message}")
+                bias = None
         else:
             bias = _resolve_at(
-                (*loc, "bias"), layer.bias, bias_shape, spec.layout, layer.activation
+                problems, bias_loc, bias_init, bias_shape, spec.layout, bias_activation
             )
-        add(loc, f"{layer.name}.bias", bias_shape, dtype, seed, bias)
+        add(loc, f"{layer.name}.bias", bias_shape, dtype, seed, (bias_loc, bias_init.scheme, bias))
 
     for index, tensor in enumerate(spec.tensors):
+        if problems.full:
+            break
         loc = ("tensors", index)
         shape = tuple(tensor.shape)
         dtype = tensor.dtype or spec.dtype
         seed = spec.seed if tensor.seed is None else tensor.seed
-        add(
-            loc,
-            tensor.name,
-            shape,
-            dtype,
-            seed,
-            _resolve_at(loc, tensor, shape, spec.layout, tensor.activation),
-        )
+        draw = _resolve_at(problems, loc, tensor, shape, spec.layout, tensor.activation)
+        add(loc, tensor.name, shape, dtype, seed, (loc, tensor.scheme, draw))
+    if problems.errors:
+        raise SpecError(problems.errors)
     return Plan(spec, tuple(entries))

@@ -75,6 +75,7 @@ _DESCRIPTIONS = {
     404: "unknown",
     408: "request body not received in time",
     413: "over a size limit (body, tensors, response, coupled tensor)",
+    415: "body not application/json, or a Content-Encoding the server does not decode",
     416: "range outside the file",
     422: "invalid spec: `errors` names each field",
     503: "overloaded, warming up or draining; retry after Retry-After seconds",

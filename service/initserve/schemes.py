@@ -341,7 +341,13 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     if nonlinearity in ("relu", "gelu", "silu"):
         return math.sqrt(2.0)
     if nonlinearity == "leaky_relu":
-        negative_slope = 0.01 if param is None else param
+        if param is None:
+            negative_slope = 0.01
+        # As torch: a bool is an int to Python, but True is not a slope.
+        elif isinstance(param, int | float) and not isinstance(param, bool):
+            negative_slope = param
+        else:
+            raise SchemeError("a", f"negative_slope {param} not a valid number")
         return math.sqrt(2.0 / (1 + negative_slope**2))
     if nonlinearity == "selu":
         return 3.0 / 4

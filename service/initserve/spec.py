@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from initserve.schemes import PARAM_NAMES, SCHEMES, Activation, Nonlinearity, SchemeName
 
@@ -42,13 +52,48 @@ Name = Annotated[
 ]
 
 
+# A number in a spec is a JSON number: booleans (True is 1 to Python) and numeric strings ("0.1")
+# are refused rather than coerced, so a typo is an error instead of a silent value. Integers are
+# accepted where a real number is meant (1 is 1.0); integer fields (seed, shape, groups) refuse
+# floats. ``allow_inf_nan=False`` also catches a 400-digit integer literal, which pydantic would
+# otherwise read as a float overflowing to inf.
+def _not_bool_or_string(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise PydanticCustomError(
+            "float_type",
+            "Input should be a JSON number; {kind} is not a number, got {value}",
+            {"kind": "a boolean" if isinstance(value, bool) else "a string", "value": repr(value)},
+        )
+    return value
+
+
+Number = Annotated[
+    float, Field(strict=True, allow_inf_nan=False), BeforeValidator(_not_bool_or_string)
+]
+
+# How many problems one SpecError reports: enough to fix a large spec in one round, few enough
+# that a spec with 10,000 bad entries does not produce a megabyte of errors.
+MAX_REPORTED_ERRORS = 100
+
+
+def _where(loc: list[Any]) -> str:
+    return ".".join(map(str, loc)) if loc else "spec"
+
+
 class SpecError(ValueError):
     """A spec that cannot be served. ``errors`` is a list of {"loc": [...], "msg": str,
-    "type": str}, the same shape pydantic uses, so callers report both kinds alike."""
+    "type": str}, the same shape pydantic uses, so callers report both kinds alike: every
+    problem found, up to MAX_REPORTED_ERRORS; ``omitted`` counts the ones beyond."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors[:MAX_REPORTED_ERRORS]
+        self.omitted = max(0, len(errors) - MAX_REPORTED_ERRORS)
+        message = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in self.errors)
+        if self.omitted:
+            message += (
+                f"; and {self.omitted} more problems (the first {MAX_REPORTED_ERRORS} are listed)"
+            )
+        super().__init__(message)
 
     @classmethod
     def single(cls, loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> SpecError:
@@ -73,22 +118,25 @@ class InitParams(BaseModel):
     model_config = _FORBID
 
     scheme: SchemeName = Field(description="initialisation scheme; see GET /schemes")
-    a: float | None = None
-    b: float | None = None
-    mean: float | None = None
-    std: float | None = None
-    val: float | None = None
-    gain: float | None = None
+    a: Number | None = None
+    b: Number | None = None
+    mean: Number | None = None
+    std: Number | None = None
+    val: Number | None = None
+    gain: Number | None = None
     mode: Literal["fan_in", "fan_out", "fan_avg"] | None = None
     nonlinearity: Nonlinearity | None = None
-    sparsity: float | None = None
+    sparsity: Number | None = None
     groups: Annotated[int, Field(strict=True)] | None = None
-    scale: float | None = None
+    scale: Number | None = None
     distribution: Literal["truncated_normal", "normal", "uniform"] | None = None
 
     @model_validator(mode="after")
     def _params_belong_to_scheme(self) -> InitParams:
+        # Every problem of the entry, not just the first: a validator reports one error, so
+        # they are joined into its message.
         scheme = SCHEMES[self.scheme]
+        problems: list[str] = []
         for name in PARAM_NAMES:
             value = getattr(self, name)
             if value is None:
@@ -96,28 +144,31 @@ class InitParams(BaseModel):
             param = scheme.params_by_name.get(name)
             if param is None:
                 allowed = ", ".join(p.name for p in scheme.params) or "no parameters"
-                raise ValueError(
+                problems.append(
                     f"{name!r} is not a parameter of scheme {self.scheme!r} (it takes {allowed})"
                 )
+                continue
             if param.choices and value not in param.choices:
-                raise ValueError(f"{name} must be one of {list(param.choices)}, got {value!r}")
+                problems.append(f"{name} must be one of {list(param.choices)}, got {value!r}")
             if param.minimum is not None:
                 bound, inclusive = param.minimum
                 if value < bound or (value == bound and not inclusive):
                     op = ">=" if inclusive else ">"
-                    raise ValueError(f"{name} must be {op} {bound}, got {value}")
+                    problems.append(f"{name} must be {op} {bound}, got {value}")
             if param.maximum is not None:
                 bound, inclusive = param.maximum
                 if value > bound or (value == bound and not inclusive):
                     op = "<=" if inclusive else "<"
-                    raise ValueError(f"{name} must be {op} {bound}, got {value}")
+                    problems.append(f"{name} must be {op} {bound}, got {value}")
         for param in scheme.params:
             if (
                 param.default is None
                 and param.kind != "choice"
                 and getattr(self, param.name) is None
             ):
-                raise ValueError(f"scheme {self.scheme!r} needs {param.name!r}")
+                problems.append(f"scheme {self.scheme!r} needs {param.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def given_params(self) -> dict[str, Any]:
@@ -141,7 +192,7 @@ class LayerSpec(_TensorCommon):
 
     shape: LayerShape
 
-    bias: bool | InitParams = Field(
+    bias: Annotated[bool, Strict()] | InitParams = Field(
         default=False,
         description="true: torch's default bias for torch_default, zeros otherwise;"
         " an object: that scheme",

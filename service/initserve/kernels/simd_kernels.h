@@ -307,14 +307,22 @@ V_FN void V_(is_simd_step)(const V_(is_simd_stream) *st, int dist, const double 
  * A fill of at least IS_STREAM_BYTES is written with non-temporal stores: it is larger than this
  * core's share of the caches, so regular stores would first read every line from memory (the
  * read-for-ownership) only to overwrite it, doubling the traffic that bounds this loop. Smaller
- * fills (the service's chunks, which are sent as soon as they are made) stay in the cache. */
+ * fills (the service's chunks, which are sent as soon as they are made) stay in the cache.
+ * Streaming stores need aligned addresses: when the run's elements can be (the output is
+ * aligned to its element size and the run's start allows it), the head's partial steps stop at
+ * the first element whose address is aligned, and every whole step after it streams. */
 V_FN void V_(is_simd_fill)(int dist, const double *params, is_u64 seed, is_u32 name0,
                             is_u32 name1, is_u64 start, is_u64 count, void *out, int as_f64) {
     V_(is_simd_stream) st;
     V_(is_simd_stream_init)(&st, seed, name0, name1);
     is_u64 step_values = 4 * (is_u64)(dist == IS_DIST_TRUNC_NORMAL ? V_TILE_BLOCKS : V_STEP_BLOCKS);
     size_t value_size = as_f64 ? sizeof(double) : sizeof(float);
-    int stream = count * value_size >= IS_STREAM_BYTES;
+    int stream = count * value_size >= IS_STREAM_BYTES && (size_t)out % value_size == 0;
+    /* Elements at aligned addresses: e = phase (mod align_values); a whole step starts at one
+     * only if it also starts a block, i.e. if phase is a multiple of 4. */
+    const is_u64 align_values = V_LANES * sizeof(double) / value_size;
+    is_u64 phase = (start - (is_u64)((size_t)out / value_size)) & (align_values - 1);
+    if (phase % 4 != 0) stream = 0;
     is_u64 end = start + count, element = start;
     while (element < end) {
         is_u64 block = element >> 2, offset = element & 3;
@@ -330,6 +338,8 @@ V_FN void V_(is_simd_fill)(int dist, const double *params, is_u64 seed, is_u32 n
             double part[4 * V_TILE_BLOCKS]; /* float32 values use the first half */
             is_u64 n = step_values - offset;
             if (n > end - element) n = end - element;
+            is_u64 to_aligned = (phase - element) & (align_values - 1);
+            if (stream && to_aligned != 0 && n > to_aligned) n = to_aligned;
             V_(is_simd_step)(&st, dist, params, block, part, as_f64, 0);
             memcpy(target, (char *)part + offset * value_size, n * value_size);
             element += n;

@@ -28,7 +28,7 @@
 
 typedef struct {
     vw multipliers;   /* (M0, M1) under words 0 and 2 of every block */
-    vw round_keys[10]; /* (k0, 0, k1, 0) of each round */
+    vw round_keys[10]; /* (k0, 0, k1, 0) of each round, the last one xor 0x80000000 */
     vw counter_base;  /* (i, 0, name0, name1) for block i of the vector */
 } V_(is_simd_stream);
 
@@ -41,11 +41,15 @@ V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 na
         k0 += IS_PHILOX_W0;
         k1 += IS_PHILOX_W1;
     }
+    /* Every word then comes out with its sign bit flipped, so that the signed int32 -> double
+     * conversion every ISA has gives (int)(w ^ 0x80000000), as is_unit_open, at no cost. */
+    st->round_keys[9] = vw_xor(st->round_keys[9], vw_set1_word(0x80000000u));
     st->counter_base =
         vw_add64(vw_block_index(), vw_pairs(0, (is_u64)name0 | ((is_u64)name1 << 32)));
 }
 
-/* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time. */
+/* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time,
+ * each word xor 0x80000000 (see is_simd_stream_init). */
 V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw words[V_UNROLL]) {
     for (int j = 0; j < V_UNROLL; ++j) {
         words[j] = vw_add64(st->counter_base, vw_pairs(block + (is_u64)(j * V_BLOCKS), 0));
@@ -61,10 +65,7 @@ V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw word
     }
 }
 
-/* The words with the sign bit flipped, so that the signed int32 -> double conversion every ISA
- * has gives (int)(w ^ 0x80000000), as is_unit_open. */
-V_FN vw V_(is_simd_signed)(vw words) { return vw_xor(words, vw_set1_word(0x80000000u)); }
-
+/* is_unit_open of a word already xor 0x80000000 and converted as a signed int32. */
 V_FN vd V_(is_simd_unit_open)(vd signed_word) {
     return (signed_word + 2147483648.5) * 2.3283064365386962890625e-10;
 }
@@ -208,7 +209,7 @@ V_FN void V_(is_simd_step_uniform)(const V_(is_simd_stream) *st, const double *p
     V_(is_simd_philox)(st, block, words);
     vd low = vd_set1(params[0]), width = vd_set1(params[1]);
     for (int j = 0; j < V_UNROLL; ++j) {
-        vw s = V_(is_simd_signed)(words[j]);
+        vw s = words[j];
         vd first = low + width * V_(is_simd_unit_open)(vw_low_to_vd(s));
         vd second = low + width * V_(is_simd_unit_open)(vw_high_to_vd(s));
         V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j) * V_LANES, first);
@@ -223,7 +224,7 @@ V_FN void V_(is_simd_step_normal)(const V_(is_simd_stream) *st, const double *pa
     V_(is_simd_philox)(st, block, words);
     vd mean = vd_set1(params[0]), std = vd_set1(params[1]);
     for (int j = 0; j < V_UNROLL; ++j) {
-        vw s = V_(is_simd_signed)(words[j]);
+        vw s = words[j];
         /* is_normal_pair on every (radius, angle) = (even, odd) word pair of the vector */
         vd radius = vd_sqrt(-2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_vd(s))));
         vd sin_a, cos_a;
@@ -255,7 +256,7 @@ V_FN void V_(is_simd_step_trunc_normal)(const V_(is_simd_stream) *st, const doub
         vw words[V_UNROLL];
         V_(is_simd_philox)(st, block + (is_u64)group, words);
         for (int half = 0; half < 2 * V_UNROLL; ++half) {
-            vw s = V_(is_simd_signed)(words[half / 2]);
+            vw s = words[half / 2];
             vd signed_word = half % 2 ? vw_high_to_vd(s) : vw_low_to_vd(s);
             vd p_v = p_low + p_width * V_(is_simd_unit_open)(signed_word); /* is_trunc_normal_p */
             int at = 4 * group + half * V_LANES;

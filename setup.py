@@ -12,7 +12,12 @@ setup(
         Extension(
             "initserve.kernels._cpu_kernels",
             sources=["service/initserve/kernels/cpu_kernels.c"],
-            depends=["service/initserve/kernels/initserve_math.h"],
+            depends=[
+                "service/initserve/kernels/initserve_math.h",
+                "service/initserve/kernels/simd_kernels.h",
+                "service/initserve/kernels/simd_avx2.h",
+                "service/initserve/kernels/simd_avx512.h",
+            ],
             extra_compile_args=[
                 "-O3",
                 "-std=c11",

@@ -1,6 +1,8 @@
 """Engine throughput against the anchors, in one run: initserve.generate vs torch.nn.init and
-NumPy's own generator on 4096x4096 float32 tensors, as ratios; and the peak memory of
-generating a slice of a tensor far too large to generate whole.
+NumPy's own generator on 4096x4096 float32 tensors, as ratios; each scheme against the memory
+wall (a constant fill of a buffer larger than the last-level cache, all threads), on every
+kernel path this CPU has; and the peak memory of generating a slice of a tensor far too large
+to generate whole.
 
     python bench/bench_engine.py            (make bench)
 """
@@ -15,9 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 import initserve
+from initserve.backends import cpu
 from initserve.engine import TensorSource
 
 SIDE = 4096
@@ -25,23 +29,92 @@ N = SIDE * SIDE
 REPEATS = 5
 
 
-def best_rate(fn: Callable[[], object]) -> float:
+def best_rate(fn: Callable[[], object], n: int = N, repeats: int = REPEATS) -> float:
     fn()  # warm-up (first touch of memory, lazy initialisation)
     best = math.inf
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return N / best / 1e6
+    return n / best / 1e6
 
 
-def ours(scheme: str, **params: float) -> Callable[[], object]:
+def ours(
+    scheme: str, buffer: npt.NDArray[np.float32] | None = None, **params: float
+) -> Callable[[], object]:
+    n = N if buffer is None else buffer.size
+    shape = [SIDE, SIDE] if buffer is None else [n]
     tensor = initserve.plan(
-        {"seed": 1, "tensors": [{"name": "w", "shape": [SIDE, SIDE], "scheme": scheme, **params}]}
+        {"seed": 1, "tensors": [{"name": "w", "shape": shape, "scheme": scheme, **params}]}
     ).tensors[0]
     # Into a reused buffer, as torch's in-place init and the service's streaming both work.
-    buffer = np.empty(N, dtype=np.float32)
-    return lambda: TensorSource(tensor).flat(0, N, out=buffer)
+    out = np.empty(N, dtype=np.float32) if buffer is None else buffer
+    return lambda: TensorSource(tensor).flat(0, n, out=out)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs reports (0 where it reports none)."""
+    sizes = [0]
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes)
+
+
+# (row, scheme, params, the target fraction of the fill rate; none for the extra row)
+WALL_ROWS: list[tuple[str, str, dict[str, float], float | None]] = [
+    ("uniform", "uniform", {"a": -1.0, "b": 1.0}, 0.7),
+    ("normal", "normal", {}, 0.2),
+    ("trunc_normal", "trunc_normal", {}, 0.1),
+    ("trunc_normal.02", "trunc_normal", {"std": 0.02}, None),
+]
+
+
+def memory_wall(threads: int) -> None:
+    """Each scheme as a fraction of a constant fill of the same float32 buffer, which is larger
+    than the last-level cache so that both are bounded by memory, not cache; on every kernel
+    path, the widest (the default) first; then one core's rate on the default path."""
+    llc = last_level_cache_bytes()
+    n = max(1 << 28, 2 * llc // 4)  # float32 elements: at least 1 GiB and twice the cache
+    buffer = np.empty(n, dtype=np.float32)
+    as_torch = torch.from_numpy(buffer)
+    fill = best_rate(lambda: as_torch.fill_(1.5), n, 3)
+    default = cpu.selected_isa()
+    isas = [default, *(isa for isa in reversed(cpu.supported_isas()) if isa != default)]
+    print(
+        f"\nmemory wall: {n * 4 / 2**30:.2f} GiB float32 buffer (last-level cache"
+        f" {llc / 2**20:.0f} MiB), {threads} threads, best of 3;"
+        f" torch fill_ {fill:.0f} M elements/s ({fill * 4e6 / 1e9:.1f} GB/s)"
+    )
+    header = f"{'scheme':<16}" + "".join(f" {isa + ' M/s':>12} {'of fill':>8}" for isa in isas)
+    print(header + f" {'target':>7}")
+    print("-" * (len(header) + 8))
+    for name, scheme, params, target in WALL_ROWS:
+        line = f"{name:<16}"
+        for isa in isas:
+            cpu.select_isa(isa)
+            rate = best_rate(ours(scheme, buffer, **params), n, 3)
+            line += f" {rate:>12.0f} {rate / fill:>7.2f}x"
+            if isa == default:
+                fraction = rate / fill
+        cpu.select_isa(default)
+        if target is not None:
+            line += f" {target:>6.1f}x  {'ok' if fraction >= target else 'MISS'}"
+        print(line)
+    # One core on the default path: what each added core contributes until memory is the limit.
+    cpu.set_threads(1)
+    try:
+        per_core = [best_rate(ours(s, buffer, **p), n, 3) for _, s, p, _ in WALL_ROWS]
+    finally:
+        cpu.set_threads(threads)
+    print(
+        f"one core ({default}): "
+        + ", ".join(f"{row[0]} {rate:.0f}" for row, rate in zip(WALL_ROWS, per_core, strict=True))
+        + " M/s; 16 cores: "
+        + ", ".join(f"{16 * rate / 1e3:.1f}" for rate in per_core)
+        + " G/s where memory allows"
+    )
 
 
 def main() -> None:
@@ -117,6 +190,7 @@ def main() -> None:
         )
 
     plot(measured, threads)
+    memory_wall(threads)
 
     # Peak memory for a slice: one shard of 1/64 of a 2^32-element (16 GiB float32) tensor.
     tensor = initserve.plan(

@@ -49,9 +49,18 @@ _lib.is_orthonormal_columns.argtypes = [
     ctypes.c_int,
 ]
 _lib.is_orthonormal_columns.restype = ctypes.c_int
+for _name in ("is_isa_supported", "is_isa_select"):
+    getattr(_lib, _name).argtypes = [ctypes.c_int]
+    getattr(_lib, _name).restype = ctypes.c_int
+_lib.is_isa_selected.argtypes = []
+_lib.is_isa_selected.restype = ctypes.c_int
 
 # Distribution codes, as in initserve_math.h.
 UNIFORM, NORMAL, TRUNC_NORMAL = 0, 1, 2
+
+# The fill paths of the kernels, by their codes there (cpu_kernels.c): the scalar reference and
+# the explicitly vectorised copies of it, which give the same bits.
+ISAS = ("scalar", "avx2", "avx512")
 
 # Below this many elements a single call beats handing work to threads.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
@@ -76,6 +85,22 @@ def set_threads(threads: int) -> None:
     _pool.shutdown(wait=True)
     _threads = threads
     _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="initserve-cpu")
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The fill paths this CPU can run, the scalar reference first."""
+    return tuple(isa for code, isa in enumerate(ISAS) if _lib.is_isa_supported(code))
+
+
+def selected_isa() -> str:
+    """The fill path in use (by default the widest this CPU supports)."""
+    return ISAS[_lib.is_isa_selected()]
+
+
+def select_isa(isa: str) -> None:
+    """Force a fill path (for the tests and benchmarks: every path gives the same bits)."""
+    if isa not in ISAS or _lib.is_isa_select(ISAS.index(isa)) != 0:
+        raise ValueError(f"isa must be one of {supported_isas()} on this CPU, got {isa!r}")
 
 
 def fill_runs(

@@ -20,6 +20,13 @@
 #define IS_CLONES
 #endif
 
+/* The explicitly vectorised fills (simd_kernels.h), one copy per ISA, chosen at run time. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define IS_HAVE_SIMD 1
+#include <immintrin.h>
+#endif
+#include <string.h>
+
 /* Everything a clone calls must be inlined into it, or it runs at the baseline ISA. */
 #define IS_INLINE static inline __attribute__((always_inline))
 
@@ -110,19 +117,102 @@ IS_INLINE void is_fill(int dist, const double *params, is_u64 seed, is_u32 name0
 }
 
 /* n_runs runs of run_len consecutive elements, run r starting at element run_starts[r], written
- * one after another into out: a contiguous range is one run, a hyper-rectangle is many. */
-IS_CLONES void is_fill_runs_f64(int dist, const double *params, is_u64 seed, is_u32 name0,
+ * one after another into out: a contiguous range is one run, a hyper-rectangle is many.
+ * This is the scalar reference, compiled for the baseline ISA; is_fill_runs_f64/_f32 below
+ * dispatch to the vectorised copies of it, which give the same bits. */
+static void is_fill_runs_f64_scalar(int dist, const double *params, is_u64 seed, is_u32 name0,
                                 is_u32 name1, const is_u64 *run_starts, is_u64 n_runs,
                                 is_u64 run_len, double *out) {
     for (is_u64 r = 0; r < n_runs; ++r)
         is_fill(dist, params, seed, name0, name1, run_starts[r], run_len, out + r * run_len, NULL);
 }
 
-IS_CLONES void is_fill_runs_f32(int dist, const double *params, is_u64 seed, is_u32 name0,
+static void is_fill_runs_f32_scalar(int dist, const double *params, is_u64 seed, is_u32 name0,
                                 is_u32 name1, const is_u64 *run_starts, is_u64 n_runs,
                                 is_u64 run_len, float *out) {
     for (is_u64 r = 0; r < n_runs; ++r)
         is_fill(dist, params, seed, name0, name1, run_starts[r], run_len, NULL, out + r * run_len);
+}
+
+#ifdef IS_HAVE_SIMD
+/* Fills from this size on bypass the caches (simd_kernels.h, is_simd_fill): well above the
+ * service's chunks (4 MiB, split across threads), well below a large in-process tensor. */
+#ifndef IS_STREAM_BYTES
+#define IS_STREAM_BYTES ((is_u64)16 << 20)
+#endif
+#include "simd_avx512.h"
+#include "simd_kernels.h"
+#include "simd_avx2.h"
+#include "simd_kernels.h"
+#endif
+
+/* The fill paths, best last. Codes as in initserve.backends.cpu. */
+enum { IS_ISA_SCALAR = 0, IS_ISA_AVX2 = 1, IS_ISA_AVX512 = 2, IS_ISA_COUNT = 3 };
+
+int is_isa_supported(int isa) {
+    if (isa == IS_ISA_SCALAR) return 1;
+#ifdef IS_HAVE_SIMD
+    __builtin_cpu_init();
+    if (isa == IS_ISA_AVX2) return __builtin_cpu_supports("avx2");
+    if (isa == IS_ISA_AVX512) return __builtin_cpu_supports("avx512f");
+#endif
+    return 0;
+}
+
+/* -1 until the first fill (or is_isa_select) picks one. Every path gives the same bits, so a
+ * thread that reads a value being changed fills correctly either way. */
+static int is_isa_current = -1;
+
+int is_isa_selected(void) {
+    int isa = __atomic_load_n(&is_isa_current, __ATOMIC_RELAXED);
+    if (isa < 0) {
+        for (isa = IS_ISA_COUNT - 1; !is_isa_supported(isa); --isa) {
+        }
+        __atomic_store_n(&is_isa_current, isa, __ATOMIC_RELAXED);
+    }
+    return isa;
+}
+
+/* Returns 0, or -1 (and changes nothing) when this CPU cannot run that path. */
+int is_isa_select(int isa) {
+    if (isa < 0 || isa >= IS_ISA_COUNT || !is_isa_supported(isa)) return -1;
+    __atomic_store_n(&is_isa_current, isa, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* The vectorised paths cover the three distributions; raw words (a debugging code) stay scalar. */
+void is_fill_runs_f64(int dist, const double *params, is_u64 seed, is_u32 name0, is_u32 name1,
+                      const is_u64 *run_starts, is_u64 n_runs, is_u64 run_len, double *out) {
+    int isa = dist <= IS_DIST_TRUNC_NORMAL ? is_isa_selected() : IS_ISA_SCALAR;
+#ifdef IS_HAVE_SIMD
+    if (isa == IS_ISA_AVX512) {
+        is_simd_fill_runs_f64_avx512(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
+        return;
+    }
+    if (isa == IS_ISA_AVX2) {
+        is_simd_fill_runs_f64_avx2(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
+        return;
+    }
+#endif
+    (void)isa;
+    is_fill_runs_f64_scalar(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
+}
+
+void is_fill_runs_f32(int dist, const double *params, is_u64 seed, is_u32 name0, is_u32 name1,
+                      const is_u64 *run_starts, is_u64 n_runs, is_u64 run_len, float *out) {
+    int isa = dist <= IS_DIST_TRUNC_NORMAL ? is_isa_selected() : IS_ISA_SCALAR;
+#ifdef IS_HAVE_SIMD
+    if (isa == IS_ISA_AVX512) {
+        is_simd_fill_runs_f32_avx512(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
+        return;
+    }
+    if (isa == IS_ISA_AVX2) {
+        is_simd_fill_runs_f32_avx2(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
+        return;
+    }
+#endif
+    (void)isa;
+    is_fill_runs_f32_scalar(dist, params, seed, name0, name1, run_starts, n_runs, run_len, out);
 }
 
 /* Raw 32-bit words [start, start + count) of the stream (word i = word i mod 4 of block i / 4). */

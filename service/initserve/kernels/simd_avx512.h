@@ -1,0 +1,74 @@
+/*
+ * simd_avx512.h -- the AVX-512F vocabulary of simd_kernels.h: 512-bit vectors of 8 doubles,
+ * 16 Philox words (4 blocks) or 8 64-bit integers. Only AVX-512F instructions are named, so the
+ * path runs on every AVX-512 CPU (Skylake-X onwards, Zen 4). Included by cpu_kernels.c right
+ * before simd_kernels.h, which undefines every name below when it is done.
+ */
+#define V_(name) name##_avx512
+#define V_TARGET "avx512f"
+#define V_LANES 8          /* doubles in a vd */
+#define V_BLOCKS 4         /* Philox blocks in a vw (16 words) */
+
+#define vd __m512d
+#define vw __m512i         /* 32-bit words, four per 128-bit lane: one Philox block */
+#define vi __m512i         /* 64-bit integers, one per double lane */
+#define vm __mmask8        /* one bit per double lane */
+
+#define vd_set1(x) _mm512_set1_pd(x)
+#define vd_sqrt(x) _mm512_sqrt_pd(x)
+#define vd_lt(a, b) _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ)
+#define vd_gt(a, b) _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ)
+#define vd_le(a, b) _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ)
+#define vd_select(m, if_true, if_false) _mm512_mask_blend_pd(m, if_false, if_true)
+/* maxpd(a, b) is a > b ? a : b and minpd(a, b) is a < b ? a : b, whatever the signs of zeros. */
+#define vd_max(a, b) _mm512_max_pd(a, b)
+#define vd_min(a, b) _mm512_min_pd(a, b)
+#define vm_bits(m) ((unsigned)(m))
+#define vd_bits(x) _mm512_castpd_si512(x)
+#define vd_of_bits(x) _mm512_castsi512_pd(x)
+#define vd_load(p) _mm512_loadu_pd(p)
+#define vd_store64(p, x) _mm512_storeu_pd(p, x)
+#define vd_store32(p, x) _mm256_storeu_ps(p, _mm512_cvtpd_ps(x))
+/* Non-temporal, to an address aligned to the vector's width. */
+#define vd_stream64(p, x) _mm512_stream_pd(p, x)
+#define vd_stream32(p, x) _mm256_stream_ps(p, _mm512_cvtpd_ps(x))
+/* Truncation toward zero into 64-bit lanes (the values are small and non-negative). */
+#define vd_trunc(x) _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(x))
+
+#define vi_set1(x) _mm512_set1_epi64((long long)(x))
+#define vi_and(a, b) _mm512_and_si512(a, b)
+#define vi_or(a, b) _mm512_or_si512(a, b)
+#define vi_xor(a, b) _mm512_xor_si512(a, b)
+#define vi_add(a, b) _mm512_add_epi64(a, b)
+#define vi_srl(a, n) _mm512_srli_epi64(a, n)
+#define vi_sll(a, n) _mm512_slli_epi64(a, n)
+#define vi_bit0(a) _mm512_test_epi64_mask(a, _mm512_set1_epi64(1))
+
+/* 64-bit lanes alternating (even_lane, odd_lane): a word pair (w0, w1) and a pair (w2, w3). */
+#define vw_pairs(even_lane, odd_lane)                                                              \
+    _mm512_set_epi64((long long)(odd_lane), (long long)(even_lane), (long long)(odd_lane),         \
+                     (long long)(even_lane), (long long)(odd_lane), (long long)(even_lane),        \
+                     (long long)(odd_lane), (long long)(even_lane))
+/* Block i of the vector: 64-bit lane 2i holds i, lane 2i + 1 holds 0. */
+#define vw_block_index() _mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0)
+#define vw_set1_word(x) _mm512_set1_epi32((int)(x))
+#define vw_xor(a, b) _mm512_xor_si512(a, b)
+#define vw_add64(a, b) _mm512_add_epi64(a, b)
+/* Words 0 and 2 of each block times the 32-bit multipliers, as 64-bit products. */
+#define vw_mul_even(a, b) _mm512_mul_epu32(a, b)
+/* (w0, w1, w2, w3) -> (w3, w2, w1, w0) in every block. */
+#define vw_reverse(a) _mm512_shuffle_epi32(a, (_MM_PERM_ENUM)0x1B)
+/* (w0, w1, w2, w3) -> (w1, 0, w3, 0) in every block. */
+#define vw_odd_down(a) _mm512_srli_epi64(a, 32)
+/* Words as signed int32 into doubles: the first or second half of the vector, or the even or
+ * odd words (the radius and the angle word of each Box-Muller pair). */
+#define vw_low_to_vd(a) _mm512_cvtepi32_pd(_mm512_castsi512_si256(a))
+#define vw_high_to_vd(a) _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(a, 1))
+#define vw_even_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(a))
+#define vw_odd_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(_mm512_srli_epi64(a, 32)))
+/* (e0..e7), (o0..o7) -> (e0, o0, ..., e3, o3), (e4, o4, ..., e7, o7). */
+#define vd_interleave(even, odd, first, second)                                                    \
+    do {                                                                                           \
+        *(first) = _mm512_permutex2var_pd(even, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), odd);  \
+        *(second) = _mm512_permutex2var_pd(even, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), odd); \
+    } while (0)

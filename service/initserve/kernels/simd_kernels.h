@@ -1,0 +1,422 @@
+/*
+ * simd_kernels.h -- the fill kernels written once over a small vector vocabulary, and compiled
+ * once per ISA: cpu_kernels.c includes an ISA header (simd_avx512.h, simd_avx2.h) and then this
+ * file, which yields V_(is_simd_fill_runs_f64) and V_(is_simd_fill_runs_f32) for that ISA.
+ *
+ * Every value is the value of initserve_math.h's scalar code, bit for bit: the same binary64
+ * operations in the same order, one lane per element. The floating-point arithmetic is written
+ * with C operators on the vector types (GCC and clang define __m256d / __m512d as vector
+ * extension types), so each formula reads as its scalar original; setup.py's -ffp-contract=off
+ * keeps every * and + a separately rounded instruction. The intrinsics are only for what C
+ * operators cannot say: Philox's 32x32->64-bit products and word shuffles, conversions, lane
+ * selections, sqrt (correctly rounded, as the scalar one).
+ *
+ * Lane layout: a vw holds V_BLOCKS whole Philox blocks, words in stream order, so the output
+ * needs no transpose; a Philox round is one vpmuludq (words 0 and 2 of every block times M0, M1),
+ * one shuffle, one shift and two xors for all of them.
+ */
+
+#define V_FN static inline __attribute__((always_inline, target(V_TARGET)))
+/* Independent Philox vectors in flight: a round is a chain of about 7 cycles (vpmuludq alone
+ * takes 5) and 4 or 5 instructions, so 8 chains keep the multiplier busy. */
+#define V_UNROLL 8
+#define V_STEP_BLOCKS (V_UNROLL * V_BLOCKS)
+/* trunc_normal works in tiles: every element gets the central approximation in vectors, the
+ * elements in the tails are gathered and get the tail approximation in full vectors too. */
+#define V_TILE_BLOCKS 64
+#define V_ALL_LANES ((1u << V_LANES) - 1u)
+
+typedef struct {
+    vw multipliers;   /* (M0, M1) under words 0 and 2 of every block */
+    vw round_keys[10]; /* (k0, 0, k1, 0) of each round, the last one xor 0x80000000 */
+    vw counter_base;  /* (i, 0, name0, name1) for block i of the vector */
+} V_(is_simd_stream);
+
+V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 name0,
+                                   is_u32 name1) {
+    is_u32 k0 = (is_u32)seed, k1 = (is_u32)(seed >> 32);
+    st->multipliers = vw_pairs(IS_PHILOX_M0, IS_PHILOX_M1);
+    for (int round = 0; round < 10; ++round) {
+        st->round_keys[round] = vw_pairs(k0, k1);
+        k0 += IS_PHILOX_W0;
+        k1 += IS_PHILOX_W1;
+    }
+    /* Every word then comes out with its sign bit flipped, so that the signed int32 -> double
+     * conversion every ISA has gives (int)(w ^ 0x80000000), as is_unit_open, at no cost. */
+    st->round_keys[9] = vw_xor(st->round_keys[9], vw_set1_word(0x80000000u));
+    st->counter_base =
+        vw_add64(vw_block_index(), vw_pairs(0, (is_u64)name0 | ((is_u64)name1 << 32)));
+}
+
+/* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time,
+ * each word xor 0x80000000 (see is_simd_stream_init). */
+V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw words[V_UNROLL]) {
+    for (int j = 0; j < V_UNROLL; ++j) {
+        words[j] = vw_add64(st->counter_base, vw_pairs(block + (is_u64)(j * V_BLOCKS), 0));
+    }
+    for (int round = 0; round < 10; ++round) {
+        for (int j = 0; j < V_UNROLL; ++j) {
+            /* (lo0, hi0, lo1, hi1) -> (hi1, lo1, hi0, lo0), xor (c1, 0, c3, 0) and the key:
+             * (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), as is_philox4x32_10. */
+            vw product = vw_mul_even(words[j], st->multipliers);
+            words[j] = vw_xor(vw_xor(vw_reverse(product), vw_odd_down(words[j])),
+                              st->round_keys[round]);
+        }
+    }
+}
+
+/* is_unit_open of a word already xor 0x80000000 and converted as a signed int32. */
+V_FN vd V_(is_simd_unit_open)(vd signed_word) {
+    return (signed_word + 2147483648.5) * 2.3283064365386962890625e-10;
+}
+
+/* (double)n for 0 <= n < 2^52, exactly: n in the mantissa of 2^52, minus 2^52. */
+V_FN vd V_(is_simd_small_int)(vi n) {
+    return vd_of_bits(vi_or(n, vi_set1(0x4330000000000000ull))) - 4503599627370496.0;
+}
+
+/* is_log. */
+V_FN vd V_(is_simd_log)(vd x) {
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
+    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
+    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
+    const double Lg7 = 1.479819860511658591e-01;
+    vi bits = vd_bits(x);
+    vd m = vd_of_bits(vi_or(vi_and(bits, vi_set1(0x000FFFFFFFFFFFFFull)),
+                            vi_set1(0x3FF0000000000000ull)));
+    vm above = vd_gt(m, vd_set1(1.4142135623730951));
+    m = vd_select(above, m * 0.5, m);
+    /* (double)(exponent - 1023 + above): small integers, so every step is exact. */
+    vd dk = (V_(is_simd_small_int)(vi_srl(bits, 52)) - 1023.0) +
+            vd_select(above, vd_set1(1.0), vd_set1(0.0));
+    vd f = m - 1.0;
+    vd s = f / (2.0 + f);
+    vd z = s * s;
+    vd w = z * z;
+    vd t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+    vd t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+    vd r = t2 + t1;
+    vd hfsq = 0.5 * f * f;
+    return dk * ln2_hi - ((hfsq - (s * (hfsq + r) + dk * ln2_lo)) - f);
+}
+
+/* is_sincos_2pi; the quadrant rotation as a swap (q odd) and sign flips (bit 1 of q for the
+ * sine, of q + 1 for the cosine), which is the scalar code's table. */
+V_FN void V_(is_simd_sincos_2pi)(vd u, vd *sin_out, vd *cos_out) {
+    const double half_pi = 1.57079632679489655800e+00;
+    const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
+    const double S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06;
+    const double S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10;
+    const double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03;
+    const double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
+    const double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
+    vd t = 4.0 * u;
+    vi q = vd_trunc(t + 0.5);
+    vd x = (t - V_(is_simd_small_int)(q)) * half_pi;
+    vd z = x * x;
+    vd v = z * x;
+    vd rs = S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)));
+    vd sin_x = x + v * (S1 + z * rs);
+    vd rc = z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
+    vd hz = 0.5 * z;
+    vd w = 1.0 - hz;
+    vd cos_x = w + (((1.0 - w) - hz) + z * rc);
+    vm odd_quadrant = vi_bit0(q);
+    vd s = vd_select(odd_quadrant, cos_x, sin_x);
+    vd c = vd_select(odd_quadrant, sin_x, cos_x);
+    *sin_out = vd_of_bits(vi_xor(vd_bits(s), vi_sll(vi_and(q, vi_set1(2)), 62)));
+    *cos_out = vd_of_bits(vi_xor(vd_bits(c), vi_sll(vi_and(vi_add(q, vi_set1(1)), vi_set1(2)), 62)));
+}
+
+/* is_normal_quantile_central. */
+V_FN vd V_(is_simd_quantile_central)(vd p) {
+    vd q = p - 0.5;
+    vd r = 0.180625 - q * q;
+    return q *
+           (((((((2.5090809287301226727e+3 * r + 3.3430575583588128105e+4) * r +
+                 6.7265770927008700853e+4) * r + 4.5921953931549871457e+4) * r +
+               1.3731693765509461125e+4) * r + 1.9715909503065514427e+3) * r +
+             1.3314166789178437745e+2) * r + 3.3871328727963666080e+0) /
+           (((((((5.2264952788528545610e+3 * r + 2.8729085735721942674e+4) * r +
+                 3.9307895800092710610e+4) * r + 2.1213794301586595867e+4) * r +
+               5.3941960214247511077e+3) * r + 6.8718700749205790830e+2) * r +
+             4.2313330701600911252e+1) * r + 1.0);
+}
+
+/* is_normal_quantile_tail. */
+V_FN vd V_(is_simd_quantile_tail)(vd p, int far_tail) {
+    vd q = p - 0.5;
+    vm lower = vd_lt(q, vd_set1(0.0));
+    vd tail_p = vd_select(lower, p, 1.0 - p);
+    tail_p = vd_select(vd_lt(tail_p, vd_set1(0.075)), tail_p, vd_set1(0.075));
+    vd rt = vd_sqrt(-V_(is_simd_log)(tail_p));
+    vd r1 = rt - 1.6;
+    vd tail =
+        (((((((7.74545014278341407640e-4 * r1 + 2.27238449892691845833e-2) * r1 +
+              2.41780725177450611770e-1) * r1 + 1.27045825245236838258e+0) * r1 +
+            3.64784832476320460504e+0) * r1 + 5.76949722146069140550e+0) * r1 +
+          4.63033784615654529590e+0) * r1 + 1.42343711074968357734e+0) /
+        (((((((1.05075007164441684324e-9 * r1 + 5.47593808499534494600e-4) * r1 +
+              1.51986665636164571966e-2) * r1 + 1.48103976427480074590e-1) * r1 +
+            6.89767334985100004550e-1) * r1 + 1.67638483018380384940e+0) * r1 +
+          2.05319162663775882187e+0) * r1 + 1.0);
+    if (far_tail) {
+        vd r2 = rt - 5.0;
+        vd far =
+            (((((((2.01033439929228813265e-7 * r2 + 2.71155556874348757815e-5) * r2 +
+                  1.24266094738807843860e-3) * r2 + 2.65321895265761230930e-2) * r2 +
+                2.96560571828504891230e-1) * r2 + 1.78482653991729133580e+0) * r2 +
+              5.46378491116411436990e+0) * r2 + 6.65790464350110377720e+0) /
+            (((((((2.04426310338993978564e-15 * r2 + 1.42151175831644588870e-7) * r2 +
+                  1.84631831751005468180e-5) * r2 + 7.86869131145613259100e-4) * r2 +
+                1.48753612908506148525e-2) * r2 + 1.36929880922735805310e-1) * r2 +
+              5.99832206555887937690e-1) * r2 + 1.0);
+        tail = vd_select(vd_le(rt, vd_set1(5.0)), tail, far);
+    }
+    return vd_select(lower, -tail, tail);
+}
+
+/* The lanes where is_normal_quantile_is_central is false, as bits. */
+V_FN unsigned V_(is_simd_tail_lanes)(vd p) {
+    vd q = p - 0.5;
+    vd abs_q = vd_select(vd_lt(q, vd_set1(0.0)), -q, q);
+    return ~vm_bits(vd_le(abs_q, vd_set1(0.425))) & V_ALL_LANES;
+}
+
+/* A vector of values into the output, rounded to float32 (as (float)x) or not; `stream` (the
+ * output aligned to a vector) bypasses the caches, see is_simd_fill. */
+V_FN void V_(is_simd_store)(void *out, int as_f64, int stream, is_u64 at, vd x) {
+    if (as_f64) {
+        if (stream) {
+            vd_stream64((double *)out + at, x);
+        } else {
+            vd_store64((double *)out + at, x);
+        }
+    } else {
+        if (stream) {
+            vd_stream32((float *)out + at, x);
+        } else {
+            vd_store32((float *)out + at, x);
+        }
+    }
+}
+
+V_FN void V_(is_simd_step_uniform)(const V_(is_simd_stream) *st, const double *params,
+                                    is_u64 block, void *out, int as_f64,
+    int stream) {
+    vw words[V_UNROLL];
+    V_(is_simd_philox)(st, block, words);
+    vd low = vd_set1(params[0]), width = vd_set1(params[1]);
+    for (int j = 0; j < V_UNROLL; ++j) {
+        vw s = words[j];
+        vd first = low + width * V_(is_simd_unit_open)(vw_low_to_vd(s));
+        vd second = low + width * V_(is_simd_unit_open)(vw_high_to_vd(s));
+        V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j) * V_LANES, first);
+        V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j + 1) * V_LANES, second);
+    }
+}
+
+V_FN void V_(is_simd_step_normal)(const V_(is_simd_stream) *st, const double *params,
+                                   is_u64 block, void *out, int as_f64,
+    int stream) {
+    vw words[V_UNROLL];
+    V_(is_simd_philox)(st, block, words);
+    vd mean = vd_set1(params[0]), std = vd_set1(params[1]);
+    for (int j = 0; j < V_UNROLL; ++j) {
+        vw s = words[j];
+        /* is_normal_pair on every (radius, angle) = (even, odd) word pair of the vector */
+        vd radius = vd_sqrt(-2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_vd(s))));
+        vd sin_a, cos_a;
+        V_(is_simd_sincos_2pi)(V_(is_simd_unit_open)(vw_odd_to_vd(s)), &sin_a, &cos_a);
+        vd even = mean + std * (radius * cos_a);
+        vd odd = mean + std * (radius * sin_a);
+        vd first, second;
+        vd_interleave(even, odd, &first, &second);
+        V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j) * V_LANES, first);
+        V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j + 1) * V_LANES, second);
+    }
+}
+
+V_FN void V_(is_simd_tail_pass)(double *tail_p, int n_tail, int far_tail) {
+    for (int k = 0; k < n_tail; k += V_LANES) {
+        vd_store64(tail_p + k, V_(is_simd_quantile_tail)(vd_load(tail_p + k), far_tail));
+    }
+}
+
+V_FN void V_(is_simd_step_trunc_normal)(const V_(is_simd_stream) *st, const double *params,
+                                         is_u64 block, void *out, int as_f64,
+    int stream) {
+    enum { n_values = 4 * V_TILE_BLOCKS };
+    double z[n_values], p[n_values], tail_p[n_values + V_LANES];
+    int tail_at[n_values];
+    int n_tail = 0;
+    vd p_low = vd_set1(params[4]), p_width = vd_set1(params[5]);
+    for (int group = 0; group < V_TILE_BLOCKS; group += V_STEP_BLOCKS) {
+        vw words[V_UNROLL];
+        V_(is_simd_philox)(st, block + (is_u64)group, words);
+        for (int half = 0; half < 2 * V_UNROLL; ++half) {
+            vw s = words[half / 2];
+            vd signed_word = half % 2 ? vw_high_to_vd(s) : vw_low_to_vd(s);
+            vd p_v = p_low + p_width * V_(is_simd_unit_open)(signed_word); /* is_trunc_normal_p */
+            int at = 4 * group + half * V_LANES;
+            vd_store64(z + at, V_(is_simd_quantile_central)(p_v));
+            unsigned tails = V_(is_simd_tail_lanes)(p_v);
+            if (tails) {
+                vd_store64(p + at, p_v);
+                for (; tails; tails &= tails - 1) {
+                    int lane = __builtin_ctz(tails);
+                    tail_at[n_tail] = at + lane;
+                    tail_p[n_tail++] = p[at + lane];
+                }
+            }
+        }
+    }
+    /* The last vector of the tail pass is padded with a p whose value is then discarded. */
+    for (int k = n_tail; k < n_tail + V_LANES; ++k) tail_p[k] = 0.01;
+    if (params[7] != 0.0) { /* two specialisations, as in the scalar tile */
+        V_(is_simd_tail_pass)(tail_p, n_tail, 1);
+    } else {
+        V_(is_simd_tail_pass)(tail_p, n_tail, 0);
+    }
+    for (int k = 0; k < n_tail; ++k) z[tail_at[k]] = tail_p[k];
+    /* is_trunc_normal_finish: vd_max(low, x) is low > x ? low : x, i.e. x < low ? low : x. */
+    vd mean = vd_set1(params[0]), std = vd_set1(params[1]), low = vd_set1(params[2]);
+    vd high = vd_set1(params[3]), sign = vd_set1(params[6]);
+    for (int i = 0; i < n_values; i += V_LANES) {
+        vd x = mean + std * (sign * vd_load(z + i));
+        V_(is_simd_store)(out, as_f64, stream, (is_u64)i, vd_min(high, vd_max(low, x)));
+    }
+}
+
+V_FN void V_(is_simd_step)(const V_(is_simd_stream) *st, int dist, const double *params,
+                            is_u64 block, void *out, int as_f64,
+    int stream) {
+    if (dist == IS_DIST_UNIFORM) {
+        V_(is_simd_step_uniform)(st, params, block, out, as_f64, stream);
+    } else if (dist == IS_DIST_NORMAL) {
+        V_(is_simd_step_normal)(st, params, block, out, as_f64, stream);
+    } else {
+        V_(is_simd_step_trunc_normal)(st, params, block, out, as_f64, stream);
+    }
+}
+
+/* Elements [start, start + count) of the stream into out, as is_fill. Whole steps from a block
+ * boundary are written straight to the output; a partial one (the head or the tail of a run) is
+ * computed whole into a scratch step and the part needed copied.
+ *
+ * A fill of at least IS_STREAM_BYTES is written with non-temporal stores: it is larger than this
+ * core's share of the caches, so regular stores would first read every line from memory (the
+ * read-for-ownership) only to overwrite it, doubling the traffic that bounds this loop. Smaller
+ * fills (the service's chunks, which are sent as soon as they are made) stay in the cache.
+ * Streaming stores need aligned addresses: when the run's elements can be (the output is
+ * aligned to its element size and the run's start allows it), the head's partial steps stop at
+ * the first element whose address is aligned, and every whole step after it streams. */
+V_FN void V_(is_simd_fill)(int dist, const double *params, is_u64 seed, is_u32 name0,
+                            is_u32 name1, is_u64 start, is_u64 count, void *out, int as_f64) {
+    V_(is_simd_stream) st;
+    V_(is_simd_stream_init)(&st, seed, name0, name1);
+    is_u64 step_values = 4 * (is_u64)(dist == IS_DIST_TRUNC_NORMAL ? V_TILE_BLOCKS : V_STEP_BLOCKS);
+    size_t value_size = as_f64 ? sizeof(double) : sizeof(float);
+    int stream = count * value_size >= IS_STREAM_BYTES && (size_t)out % value_size == 0;
+    /* Elements at aligned addresses: e = phase (mod align_values); a whole step starts at one
+     * only if it also starts a block, i.e. if phase is a multiple of 4. */
+    const is_u64 align_values = V_LANES * sizeof(double) / value_size;
+    is_u64 phase = (start - (is_u64)((size_t)out / value_size)) & (align_values - 1);
+    if (phase % 4 != 0) stream = 0;
+    is_u64 end = start + count, element = start;
+    while (element < end) {
+        is_u64 block = element >> 2, offset = element & 3;
+        char *target = (char *)out + (element - start) * value_size;
+        if (offset == 0 && end - element >= step_values) {
+            if (stream && ((size_t)target & (V_LANES * sizeof(double) - 1)) == 0) {
+                V_(is_simd_step)(&st, dist, params, block, target, as_f64, 1);
+            } else {
+                V_(is_simd_step)(&st, dist, params, block, target, as_f64, 0);
+            }
+            element += step_values;
+        } else {
+            double part[4 * V_TILE_BLOCKS]; /* float32 values use the first half */
+            is_u64 n = step_values - offset;
+            if (n > end - element) n = end - element;
+            is_u64 to_aligned = (phase - element) & (align_values - 1);
+            if (stream && to_aligned != 0 && n > to_aligned) n = to_aligned;
+            V_(is_simd_step)(&st, dist, params, block, part, as_f64, 0);
+            memcpy(target, (char *)part + offset * value_size, n * value_size);
+            element += n;
+        }
+    }
+    if (stream) _mm_sfence(); /* non-temporal stores are weakly ordered: publish them */
+}
+
+#define V_ENTRY static __attribute__((noinline, target(V_TARGET)))
+
+V_ENTRY void V_(is_simd_fill_runs_f64)(int dist, const double *params, is_u64 seed, is_u32 name0,
+                                        is_u32 name1, const is_u64 *run_starts, is_u64 n_runs,
+                                        is_u64 run_len, double *out) {
+    for (is_u64 r = 0; r < n_runs; ++r)
+        V_(is_simd_fill)(dist, params, seed, name0, name1, run_starts[r], run_len,
+                         out + r * run_len, 1);
+}
+
+V_ENTRY void V_(is_simd_fill_runs_f32)(int dist, const double *params, is_u64 seed, is_u32 name0,
+                                        is_u32 name1, const is_u64 *run_starts, is_u64 n_runs,
+                                        is_u64 run_len, float *out) {
+    for (is_u64 r = 0; r < n_runs; ++r)
+        V_(is_simd_fill)(dist, params, seed, name0, name1, run_starts[r], run_len,
+                         out + r * run_len, 0);
+}
+
+#undef V_FN
+#undef V_ENTRY
+#undef V_UNROLL
+#undef V_STEP_BLOCKS
+#undef V_TILE_BLOCKS
+#undef V_ALL_LANES
+#undef V_
+#undef V_TARGET
+#undef V_LANES
+#undef V_BLOCKS
+#undef vd
+#undef vw
+#undef vi
+#undef vm
+#undef vd_set1
+#undef vd_sqrt
+#undef vd_lt
+#undef vd_gt
+#undef vd_le
+#undef vd_select
+#undef vd_max
+#undef vd_min
+#undef vm_bits
+#undef vd_bits
+#undef vd_of_bits
+#undef vd_load
+#undef vd_store64
+#undef vd_store32
+#undef vd_stream64
+#undef vd_stream32
+#undef vd_trunc
+#undef vi_set1
+#undef vi_and
+#undef vi_or
+#undef vi_xor
+#undef vi_add
+#undef vi_srl
+#undef vi_sll
+#undef vi_bit0
+#undef vw_pairs
+#undef vw_block_index
+#undef vw_set1_word
+#undef vw_xor
+#undef vw_add64
+#undef vw_mul_even
+#undef vw_reverse
+#undef vw_odd_down
+#undef vw_low_to_vd
+#undef vw_high_to_vd
+#undef vw_even_odd_
+#undef vw_even_to_vd
+#undef vw_odd_to_vd
+#undef vd_interleave

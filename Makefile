@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_service.py
 	$(PY) bench/bench_client.py
+	$(PY) bench/bench_init.py
 
 load: $(STAMP)
 	$(PY) bench/load.py

@@ -82,20 +82,33 @@ class TensorSource:
         runs = np.array([start], dtype=np.uint64)
         return self._values(runs, stop - start, out)
 
-    def region(self, region: Region) -> npt.NDArray[Any]:
-        """The hyper-rectangle ``region`` (per dimension [start, stop)), shaped."""
+    def region(self, region: Region, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
+        """The hyper-rectangle ``region`` (per dimension [start, stop)), shaped.
+
+        ``out`` (optional, C-contiguous, the tensor's dtype, the region's size) is filled and
+        returned instead of a new array: in-process callers generate straight into their own
+        memory (a parameter's), with no copy.
+        """
         shape = self.tensor.shape
         if len(region) != len(shape) or any(
             not 0 <= lo <= hi <= n for (lo, hi), n in zip(region, shape, strict=True)
         ):
             raise IndexError(f"region {region} outside shape {shape}")
         out_shape = tuple(hi - lo for lo, hi in region)
-        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
-            return np.ascontiguousarray(self.whole()[tuple(slice(lo, hi) for lo, hi in region)])
-        if math.prod(out_shape) == 0:
-            return np.empty(out_shape, dtype=self.tensor.dtype.numpy)
+        if out is not None and (out.size != math.prod(out_shape) or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous array of {math.prod(out_shape)} elements")
+        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS or math.prod(out_shape) == 0:
+            if math.prod(out_shape) == 0:
+                values = np.empty(out_shape, dtype=self.tensor.dtype.numpy)
+            else:
+                values = self.whole()[tuple(slice(lo, hi) for lo, hi in region)]
+            if out is None:
+                return np.ascontiguousarray(values)
+            out.reshape(out_shape)[...] = values
+            return out
         runs, run_len = region_runs(shape, region)
-        return self._values(runs, run_len).reshape(out_shape)
+        flat_out = None if out is None else out.reshape(-1)
+        return self._values(runs, run_len, flat_out).reshape(out_shape)
 
     def runs(self, run_starts: npt.NDArray[np.uint64], run_len: int) -> npt.NDArray[Any]:
         """The runs [s, s + run_len) for each s in run_starts, concatenated."""

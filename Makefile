@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
 
-.PHONY: install run test lint bench load soak clean
+.PHONY: install run test test-fast lint bench load soak clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The inner loop: everything but the real multi-process runs (marked slow).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service clients tests bench
 	$(VENV)/bin/ruff format --check service clients tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict clients/python/src/initserve_client
+	$(VENV)/bin/mypy --strict --allow-untyped-calls tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
 bench: $(STAMP)

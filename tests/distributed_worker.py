@@ -53,7 +53,7 @@ def run(rank: int, world_size: int, store_port: int, url: str, out_path: str) ->
                 {
                     "gathered": gathered,
                     "state": state,
-                    "running_var": model.bn.running_var.tolist(),
+                    "running_var": model.bn.running_var.tolist(),  # type: ignore[union-attr]
                 },
                 f,
             )

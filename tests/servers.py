@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -74,7 +75,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def uvicorn_server(**settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def uvicorn_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     process = start_server(port, **settings)
     try:

@@ -19,12 +19,16 @@ from initserve_client import spec_from_module
 
 from servers import free_port, uvicorn_server
 
+# Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
+# by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("world_size", [3])
 def test_ranks_initialise_identically_through_the_service(tmp_path: Path, world_size: int) -> None:
     out = tmp_path / "rank0.json"
     with uvicorn_server() as (url, _):
-        mp.spawn(run, args=(world_size, free_port(), url, str(out)), nprocs=world_size, join=True)
+        mp.spawn(run, args=(world_size, free_port(), url, str(out)), nprocs=world_size, join=True)  # type: ignore[attr-defined]
     result = json.loads(out.read_text())
     gathered = result["gathered"]
     assert all(digests == gathered[0] for digests in gathered)  # every rank, every bit
@@ -70,7 +74,7 @@ def test_unknown_modules_and_buffers_are_refused() -> None:
         spec_from_module(Custom(), seed=1)
     # A rule for a bare parameter: by its qualified name, or by (module type, parameter name).
     for rules in ({"scale": {"scheme": "ones"}}, {(Custom, "sc*"): {"scheme": "ones"}}):
-        spec = spec_from_module(Custom(), seed=1, rules=rules)  # type: ignore[arg-type]
+        spec = spec_from_module(Custom(), seed=1, rules=rules)
         assert spec["tensors"] == [{"name": "scale", "shape": [4], "dtype": "float32",
                                     "scheme": "ones"}]  # fmt: skip
 

@@ -3,6 +3,8 @@ ASGI) and checks every response: no 5xx, status codes, content types and bodies 
 
 from __future__ import annotations
 
+from typing import Any
+
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -24,7 +26,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_every_operation_honours_its_schema(case: schemathesis.Case) -> None:
+def test_every_operation_honours_its_schema(case: schemathesis.Case[Any]) -> None:
     # Schema-level checks only: many schema-valid specs are rightly refused (a scheme that needs
     # fans on a 1-D tensor, a > b, a limit), which JSON Schema cannot express.
     case.call_and_validate(

@@ -22,6 +22,10 @@ import pytest
 
 from servers import metric, uvicorn_server
 
+# Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
+# by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve()
 DEVICES = 8
 # Odd sizes on every axis that is not split; split axes divide by the mesh axes they use.

@@ -16,6 +16,10 @@ from test_jax_arrays import run_scenario
 
 from servers import uvicorn_server
 
+# Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
+# by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve()
 SEED = 7
 # Each random parameter's std from the service against Flax's own init of the same model: two
@@ -133,7 +137,7 @@ def scenario_rules(url: str) -> dict[str, Any]:
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=auto)
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: transformer(rngs=nnx.Rngs(0)))
-    rules = {
+    rules: dict[Any, dict[str, Any]] = {
         "layers.*.up.kernel": {"scheme": "normal", "std": 0.02},
         nnx.LinearGeneral: {"scheme": "xavier_uniform", "bias": {"scheme": "constant", "val": 0.1}},
     }
@@ -143,7 +147,7 @@ def scenario_rules(url: str) -> dict[str, Any]:
         def __init__(self) -> None:
             self.table = nnx.Param(jax.numpy.zeros((3, 5)))
 
-    errors = {}
+    errors: dict[str, str | None] = {}
     for name, build in {
         "custom": lambda: spec_from_nnx(Custom(), SEED),
         "bare-state-3d": lambda: spec_from_nnx(nnx.state(abstract, nnx.Param), SEED),

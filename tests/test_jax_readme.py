@@ -11,7 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from servers import uvicorn_server
+
+# Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
+# by `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- readme-test-jax -->\n```python\n(.*?)```", re.S)

@@ -22,6 +22,10 @@ from initserve_client import init_module, spec_from_module
 
 from servers import free_port, uvicorn_server
 
+# Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
+# by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 LAYOUTS = {
     1: ["fsdp"],
     2: ["fsdp", "fsdp_dim1", "tp"],
@@ -37,7 +41,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for world_size, layouts in LAYOUTS.items():
             path = tmp_path_factory.mktemp(f"world{world_size}") / "report.json"
             args = (world_size, free_port(), url, layouts, str(path))
-            mp.spawn(run, args=args, nprocs=world_size, join=True)
+            mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
             for layout, report in json.loads(path.read_text()).items():
                 out[f"{layout}@{world_size}"] = report
     return out

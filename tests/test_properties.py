@@ -76,7 +76,7 @@ def test_any_region_equals_that_region_of_the_whole(spec: dict[str, Any], data: 
             tuple(sorted(data.draw(st.lists(st.integers(0, n), min_size=2, max_size=2))))
             for n in tensor.shape
         )
-        part = TensorSource(tensor).region(region)  # type: ignore[arg-type]
+        part = TensorSource(tensor).region(region)
         expected = whole[tensor.key][tuple(slice(lo, hi) for lo, hi in region)]
         assert part.tobytes() == expected.tobytes()
         flat_lo, flat_hi = sorted(

@@ -55,6 +55,7 @@ def test_readme_example_runs(index: int, tmp_path: Path) -> None:
 TORCHRUN = re.compile(r"<!-- readme-test torchrun -->\n```python\n(.*?)```", re.S)
 
 
+@pytest.mark.slow
 def test_readme_fsdp2_example_runs_under_torchrun(tmp_path: Path) -> None:
     """The FSDP2 + Hugging Face example, as written, on 2 ranks: each rank holds its torch.chunk
     shard and both see the same full tensor, equal to the single-process init."""

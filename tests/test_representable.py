@@ -337,7 +337,7 @@ def test_every_semantic_problem_of_a_spec_is_reported_at_once() -> None:
 
 
 def test_all_parameter_problems_of_one_entry_are_reported() -> None:
-    entry = {"scheme": "sparse", "sparsity": 1.5, "std": -1.0, "gain": 2.0}
+    entry: dict[str, Any] = {"scheme": "sparse", "sparsity": 1.5, "std": -1.0, "gain": 2.0}
     with pytest.raises(SpecError) as caught:
         initserve.plan(spec("float32", **entry))
     message = caught.value.errors[0]["msg"]

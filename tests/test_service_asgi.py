@@ -376,7 +376,7 @@ async def test_etag_cache_is_bounded_in_bytes(client_for: Any) -> None:
         etags.append(response.json()["etag"].strip('"'))
     assert (await client.head(f"/init/{etags[0]}")).status_code == 404
     assert (await client.head(f"/init/{etags[-1]}")).status_code == 200
-    state = client._transport.app.state.service  # type: ignore[attr-defined]
+    state = client._transport.app.state.service
     assert state.known_bytes <= 300 and len(state.known) == 2
 
 

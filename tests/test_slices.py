@@ -47,7 +47,7 @@ def test_every_region_equals_the_same_region_of_the_whole(
             region = tuple(
                 tuple(sorted(rng.integers(0, n + 1, size=2).tolist())) for n in full.shape
             )
-            part = TensorSource(sources[key].tensor).region(region)  # type: ignore[arg-type]
+            part = TensorSource(sources[key].tensor).region(region)
             expected = full[tuple(slice(lo, hi) for lo, hi in region)]
             assert part.shape == expected.shape and part.tobytes() == expected.tobytes(), (
                 key,

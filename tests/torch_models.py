@@ -94,7 +94,8 @@ class TitanLlama(nn.Module):
         return torch.polar(torch.ones_like(freqs), freqs)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        buffer_device = buffer_device or self.freqs_cis.device
+        current: torch.Tensor = self.freqs_cis  # type: ignore[has-type]
+        buffer_device = buffer_device or current.device
         with torch.device(buffer_device):
             self.freqs_cis = self._precompute_freqs_cis()
         nn.init.normal_(self.tok_embeddings.weight)

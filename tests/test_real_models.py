@@ -24,8 +24,7 @@ from torch import nn
 from torch_models import TitanLlama, depth_std
 
 import initserve
-from initserve_client import init_module, spec_from_module
-from initserve_client.torch_utils import ModelInitError
+from initserve_client import ModelInitError, init_module, spec_from_module
 
 SEED = 11
 
@@ -286,6 +285,7 @@ def test_every_problem_is_named_at_once_and_nothing_is_touched() -> None:
     problems = caught.value.problems
     text = "\n".join(problems)
     assert "randn uses torch's generator" in text
+    assert "'copied': copy_ writes values from torch.randn" in text  # the parameter, named
     assert "bernoulli_ uses torch's generator" in text
     assert "draws into part of 'partial'" in text
     assert "parameter 'bare' [3]: no init code initialises it" in text

@@ -24,7 +24,7 @@ from initserve_client._exceptions import (
     UnprocessableEntityError,
 )
 from initserve_client.spec import Layer, Spec, Tensor
-from initserve_client.torch_utils import init_module, spec_from_module
+from initserve_client.torch_utils import ModelInitError, init_module, spec_from_module
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "InternalServerError",
     "InvalidResponseError",
     "Layer",
+    "ModelInitError",
     "NotFoundError",
     "PayloadTooLargeError",
     "RateLimitError",

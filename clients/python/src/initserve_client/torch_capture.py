@@ -31,7 +31,7 @@ import math
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +130,18 @@ class Router:
         for tensor_id, name in names.items():
             self._aliases[tensor_id] = Alias(name, True)
         self.context: list[str] = []  # which init is running, for messages
+        self._tainted: dict[int, str] = {}  # tensors holding torch's random values -> the call
+
+    def taint(self, result: Any, call: str) -> None:
+        """``result`` holds values from torch's generator (``call``): if they reach a tensor of
+        the model, the refusal names it."""
+        for out in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(out, torch.Tensor):
+                self._tainted[id(out)] = call
+                self._keep.append(out)
+
+    def tainted_by(self, tensors: Iterable[torch.Tensor]) -> str | None:
+        return next((self._tainted[id(t)] for t in tensors if id(t) in self._tainted), None)
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -402,25 +414,23 @@ class _Mode(TorchFunctionMode):
                 return self._in_place(router, func, args, kwargs, f"torch.nn.init.{name}")
             return a["tensor"]
         if func is torch.Tensor.uniform_:
-            bound = inspect.signature(_tensor_uniform).bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
+            a = _arguments(_tensor_uniform, args, kwargs)
             _uniform(router, a["self"], a["from_"], a["to"], "Tensor.uniform_")
             return args[0]
         if func is torch.Tensor.normal_:
-            bound = inspect.signature(_tensor_normal).bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
+            a = _arguments(_tensor_normal, args, kwargs)
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
         if name in _TORCH_RNG:
+            call = f"{module + '.' if module else ''}{name}"
             router.refuse(
-                f"{module + '.' if module else ''}{name} uses torch's generator{router.where()}:"
-                " its values differ between ranks and cannot be served by initserve (draw with"
-                " torch.nn.init or Tensor.normal_/uniform_ on the parameter itself, or give the"
-                " tensor a rule)"
+                f"{call} uses torch's generator{router.where()}: its values differ between ranks"
+                " and cannot be served by initserve (draw with torch.nn.init or"
+                " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
             )
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            router.taint(result, call)
+            return result
         if name in _ALIASES and args:
             result = func(*args, **kwargs)
             source = router.alias_of(args[0])
@@ -435,7 +445,11 @@ class _Mode(TorchFunctionMode):
                 alias = router.alias_of(arg)
                 if alias is not None:
                     router.read(alias, name)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        origin = router.tainted_by(_tensors(args, kwargs))
+        if origin is not None:  # randn(...) * 0.02 is still torch's randomness
+            router.taint(result, origin)
+        return result
 
     @staticmethod
     def _in_place(
@@ -453,8 +467,14 @@ class _Mode(TorchFunctionMode):
             other = router.alias_of(arg)
             if other is not None and arg is not target:
                 router.read(other, call)
+        source = router.tainted_by(_tensors(args[1:], kwargs))
         if alias is not None:
             router.write(alias, call, _fill_value(call, args, kwargs))
+            if source is not None:
+                router.refuse(
+                    f"{alias.name!r}: {call} writes values from {source}, torch's generator"
+                    f"{router.where()}: they would differ between ranks"
+                )
         return func(*args, **kwargs)
 
 
@@ -466,6 +486,12 @@ def _fill_value(call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> flo
     if call in ("fill_", "torch.nn.init.constant_") and isinstance(given, int | float):
         return float(given)
     return None
+
+
+def _arguments(signature_of: Callable[..., Any], args: Any, kwargs: Any) -> dict[str, Any]:
+    bound = inspect.signature(signature_of).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _tensor_uniform(self: Any, from_: float = 0, to: float = 1, *, generator: Any = None) -> None:

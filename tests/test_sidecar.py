@@ -83,7 +83,7 @@ def test_initserve_uds_in_the_environment_reaches_the_socket(
 def test_cache_and_resume_work_over_the_unix_socket(
     sidecar: tuple[str, Path], tmp_path: Path
 ) -> None:
-    url, path = sidecar
+    _, path = sidecar
     with Client(uds=path, token=TOKEN, cache_dir=tmp_path) as client:
         first = client.fetch_weights(SPEC)
         (cached,) = tmp_path.glob("*.safetensors")
@@ -212,6 +212,7 @@ def post_region(
 
 
 DATA_BYTES = 300 * 70 * 4 + 70 * 2 + 33 * 5 * 2
+OFFSET, SIZE = "x-initserve-shm-offset", "x-initserve-shm-size"
 
 
 @pytest.mark.parametrize(
@@ -219,8 +220,8 @@ DATA_BYTES = 300 * 70 * 4 + 70 * 2 + 33 * 5 * 2
     [
         ("too_small", DATA_BYTES - 1, {}, 422, "x-initserve-shm-name"),
         ("size_too_small", DATA_BYTES, {"size": str(DATA_BYTES - 2)}, 422, "x-initserve-shm-size"),
-        ("offset_past_end", DATA_BYTES, {"offset": str(DATA_BYTES + 1)}, 422, "x-initserve-shm-offset"),
-        ("size_past_end", DATA_BYTES, {"offset": "8", "size": str(DATA_BYTES)}, 422, "x-initserve-shm-size"),
+        ("offset_past_end", DATA_BYTES, {"offset": str(DATA_BYTES + 1)}, 422, OFFSET),
+        ("size_past_end", DATA_BYTES, {"offset": "8", "size": str(DATA_BYTES)}, 422, SIZE),
         ("offset_not_a_number", DATA_BYTES, {"offset": "-1"}, 422, "x-initserve-shm-offset"),
         ("size_not_a_number", DATA_BYTES, {"size": "1e9"}, 422, "x-initserve-shm-size"),
     ],

@@ -86,8 +86,7 @@ def open_region(name: str | None, offset_text: str | None, size_text: str | None
             f"{name[:80]!r} is outside the shared-memory namespace: a name {NAMESPACE_PREFIX}"
             "<letters, digits, '_', '.', '-'> (at most 210 characters), no '/'",
         )
-    offset = _integer(offset_text, OFFSET_HEADER, 0)
-    assert offset is not None
+    offset = _integer(offset_text, OFFSET_HEADER, 0) or 0
     size = _integer(size_text, SIZE_HEADER, None)
     try:
         # O_NOFOLLOW: a symlink planted in /dev/shm cannot redirect the write elsewhere.
@@ -257,7 +256,7 @@ def shared_memory_router(settings: Settings) -> APIRouter:
                     written = await anyio.to_thread.run_sync(
                         write_data,
                         fd,
-                        _integer(offset, OFFSET_HEADER, 0),
+                        _integer(offset, OFFSET_HEADER, 0) or 0,
                         prepared,
                         settings.chunk_bytes,
                         state.backend,

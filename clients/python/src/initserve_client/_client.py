@@ -355,27 +355,29 @@ class _SharedRegion:
         self.path = SHM_DIR / self.name
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(self.path, flags, 0o600)
+        self._data: npt.NDArray[np.uint8] | None = None
         try:
             os.ftruncate(self.fd, size)
         except BaseException:
             self.close()
             raise
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, need: int) -> dict[str, str]:
         return {
             "X-Initserve-Shm-Name": self.name,
             "X-Initserve-Shm-Offset": "0",
-            "X-Initserve-Shm-Size": str(self.size),
+            "X-Initserve-Shm-Size": str(need),
         }
 
     def data(self) -> npt.NDArray[np.uint8]:
-        """The region's bytes, mapped once written (MAP_POPULATE: the page tables filled in one
-        call, not one fault per page)."""
-        if self.size == 0:
-            return np.empty(0, dtype=np.uint8)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(self.fd, self.size, flags=flags)
-        return np.frombuffer(mapping, dtype=np.uint8)
+        """The region's bytes, mapped (MAP_POPULATE: the page tables filled in one call, not one
+        fault per page); one mapping for the region's life."""
+        if self._data is None:
+            if self.size == 0:
+                return np.empty(0, dtype=np.uint8)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._data = np.frombuffer(mmap.mmap(self.fd, self.size, flags=flags), np.uint8)
+        return self._data
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -482,6 +484,9 @@ class Client(_Base):
             transport=transport,
         )
         self._shm_enabled: bool | None = None  # the server's answer, asked once
+        # fetch_into's region, kept while the client lives: its pages, once taken, are written
+        # again by the next response instead of being taken afresh (first touch is the cost).
+        self._staging: _SharedRegion | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -491,6 +496,9 @@ class Client(_Base):
 
     def close(self) -> None:
         self._http.close()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def plan(
         self,
@@ -527,16 +535,29 @@ class Client(_Base):
         return self._shm_enabled
 
     def _fetch_shared(
-        self, body: dict[str, Any], expected: list[tuple[str, str, tuple[int, ...]]]
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        staging: bool = False,
     ) -> tuple[Header, npt.NDArray[np.uint8]] | None:
         """The server generates into a region of ours and answers the header; None where the
-        server cannot reach the region (another host, or shared memory turned off since)."""
-        region = _SharedRegion(_data_bytes(expected))
+        server cannot reach the region (another host, or shared memory turned off since). With
+        ``staging``, the client's reusable region (the bytes are copied out before the next
+        call); else a fresh one whose mapping the returned arrays keep."""
+        need = _data_bytes(expected)
+        if staging:
+            if self._staging is None or self._staging.size < need:
+                if self._staging is not None:
+                    self._staging.close()
+                self._staging = _SharedRegion(need)
+            region = self._staging
+        else:
+            region = _SharedRegion(need)
         try:
 
             def one_attempt() -> httpx.Response:
                 response = self._http.post(
-                    "/shared-memory/init", json=body, headers=region.headers()
+                    "/shared-memory/init", json=body, headers=region.headers(need)
                 )
                 if response.status_code in RETRY_STATUSES:
                     raise _Retry(
@@ -564,14 +585,14 @@ class Client(_Base):
                 raise status_error(response.status_code, problem)
             header = parse_header(response.content)
             check_against_spec(header, expected)
-            if header.data_bytes != region.size:
+            if header.data_bytes != need:
                 raise InvalidResponseError(
-                    f"the header describes {header.data_bytes} data bytes, the region holds"
-                    f" {region.size}"
+                    f"the header describes {header.data_bytes} data bytes, the spec {need}"
                 )
-            return header, region.data()
+            return header, region.data()[:need]
         finally:
-            region.close()
+            if not staging:
+                region.close()
 
     def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
         attempt = 0
@@ -659,7 +680,9 @@ class Client(_Base):
         if self.cache_dir is not None:  # a mapped cache file, copied into the targets
             _copy_into(*self._cached_file(body, expected, progress), targets)
             return
-        shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
+        shared = (
+            self._fetch_shared(body, expected, staging=True) if self._uses_shared_memory() else None
+        )
         if shared is not None:  # one copy, from the region into the caller's memory
             _copy_into(*shared, targets)
             return

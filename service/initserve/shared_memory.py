@@ -212,9 +212,11 @@ def shared_memory_router(settings: Settings) -> APIRouter:
     async def init_into_shared_memory(
         request: Request,
         body: InitRequest,
-        name: Annotated[str | None, Header(alias=NAME_HEADER)] = None,
-        offset: Annotated[str | None, Header(alias=OFFSET_HEADER)] = None,
-        size: Annotated[str | None, Header(alias=SIZE_HEADER)] = None,
+        name: Annotated[
+            str | None, Header(alias=NAME_HEADER, examples=["initserve-4242-9f2c1a7b"])
+        ] = None,
+        offset: Annotated[str | None, Header(alias=OFFSET_HEADER, examples=["0"])] = None,
+        size: Annotated[str | None, Header(alias=SIZE_HEADER, examples=["84000"])] = None,
     ) -> Response:
         state: Any = request.app.state.service
         if not settings.allow_shared_memory:

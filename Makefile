@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_service.py
 	$(PY) bench/bench_client.py
 	$(PY) bench/bench_init.py
+	$(PY) bench/bench_sidecar.py
 
 load: $(STAMP)
 	$(PY) bench/load.py

@@ -12,9 +12,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import uvicorn_server
+from servers import uds_server, uvicorn_server
 
-__all__ = ["curl_post", "uvicorn_server"]
+__all__ = ["curl_post", "uds_server", "uvicorn_server"]
 
 
 def curl_post(url: str, spec: dict[str, Any]) -> tuple[float, int]:

@@ -32,13 +32,15 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def start_server(port: int, log: Path | None = None, **settings: str) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, log: Path | None = None, *extra: str, **settings: str
+) -> subprocess.Popen[bytes]:
     """`initserve serve` on ``port`` with INITSERVE_<KEY>=value settings, once /readyz says so.
     Its stderr is a pipe, or appended to ``log`` for long runs (a pipe nobody reads fills up
     and stalls the server)."""
     env = {**os.environ, **{f"INITSERVE_{k.upper()}": v for k, v in settings.items()}}
     command = [sys.executable, "-m", "initserve.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+               "--port", str(port), "--log-level", "warning", *extra]  # fmt: skip
     if log is None:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -72,6 +74,17 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
             process.wait()
     if process.stderr is not None:
         process.stderr.close()
+
+
+@contextmanager
+def uds_server(path: Path, **settings: Any) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A server on the Unix socket ``path`` and on TCP (whose URL is yielded, for probes)."""
+    port = free_port()
+    process = start_server(port, None, "--uds", str(path), **settings)
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stop_server(process)
 
 
 @contextmanager

@@ -169,3 +169,82 @@ def test_wheels_hold_every_module(tmp_path: Path) -> None:
     client_names = set(zipfile.ZipFile(client).namelist())
     for source in (REPO / "clients" / "python" / "src").rglob("*.py"):
         assert str(source.relative_to(REPO / "clients" / "python" / "src")) in client_names
+
+
+KUBERNETES_VERSION = "1.33.0"  # native sidecars (1.29) and Indexed Jobs' pod hostnames (1.24)
+MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_manifest_is_valid_against_the_kubernetes_schemas(path: Path) -> None:
+    """Strict: an unknown or misspelt field is an error, as `kubectl apply --validate=strict`.
+    The schemas ship inside kubernetes-validate: nothing is fetched."""
+    import kubernetes_validate
+
+    for document in documents(path):
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validator_refuses_a_broken_manifest() -> None:
+    import kubernetes_validate
+
+    broken = documents(REPO / "deploy" / "kubernetes" / "central-service.yaml")[0]
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def by_kind(path: str) -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in documents(REPO / "deploy" / "kubernetes" / path)}
+
+
+def test_training_job_shares_the_socket_and_dev_shm_with_one_sidecar_per_pod() -> None:
+    job = by_kind("training-job.yaml")["Job"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    (sidecar,) = pod["initContainers"]
+    (trainer,) = pod["containers"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert trainer["command"][0] == "torchrun"
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in trainer["command"]
+    mounts = {
+        c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        for c in (sidecar, trainer)
+    }
+    assert mounts["initserve"] == mounts["trainer"]
+    assert mounts["trainer"]["dshm"] == "/dev/shm"
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert set(env) <= SETTING_ENV_NAMES
+    Settings(**{k.removeprefix("INITSERVE_").lower(): v for k, v in env.items()})
+    assert env["INITSERVE_ALLOW_SHARED_MEMORY"] == "true"
+    socket_path = env["INITSERVE_UDS"]
+    assert socket_path.startswith(mounts["initserve"]["initserve-socket"] + "/")
+    trainer_env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert trainer_env["INITSERVE_UDS"] == socket_path
+    # The server writes regions of its own user only: both containers run as one user.
+    assert pod["securityContext"]["runAsUser"] and "runAsUser" not in sidecar["securityContext"]
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_central_service_scales_on_cpu_and_routes_to_ready_replicas() -> None:
+    kinds = by_kind("central-service.yaml")
+    deployment, service, hpa = (
+        kinds["Deployment"],
+        kinds["Service"],
+        kinds["HorizontalPodAutoscaler"],
+    )
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]["cpu"]  # the HPA's utilisation is of this
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    env = {e["name"] for e in container["env"]}
+    assert env <= SETTING_ENV_NAMES

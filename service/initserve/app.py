@@ -54,6 +54,7 @@ from initserve.request import EXAMPLE_REQUEST, InitRequest
 from initserve.safetensors_stream import BodyWriter
 from initserve.schemes import catalogue_json
 from initserve.settings import Settings
+from initserve.shared_memory import shared_memory_router
 from initserve.spec import SpecError
 
 log = logging.getLogger("initserve")
@@ -499,6 +500,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def head_by_etag(request: Request, etag: EtagPath) -> Response:
         return await by_etag(request, etag)
+
+    app.include_router(shared_memory_router(settings))
 
     def respond(request: Request, prepared: Prepared) -> Response:
         layout, etag = prepared.layout, prepared.etag

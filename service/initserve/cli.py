@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
+    if args.uds is not None:
+        overrides["uds"] = args.uds
+    if args.no_tcp:
+        overrides["tcp"] = False
     settings = Settings(**overrides)
     try:
         app = create_app(settings)
@@ -37,6 +45,13 @@ def _serve(args: argparse.Namespace) -> int:
             app.state.service.draining = True
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            # Here, not after run(): uvicorn re-raises the SIGTERM it caught once it has shut
+            # down, which ends the process before run() returns.
+            if settings.uds is not None:
+                _remove_socket_file(Path(settings.uds))
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -47,8 +62,46 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
     )
-    DrainingServer(config).run()
+    try:
+        sockets = _listeners(settings, config)
+    except (OSError, ValueError) as exc:
+        print(f"initserve: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    DrainingServer(config).run(sockets=sockets)
     return 0
+
+
+def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
+    """TCP on host:port (unless INITSERVE_TCP=false) and the Unix socket, bound here: uvicorn
+    serves one address per config, but any number of sockets handed to it."""
+    sockets = []
+    if settings.tcp:
+        sockets.append(config.bind_socket())
+    if settings.uds is not None:
+        path = Path(settings.uds)
+        _remove_socket_file(path)  # a socket left by a killed server would block the bind
+        mode = int(settings.uds_mode, 8)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask makes the file appear with ``mode`` at once: no moment when it is wider.
+        previous = os.umask(0o777 & ~mode)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(previous)
+        os.chmod(path, mode)
+        listener.set_inheritable(True)
+        sockets.append(listener)
+    if not sockets:
+        raise ValueError("INITSERVE_TCP=false needs a Unix socket: --uds PATH or INITSERVE_UDS")
+    return sockets
+
+
+def _remove_socket_file(path: Path) -> None:
+    """Removes ``path`` if it is a socket; anything else there is left alone (and the bind
+    fails, naming it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -103,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--port", type=int, default=None, help="port (default INITSERVE_PORT or 8000)"
+    )
+    serve.add_argument(
+        "--uds", default=None, help="also serve on this Unix socket (default INITSERVE_UDS)"
+    )
+    serve.add_argument(
+        "--no-tcp", action="store_true", help="serve on the Unix socket alone (INITSERVE_TCP)"
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -13,6 +13,25 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address `initserve serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `initserve serve` binds")
+    tcp: bool = Field(
+        True, description="serve on host:port; false with `uds` serves on the Unix socket alone"
+    )
+    uds: str | None = Field(
+        None, description="also serve on this Unix domain socket path (`initserve serve --uds`)"
+    )
+    uds_mode: str = Field(
+        "660",
+        pattern=r"^[0-7]{3}$",
+        description="the socket file's mode, octal: owner and group (the pod's fsGroup) by default",
+    )
+    allow_shared_memory: bool = Field(
+        False,
+        description="write tensor data into clients' POSIX shared-memory objects"
+        " (POST /shared-memory/init), as Triton's --allow-client-shm",
+    )
+    max_shared_memory_regions: int = Field(
+        4, ge=1, description="shared-memory regions written at once; more get 429 + Retry-After"
+    )
     backend: Literal["auto", "cpu", "gpu"] = Field(
         "cpu", description="generator backend; auto takes the GPU when CuPy finds one"
     )

@@ -12,8 +12,11 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import math
+import mmap
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from initserve_client._safetensors import (
     expected_entries,
     fresh_buffer,
     header_length,
-    load_file_strict,
+    map_file_strict,
     numpy_dtype,
     parse_header,
     tensors_from_buffer,
@@ -45,6 +48,11 @@ from initserve_client._safetensors import Region as Region
 from initserve_client.spec import Spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# The Host the requests name when they go over a Unix socket (the socket is the address).
+UDS_URL = "http://localhost"
+# POSIX shared-memory objects (shm_open) on Linux, and the prefix the server accepts there.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "initserve-"
 # Large bodies need a long read timeout; connecting should be quick.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -231,8 +239,17 @@ class _Base:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        uds: str | os.PathLike[str] | None = None,
+        shared_memory: bool = False,
     ) -> None:
-        self.url = (url or os.environ.get("INITSERVE_URL") or DEFAULT_URL).rstrip("/")
+        socket_path = uds if uds is not None else os.environ.get("INITSERVE_UDS")
+        self.uds = str(socket_path) if socket_path else None
+        default = UDS_URL if self.uds is not None else DEFAULT_URL
+        self.url = (url or os.environ.get("INITSERVE_URL") or default).rstrip("/")
+        if self.url == LOCAL:
+            self.uds = None  # generated in this process: no server to reach
+        # Asked for by the caller; used only where the server says it is on (GET /shared-memory).
+        self.shared_memory = shared_memory
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry = retry or RetryPolicy()
         cache = cache_dir if cache_dir is not None else os.environ.get("INITSERVE_CACHE_DIR")
@@ -289,6 +306,16 @@ class _Base:
         assert self.cache_dir is not None
         return self.cache_dir / f"{etag.strip(chr(34))}.safetensors"
 
+    def _options(self) -> dict[str, Any]:
+        """What the sync twin needs to act as this client (the async client's blocking work)."""
+        return {
+            "timeout": self.timeout,
+            "retry": self.retry,
+            "cache_dir": self.cache_dir,
+            "uds": self.uds,
+            "shared_memory": self.shared_memory,
+        }
+
 
 def _spec_dict(spec: SpecLike) -> dict[str, Any]:
     """A plain dict, or the typed builder (initserve_client.Spec) turned into one."""
@@ -297,6 +324,66 @@ def _spec_dict(spec: SpecLike) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise TypeError(f"a spec is a dict or an initserve_client.Spec, not {type(spec).__name__}")
     return spec
+
+
+def _data_bytes(expected: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """The size of the data section of the file these entries make (safetensors packs them)."""
+    return sum(math.prod(shape) * numpy_dtype(code).itemsize for _, code, shape in expected)
+
+
+def _copy_into(
+    header: Header, data: npt.NDArray[np.uint8], targets: list[npt.NDArray[np.uint8]]
+) -> None:
+    """Each entry's bytes copied into its target (raw bytes, in file order)."""
+    sizes = [e.end - e.begin for e in header.entries]
+    if [t.nbytes for t in targets] != sizes:
+        raise ValueError(
+            f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
+        )
+    for entry, target in zip(header.entries, targets, strict=True):
+        np.copyto(target, data[entry.begin : entry.end])
+
+
+class _SharedRegion:
+    """A POSIX shared-memory object this process creates for one response: 0600, under the
+    server's namespace, and unlinked as soon as the server has answered (the mapping outlives
+    the name, so nobody else can reach the bytes)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.path = SHM_DIR / self.name
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd = os.open(self.path, flags, 0o600)
+        self._data: npt.NDArray[np.uint8] | None = None
+        try:
+            os.ftruncate(self.fd, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def headers(self, need: int) -> dict[str, str]:
+        return {
+            "X-Initserve-Shm-Name": self.name,
+            "X-Initserve-Shm-Offset": "0",
+            "X-Initserve-Shm-Size": str(need),
+        }
+
+    def data(self) -> npt.NDArray[np.uint8]:
+        """The region's bytes, mapped (MAP_POPULATE: the page tables filled in one call, not one
+        fault per page); one mapping for the region's life."""
+        if self._data is None:
+            if self.size == 0:
+                return np.empty(0, dtype=np.uint8)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._data = np.frombuffer(mmap.mmap(self.fd, self.size, flags=flags), np.uint8)
+        return self._data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
@@ -388,12 +475,18 @@ class Client(_Base):
     ) -> None:
         super().__init__(url, **options)
         self.local = self.url == LOCAL
+        if transport is None and self.uds is not None:
+            transport = httpx.HTTPTransport(uds=self.uds)
         self._http = httpx.Client(
             base_url="http://local.invalid" if self.local else self.url,
             timeout=self.timeout,
             headers=self.headers,
             transport=transport,
         )
+        self._shm_enabled: bool | None = None  # the server's answer, asked once
+        # fetch_into's region, kept while the client lives: its pages, once taken, are written
+        # again by the next response instead of being taken afresh (first touch is the cost).
+        self._staging: _SharedRegion | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -403,6 +496,9 @@ class Client(_Base):
 
     def close(self) -> None:
         self._http.close()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def plan(
         self,
@@ -424,6 +520,79 @@ class Client(_Base):
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._json_or_raise(self._http.post(path, json=body))
+
+    def _uses_shared_memory(self) -> bool:
+        """Asked for, and on at the server (GET /shared-memory; a server without it: off)."""
+        if not self.shared_memory or self.local or self.cache_dir is not None:
+            return False
+        if self._shm_enabled is None:
+            response = self._with_retries(lambda: self._http.get("/shared-memory"))
+            if response.status_code == 401:
+                raise status_error(401, _problem(response))
+            self._shm_enabled = (
+                response.status_code == 200 and response.json().get("enabled") is True
+            )
+        return self._shm_enabled
+
+    def _fetch_shared(
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        staging: bool = False,
+    ) -> tuple[Header, npt.NDArray[np.uint8]] | None:
+        """The server generates into a region of ours and answers the header; None where the
+        server cannot reach the region (another host, or shared memory turned off since). With
+        ``staging``, the client's reusable region (the bytes are copied out before the next
+        call); else a fresh one whose mapping the returned arrays keep."""
+        need = _data_bytes(expected)
+        if staging:
+            if self._staging is None or self._staging.size < need:
+                if self._staging is not None:
+                    self._staging.close()
+                self._staging = _SharedRegion(need)
+            region = self._staging
+        else:
+            region = _SharedRegion(need)
+        try:
+
+            def one_attempt() -> httpx.Response:
+                response = self._http.post(
+                    "/shared-memory/init", json=body, headers=region.headers(need)
+                )
+                if response.status_code in RETRY_STATUSES:
+                    raise _Retry(
+                        status_error(response.status_code, _problem(response)),
+                        _retry_after(response),
+                    )
+                return response
+
+            response = self._with_retries(one_attempt)
+            problem = _problem(response) if response.status_code != 200 else None
+            if response.status_code in (403, 404) and problem is not None:
+                located = [e.get("loc") for e in problem.get("errors") or []]
+                unreachable = (
+                    response.status_code == 404
+                    and [
+                        "header",
+                        "x-initserve-shm-name",
+                    ]
+                    in located
+                )
+                if unreachable or "INITSERVE_ALLOW_SHARED_MEMORY" in str(problem.get("detail")):
+                    self._shm_enabled = False
+                    return None
+            if response.status_code != 200:
+                raise status_error(response.status_code, problem)
+            header = parse_header(response.content)
+            check_against_spec(header, expected)
+            if header.data_bytes != need:
+                raise InvalidResponseError(
+                    f"the header describes {header.data_bytes} data bytes, the spec {need}"
+                )
+            return header, region.data()[:need]
+        finally:
+            if not staging:
+                region.close()
 
     def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
         attempt = 0
@@ -468,8 +637,11 @@ class Client(_Base):
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         body = self._body(spec, only, shard, regions)
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
         if self.cache_dir is not None and not self.local:
             tensors = self._fetch_cached(body, expected, progress)
+        elif shared is not None:  # views of the region: the bytes are never copied
+            tensors = tensors_from_buffer(*shared)
         else:
             receiver = _Receiver(expected, progress=progress)
             self._download(body, receiver)
@@ -504,6 +676,15 @@ class Client(_Base):
         body = self._body(spec, None, None, regions)
         if self.local:  # generated straight into the targets, as the engine can: no bytes at all
             _local_fill(body, [arrays[key] for key, _, _ in expected])
+            return
+        if self.cache_dir is not None:  # a mapped cache file, copied into the targets
+            _copy_into(*self._cached_file(body, expected, progress), targets)
+            return
+        shared = (
+            self._fetch_shared(body, expected, staging=True) if self._uses_shared_memory() else None
+        )
+        if shared is not None:  # one copy, from the region into the caller's memory
+            _copy_into(*shared, targets)
             return
         receiver = _Receiver(expected, targets=targets, progress=progress)
         self._download(body, receiver)
@@ -550,15 +731,25 @@ class Client(_Base):
         expected: list[tuple[str, str, tuple[int, ...]]],
         progress: Progress | None,
     ) -> dict[str, npt.NDArray[Any]]:
+        return tensors_from_buffer(*self._cached_file(body, expected, progress))
+
+    def _cached_file(
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        progress: Progress | None,
+    ) -> tuple[Header, npt.NDArray[np.uint8]]:
+        """The cached file's header and its data bytes, mapped (copy-on-write): downloaded
+        first if this ETag is not cached yet."""
         etag = self._with_retries(lambda: self._post_json("/plan", body))["etag"]
         path = self._cache_path(etag)
         if not path.exists():
             with _locked(path.with_suffix(".lock")):
                 if not path.exists():
                     self._download_file(body, _Receiver(expected, progress=progress), path, etag)
-        header, tensors = load_file_strict(str(path))
+        header, data = map_file_strict(str(path))
         check_against_spec(header, expected)
-        return tensors
+        return header, data
 
 
 class AsyncClient(_Base):
@@ -573,6 +764,8 @@ class AsyncClient(_Base):
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
+        if transport is None and self.uds is not None:
+            transport = httpx.AsyncHTTPTransport(uds=self.uds)
         self._http = httpx.AsyncClient(
             base_url=self.url, timeout=self.timeout, headers=self.headers, transport=transport
         )
@@ -635,13 +828,12 @@ class AsyncClient(_Base):
     ) -> dict[str, Any]:
         """The tensors of ``spec``, or the ``only`` keys, or this rank's ``shard`` (split as
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
-        if self.cache_dir is not None:
-            # The on-disk cache is shared between processes through a file lock, which blocks:
-            # the sync twin does that work in a thread.
+        if self.cache_dir is not None or self.shared_memory:
+            # The on-disk cache is shared between processes through a file lock, which blocks,
+            # and a shared-memory answer is a wait for the whole generation: the sync twin does
+            # that work in a thread.
             def cached() -> dict[str, Any]:
-                with Client(
-                    self.url, timeout=self.timeout, retry=self.retry, cache_dir=self.cache_dir
-                ) as client:
+                with Client(self.url, **self._options()) as client:
                     client._http.headers.update(self.headers)
                     return client.fetch_weights(
                         spec,

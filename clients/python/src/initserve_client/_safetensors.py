@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -157,18 +158,22 @@ def tensors_from_buffer(header: Header, data: npt.NDArray[np.uint8]) -> dict[str
     return out
 
 
-def load_file_strict(path: str) -> tuple[Header, dict[str, npt.NDArray[Any]]]:
+def map_file_strict(path: str) -> tuple[Header, npt.NDArray[np.uint8]]:
+    """The file's header, checked as strictly as a response's, and its data bytes memory-mapped
+    copy-on-write (as safetensors maps a file): nothing is read until used, pages come from the
+    page cache, and a caller that writes to an array changes its own copy, never the file."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         raw = prefix + f.read(header_length(prefix))
         header = parse_header(raw)
-        data = fresh_buffer(header.data_bytes)
-        read = f.readinto(data.data)
-        if read != header.data_bytes or f.read(1):
+        if os.fstat(f.fileno()).st_size != header.total_bytes:
             raise InvalidResponseError(
                 f"{path}: the file is not exactly the size its header declares"
             )
-    return header, tensors_from_buffer(header, data)
+        if header.data_bytes == 0:
+            return header, np.empty(0, dtype=np.uint8)
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return header, np.frombuffer(mapping, dtype=np.uint8, offset=header.size)
 
 
 # --- what a spec implies -------------------------------------------------------------------------

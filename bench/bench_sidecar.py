@@ -1,0 +1,197 @@
+"""The sidecar's delivery paths, each into the caller's memory, in one run (issue 15):
+
+for a 1 GiB uniform float32 tensor and for GPT-2 small's spec (its own init, 124 M parameters):
+in-process generation (url="local"), HTTP over TCP loopback, HTTP over the Unix socket, shared
+memory (the server generates into the client's region, over the Unix socket), and a cache hit (a
+mapped file), each ``fetch_into`` preallocated arrays that were touched before (as parameters
+are); beside safetensors' own load of the same file (``safetensors.numpy.load_file`` and the copy
+into the same arrays, as ``load_state_dict`` copies).
+
+Then GPT-2 small end to end, each case in a fresh process: Hugging Face's own init
+(GPT2LMHeadModel(config) on CPU, the anchor of bench_init.py), init_module through shared memory,
+init_module from a cache hit, and ``model.load_state_dict(safetensors.torch.load_file(path))`` of
+the same file into a built model (a seed checkpoint).
+
+Targets: shared memory >= 0.8x in-process; UDS >= 1.2x TCP; GPT-2 init_module through shared
+memory <= 0.6x HF's own init; init_module from a cache hit <= 1.5x load_state_dict(load_file).
+
+    python bench/bench_sidecar.py           (make bench)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import uds_server
+
+from initserve_client import Client
+
+REPEATS = int(__import__("os").environ.get("BENCH_REPEATS", "3"))
+GIB_SPEC = {"seed": 0, "tensors": [{"name": "w", "shape": [1 << 28], "scheme": "uniform"}]}
+
+
+def gpt2_spec() -> dict[str, Any]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from initserve_client.torch_utils import spec_from_module
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    return spec_from_module(model, seed=0)
+
+
+def targets_for(client: Client, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    planned = client.plan(spec)
+    arrays = {t["key"]: np.ones(t["shape"], dtype=np.dtype(t["dtype"])) for t in planned["tensors"]}
+    return arrays
+
+
+def median_seconds(action: Callable[[], object]) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def delivery_table(name: str, spec: dict[str, Any], tcp: str, uds: Path, cache: Path) -> None:
+    import safetensors.numpy
+
+    local = Client("local")
+    arrays = targets_for(local, spec)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    file = cache / f"{name}.safetensors"
+    with Client(tcp) as client:
+        client.download(spec, file)
+
+    def st_load() -> None:
+        for key, values in safetensors.numpy.load_file(str(file)).items():
+            np.copyto(arrays[key], values)
+
+    clients = {
+        "in-process (url='local')": local,
+        "HTTP over TCP": Client(tcp),
+        "HTTP over the Unix socket": Client(uds=uds),
+        "shared memory (over the Unix socket)": Client(uds=uds, shared_memory=True),
+        "cache hit (mapped file)": Client(uds=uds, cache_dir=cache / "etag-cache"),
+    }
+    clients["cache hit (mapped file)"].fetch_into(spec, arrays)  # fills the cache
+    rows = {
+        label: median_seconds(lambda c=c: c.fetch_into(spec, arrays))
+        for label, c in clients.items()
+    }  # type: ignore[misc]
+    rows["safetensors.numpy.load_file + copy"] = median_seconds(st_load)
+    for client in clients.values():
+        client.close()
+    base = rows["in-process (url='local')"]
+    print(f"\n{name}: {nbytes / 2**20:.0f} MiB, fetch_into touched arrays, medians of {REPEATS}")
+    print("| path | seconds | GB/s | vs in-process |")
+    print("| --- | --- | --- | --- |")
+    for label, seconds in rows.items():
+        print(f"| {label} | {seconds:.3f} | {nbytes / seconds / 1e9:.2f} | {base / seconds:.2f}x |")
+    shm, tcp_s, uds_s = (
+        rows["shared memory (over the Unix socket)"],
+        rows["HTTP over TCP"],
+        rows["HTTP over the Unix socket"],
+    )
+    print(f"shared memory / in-process throughput: {base / shm:.2f}x (target >= 0.8x)")
+    print(f"Unix socket / TCP throughput: {tcp_s / uds_s:.2f}x (target >= 1.2x)")
+
+
+CASE = r"""
+import json, sys, time
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from initserve_client import init_module, Client
+torch.set_num_threads(2)
+kind, uds, cache, file = sys.argv[1:5]
+config = GPT2Config()
+import initserve  # the engine's import is paid outside the timing in every case
+if kind == "hf_build":
+    start = time.perf_counter()
+    model = GPT2LMHeadModel(config)
+elif kind == "load_state_dict":
+    import safetensors.torch
+    model = GPT2LMHeadModel(config)
+    start = time.perf_counter()
+    model.load_state_dict(safetensors.torch.load_file(file), strict=False)
+else:
+    client = Client(uds=uds, shared_memory=True) if kind == "shm" else Client(uds=uds, cache_dir=cache)
+    if kind == "cache":
+        with torch.device("meta"):
+            warm = GPT2LMHeadModel(config)
+        init_module(warm, seed=0, client=client)  # fills the cache; the timed run is a hit
+        model = GPT2LMHeadModel(config)  # parameters that exist, as load_state_dict has them
+    else:
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(config)
+    start = time.perf_counter()
+    init_module(model, seed=0, client=client)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def gpt2_init_table(uds: Path, cache: Path, spec: dict[str, Any], tcp: str) -> None:
+    file = cache / "gpt2-state.safetensors"
+    with Client(tcp) as client:
+        client.download(spec, file)
+    rows: dict[str, list[float]] = {}
+    for _ in range(REPEATS):
+        for kind in ("hf_build", "shm", "cache", "load_state_dict"):
+            out = subprocess.run(
+                [sys.executable, "-c", CASE, kind, str(uds), str(cache / "init-cache"), str(file)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            rows.setdefault(kind, []).append(json.loads(out.strip().splitlines()[-1])["seconds"])
+    medians = {kind: statistics.median(values) for kind, values in rows.items()}
+    labels = {
+        "hf_build": "HF: GPT2LMHeadModel(config) on CPU (its own init)",
+        "shm": "initserve: meta + init_module, shared memory",
+        "cache": "initserve: init_module into a built model, cache hit",
+        "load_state_dict": "load_state_dict(safetensors.torch.load_file(path))",
+    }
+    print(f"\nGPT-2 small end to end, a fresh process per case, medians of {REPEATS}")
+    print("| case | seconds | vs HF's init |")
+    print("| --- | --- | --- |")
+    for kind, label in labels.items():
+        print(f"| {label} | {medians[kind]:.3f} | {medians[kind] / medians['hf_build']:.2f}x |")
+    print(
+        f"init_module through shared memory / HF's init: {medians['shm'] / medians['hf_build']:.2f}x"
+        " (target <= 0.6x)"
+    )
+    print(
+        f"init_module from a cache hit / load_state_dict(load_file): "
+        f"{medians['cache'] / medians['load_state_dict']:.2f}x (target <= 1.5x)"
+    )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        uds = Path(scratch) / "initserve.sock"
+        cache = Path(scratch)
+        with uds_server(uds, allow_shared_memory="true", max_response_bytes=str(2 << 30)) as (
+            tcp,
+            _,
+        ):
+            spec = gpt2_spec()
+            delivery_table("1 GiB uniform float32", GIB_SPEC, tcp, uds, cache)
+            delivery_table("GPT-2 small's spec", spec, tcp, uds, cache)
+            gpt2_init_table(uds, cache, spec, tcp)
+
+
+if __name__ == "__main__":
+    main()

@@ -237,7 +237,7 @@ def test_hostile_regions_are_refused_and_nothing_is_written(
     url, path = sidecar
     region = make_region(case, size)
     try:
-        response = post_region(path, region.name, **extra)
+        response = post_region(path, region.name, **extra)  # type: ignore[arg-type]
         assert response.status_code == status, response.text
         problem = response.json()
         assert problem["errors"][0]["loc"] == ["header", field]

@@ -5,33 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
 
 from initserve_client._client import Client
 from initserve_client._exceptions import InitserveError
 
 
 class ProgressBar:
-    """A one-line bar on stderr; the total is known from Content-Length."""
+    """The client's ``progress(done, total)`` callback drawn by tqdm: rate, ETA and the
+    terminal's width, as ML tools show them, and silent when stderr is not a terminal (logs of a
+    training job) unless ``always``."""
 
-    def __init__(self, stream=sys.stderr, width: int = 40) -> None:  # type: ignore[no-untyped-def]
-        self.stream, self.width = stream, width
-        self.started = time.monotonic()
-        self.last = 0.0
+    def __init__(self, stream: IO[str] | None = None, always: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.disable: bool | None = False if always else None  # None: tqdm's own TTY check
+        self.bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last < 0.1:
-            return
-        self.last = now
-        filled = int(self.width * done / total) if total else self.width
-        rate = done / max(now - self.started, 1e-9) / 1e6
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {done / 1e6:,.1f}/{total / 1e6:,.1f} MB {rate:,.0f} MB/s")
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
+                disable=self.disable, desc="initserve", dynamic_ncols=True,
+            )  # fmt: skip
+        self.bar.update(done - self.bar.n)
         if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+            self.bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--token", default=None, help="bearer token")
     fetch.add_argument("--only", nargs="+", default=None, help="only these tensor keys")
     fetch.add_argument(
-        "--shard", default=None, help="INDEX,COUNT,DIM: numpy.array_split part of every tensor"
+        "--shard", default=None, help="INDEX,COUNT,DIM: torch.chunk's part of every tensor"
     )
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    fetch.add_argument(
+        "--progress", action="store_true", help="a progress bar even when stderr is no terminal"
+    )
     args = parser.parse_args(argv)
     text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
     shard = tuple(int(x) for x in args.shard.split(",")) if args.shard else None
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.output,
                 only=args.only,
                 shard=shard,  # type: ignore[arg-type]
-                progress=None if args.quiet else ProgressBar(),
+                progress=None if args.quiet else ProgressBar(always=args.progress),
             )
     except InitserveError as exc:
         print(f"initserve-client: {exc}", file=sys.stderr)

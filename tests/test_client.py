@@ -336,6 +336,50 @@ async def test_async_client(server: str) -> None:
     assert planned["etag"] == httpx.post(f"{server}/plan", json=SPEC).json()["etag"]
 
 
+def test_the_twins_have_the_same_public_methods() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")} - {"close", "aclose"}
+
+    assert public(Client) == public(AsyncClient) == {"plan", "fetch_weights", "fetch_into",
+                                                     "download"}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_async_fetch_into_and_download_equal_the_sync_twin(
+    server: str, tmp_path: Path
+) -> None:
+    regions = {"conv.weight": [(1, 3), (0, 3), (0, 3), (0, 3)], "fc.bias": [(2, 9)]}
+    whole = initserve.generate(SPEC)
+    async with AsyncClient(server) as client:
+        into = {k: np.empty_like(whole[k][tuple(slice(a, b) for a, b in r)])
+                for k, r in regions.items()}  # fmt: skip
+        await client.fetch_into(SPEC, into, regions=regions)
+        header = await client.download(SPEC, tmp_path / "async.safetensors", only=["fc.bias"])
+    for key, region in regions.items():
+        assert into[key].tobytes() == whole[key][tuple(slice(a, b) for a, b in region)].tobytes()
+    with Client(server) as sync:
+        sync.download(SPEC, tmp_path / "sync.safetensors", only=["fc.bias"])
+    assert [e.key for e in header.entries] == ["fc.bias"]
+    assert (tmp_path / "async.safetensors").read_bytes() == (
+        tmp_path / "sync.safetensors"
+    ).read_bytes()
+    async with AsyncClient("local") as local:  # in-process, in a thread
+        assert same(await local.fetch_weights(SPEC, only=["fc.bias"]),
+                    initserve.generate(SPEC, only=["fc.bias"]))  # fmt: skip
+
+
+def test_fast_reads_change_no_other_httpx_user() -> None:
+    # The client raises the read size on its own connections, never on httpcore's classes.
+    code = (
+        "import httpcore, initserve_client;"
+        "from httpcore._sync.http11 import HTTP11Connection as S;"
+        "from httpcore._async.http11 import AsyncHTTP11Connection as A;"
+        "initserve_client.Client('http://127.0.0.1:9').close();"
+        "assert S.READ_NUM_BYTES == A.READ_NUM_BYTES == 64 * 1024, S.READ_NUM_BYTES"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_client_imports_nothing_of_the_server() -> None:
     code = (
         "import sys, initserve_client;"

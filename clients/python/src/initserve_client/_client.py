@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,20 +58,39 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
 RETRY_STATUSES = (429, 502, 503, 504)
 
 
-def _read_size_at_least(num_bytes: int) -> None:
-    """httpcore reads 64 KiB per recv, which caps httpx near 0.4 GB/s on loopback; 1 MiB reads
-    reach the socket's speed. (A class attribute: raised, never lowered, for the process.)"""
-    try:
-        from httpcore._async.http11 import AsyncHTTP11Connection
-        from httpcore._sync.http11 import HTTP11Connection
-    except ImportError:  # pragma: no cover - a future httpcore
-        return
-    for connection in (HTTP11Connection, AsyncHTTP11Connection):
-        if getattr(connection, "READ_NUM_BYTES", num_bytes) < num_bytes:
-            connection.READ_NUM_BYTES = num_bytes
+# httpcore reads 64 KiB per recv, which caps httpx near 0.4 GB/s on loopback; 1 MiB reads reach
+# the socket's speed. The size is raised on this client's own connections only (the transports
+# below), never on httpcore's classes, so no other httpx user in the process is changed.
+READ_BYTES = 1 << 20
 
 
-_read_size_at_least(1 << 20)
+def _larger_reads(pool: Any) -> None:
+    """Raise the read size of the pool's HTTP/1.1 connections (an instance attribute, which
+    httpcore reads on every receive)."""
+    for connection in getattr(pool, "connections", ()):
+        inner = getattr(connection, "_connection", None)
+        if getattr(inner, "READ_NUM_BYTES", READ_BYTES) < READ_BYTES:
+            inner.READ_NUM_BYTES = READ_BYTES  # type: ignore[union-attr]
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport, with large reads on its connections. A response's body is read after
+    ``handle_request`` returns, so the connection that carries it reads 1 MiB at a time."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        _larger_reads(self._pool)
+        return response
+
+
+class _AsyncTransport(httpx.AsyncHTTPTransport):
+    """The asynchronous twin of _Transport."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        _larger_reads(self._pool)
+        return response
+
 
 Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
 Regions = Mapping[str, Region]  # tensor key -> per dimension [start, stop)
@@ -254,7 +273,9 @@ class _Base:
         self.retry = retry or RetryPolicy()
         cache = cache_dir if cache_dir is not None else os.environ.get("INITSERVE_CACHE_DIR")
         self.cache_dir = Path(cache) if cache else None
+        self.token = token
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.local = self.url == LOCAL
 
     @staticmethod
     def _body(
@@ -302,6 +323,27 @@ class _Base:
             return APIConnectionError(f"could not reach initserve: {exc!r}")
         return exc
 
+    @staticmethod
+    def _targets(
+        expected: list[tuple[str, str, tuple[int, ...]]], arrays: dict[str, npt.NDArray[Any]]
+    ) -> list[npt.NDArray[np.uint8]]:
+        """The caller's arrays, in file order, as raw bytes: each checked against its entry
+        (C-contiguous, writeable, of the spec's dtype and shape)."""
+        targets = []
+        for key, code, shape in expected:
+            array = arrays.get(key)
+            if array is None:
+                raise KeyError(f"no target array for {key!r}")
+            if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype.newbyteorder("="):
+                raise ValueError(
+                    f"{key}: target is {array.dtype}{list(array.shape)}, the spec gives"
+                    f" {numpy_dtype(code)}{list(shape)}"
+                )
+            if not array.flags.c_contiguous or not array.flags.writeable:
+                raise ValueError(f"{key}: the target array must be C-contiguous and writeable")
+            targets.append(array.reshape(-1).view(np.uint8))
+        return targets
+
     def _cache_path(self, etag: str) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / f"{etag.strip(chr(34))}.safetensors"
@@ -309,6 +351,7 @@ class _Base:
     def _options(self) -> dict[str, Any]:
         """What the sync twin needs to act as this client (the async client's blocking work)."""
         return {
+            "token": self.token,
             "timeout": self.timeout,
             "retry": self.retry,
             "cache_dir": self.cache_dir,
@@ -399,6 +442,27 @@ def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def _atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside ``target``, fsynced and renamed into place if the block ends
+    without an error, removed if not: a crash never leaves a half file under ``target``."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open(temporary, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _same_object(receiver: _Receiver, etag: str | None) -> None:
+    if etag is not None and receiver.etag != etag:
+        raise InvalidResponseError("the server's ETag changed between plan and download")
+
+
+@contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock across processes (the ranks on a node): one downloads, the rest wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,9 +538,8 @@ class Client(_Base):
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
-        self.local = self.url == LOCAL
-        if transport is None and self.uds is not None:
-            transport = httpx.HTTPTransport(uds=self.uds)
+        if transport is None:  # a sidecar or a service: no proxy from the environment
+            transport = _Transport(uds=self.uds)
         self._http = httpx.Client(
             base_url="http://local.invalid" if self.local else self.url,
             timeout=self.timeout,
@@ -660,19 +723,7 @@ class Client(_Base):
         spec's output; C-contiguous, of the spec's dtypes and shapes): no intermediate copy.
         With ``regions``, only those keys, each array of its region's shape."""
         expected = expected_entries(_spec_dict(spec), None, None, regions)
-        targets = []
-        for key, code, shape in expected:
-            array = arrays.get(key)
-            if array is None:
-                raise KeyError(f"no target array for {key!r}")
-            if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype.newbyteorder("="):
-                raise ValueError(
-                    f"{key}: target is {array.dtype}{list(array.shape)}, the spec gives"
-                    f" {numpy_dtype(code)}{list(shape)}"
-                )
-            if not array.flags.c_contiguous or not array.flags.writeable:
-                raise ValueError(f"{key}: the target array must be C-contiguous and writeable")
-            targets.append(array.reshape(-1).view(np.uint8))
+        targets = self._targets(expected, arrays)
         body = self._body(spec, None, None, regions)
         if self.local:  # generated straight into the targets, as the engine can: no bytes at all
             _local_fill(body, [arrays[key] for key, _, _ in expected])
@@ -709,19 +760,10 @@ class Client(_Base):
     ) -> Header:
         """Download into a temporary file beside ``target``, fsync, then rename it into place;
         with ``etag``, refuse a response that is not that object."""
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
-        try:
-            with open(temporary, "wb") as f:
-                receiver.file = f
-                self._download(body, receiver)
-                f.flush()
-                os.fsync(f.fileno())
-            if etag is not None and receiver.etag != etag:
-                raise InvalidResponseError("the server's ETag changed between plan and download")
-            os.replace(temporary, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+        with _atomic_file(target) as f:
+            receiver.file = f
+            self._download(body, receiver)
+            _same_object(receiver, etag)
         assert receiver.header is not None
         return receiver.header
 
@@ -764,10 +806,13 @@ class AsyncClient(_Base):
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
-        if transport is None and self.uds is not None:
-            transport = httpx.AsyncHTTPTransport(uds=self.uds)
+        if transport is None:
+            transport = _AsyncTransport(uds=self.uds)
         self._http = httpx.AsyncClient(
-            base_url=self.url, timeout=self.timeout, headers=self.headers, transport=transport
+            base_url="http://local.invalid" if self.local else self.url,
+            timeout=self.timeout,
+            headers=self.headers,
+            transport=transport,
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -779,23 +824,45 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+    async def _with_retries(self, attempt_fn: Callable[[], Awaitable[Any]]) -> Any:
+        """The sync twin's loop, awaiting: the same policy, the same shape."""
         attempt = 0
         while True:
             try:
-                async with self._http.stream(
-                    "POST", "/init", json=body, headers=receiver.request_headers()
-                ) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                    receiver.begin(response)
-                    async for chunk in response.aiter_raw():
-                        receiver.feed(chunk)
-                receiver.finish()
-                return
+                return await attempt_fn()
             except (_Retry, httpx.TransportError) as exc:
                 await asyncio.sleep(self._delay_or_raise(attempt, exc))
                 attempt += 1
+
+    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json_or_raise(await self._http.post(path, json=body))
+
+    async def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+        async def one_attempt() -> None:
+            async with self._http.stream(
+                "POST", "/init", json=body, headers=receiver.request_headers()
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()  # the problem+json body, for the error
+                receiver.begin(response)
+                async for chunk in response.aiter_raw():
+                    receiver.feed(chunk)
+            receiver.finish()
+
+        await self._with_retries(one_attempt)
+
+    def _in_sync_twin(self) -> bool:
+        """The work the sync twin does in a thread: the on-disk cache (shared between processes
+        through a file lock, which blocks), shared memory (a wait for the whole generation) and
+        in-process generation (CPU-bound)."""
+        return self.cache_dir is not None or self.shared_memory or self.local
+
+    async def _sync_twin(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            with Client(self.url, **self._options()) as client:
+                return getattr(client, method)(*args, **kwargs)
+
+        return await asyncio.to_thread(run)
 
     async def plan(
         self,
@@ -806,15 +873,52 @@ class AsyncClient(_Base):
         regions: Regions | None = None,
     ) -> dict[str, Any]:
         """The server's dry run: keys, shapes, byte ranges, total size and ETag."""
+        if self.local:
+            return await self._sync_twin("plan", spec, only=only, shard=shard, regions=regions)  # type: ignore[no-any-return]
         body = self._body(spec, only, shard, regions)
-        attempt = 0
-        while True:
-            try:
-                response = await self._http.post("/plan", json=body)
-                return self._json_or_raise(response)
-            except (_Retry, httpx.TransportError) as exc:
-                await asyncio.sleep(self._delay_or_raise(attempt, exc))
-                attempt += 1
+        planned: dict[str, Any] = await self._with_retries(lambda: self._post_json("/plan", body))
+        return planned
+
+    async def fetch_into(
+        self,
+        spec: SpecLike,
+        arrays: dict[str, npt.NDArray[Any]],
+        *,
+        regions: Regions | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Stream the tensors straight into the caller's preallocated arrays (see
+        Client.fetch_into)."""
+        if self._in_sync_twin():
+            await self._sync_twin("fetch_into", spec, arrays, regions=regions, progress=progress)
+            return
+        expected = expected_entries(_spec_dict(spec), None, None, regions)
+        receiver = _Receiver(expected, targets=self._targets(expected, arrays), progress=progress)
+        await self._download(self._body(spec, None, None, regions), receiver)
+
+    async def download(
+        self,
+        spec: SpecLike,
+        path: str | os.PathLike[str],
+        *,
+        only: list[str] | None = None,
+        shard: Shard | None = None,
+        regions: Regions | None = None,
+        progress: Progress | None = None,
+    ) -> Header:
+        """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
+        if self.local:
+            header: Header = await self._sync_twin(
+                "download", spec, path, only=only, shard=shard, regions=regions, progress=progress
+            )
+            return header
+        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        receiver = _Receiver(expected, progress=progress)
+        with _atomic_file(Path(path)) as f:
+            receiver.file = f
+            await self._download(self._body(spec, only, shard, regions), receiver)
+        assert receiver.header is not None
+        return receiver.header
 
     async def fetch_weights(
         self,
@@ -828,23 +932,12 @@ class AsyncClient(_Base):
     ) -> dict[str, Any]:
         """The tensors of ``spec``, or the ``only`` keys, or this rank's ``shard`` (split as
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
-        if self.cache_dir is not None or self.shared_memory:
-            # The on-disk cache is shared between processes through a file lock, which blocks,
-            # and a shared-memory answer is a wait for the whole generation: the sync twin does
-            # that work in a thread.
-            def cached() -> dict[str, Any]:
-                with Client(self.url, **self._options()) as client:
-                    client._http.headers.update(self.headers)
-                    return client.fetch_weights(
-                        spec,
-                        only=only,
-                        shard=shard,
-                        regions=regions,
-                        as_torch=as_torch,
-                        progress=progress,
-                    )
-
-            return await asyncio.to_thread(cached)
+        if self._in_sync_twin():
+            tensors: dict[str, Any] = await self._sync_twin(
+                "fetch_weights", spec, only=only, shard=shard, regions=regions,
+                as_torch=as_torch, progress=progress,
+            )  # fmt: skip
+            return tensors
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
         await self._download(self._body(spec, only, shard, regions), receiver)

@@ -377,7 +377,7 @@ async def test_etag_cache_is_bounded_in_bytes(client_for: Any) -> None:
     assert (await client.head(f"/init/{etags[0]}")).status_code == 404
     assert (await client.head(f"/init/{etags[-1]}")).status_code == 200
     state = client._transport.app.state.service  # type: ignore[attr-defined]
-    assert state.known_bytes <= 300 and len(state.known) == 2
+    assert state.etags.bytes <= 300 and len(state.etags) == 2
 
 
 async def test_inspect_is_under_the_memory_budget(client_for: Any) -> None:

@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from initserve.delivery import prepare
     from initserve.request import InitRequest
-    from initserve.safetensors_stream import BodyWriter
+    from initserve.safetensors_writer import BodyWriter
 
     request = InitRequest.model_validate_json(Path(args.spec).read_bytes())
     prepared = prepare(request, Settings(max_response_bytes=1 << 62))

@@ -56,7 +56,7 @@ def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
 
 class TensorSource:
     """Generates parts of one planned tensor. Caches the whole tensor for the schemes that must
-    compute it whole, so that streaming such a tensor in chunks computes it once."""
+    compute it whole, so that sending such a tensor in chunks computes it once."""
 
     def __init__(self, tensor: TensorPlan, backend: str = "cpu") -> None:
         self.tensor = tensor
@@ -69,7 +69,7 @@ class TensorSource:
         """Elements [start, stop) of the C-order flattened tensor, in the tensor's dtype.
 
         ``out`` (optional, 1-D, C-contiguous, the tensor's dtype) is filled and returned instead
-        of a new array: streaming reuses one buffer rather than touching fresh pages per chunk.
+        of a new array: a body sent in chunks reuses one buffer, not fresh pages per chunk.
         """
         if not 0 <= start <= stop <= self.tensor.numel:
             raise IndexError(f"flat range [{start}, {stop}) outside [0, {self.tensor.numel})")
@@ -193,9 +193,9 @@ class TensorSource:
             return pattern
         raise AssertionError(f"unhandled draw {draw.kind}")  # pragma: no cover
 
-    def _normal_master(self, stream_key: str | None = None) -> npt.NDArray[np.float64]:
+    def _normal_master(self) -> npt.NDArray[np.float64]:
         tensor = self.tensor
-        stream = tensor.stream if stream_key is None else stream_for(tensor.stream.seed, stream_key)
+        stream = tensor.stream
         master = np.empty(tensor.numel, dtype=np.float64)
         params = (0.0, 1.0) if tensor.draw.kind == "orthogonal" else (0.0, tensor.draw.params[1])
         cpu.fill_runs(cpu.NORMAL, params, stream, np.zeros(1, np.uint64), tensor.numel, master)

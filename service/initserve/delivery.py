@@ -74,7 +74,7 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     coupled = 0
     for tensor, region in chosen:
         parts.append(Part(tensor, region))
-        if tensor.draw.kind in ("orthogonal", "sparse"):
+        if tensor.draw.whole_tensor:
             if tensor.numel > settings.max_coupled_elements:
                 raise Rejected(
                     413,

@@ -16,7 +16,7 @@ from common import curl_post, uvicorn_server
 
 from initserve.delivery import prepare
 from initserve.request import InitRequest
-from initserve.safetensors_stream import BodyWriter
+from initserve.safetensors_writer import BodyWriter
 from initserve.settings import Settings
 
 
@@ -38,7 +38,9 @@ def in_process_seconds(spec: dict[str, object]) -> tuple[float, int]:
     settings = Settings()
     prepared = prepare(InitRequest.model_validate(spec), settings)
     started = time.perf_counter()
-    total = sum(len(chunk) for chunk in BodyWriter(prepared.layout, settings.chunk_bytes).chunks())
+    total = sum(
+        len(chunk) for chunk in BodyWriter(prepared.file_map, settings.chunk_bytes).chunks()
+    )
     return time.perf_counter() - started, total
 
 

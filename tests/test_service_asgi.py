@@ -377,7 +377,7 @@ async def test_etag_cache_is_bounded_in_bytes(client_for: Any) -> None:
     assert (await client.head(f"/init/{etags[0]}")).status_code == 404
     assert (await client.head(f"/init/{etags[-1]}")).status_code == 200
     state = client._transport.app.state.service
-    assert state.known_bytes <= 300 and len(state.known) == 2
+    assert state.etags.bytes <= 300 and len(state.etags) == 2
 
 
 async def test_inspect_is_under_the_memory_budget(client_for: Any) -> None:
@@ -472,3 +472,23 @@ async def test_every_spec_problem_comes_back_in_one_answer(client: httpx.AsyncCl
         ["tensors", 1, "val"],
         ["tensors", 2, "name"],
     ]
+
+
+async def test_admission_is_given_back_however_a_response_ends(client_for: Any) -> None:
+    client = await client_for(max_concurrent_streams=1, chunk_bytes=4096)
+    state = client._transport.app.state.service  # type: ignore[attr-defined]
+    etag = (await client.post("/init", json=SMALL)).headers["etag"]
+    assert (
+        await client.post("/init", json=SMALL, headers={"if-none-match": etag})
+    ).status_code == 304
+    assert (await client.head(f"/init/{etag.strip(chr(34))}")).status_code == 200
+    assert (
+        await client.post("/init", json=SMALL, headers={"range": "bytes=9-"})
+    ).status_code == 206
+    assert (
+        await client.post("/init", json=SMALL, headers={"range": "bytes=999999-"})
+    ).status_code == 416
+    assert (state.admission.bodies, state.admission.bytes) == (0, 0)
+    # One body at a time: the budget is free again for the next one.
+    assert (await client.post("/init", json=SMALL)).status_code == 200
+    assert (state.admission.bodies, state.admission.bytes) == (0, 0)

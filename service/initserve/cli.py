@@ -107,16 +107,16 @@ def _remove_socket_file(path: Path) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from initserve.delivery import prepare
     from initserve.request import InitRequest
-    from initserve.safetensors_stream import BodyWriter
+    from initserve.safetensors_writer import BodyWriter
 
     request = InitRequest.model_validate_json(Path(args.spec).read_bytes())
     prepared = prepare(request, Settings(max_response_bytes=1 << 62))
     with open(args.output, "wb") as out:
-        for chunk in BodyWriter(prepared.layout, 4 << 20).chunks():
+        for chunk in BodyWriter(prepared.file_map, 4 << 20).chunks():
             out.write(chunk)
     print(
         json.dumps(
-            {"etag": prepared.etag, "bytes": prepared.layout.total_bytes, "output": args.output}
+            {"etag": prepared.etag, "bytes": prepared.file_map.total_bytes, "output": args.output}
         )
     )
     return 0

@@ -1,5 +1,5 @@
 """From a request to what the response will be, before anything is generated: the limits, the
-safetensors layout, the ETag, the byte range, the memory the response will need."""
+safetensors file map, the ETag, the byte range, the memory the response will need."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import initserve
 from initserve.engine import selected_parts
 from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
 from initserve.request import InitRequest
-from initserve.safetensors_stream import Layout, Part, build_layout
+from initserve.safetensors_writer import FileMap, Part, map_file
 from initserve.settings import Settings
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -40,8 +40,7 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    request: InitRequest
-    layout: Layout
+    file_map: FileMap
     etag: str
     working_bytes: int
     spec_bytes: int  # size of the canonical request
@@ -70,7 +69,7 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     coupled = 0
     for tensor, region in chosen:
         parts.append(Part(tensor, region))
-        if tensor.draw.kind in ("orthogonal", "sparse"):
+        if tensor.draw.whole_tensor:
             if tensor.numel > settings.max_coupled_elements:
                 raise Rejected(
                     413,
@@ -97,14 +96,14 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
         "initserve.spec": canonical,
         "initserve.version": initserve.__version__,
     }
-    layout = build_layout(parts, metadata)
+    file_map = map_file(parts, metadata)
     # The header records the package version, so it is part of the identity of the bytes.
     identity = f"{ALGORITHM_VERSION}\n{initserve.__version__}\n{canonical}".encode()
     etag = '"' + hashlib.sha256(identity).hexdigest() + '"'
     # Chunk buffer, its bytes copy and a float32 master for narrow dtypes; plus, for coupled
     # schemes, the Gaussian draw, the QR workspace and the result (binary64).
     working = 3 * settings.chunk_bytes + 24 * coupled
-    return Prepared(request, layout, etag, working, len(canonical))
+    return Prepared(file_map, etag, working, len(canonical))
 
 
 def dry_run_answer(prepared: Prepared) -> dict[str, Any]:
@@ -112,9 +111,9 @@ def dry_run_answer(prepared: Prepared) -> dict[str, Any]:
     return {
         "etag": prepared.etag,
         "algorithm": ALGORITHM_VERSION,
-        "total_bytes": prepared.layout.total_bytes,
-        "header_bytes": len(prepared.layout.header),
-        "tensors": prepared.layout.describe(),
+        "total_bytes": prepared.file_map.total_bytes,
+        "header_bytes": len(prepared.file_map.header),
+        "tensors": prepared.file_map.describe(),
     }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from initserve.draws import Constant, Dirac, Eye, Normal, Orthogonal, Sparse, TruncNormal, Uniform
 from initserve.engine import TensorSource
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.schemes import calculate_gain, fans
@@ -67,23 +68,20 @@ def _truncated_std(std: float, alpha: float, beta: float) -> float:
 def theoretical(tensor: TensorPlan) -> tuple[float | None, float | None]:
     """(std, bound) of the draw; None where it does not apply."""
     draw = tensor.draw
-    if draw.kind == "uniform":
-        low, width = draw.params[0], draw.params[1]
-        bound = max(abs(low), abs(low + width))
-        return width / math.sqrt(12), bound
-    if draw.kind == "normal":
-        return draw.params[1], None
-    if draw.kind == "trunc_normal":
-        mean, std, a, b = draw.params[:4]
-        return _truncated_std(std, (a - mean) / std, (b - mean) / std), None
-    if draw.kind == "orthogonal":
+    if isinstance(draw, Uniform):
+        return draw.width / math.sqrt(12), draw.largest_magnitude()
+    if isinstance(draw, Normal):
+        return draw.std, None
+    if isinstance(draw, TruncNormal):
+        mean, std = draw.mean, draw.std
+        return _truncated_std(std, (draw.a - mean) / std, (draw.b - mean) / std), None
+    if isinstance(draw, Orthogonal):
         rows = tensor.shape[0] if tensor.layout == "torch" else tensor.numel // tensor.shape[-1]
         cols = tensor.numel // rows
-        return draw.params[0] / math.sqrt(max(rows, cols)), None
-    if draw.kind == "sparse":
-        return draw.params[1] * math.sqrt(
-            1 - math.ceil(draw.params[0] * tensor.shape[0]) / tensor.shape[0]
-        ), None
+        return draw.gain / math.sqrt(max(rows, cols)), None
+    if isinstance(draw, Sparse):
+        rows = tensor.shape[0]
+        return draw.std * math.sqrt(1 - math.ceil(draw.sparsity * rows) / rows), None
     return 0.0, None
 
 
@@ -106,7 +104,7 @@ def report(spec: Any) -> list[TensorReport]:
         fan_in = fan_out = None
         gain = tensor.draw.info.get("gain")
         recommended = flag = None
-        if len(tensor.shape) >= 2 and tensor.draw.kind not in ("constant", "eye", "dirac"):
+        if len(tensor.shape) >= 2 and not isinstance(tensor.draw, Constant | Eye | Dirac):
             fan_in, fan_out = fans(tensor.shape, tensor.layout)  # type: ignore[arg-type]
             activation = activation_of(planned, tensor.key) or "linear"
             recommended = calculate_gain(activation) / math.sqrt(fan_in)

@@ -18,12 +18,10 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve.backends import cpu
+from initserve.draws import KERNEL_NORMAL, Constant, Dirac, Eye, Normal, Orthogonal, Sparse
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.spec import Spec, SpecError
 from initserve.stream import SPARSE_RANK_SUFFIX, stream_for
-
-_DIST_CODES = {"uniform": cpu.UNIFORM, "normal": cpu.NORMAL, "trunc_normal": cpu.TRUNC_NORMAL}
-_WHOLE_TENSOR_KINDS = ("orthogonal", "sparse")
 
 Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 
@@ -56,7 +54,7 @@ def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
 
 class TensorSource:
     """Generates parts of one planned tensor. Caches the whole tensor for the schemes that must
-    compute it whole, so that streaming such a tensor in chunks computes it once."""
+    compute it whole, so that sending such a tensor in chunks computes it once."""
 
     def __init__(self, tensor: TensorPlan, backend: str = "cpu") -> None:
         self.tensor = tensor
@@ -69,11 +67,11 @@ class TensorSource:
         """Elements [start, stop) of the C-order flattened tensor, in the tensor's dtype.
 
         ``out`` (optional, 1-D, C-contiguous, the tensor's dtype) is filled and returned instead
-        of a new array: streaming reuses one buffer rather than touching fresh pages per chunk.
+        of a new array: a body sent in chunks reuses one buffer, not fresh pages per chunk.
         """
         if not 0 <= start <= stop <= self.tensor.numel:
             raise IndexError(f"flat range [{start}, {stop}) outside [0, {self.tensor.numel})")
-        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
+        if self.tensor.draw.whole_tensor:
             values = self.whole().reshape(-1)[start:stop]
             if out is None:
                 return values
@@ -97,7 +95,7 @@ class TensorSource:
         out_shape = tuple(hi - lo for lo, hi in region)
         if out is not None and (out.size != math.prod(out_shape) or not out.flags.c_contiguous):
             raise ValueError(f"out must be a C-contiguous array of {math.prod(out_shape)} elements")
-        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS or math.prod(out_shape) == 0:
+        if self.tensor.draw.whole_tensor or math.prod(out_shape) == 0:
             if math.prod(out_shape) == 0:
                 values = np.empty(out_shape, dtype=self.tensor.dtype.numpy)
             else:
@@ -112,7 +110,7 @@ class TensorSource:
 
     def runs(self, run_starts: npt.NDArray[np.uint64], run_len: int) -> npt.NDArray[Any]:
         """The runs [s, s + run_len) for each s in run_starts, concatenated."""
-        if self.tensor.draw.kind in _WHOLE_TENSOR_KINDS:
+        if self.tensor.draw.whole_tensor:
             flat = self.whole().reshape(-1)
             index = (run_starts[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
             return flat[index.astype(np.int64)]
@@ -120,13 +118,13 @@ class TensorSource:
 
     def whole(self) -> npt.NDArray[Any]:
         if self._whole is None:
-            kind = self.tensor.draw.kind
+            draw = self.tensor.draw
             if self.tensor.numel == 0:  # nothing to draw (torch's init is a no-op here too)
                 self._whole = np.empty(self.tensor.shape, dtype=self.tensor.dtype.numpy)
-            elif kind == "orthogonal":
-                self._whole = self._orthogonal()
-            elif kind == "sparse":
-                self._whole = self._sparse()
+            elif isinstance(draw, Orthogonal):
+                self._whole = self._orthogonal(draw)
+            elif isinstance(draw, Sparse):
+                self._whole = self._sparse(draw)
             else:
                 full = ((0, n) for n in self.tensor.shape)
                 self._whole = self.region(tuple(full))
@@ -142,25 +140,25 @@ class TensorSource:
         count = len(runs) * run_len
         if out is not None and (out.shape != (count,) or out.dtype != tensor.dtype.numpy):
             raise ValueError(f"out must be a ({count},) {tensor.dtype.name} array")
-        if draw.kind in _DIST_CODES and self.backend == "gpu":
+        if draw.kernel is not None and self.backend == "gpu":
             from initserve.backends import gpu  # CuPy is imported only when asked for
 
             target = np.empty(count, dtype=tensor.dtype.numpy) if out is None else out
-            gpu.fill_runs(_DIST_CODES[draw.kind], draw.params, tensor.stream, runs, run_len, target)
+            gpu.fill_runs(draw.kernel, draw.params, tensor.stream, runs, run_len, target)
             return target
-        if draw.kind in _DIST_CODES:
+        if draw.kernel is not None:
             kernel_dtype = _kernel_dtype(tensor)
             if out is not None and out.dtype == kernel_dtype:
                 master = out
             else:
                 master = np.empty(count, dtype=kernel_dtype)
-            cpu.fill_runs(_DIST_CODES[draw.kind], draw.params, tensor.stream, runs, run_len, master)
+            cpu.fill_runs(draw.kernel, draw.params, tensor.stream, runs, run_len, master)
             values = master
-        elif draw.kind == "constant":  # no index arithmetic for a constant
+        elif isinstance(draw, Constant):  # no index arithmetic for a constant
             if out is not None:
-                out.fill(draw.params[0])
+                out.fill(draw.val)
                 return out
-            return np.full(count, draw.params[0], dtype=tensor.dtype.numpy)
+            return np.full(count, draw.val, dtype=tensor.dtype.numpy)
         else:
             indices = (runs[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
             values = self._structured(indices)
@@ -174,11 +172,11 @@ class TensorSource:
         """eye and dirac: values as a function of the index alone."""
         draw, shape = self.tensor.draw, self.tensor.shape
         index = np.unravel_index(flat_indices.astype(np.int64), shape)
-        if draw.kind == "eye":
+        if isinstance(draw, Eye):
             diagonal: npt.NDArray[np.float64] = (index[0] == index[1]).astype(np.float64)
             return diagonal
-        if draw.kind == "dirac":
-            groups = int(draw.params[0])
+        if isinstance(draw, Dirac):
+            groups = draw.groups
             if self.tensor.layout == "torch":
                 out_index, in_index, kernel = index[0], index[1], index[2:]
                 kernel_sizes, out_dim = shape[2:], shape[0]
@@ -193,21 +191,22 @@ class TensorSource:
             return pattern
         raise AssertionError(f"unhandled draw {draw.kind}")  # pragma: no cover
 
-    def _normal_master(self, stream_key: str | None = None) -> npt.NDArray[np.float64]:
+    def _normal_master(self, std: float) -> npt.NDArray[np.float64]:
+        """The whole tensor's normal(0, std) stream, in binary64."""
         tensor = self.tensor
-        stream = tensor.stream if stream_key is None else stream_for(tensor.stream.seed, stream_key)
         master = np.empty(tensor.numel, dtype=np.float64)
-        params = (0.0, 1.0) if tensor.draw.kind == "orthogonal" else (0.0, tensor.draw.params[1])
-        cpu.fill_runs(cpu.NORMAL, params, stream, np.zeros(1, np.uint64), tensor.numel, master)
+        params = Normal(0.0, std).params
+        start = np.zeros(1, np.uint64)
+        cpu.fill_runs(KERNEL_NORMAL, params, tensor.stream, start, tensor.numel, master)
         return master
 
-    def _orthogonal(self) -> npt.NDArray[Any]:
+    def _orthogonal(self, draw: Orthogonal) -> npt.NDArray[Any]:
         tensor = self.tensor
         shape = tensor.shape
         # The matrix view: torch (rows = dim 0, cols = the rest); jax (cols = the last axis).
         rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
         cols = tensor.numel // rows
-        gaussian = self._normal_master().reshape(rows, cols)
+        gaussian = self._normal_master(1.0).reshape(rows, cols)
         if rows >= cols:
             # Column-major storage of the rows x cols matrix is its transpose in C order.
             work = np.ascontiguousarray(gaussian.T)
@@ -217,15 +216,14 @@ class TensorSource:
             work = gaussian.copy()  # column-major storage of the transpose (cols x rows)
             cpu.orthonormal_columns(work)
             q = work
-        values = np.ascontiguousarray(q) * tensor.draw.params[0]  # C order, like every tensor
+        values = np.ascontiguousarray(q) * draw.gain  # C order, like every tensor
         return self._round(values).reshape(shape)
 
-    def _sparse(self) -> npt.NDArray[Any]:
+    def _sparse(self, draw: Sparse) -> npt.NDArray[Any]:
         tensor = self.tensor
         rows, cols = tensor.shape
-        sparsity = tensor.draw.params[0]
-        values = self._normal_master().reshape(rows, cols)
-        num_zeros = math.ceil(sparsity * rows)
+        values = self._normal_master(draw.std).reshape(rows, cols)
+        num_zeros = math.ceil(draw.sparsity * rows)
         if num_zeros:
             rank_stream = stream_for(tensor.stream.seed, tensor.key + SPARSE_RANK_SUFFIX)
             ranks = cpu.stream_words(rank_stream, 0, tensor.numel).reshape(rows, cols)

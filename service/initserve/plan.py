@@ -14,7 +14,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from initserve.schemes import Draw, Layout, SchemeError, resolve, torch_default_bias
+from initserve.draws import (
+    BOX_MULLER_MAX_RADIUS,
+    Draw,
+    Normal,
+    TruncNormal,
+    Uniform,
+)
+from initserve.schemes import Layout, SchemeError, resolve, torch_default_bias
 from initserve.spec import MAX_REPORTED_ERRORS, InitParams, Spec, SpecError, parse_spec
 from initserve.stream import StreamId, stream_for
 
@@ -81,16 +88,6 @@ def canonical_json(spec: Spec) -> str:
 
 # --- representable or refused (docs/ALGORITHM.md, section 3.5) -----------------------------------
 
-# The largest |z| Box-Muller can produce: the radius sqrt(-2 log u) at the smallest u the
-# generator draws, unit(0) = 2^-33, times |cos| = 1 (reached: the angle word 0 gives cos = 1
-# exactly). Computed with the kernel's own log; section 3.5 gives the derivation.
-BOX_MULLER_MAX_RADIUS = 6.763705635001895
-
-# Orthogonal columns have unit norm, so |q| <= 1 up to the rounding of the QR, which the
-# relative margin covers many times over (n * 2^-53 for the largest coupled tensor, 2^22
-# elements, is 2^-31).
-ORTHOGONAL_MARGIN = 1.0 + 2.0**-20
-
 # The same names as in the spec, so a refusal points at the parameter that sets the magnitude.
 _MAGNITUDE_FIELD = {
     "constant": "val",
@@ -112,46 +109,22 @@ def in_dtype(value: float, dtype: DTypeInfo) -> float:
         return float(single.astype(dtype.numpy)[0])
 
 
-def largest_magnitude(draw: Draw) -> float:
-    """An upper bound, attained or within rounding of attained, on |value| over every value the
-    draw can produce, in binary64 before the dtype's rounding (section 3.5)."""
-    if draw.kind == "uniform":
-        low, width = draw.params
-        # low + width * u with 0 < u < 1: by monotonicity of rounding, between low and
-        # fl(low + width); inf when the width overflows.
-        return max(abs(low), abs(low + width))
-    if draw.kind == "normal":
-        mean, std = draw.params
-        return abs(mean) + std * BOX_MULLER_MAX_RADIUS
-    if draw.kind == "trunc_normal":
-        return max(abs(draw.params[2]), abs(draw.params[3]))  # clamped to [a, b]
-    if draw.kind == "constant":
-        return abs(draw.params[0])
-    if draw.kind == "orthogonal":
-        return abs(draw.params[0]) * ORTHOGONAL_MARGIN
-    if draw.kind == "sparse":
-        return draw.params[1] * BOX_MULLER_MAX_RADIUS
-    return 1.0  # eye, dirac
-
-
 def _magnitude_field(scheme: str, draw: Draw) -> str:
     if scheme in _MAGNITUDE_FIELD:
         return _MAGNITUDE_FIELD[scheme]
-    if draw.kind == "normal":
-        mean, std = draw.params
-        return "mean" if abs(mean) > std * BOX_MULLER_MAX_RADIUS else "std"
-    if draw.kind == "uniform":
-        low, width = draw.params
-        return "a" if abs(low) > abs(low + width) else "b"
-    if draw.kind == "trunc_normal":
-        return "a" if abs(draw.params[2]) > abs(draw.params[3]) else "b"
+    if isinstance(draw, Normal):
+        return "mean" if abs(draw.mean) > draw.std * BOX_MULLER_MAX_RADIUS else "std"
+    if isinstance(draw, Uniform):
+        return "a" if abs(draw.low) > abs(draw.low + draw.width) else "b"
+    if isinstance(draw, TruncNormal):
+        return "a" if abs(draw.a) > abs(draw.b) else "b"
     return "scheme"
 
 
 def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple[str, str] | None:
     """(field, message) when some value of the draw would not be finite in ``dtype``, or when a
     bounded draw's interval collapses to a single value of the dtype; None when it is fine."""
-    bound = largest_magnitude(draw)
+    bound = draw.largest_magnitude()
     if not math.isfinite(in_dtype(bound, dtype)):
         largest = float(np.finfo(dtype.numpy).max)
         how = {
@@ -164,11 +137,9 @@ def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple
             f"{scheme} in {dtype.name} would produce values {size} in magnitude{how}, which"
             f" {dtype.name} cannot represent: its largest finite value is {largest:.8g}",
         )
-    if draw.kind in ("uniform", "trunc_normal"):
+    if isinstance(draw, Uniform | TruncNormal):
         low, high = (
-            (draw.params[0], draw.params[0] + draw.params[1])
-            if draw.kind == "uniform"
-            else (draw.params[2], draw.params[3])
+            (draw.low, draw.low + draw.width) if isinstance(draw, Uniform) else (draw.a, draw.b)
         )
         if in_dtype(low, dtype) == in_dtype(high, dtype):
             return (
@@ -177,7 +148,7 @@ def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple
                 f" resolve: every value would be {in_dtype(low, dtype)!r}; widen it, or use"
                 " scheme 'constant' for a constant tensor",
             )
-        if draw.kind == "trunc_normal" and draw.params[5] <= 0.0:
+        if isinstance(draw, TruncNormal) and draw.p_width <= 0.0:
             return (
                 "b",
                 f"{scheme}: the interval [{low!r}, {high!r}] holds less probability than"

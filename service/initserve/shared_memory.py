@@ -33,8 +33,9 @@ from initserve.delivery import IMMUTABLE, Prepared, Rejected, prepare
 from initserve.plan import ALGORITHM_VERSION
 from initserve.problems import problem_responses
 from initserve.request import InitRequest
-from initserve.safetensors_stream import BodyWriter
+from initserve.safetensors_writer import BodyWriter
 from initserve.settings import Settings
+from initserve.state import service_state
 
 # POSIX shm_open("/name") objects live here on Linux (glibc maps the name to this directory).
 SHM_DIR = "/dev/shm"
@@ -135,10 +136,10 @@ def open_region(name: str | None, offset_text: str | None, size_text: str | None
 
 def write_data(fd: int, offset: int, prepared: Prepared, chunk_bytes: int, backend: str) -> int:
     """The data bytes of ``prepared``'s file (no header) at ``offset``; the bytes written."""
-    layout = prepared.layout
-    need = offset + layout.total_bytes - len(layout.header)
+    file_map = prepared.file_map
+    need = offset + file_map.total_bytes - len(file_map.header)
     position = offset
-    for chunk in BodyWriter(layout, chunk_bytes, backend).chunks(len(layout.header)):
+    for chunk in BodyWriter(file_map, chunk_bytes, backend).chunks(len(file_map.header)):
         # Checked before every write, so a shrunken region is refused instead of regrown.
         if os.fstat(fd).st_size < need:
             raise RegionTruncated
@@ -218,7 +219,7 @@ def shared_memory_router(settings: Settings) -> APIRouter:
         offset: Annotated[str | None, Header(alias=OFFSET_HEADER, examples=["0"])] = None,
         size: Annotated[str | None, Header(alias=SIZE_HEADER, examples=["84000"])] = None,
     ) -> Response:
-        state: Any = request.app.state.service
+        state = service_state(request)
         if not settings.allow_shared_memory:
             raise Rejected(
                 403,
@@ -228,8 +229,8 @@ def shared_memory_router(settings: Settings) -> APIRouter:
                 "shm_disabled",
             )
         prepared = prepare(body, settings)
-        state.remember(prepared.etag, body, prepared.spec_bytes)
-        need = prepared.layout.total_bytes - len(prepared.layout.header)
+        state.etags.remember(prepared.etag, body, prepared.spec_bytes)
+        need = prepared.file_map.total_bytes - len(prepared.file_map.header)
         if not slots.acquire():
             raise Rejected(
                 429,
@@ -243,43 +244,32 @@ def shared_memory_router(settings: Settings) -> APIRouter:
         try:
             fd = open_region(name, offset, size, need)
             try:
-                refusal = state.admission.try_acquire(prepared.working_bytes)
-                if refusal is not None:
-                    raise Rejected(
-                        503,
-                        "Service Unavailable",
-                        f"busy ({refusal} budget exhausted); retry after"
-                        f" {settings.retry_after_seconds}s",
-                        f"overload_{refusal}",
-                        headers={"Retry-After": str(settings.retry_after_seconds)},
-                    )
-                started = time.perf_counter()
-                try:
-                    written = await anyio.to_thread.run_sync(
-                        write_data,
-                        fd,
-                        _integer(offset, OFFSET_HEADER, 0) or 0,
-                        prepared,
-                        settings.chunk_bytes,
-                        state.backend,
-                    )
-                except RegionTruncated:
-                    raise Rejected(
-                        409,
-                        "Conflict",
-                        f"{NAME_HEADER}: the region was truncated while the server wrote into"
-                        " it; its contents are incomplete",
-                        "shm_truncated",
-                    ) from None
-                finally:
-                    state.admission.release(prepared.working_bytes)
-                state.metrics.generation_seconds.observe(time.perf_counter() - started)
+                with state.admission.hold(prepared.working_bytes):
+                    started = time.perf_counter()
+                    try:
+                        written = await anyio.to_thread.run_sync(
+                            write_data,
+                            fd,
+                            _integer(offset, OFFSET_HEADER, 0) or 0,
+                            prepared,
+                            settings.chunk_bytes,
+                            state.backend,
+                        )
+                    except RegionTruncated:
+                        raise Rejected(
+                            409,
+                            "Conflict",
+                            f"{NAME_HEADER}: the region was truncated while the server wrote into"
+                            " it; its contents are incomplete",
+                            "shm_truncated",
+                        ) from None
+                    state.metrics.generation_seconds.observe(time.perf_counter() - started)
             finally:
                 os.close(fd)
         finally:
             slots.release()
         return Response(
-            prepared.layout.header,
+            prepared.file_map.header,
             media_type="application/octet-stream",
             headers={
                 "ETag": prepared.etag,

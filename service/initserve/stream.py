@@ -1,6 +1,6 @@
 """The random stream: Philox4x32-10 keyed by the seed, one counter space per tensor key.
 
-Layout (docs/ALGORITHM.md, section 2): the 64-bit seed is the Philox key; the 128-bit counter is
+Counters (docs/ALGORITHM.md, section 2): the 64-bit seed is the Philox key; the 128-bit counter is
 ``(block & 0xffffffff, block >> 32, name0, name1)`` where ``(name0, name1)`` are the first eight
 bytes of SHA-256 of the UTF-8 tensor key read as two little-endian 32-bit words. Word ``j`` of
 block ``b`` is word ``4 b + j`` of the tensor's stream, and element ``i`` of a tensor uses only

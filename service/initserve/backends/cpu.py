@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 import initserve.kernels._cpu_kernels as _cpu_kernels
+from initserve.draws import KERNEL_NORMAL, KERNEL_TRUNC_NORMAL, KERNEL_UNIFORM
 from initserve.stream import StreamId
 
 _lib = ctypes.CDLL(_cpu_kernels.__file__)
@@ -55,8 +56,9 @@ for _name in ("is_isa_supported", "is_isa_select"):
 _lib.is_isa_selected.argtypes = []
 _lib.is_isa_selected.restype = ctypes.c_int
 
-# Distribution codes, as in initserve_math.h.
-UNIFORM, NORMAL, TRUNC_NORMAL = 0, 1, 2
+# Distribution codes, as in initserve_math.h (defined with the draws that use them).
+UNIFORM, NORMAL, TRUNC_NORMAL = KERNEL_UNIFORM, KERNEL_NORMAL, KERNEL_TRUNC_NORMAL
+DISTRIBUTIONS = (UNIFORM, NORMAL, TRUNC_NORMAL)
 
 # The fill paths of the kernels, by their codes there (cpu_kernels.c): the scalar reference and
 # the explicitly vectorised copies of it, which give the same bits.
@@ -74,7 +76,15 @@ def _default_threads() -> int:
 
 
 _threads = _default_threads()
-_pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="initserve-cpu")
+# Started by the first fill that splits its work, not on import.
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="initserve-cpu")
+    return _pool
 
 
 def set_threads(threads: int) -> None:
@@ -82,9 +92,10 @@ def set_threads(threads: int) -> None:
     global _threads, _pool
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    _pool.shutdown(wait=True)
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
     _threads = threads
-    _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="initserve-cpu")
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -112,6 +123,9 @@ def fill_runs(
     out: npt.NDArray[np.floating],
 ) -> None:
     """Fill ``out`` (float32 or float64, C-contiguous, ``len(run_starts) * run_len`` elements)."""
+    if dist not in DISTRIBUTIONS:
+        # The kernels would read any other code as a request for raw words (a debugging path).
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
     if out.dtype == np.float64:
         fill = _lib.is_fill_runs_f64
     elif out.dtype == np.float32:
@@ -153,7 +167,7 @@ def fill_runs(
     if n_runs >= parts:
         bounds = np.linspace(0, n_runs, parts + 1).astype(np.int64)
         futures = [
-            _pool.submit(call, int(lo), int(hi - lo), 0, run_len)
+            _workers().submit(call, int(lo), int(hi - lo), 0, run_len)
             for lo, hi in itertools.pairwise(bounds)
             if hi > lo
         ]
@@ -163,7 +177,7 @@ def fill_runs(
             bounds = np.linspace(0, run_len, parts + 1).astype(np.int64)
             for lo, hi in itertools.pairwise(bounds):
                 if hi > lo:
-                    futures.append(_pool.submit(call, run, 1, int(lo), int(hi - lo)))
+                    futures.append(_workers().submit(call, run, 1, int(lo), int(hi - lo)))
     for future in futures:
         future.result()
 

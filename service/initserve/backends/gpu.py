@@ -91,6 +91,10 @@ def fill_runs_device(
 ) -> Any:
     """The values on the device (a cupy array) in float64, float32, float16 or bfloat16 bits
     (uint16)."""
+    from initserve.backends.cpu import DISTRIBUTIONS
+
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
     cupy = _cupy()
     module = _module()
     n_runs = len(run_starts)

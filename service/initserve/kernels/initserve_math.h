@@ -30,7 +30,7 @@ typedef long long is_i64;
 
 /* ---------------------------------------------------------------------------------------------
  * Philox4x32-10 (Salmon, Moraes, Dror, Shaw, SC'11). Known-answer vectors:
- * shared/reference/philox4x32-10.kat.
+ * tests/reference/philox4x32-10.kat and docs/ALGORITHM.md, appendix A.11.
  */
 #define IS_PHILOX_M0 0xD2511F53u
 #define IS_PHILOX_M1 0xCD9E8D57u

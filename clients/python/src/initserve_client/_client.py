@@ -505,11 +505,11 @@ def _local_prepare(body: dict[str, Any]) -> Any:
 
 def _local_body(body: dict[str, Any]) -> Iterator[bytes | memoryview]:
     """The bytes ``POST /init`` would answer, made in this process with the service's writer."""
-    from initserve.safetensors_stream import BodyWriter
+    from initserve.safetensors_writer import BodyWriter
     from initserve.settings import Settings
 
     prepared = _local_prepare(body)
-    yield from BodyWriter(prepared.layout, Settings().chunk_bytes).chunks()
+    yield from BodyWriter(prepared.file_map, Settings().chunk_bytes).chunks()
 
 
 def _local_fill(body: dict[str, Any], arrays: list[npt.NDArray[Any]]) -> None:
@@ -517,8 +517,8 @@ def _local_fill(body: dict[str, Any], arrays: list[npt.NDArray[Any]]) -> None:
     (the arrays already checked against the spec)."""
     from initserve.engine import TensorSource
 
-    layout = _local_prepare(body).layout
-    for part, array in zip(layout.parts, arrays, strict=True):
+    file_map = _local_prepare(body).file_map
+    for part, array in zip(file_map.parts, arrays, strict=True):
         TensorSource(part.tensor).region(part.region, out=array)
 
 

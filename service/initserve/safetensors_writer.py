@@ -1,11 +1,11 @@
-"""A streaming safetensors writer.
+"""The safetensors writer: a file's byte map (header and offsets) and its bytes in chunks.
 
 Written by hand because the official ``safetensors`` writer needs every tensor in memory at once
 (a many-gigabyte response must not), and orders ``__metadata__`` from a hash map, so its header
 bytes change from process to process. Here the header is computed from the plan alone (so
 Content-Length and every byte offset are known before anything is generated), its JSON is
 emitted in a fixed order, and the body is produced in bounded chunks, any byte range of it on its
-own. The official loader reads the result (tests/test_safetensors_stream.py).
+own. The official loader reads the result (tests/test_service_asgi.py).
 
 File format (https://github.com/huggingface/safetensors): u64 little-endian header length N,
 N bytes of JSON padded with spaces to a multiple of 8, then the tensors' bytes back to back.
@@ -55,8 +55,9 @@ class Part:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """The byte layout of a safetensors file: header bytes and each part's data offsets."""
+class FileMap:
+    """Where everything lies in a safetensors file: the header bytes and each part's data
+    offsets. ("Layout" is kept for the spec's torch/jax axis convention.)"""
 
     header: bytes  # including the 8-byte length prefix and padding
     parts: tuple[Part, ...]
@@ -81,7 +82,7 @@ class Layout:
         ]
 
 
-def build_layout(parts: Sequence[Part], metadata: dict[str, str]) -> Layout:
+def map_file(parts: Sequence[Part], metadata: dict[str, str]) -> FileMap:
     offsets: list[tuple[int, int]] = []
     position = 0
     entries: list[str] = [
@@ -103,26 +104,26 @@ def build_layout(parts: Sequence[Part], metadata: dict[str, str]) -> Layout:
         )
     text = ("{" + ",".join(entries) + "}").encode("utf-8")
     text += b" " * (-(8 + len(text)) % ALIGNMENT)
-    return Layout(struct.pack("<Q", len(text)) + text, tuple(parts), tuple(offsets))
+    return FileMap(struct.pack("<Q", len(text)) + text, tuple(parts), tuple(offsets))
 
 
 class BodyWriter:
-    """Produces ``layout``'s bytes [start, stop) in chunks of at most ``chunk_bytes``."""
+    """Produces ``file_map``'s bytes [start, stop) in chunks of at most ``chunk_bytes``."""
 
-    def __init__(self, layout: Layout, chunk_bytes: int, backend: str = "cpu") -> None:
-        self.layout = layout
+    def __init__(self, file_map: FileMap, chunk_bytes: int, backend: str = "cpu") -> None:
+        self.file_map = file_map
         self.backend = backend
         self.chunk_bytes = max(ALIGNMENT, chunk_bytes - chunk_bytes % ALIGNMENT)
 
     def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[bytes | memoryview]:
         """A lazy iterator: each chunk is generated when asked for, so a consumer that stops
         (a client gone) stops the generation."""
-        stop = self.layout.total_bytes if stop is None else stop
-        header = self.layout.header
+        stop = self.file_map.total_bytes if stop is None else stop
+        header = self.file_map.header
         if start < len(header):
             yield header[start : min(stop, len(header))]
         base = len(header)
-        for part, (begin, end) in zip(self.layout.parts, self.layout.offsets, strict=True):
+        for part, (begin, end) in zip(self.file_map.parts, self.file_map.offsets, strict=True):
             lo, hi = max(start, base + begin) - base - begin, min(stop, base + end) - base - begin
             if lo >= hi:
                 continue

@@ -1,0 +1,79 @@
+"""The exception handlers: every error leaves the service as the same problem+json shape
+(problems.py), and every refusal is counted by its reason."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from initserve.delivery import Rejected
+from initserve.problems import problem_response
+from initserve.spec import SpecError
+from initserve.state import service_state
+
+log = logging.getLogger("initserve")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SpecError, _on_spec_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Rejected, _on_rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return await _on_spec_error(request, SpecError(errors))
+
+
+async def _on_spec_error(request: Request, exc: SpecError) -> JSONResponse:
+    service_state(request).metrics.reject("invalid_spec")
+    # Locations relative to the body, as the spec's own are; a problem with the body as a whole
+    # (not an object, no entries) is located at "body", never at an empty path.
+    errors = [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
+    detail = str(SpecError(errors))
+    if exc.omitted:
+        detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+    return problem_response(422, "Unprocessable Content", detail, errors)
+
+
+async def _on_rejected(request: Request, exc: Rejected) -> JSONResponse:
+    service_state(request).metrics.reject(exc.reason)
+    errors = (
+        None if exc.errors is None else [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
+    )
+    return problem_response(exc.status, exc.title, exc.detail, errors, exc.headers)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = dict(exc.headers) if exc.headers else None
+    return problem_response(
+        exc.status_code, _title(exc.status_code), str(exc.detail), headers=headers
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
+    log.exception("unexpected error on %s", request.url.path)
+    return problem_response(500, "Internal Server Error", "unexpected error; see the server log")
+
+
+def _body_location(loc: list[Any]) -> list[Any]:
+    """FastAPI's ("body", "tensors", 0, ...) as ("tensors", 0, ...); ("body",) and () as
+    ("body",); path and query locations as they are."""
+    if loc and loc[0] == "body" and len(loc) > 1:
+        return list(loc[1:])
+    return list(loc) or ["body"]
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,20 @@
+"""The HTTP endpoints, one module per family; a newcomer finds an endpoint by its file name:
+
+- ``probes``: GET /livez, /readyz, /metrics
+- ``catalogue``: GET /schemes
+- ``generation``: POST /plan, POST /init, GET and HEAD /init/{etag}
+- ``inspect``: POST /inspect
+"""
+
+from fastapi import APIRouter
+
+from initserve.routes import catalogue, generation, inspect, probes
+
+ROUTERS: tuple[APIRouter, ...] = (
+    probes.router,
+    catalogue.router,
+    generation.router,
+    inspect.router,
+)
+
+__all__ = ["ROUTERS"]

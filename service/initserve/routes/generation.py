@@ -1,0 +1,106 @@
+"""Generation: POST /plan (the dry run), POST /init (the file), GET and HEAD /init/{etag} (the
+same file again, by the ETag of a request this server has seen)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Request
+from fastapi.responses import Response
+
+from initserve.delivery import dry_run_answer, prepare
+from initserve.problems import problem_response, problem_responses
+from initserve.request import EXAMPLE_REQUEST, InitRequest
+from initserve.responses import respond
+from initserve.state import ServiceDep
+
+router = APIRouter()
+
+InitBody = Annotated[
+    InitRequest,
+    Body(
+        openapi_examples={
+            "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},
+            "shard": {
+                "summary": "rank 1 of 4, split along dim 0",
+                "value": {
+                    **EXAMPLE_REQUEST,
+                    "shard": {"index": 1, "count": 4, "dim": 0, "split": "chunk"},
+                },
+            },
+        }
+    ),
+]
+
+EtagPath = Annotated[
+    str,
+    Path(
+        description="the ETag of a response this server produced (quotes optional)",
+        examples=["3f9c2a7d0b6e41c8a5d2e9f0b7c4a1d6e8f3b2c5a9d7e1f4b6c8a2d5e7f9b1c3"],
+        max_length=70,
+    ),
+]
+
+FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "a byte range"},
+    304: {"description": "If-None-Match matched the ETag"},
+}
+
+
+@router.post(
+    "/plan",
+    summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating",
+    responses=problem_responses(400, 401, 408, 413, 415, 422),
+)
+async def dry_run(body: InitBody, state: ServiceDep) -> dict[str, Any]:
+    prepared = prepare(body, state.settings)
+    state.etags.remember(prepared.etag, body, prepared.spec_bytes)
+    return dry_run_answer(prepared)
+
+
+@router.post(
+    "/init",
+    summary="Generate: a safetensors file, bit-identical for the same request everywhere",
+    response_class=Response,
+    responses={**FILE_RESPONSES, **problem_responses(400, 401, 408, 413, 415, 416, 422, 503)},
+)
+async def init(request: Request, body: InitBody, state: ServiceDep) -> Response:
+    prepared = prepare(body, state.settings)
+    state.etags.remember(prepared.etag, body, prepared.spec_bytes)
+    return respond(request, prepared, state)
+
+
+BY_ETAG_RESPONSES = {**FILE_RESPONSES, **problem_responses(401, 404, 413, 416, 422, 503)}
+
+
+@router.get(
+    "/init/{etag}",
+    response_class=Response,
+    summary="The same bytes by ETag, for a request this server has seen (resume with Range)",
+    responses=BY_ETAG_RESPONSES,
+)
+async def get_by_etag(request: Request, etag: EtagPath, state: ServiceDep) -> Response:
+    return _by_etag(request, etag, state)
+
+
+@router.head(
+    "/init/{etag}",
+    response_class=Response,
+    summary="Headers only: size and ETag",
+    responses=BY_ETAG_RESPONSES,
+)
+async def head_by_etag(request: Request, etag: EtagPath, state: ServiceDep) -> Response:
+    return _by_etag(request, etag, state)
+
+
+def _by_etag(request: Request, etag: str, state: ServiceDep) -> Response:
+    quoted = etag if etag.startswith('"') else f'"{etag}"'
+    known = state.etags.recall(quoted)
+    if known is None:
+        return problem_response(
+            404,
+            "Not Found",
+            "this server has not seen a request with that ETag; POST /init with the spec",
+        )
+    return respond(request, prepare(known, state.settings), state)

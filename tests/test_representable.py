@@ -16,7 +16,8 @@ import torch
 import initserve
 from initserve import SpecError
 from initserve.backends import cpu
-from initserve.plan import BOX_MULLER_MAX_RADIUS, DTYPES
+from initserve.draws import BOX_MULLER_MAX_RADIUS
+from initserve.plan import DTYPES
 from initserve.schemes import calculate_gain
 from initserve.spec import MAX_REPORTED_ERRORS
 

@@ -476,7 +476,7 @@ async def test_every_spec_problem_comes_back_in_one_answer(client: httpx.AsyncCl
 
 async def test_admission_is_given_back_however_a_response_ends(client_for: Any) -> None:
     client = await client_for(max_concurrent_streams=1, chunk_bytes=4096)
-    state = client._transport.app.state.service  # type: ignore[attr-defined]
+    state = client._transport.app.state.service
     etag = (await client.post("/init", json=SMALL)).headers["etag"]
     assert (
         await client.post("/init", json=SMALL, headers={"if-none-match": etag})

@@ -228,7 +228,8 @@ class BodySizeLimitMiddleware:
 
 
 class BearerAuthMiddleware:
-    """Requires ``Authorization: Bearer <token>`` except on probes, metrics and docs. Compares
+    """Requires ``Authorization: Bearer <token>`` except on OPEN_PATHS (the probes, the metrics,
+    /docs, /openapi.json and /schemes; /redoc is not among them). Compares
     SHA-256 digests with secrets.compare_digest: constant time whatever the token's length."""
 
     def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None]) -> None:

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU generator threads (default: the CPUs the process may use)"
     )
     api_token: str | None = Field(
-        None, description="if set, POST endpoints need `Authorization: Bearer <token>`"
+        None,
+        description="if set, every endpoint but /livez, /readyz, /metrics, /docs, /openapi.json"
+        " and /schemes needs `Authorization: Bearer <token>`",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
     body_timeout_seconds: float = Field(

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from servers import uvicorn_server
 
 REPO = Path(__file__).resolve().parent.parent
 # Philox4x32-10 known answers from Salmon et al. (SC'11), the vectors Random123's kat_vectors
@@ -13,6 +16,14 @@ KAT = Path(__file__).resolve().parent / "reference" / "philox4x32-10.kat"
 @pytest.fixture(scope="session")
 def kat_path() -> Path:
     return KAT
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[str]:
+    """One real server with the default settings, shared by the tests that only talk to it (a
+    server takes a second or two to start and warm up; the suite used to start one per test)."""
+    with uvicorn_server() as (url, _):
+        yield url
 
 
 @pytest.fixture

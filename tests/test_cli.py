@@ -11,19 +11,17 @@ import httpx
 import pytest
 
 from golden_specs import golden_spec
-from servers import uvicorn_server
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_generate_writes_the_file_the_service_serves(tmp_path: Path) -> None:
+def test_generate_writes_the_file_the_service_serves(tmp_path: Path, live_server: str) -> None:
     spec_path, out = tmp_path / "spec.json", tmp_path / "model.safetensors"
     spec_path.write_text(json.dumps(golden_spec("float32")))
     command = [sys.executable, "-m", "initserve.cli", "generate", str(spec_path), "-o", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     summary = json.loads(result.stdout)
-    with uvicorn_server() as (url, _):
-        served = httpx.post(f"{url}/init", json=golden_spec("float32"), timeout=60)
+    served = httpx.post(f"{live_server}/init", json=golden_spec("float32"), timeout=60)
     assert out.read_bytes() == served.content
     assert summary["etag"] == served.headers["etag"] and summary["bytes"] == len(served.content)
 

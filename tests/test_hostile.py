@@ -5,7 +5,6 @@ of requests can grow the metrics."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -13,13 +12,10 @@ from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 import initserve
 
-from servers import uvicorn_server
-
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.mark.parametrize(("name", "body", "status"), HOSTILE, ids=[h[0] for h in HOSTILE])

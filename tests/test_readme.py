@@ -28,23 +28,23 @@ def test_readme_quickstart_commands_are_the_makefile_targets() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_readme_example_runs(index: int, tmp_path: Path) -> None:
+def test_readme_example_runs(index: int, tmp_path: Path, live_server: str) -> None:
     kind, code = EXAMPLES[index]
-    with uvicorn_server() as (url, _):
-        code = code.replace("http://127.0.0.1:8000", url)
-        env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
-        if kind == "sh":
-            result = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", code],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                env={"PATH": env_path},
-            )
-        else:
-            result = subprocess.run(
-                [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
-            )
+    # The examples run against the shared server, as a user's run against `make run`.
+    code = code.replace("http://127.0.0.1:8000", live_server)
+    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    if kind == "sh":
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={"PATH": env_path},
+        )
+    else:
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     if index == 0:
         assert "'fc1.weight': (256, 784)" in result.stdout and "'fc1.bias': (256,)" in result.stdout

@@ -15,7 +15,9 @@ DOC = (REPO / "docs/ALGORITHM.md").read_text()
 APPENDIX = DOC[DOC.index("## Appendix A.") :]
 
 HEX_FLOAT = r"-?0x[0-9a-f]\.[0-9a-f]+p[+-]\d+"
-AS241_FUNCTIONS = ("double is_normal_quantile_central", "double is_normal_quantile_tail")
+AS241_MACROS = tuple(
+    f"IS_AS241_{part}_{side}" for part in ("CENTRAL", "TAIL", "FAR") for side in "AB"
+)
 
 
 def named_constants() -> dict[str, float]:
@@ -28,12 +30,22 @@ def named_constants() -> dict[str, float]:
 
 
 def as241_coefficients() -> list[float]:
+    """The coefficients as the header writes them: the A and B macros of the central, tail and
+    far-tail approximations, in that order (the scalar, vector and CUDA kernels all expand them)."""
     coefficients = []
-    for function in AS241_FUNCTIONS:
-        start = CODE.index(function)
-        body = CODE[start : CODE.index("\n}\n", start)]
+    for macro in AS241_MACROS:
+        start = CODE.index(f"#define {macro}(")
+        body = CODE[start : _macro_end(start)]
         coefficients += [float(x) for x in re.findall(r"\d+\.\d+e[+-]\d+", body)]
     return coefficients
+
+
+def _macro_end(start: int) -> int:
+    """Where the #define starting at ``start`` ends: its first line without a continuation."""
+    end = CODE.index("\n", start)
+    while CODE[end - 1] == "\\":
+        end = CODE.index("\n", end + 1)
+    return end
 
 
 def appendix_rows() -> dict[str, float]:

@@ -38,7 +38,7 @@ import numpy.typing as npt
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from initserve_client._client import Client, SpecLike, _spec_dict
-from initserve_client._safetensors import Region, expected_entries, numpy_dtype
+from initserve_client._safetensors import DTYPE_NAMES, Region, expected_entries, numpy_dtype
 
 Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 Shardings = Sharding | Mapping[str, Sharding]
@@ -208,7 +208,6 @@ _KERNEL_MODULES = ("Linear", "Conv", "ConvTranspose", "Einsum")
 # flax.nnx.nn.normalization: scale_init = ones, bias_init = zeros.
 _NORMS = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
 _REPLICATED = PartitionSpec()  # type: ignore[no-untyped-call]  # jax leaves P() untyped
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
 # lecun_normal is variance_scaling(1, fan_in, truncated_normal): the std of a standard normal
 # truncated to (-2, 2), as jax.nn.initializers divides by it.
 _TRUNCATED_STD_2 = 0.87962566103423978
@@ -286,7 +285,7 @@ def _parameters(model: Any) -> list[tuple[tuple[Any, ...], Any, Any]]:
 
 def _dtype_name(key: str, dtype: Any) -> str:
     name = np.dtype(dtype).name
-    if name not in _DTYPES:
+    if name not in DTYPE_NAMES:
         raise ValueError(
             f"{key}: parameters of dtype {name} cannot be initialised from the service"
         )

@@ -28,11 +28,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from initserve_client._safetensors import DTYPE_NAMES
+
 Rules = Mapping[Any, Mapping[str, Any]]
 InitFn = Callable[[Any], None]
 _Slot = tuple[Any, str, str]  # (owning module, "_parameters" | "_buffers", attribute name)
-
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 class ModelInitError(ValueError):
@@ -279,7 +279,7 @@ def _record(
 
 def _dtype_name(tensor: Any) -> str | None:
     name = str(tensor.dtype).removeprefix("torch.")
-    return name if name in _DTYPES else None
+    return name if name in DTYPE_NAMES else None
 
 
 def _analyse(
@@ -356,7 +356,7 @@ def _analyse(
         dtype = _dtype_name(tensor)
         if dtype is None:
             problems.append(
-                f"{name!r} is {tensor.dtype}: initserve serves {', '.join(_DTYPES)} tensors"
+                f"{name!r} is {tensor.dtype}: initserve serves {', '.join(DTYPE_NAMES)} tensors"
             )
             continue
         entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype, **init})
@@ -494,7 +494,7 @@ def init_module(
             view = _numpy_view(local) if name in recording.direct else None
             if view is None:
                 shape = tuple(hi - lo for lo, hi in regions[name])
-                view = np.empty(shape, dtype=numpy_dtype(_SAFETENSORS[entry["dtype"]]))
+                view = np.empty(shape, dtype=numpy_dtype(DTYPE_NAMES[entry["dtype"]]))
                 later[name] = view
             arrays[name] = view
         if arrays:
@@ -516,9 +516,6 @@ def init_module(
         _run_own_init(module, init_fn, Writer(placed.names, skip, recording.draws, staged))
     _clear_hf_flags(module)
     return module
-
-
-_SAFETENSORS = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
 
 
 def _as_tensor(array: Any) -> Any:

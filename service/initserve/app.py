@@ -24,9 +24,10 @@ from initserve.middleware import (
     ContentNegotiationMiddleware,
     RequestMetricsMiddleware,
 )
+from initserve.region_socket import RegistrationServer
 from initserve.routes import ROUTERS
 from initserve.settings import Settings
-from initserve.shared_memory import shared_memory_router
+from initserve.shared_memory import RegionRegistry, registration_path, shared_memory_router
 from initserve.state import ServiceState
 
 log = logging.getLogger("initserve")
@@ -37,11 +38,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.threads is not None:
         cpu.set_threads(settings.threads)
     state = ServiceState(settings, choose_backend(settings))
+    registry = shared_memory_registry(settings, state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
         await anyio.to_thread.run_sync(warm_up, state.backend)
+        registrar = None
+        if registry is not None:
+            assert settings.uds is not None
+            registrar = RegistrationServer(
+                registration_path(settings.uds),
+                int(settings.uds_mode, 8),
+                registry,
+                settings.api_token,
+            )
         state.ready = True
         log.info(
             "initserve %s ready on the %s backend (warm-up %.2fs)",
@@ -51,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         state.ready = False
+        if registrar is not None:
+            registrar.stop()
 
     app = FastAPI(
         title="initserve",
@@ -73,8 +86,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, count=metrics.count)
     install_error_handlers(app)
-    add_routes(app, *ROUTERS, shared_memory_router(settings))
+    add_routes(app, *ROUTERS, shared_memory_router(settings, registry))
     return app
+
+
+def shared_memory_registry(settings: Settings, state: ServiceState) -> RegionRegistry | None:
+    """The registry of clients' regions, where shared memory is allowed and there is a Unix
+    socket to register them on (README: Shared memory); None otherwise."""
+    if not settings.allow_shared_memory:
+        return None
+    if settings.uds is None:
+        log.warning(
+            "INITSERVE_ALLOW_SHARED_MEMORY is set but there is no Unix socket (INITSERVE_UDS):"
+            " regions are registered on it, so shared memory stays off"
+        )
+        return None
+    registry = RegionRegistry(settings.max_shared_memory_regions, settings.max_response_bytes)
+    state.metrics.shared_memory_regions.set_function(lambda: len(registry.regions))
+    return registry
 
 
 def add_routes(app: FastAPI, *routers: APIRouter) -> None:

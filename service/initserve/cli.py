@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import socket
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from initserve.settings import Settings
+from initserve.unix_socket import bind_unix, remove_socket_file
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -50,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
             # Here, not after run(): uvicorn re-raises the SIGTERM it caught once it has shut
             # down, which ends the process before run() returns.
             if settings.uds is not None:
-                _remove_socket_file(Path(settings.uds))
+                remove_socket_file(Path(settings.uds))
 
     config = uvicorn.Config(
         app,
@@ -78,30 +76,12 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
     if settings.tcp:
         sockets.append(config.bind_socket())
     if settings.uds is not None:
-        path = Path(settings.uds)
-        _remove_socket_file(path)  # a socket left by a killed server would block the bind
-        mode = int(settings.uds_mode, 8)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The umask makes the file appear with ``mode`` at once: no moment when it is wider.
-        previous = os.umask(0o777 & ~mode)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(previous)
-        os.chmod(path, mode)
+        listener = bind_unix(settings.uds, int(settings.uds_mode, 8))
         listener.set_inheritable(True)
         sockets.append(listener)
     if not sockets:
         raise ValueError("INITSERVE_TCP=false needs a Unix socket: --uds PATH or INITSERVE_UDS")
     return sockets
-
-
-def _remove_socket_file(path: Path) -> None:
-    """Removes ``path`` if it is a socket; anything else there is left alone (and the bind
-    fails, naming it)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ the whole; only their cost is that of the whole tensor (bounded by the service's
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,29 @@ def region_runs(shape: Sequence[int], region: Region) -> tuple[npt.NDArray[np.ui
         along = np.arange(d_lo, d_hi, dtype=np.uint64) * np.uint64(strides[d])
         offsets = (along[:, None] + offsets[None, :]).reshape(-1)
     return offsets, run_len
+
+
+# Elements converted per pass when a kernel's float32 (or float64) values are rounded into an
+# ``out`` of another dtype: the temporary is this, whatever the size of ``out``.
+CONVERT_BATCH = 1 << 20
+
+
+def _batches(
+    runs: npt.NDArray[np.uint64], run_len: int, batch: int
+) -> Iterator[tuple[npt.NDArray[np.uint64], int, int]]:
+    """``runs`` (each [s, s + run_len)) cut into pieces of at most ``batch`` elements, in order:
+    (the piece's run starts, its run length, where it begins in the output)."""
+    if run_len >= batch:
+        at = 0
+        for start in runs.tolist():
+            for k in range(0, run_len, batch):
+                length = min(batch, run_len - k)
+                yield np.array([start + k], dtype=np.uint64), length, at
+                at += length
+        return
+    per_piece = batch // run_len
+    for i in range(0, len(runs), per_piece):
+        yield runs[i : i + per_piece], run_len, i * run_len
 
 
 def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
@@ -148,6 +171,18 @@ class TensorSource:
             return target
         if draw.kernel is not None:
             kernel_dtype = _kernel_dtype(tensor)
+            if out is not None and out.dtype != kernel_dtype and count > CONVERT_BATCH:
+                # Into a half-precision ``out`` through one bounded float32 buffer: a region
+                # written in place (shared memory, a parameter) never needs a copy of itself.
+                master = np.empty(CONVERT_BATCH, dtype=kernel_dtype)
+                for piece_runs, piece_len, at in _batches(runs, run_len, CONVERT_BATCH):
+                    n = len(piece_runs) * piece_len
+                    piece = master[:n]
+                    cpu.fill_runs(
+                        draw.kernel, draw.params, tensor.stream, piece_runs, piece_len, piece
+                    )
+                    out[at : at + n] = piece
+                return out
             if out is not None and out.dtype == kernel_dtype:
                 master = out
             else:

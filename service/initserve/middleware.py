@@ -227,6 +227,16 @@ class BodySizeLimitMiddleware:
         await response(scope, receive, send)
 
 
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def token_matches(presented: bytes, expected_digest: bytes) -> bool:
+    """Constant time whatever the token's length: SHA-256 digests compared with
+    secrets.compare_digest (the HTTP middleware and the shared-memory registration alike)."""
+    return secrets.compare_digest(hashlib.sha256(presented).digest(), expected_digest)
+
+
 class BearerAuthMiddleware:
     """Requires ``Authorization: Bearer <token>`` except on OPEN_PATHS (the probes, the metrics,
     /docs, /openapi.json and /schemes; /redoc is not among them). Compares
@@ -234,7 +244,7 @@ class BearerAuthMiddleware:
 
     def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None]) -> None:
         self.app = app
-        self.expected = hashlib.sha256(token.encode()).digest()
+        self.expected = token_digest(token)
         self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -247,7 +257,7 @@ class BearerAuthMiddleware:
                 scheme, _, credentials = value.partition(b" ")
                 if scheme.lower() == b"bearer":
                     presented = credentials.strip()
-        if not secrets.compare_digest(hashlib.sha256(presented).digest(), self.expected):
+        if not token_matches(presented, self.expected):
             self.on_reject("unauthorized")
             response = problem_response(
                 401,

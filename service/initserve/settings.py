@@ -26,11 +26,12 @@ class Settings(BaseSettings):
     )
     allow_shared_memory: bool = Field(
         False,
-        description="write tensor data into clients' POSIX shared-memory objects"
-        " (POST /shared-memory/init), as Triton's --allow-client-shm",
+        description="generate tensor data into clients' shared-memory regions (memfds registered"
+        " on the socket `<uds>.regions`, POST /shared-memory/init), as Triton's"
+        " --allow-client-shm; needs `uds`",
     )
     max_shared_memory_regions: int = Field(
-        4, ge=1, description="shared-memory regions written at once; more get 429 + Retry-After"
+        64, ge=1, description="shared-memory regions registered at once; more are refused (429)"
     )
     backend: Literal["auto", "cpu", "gpu"] = Field(
         "cpu", description="generator backend; auto takes the GPU when CuPy finds one"

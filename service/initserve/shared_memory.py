@@ -1,35 +1,51 @@
-"""Shared-memory delivery: the tensor data written into a POSIX shared-memory object the client
-owns, the answer the safetensors header alone (README: Shared memory).
+"""Shared-memory delivery: the server generates tensor data straight into a region of memory the
+client owns, and answers with the safetensors header alone (README: Shared memory).
 
-Off unless ``INITSERVE_ALLOW_SHARED_MEMORY=true``, as Triton's ``--allow-client-shm``. A client
-creates ``/dev/shm/initserve-<anything>``, sizes it, and names it in ``POST /shared-memory/init``
-(headers ``X-Initserve-Shm-Name``, ``-Offset``, ``-Size``; the body is the usual spec). The
-server checks the object (a regular file of the namespace, of this server's user, large enough)
-and writes the data bytes of the file at ``offset``.
+Off unless ``INITSERVE_ALLOW_SHARED_MEMORY=true`` (as Triton's ``--allow-client-shm``), and only
+beside a Unix socket: a client registers a region by passing a memfd over the socket
+``<INITSERVE_UDS>.regions`` (region_socket.py), then names the region it got back in
+``POST /shared-memory/init`` (headers ``X-Initserve-Shm-Region``, ``-Offset``, ``-Size``; the
+body is the usual spec).
 
-Why ``pwrite`` and not a mapping: the client owns the object and may truncate it at any moment;
-a store into a mapping past the new end of a tmpfs file raises SIGBUS, which no Python code can
-recover from (the faulting instruction is simply retried). ``pwrite`` of a truncated file cannot
-fault: the size is checked before every chunk, and a region that shrank mid-write is refused
-with 409 while the server goes on serving. The copy it costs is from a chunk that is still in
-the CPU's cache (measured in bench/bench_sidecar.py).
+Why a sealed memfd handed over with SCM_RIGHTS, and not a named /dev/shm object:
+
+- The server maps the region and generates into it in place, with every thread: no copy. A
+  store into a mapping past the end of a file that shrank raises SIGBUS, which no Python code can
+  recover from. A memfd sealed with ``F_SEAL_SHRINK`` cannot shrink, whoever holds it; a named
+  object cannot be sealed, so it could only be written with ``pwrite`` (a copy).
+- The descriptor is the capability: there is no name to guess or plant, nothing is left in
+  /dev/shm by a crash, and a region leaves the server when the client's registration connection
+  closes (when its process exits, at the latest).
+- The client allocates the pages before registering (``posix_fallocate``; a region with holes is
+  refused), so the server's writes allocate nothing: a client cannot make the server's memory
+  grow, and a region on a filesystem that could run out of pages (hugetlbfs) is refused.
 """
 
 from __future__ import annotations
 
-import errno
+import ctypes
+import ctypes.util
+import fcntl
+import mmap
 import os
-import re
+import secrets
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
+import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from initserve.delivery import IMMUTABLE, Prepared, Rejected, prepare
+from initserve.draws import Constant
+from initserve.engine import TensorSource
 from initserve.plan import ALGORITHM_VERSION
 from initserve.problems import problem_responses
 from initserve.request import InitRequest
@@ -37,31 +53,248 @@ from initserve.safetensors_writer import BodyWriter
 from initserve.settings import Settings
 from initserve.state import service_state
 
-# POSIX shm_open("/name") objects live here on Linux (glibc maps the name to this directory).
-SHM_DIR = "/dev/shm"
-# Objects the server will touch: this prefix and a plain name, never a path.
-NAMESPACE_PREFIX = "initserve-"
-NAME_PATTERN = re.compile(r"^initserve-[A-Za-z0-9_.-]{1,200}$")
-
-NAME_HEADER = "x-initserve-shm-name"
+REGION_HEADER = "x-initserve-shm-region"
 OFFSET_HEADER = "x-initserve-shm-offset"
 SIZE_HEADER = "x-initserve-shm-size"
+# The registration socket is the HTTP socket's path with this suffix (README: Shared memory).
+REGISTRATION_SUFFIX = ".regions"
+
+TMPFS_MAGIC = 0x01021994  # memfd and /dev/shm files (linux/magic.h)
+F_SEAL_FUTURE_WRITE = 0x0010  # linux/fcntl.h; not in Python's fcntl module
 
 
-class RegionTruncated(Exception):
-    """The client shrank its region while the server was writing into it."""
+def registration_path(uds: str) -> str:
+    return uds + REGISTRATION_SUFFIX
 
 
 def owner_uid() -> int:
-    """The user whose regions the server writes: its own (the sidecar and trainer of a pod run
-    as one user, or share the region through a group-writable object of that user)."""
+    """The user whose regions the server writes: its own (the sidecar and the trainer of a pod
+    run as one user)."""
     return os.geteuid()
+
+
+class _StatFs(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t, a long on Linux); the rest is not read.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def filesystem_type(fd: int) -> int:
+    info = _StatFs()
+    if _libc.fstatfs(fd, ctypes.byref(info)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return int(info.f_type) & 0xFFFFFFFF
+
+
+@dataclass
+class RegionProblem(Exception):
+    """Why a region cannot be registered: every problem found, at once."""
+
+    status: int
+    title: str
+    reason: str
+    errors: list[dict[str, Any]]
+
+    @property
+    def detail(self) -> str:
+        return "; ".join(e["msg"] for e in self.errors)
+
+    def answer(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "title": self.title,
+            "detail": self.detail,
+            "errors": self.errors,
+        }
+
+
+def _error(field: str, message: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["region", field], "msg": message, "type": kind}
+
+
+def examine(fd: int, max_bytes: int) -> int:
+    """The region's size, once every check has passed; RegionProblem naming all that failed."""
+    try:
+        info = os.fstat(fd)
+        fs_type = filesystem_type(fd)
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise RegionProblem(
+            422,
+            "Unprocessable Content",
+            "shm_invalid",
+            [_error("fd", f"cannot examine the descriptor: {exc.strerror}", "shm_invalid")],
+        ) from None
+    if info.st_uid != owner_uid():
+        raise RegionProblem(
+            403,
+            "Forbidden",
+            "shm_foreign",
+            [
+                _error(
+                    "owner",
+                    f"the region belongs to user {info.st_uid}; this server writes only regions"
+                    f" of its own user ({owner_uid()})",
+                    "shm_foreign",
+                )
+            ],
+        )
+    errors = []
+    if not stat.S_ISREG(info.st_mode) or fs_type != TMPFS_MAGIC:
+        errors.append(
+            _error(
+                "fd",
+                "not a memfd (memfd_create): only shared memory whose pages cannot run out is"
+                " written (a disk file, a socket or a hugetlbfs file is refused)",
+                "shm_not_memfd",
+            )
+        )
+        raise RegionProblem(422, "Unprocessable Content", "shm_not_memfd", errors)
+    if access != os.O_RDWR:
+        errors.append(
+            _error("fd", "the descriptor is not open for reading and writing", "shm_mode")
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = fcntl.F_SEAL_SEAL  # a file that cannot carry seals: as unsealed
+    if not seals & fcntl.F_SEAL_SHRINK:
+        errors.append(
+            _error(
+                "seals",
+                "not sealed against shrinking: create it with memfd_create(MFD_ALLOW_SEALING)"
+                " and add F_SEAL_SHRINK, so that no truncation can fault the server's writes",
+                "shm_unsealed",
+            )
+        )
+    if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        errors.append(_error("seals", "sealed against writing", "shm_write_sealed"))
+    if info.st_size == 0:
+        errors.append(_error("size", "the region is empty", "shm_empty"))
+    elif info.st_size > max_bytes:
+        errors.append(
+            _error(
+                "size",
+                f"{info.st_size} bytes, more than this server writes into one region"
+                f" ({max_bytes}, INITSERVE_MAX_RESPONSE_BYTES)",
+                "shm_too_large",
+            )
+        )
+    elif os.lseek(fd, 0, os.SEEK_HOLE) < info.st_size:
+        errors.append(
+            _error(
+                "pages",
+                "the region has pages that are not allocated: posix_fallocate it before"
+                " registering, so that the server's writes take no memory of their own",
+                "shm_holes",
+            )
+        )
+    if errors:
+        raise RegionProblem(422, "Unprocessable Content", errors[0]["type"], errors)
+    return info.st_size
+
+
+@dataclass
+class Region:
+    """A registered region: the server's own mapping of the client's memfd."""
+
+    id: str
+    size: int
+    mapping: mmap.mmap
+    users: int = 0
+    unregistered: bool = False
+    registered_at: float = field(default_factory=time.monotonic)
+
+    def data(self) -> npt.NDArray[np.uint8]:
+        return np.frombuffer(self.mapping, dtype=np.uint8)
+
+    def release(self) -> None:
+        """Unmaps now; if a view of it is still alive somewhere, when that view goes."""
+        with suppress(BufferError):
+            self.mapping.close()
+
+
+class RegionRegistry:
+    """The regions registered at once (at most ``limit``), each mapped once for its life."""
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self.lock = threading.Lock()
+        self.regions: dict[str, Region] = {}
+
+    def full(self) -> bool:
+        with self.lock:
+            return len(self.regions) >= self.limit
+
+    def register(self, fd: int) -> Region:
+        """Maps the client's memfd (every check passed) and returns its region."""
+        size = examine(fd, self.max_bytes)
+        with self.lock:
+            if len(self.regions) >= self.limit:
+                raise RegionProblem(
+                    429,
+                    "Too Many Requests",
+                    "shm_regions",
+                    [
+                        _error(
+                            "count",
+                            f"{self.limit} regions are registered"
+                            " (INITSERVE_MAX_SHARED_MEMORY_REGIONS); close one, or retry",
+                            "shm_regions",
+                        )
+                    ],
+                )
+            # MAP_POPULATE: the page tables are filled once, here, not one fault per page at each
+            # write. The mapping keeps the memory alive after the descriptor is closed.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            region = Region(secrets.token_hex(16), size, mapping)
+            self.regions[region.id] = region
+        return region
+
+    def unregister(self, region_id: str) -> None:
+        """Forgets the region; its mapping goes once no write is using it."""
+        with self.lock:
+            region = self.regions.pop(region_id, None)
+            if region is None:
+                return
+            region.unregistered = True
+            if region.users == 0:
+                region.release()
+
+    @contextmanager
+    def using(self, region_id: str | None) -> Iterator[Region]:
+        with self.lock:
+            region = self.regions.get(region_id or "")
+            if region is None:
+                raise _invalid(
+                    REGION_HEADER,
+                    f"no registered region {str(region_id)[:40]!r}: register a memfd on the"
+                    f" socket <INITSERVE_UDS>{REGISTRATION_SUFFIX} first",
+                    404,
+                    "shm_unknown",
+                )
+            region.users += 1
+        try:
+            yield region
+        finally:
+            with self.lock:
+                region.users -= 1
+                if region.unregistered and region.users == 0:
+                    region.release()
+
+    def close(self) -> None:
+        for region_id in list(self.regions):
+            self.unregister(region_id)
 
 
 def _invalid(header: str, message: str, status: int = 422, reason: str = "shm_invalid") -> Rejected:
     return Rejected(
         status,
-        {403: "Forbidden", 404: "Not Found", 422: "Unprocessable Content"}.get(status, "Error"),
+        {404: "Not Found", 422: "Unprocessable Content"}.get(status, "Error"),
         f"{header}: {message}",
         reason,
         errors=[{"loc": ["header", header], "msg": message, "type": reason}],
@@ -76,106 +309,59 @@ def _integer(value: str | None, header: str, default: int | None) -> int | None:
     return int(value)
 
 
-def open_region(name: str | None, offset_text: str | None, size_text: str | None, need: int) -> int:
-    """The client's object opened for writing, every check made; returns the descriptor."""
-    if name is None:
-        raise _invalid(NAME_HEADER, f"required: the name of a {SHM_DIR}/{NAMESPACE_PREFIX}* object")
-    name = name.removeprefix("/")  # shm_open's spelling, "/initserve-x", is the same object
-    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise _invalid(
-            NAME_HEADER,
-            f"{name[:80]!r} is outside the shared-memory namespace: a name {NAMESPACE_PREFIX}"
-            "<letters, digits, '_', '.', '-'> (at most 210 characters), no '/'",
-        )
+def placement(region: Region, offset_text: str | None, size_text: str | None, need: int) -> int:
+    """Where in ``region`` the data goes (its offset), every bound checked."""
     offset = _integer(offset_text, OFFSET_HEADER, 0) or 0
     size = _integer(size_text, SIZE_HEADER, None)
-    try:
-        # O_NOFOLLOW: a symlink planted in /dev/shm cannot redirect the write elsewhere.
-        fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _invalid(NAME_HEADER, f"no object {SHM_DIR}/{name} on this host", 404) from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _invalid(NAME_HEADER, f"{SHM_DIR}/{name} is a symlink") from None
-        raise _invalid(NAME_HEADER, f"cannot open {SHM_DIR}/{name}: {exc.strerror}", 403) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _invalid(NAME_HEADER, f"{SHM_DIR}/{name} is not a regular file")
-        if info.st_uid != owner_uid():
-            raise _invalid(
-                NAME_HEADER,
-                f"{SHM_DIR}/{name} belongs to user {info.st_uid}; this server writes only regions"
-                f" of its own user ({owner_uid()})",
-                403,
-                "shm_foreign",
-            )
-        if offset > info.st_size:
-            raise _invalid(
-                OFFSET_HEADER, f"{offset} is past the end of the object ({info.st_size} bytes)"
-            )
-        available = info.st_size - offset if size is None else size
-        if offset + available > info.st_size:
-            raise _invalid(
-                SIZE_HEADER,
-                f"offset {offset} + size {available} runs past the end of the object"
-                f" ({info.st_size} bytes)",
-            )
-        if available < need:
-            raise _invalid(
-                SIZE_HEADER if size is not None else NAME_HEADER,
-                f"the region holds {available} bytes from offset {offset}; the tensor data"
-                f" needs {need}",
-                reason="shm_too_small",
-            )
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    if offset > region.size:
+        raise _invalid(
+            OFFSET_HEADER, f"{offset} is past the end of the region ({region.size} bytes)"
+        )
+    available = region.size - offset if size is None else size
+    if offset + available > region.size:
+        raise _invalid(
+            SIZE_HEADER,
+            f"offset {offset} + size {available} runs past the end of the region"
+            f" ({region.size} bytes)",
+        )
+    if available < need:
+        raise _invalid(
+            SIZE_HEADER if size is not None else REGION_HEADER,
+            f"the region holds {available} bytes from offset {offset}; the tensor data needs"
+            f" {need}",
+            reason="shm_too_small",
+        )
+    return offset
 
 
-def write_data(fd: int, offset: int, prepared: Prepared, chunk_bytes: int, backend: str) -> int:
-    """The data bytes of ``prepared``'s file (no header) at ``offset``; the bytes written."""
+def write_into(
+    data: npt.NDArray[np.uint8], prepared: Prepared, chunk_bytes: int, backend: str
+) -> None:
+    """The data bytes of ``prepared``'s file (no header) into ``data``. Philox draws and constants
+    are generated in place, each part in one call over every thread; the tensors computed whole
+    (orthogonal, sparse, eye, dirac) go through the writer's bounded chunks."""
     file_map = prepared.file_map
-    need = offset + file_map.total_bytes - len(file_map.header)
-    position = offset
-    for chunk in BodyWriter(file_map, chunk_bytes, backend).chunks(len(file_map.header)):
-        # Checked before every write, so a shrunken region is refused instead of regrown.
-        if os.fstat(fd).st_size < need:
-            raise RegionTruncated
-        view = memoryview(chunk)
-        while len(view):
-            written = os.pwrite(fd, view, position)
-            position += written
-            view = view[written:]
-    if os.fstat(fd).st_size < need:
-        raise RegionTruncated
-    return position - offset
+    writer = BodyWriter(file_map, chunk_bytes, backend)
+    base = len(file_map.header)
+    for part, (begin, end) in zip(file_map.parts, file_map.offsets, strict=True):
+        target = data[begin:end]
+        draw = part.tensor.draw
+        if draw.kernel is not None or isinstance(draw, Constant):
+            out = target.view(part.tensor.dtype.numpy)
+            TensorSource(part.tensor, backend).region(part.region, out=out)
+            continue
+        position = begin
+        for chunk in writer.chunks(base + begin, base + end):
+            piece = np.frombuffer(chunk, dtype=np.uint8)
+            data[position : position + len(piece)] = piece
+            position += len(piece)
 
 
-class RegionSlots:
-    """At most ``limit`` regions written at once; a request over it is refused (429)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-        self.lock = threading.Lock()
-
-    def acquire(self) -> bool:
-        with self.lock:
-            if self.used >= self.limit:
-                return False
-            self.used += 1
-            return True
-
-    def release(self) -> None:
-        with self.lock:
-            self.used -= 1
-
-
-def shared_memory_router(settings: Settings) -> APIRouter:
-    """``GET /shared-memory`` (is it on?) and ``POST /shared-memory/init``."""
+def shared_memory_router(settings: Settings, registry: RegionRegistry | None) -> APIRouter:
+    """``GET /shared-memory`` (is it on, and where to register?) and
+    ``POST /shared-memory/init``. ``registry`` is None where shared memory is off."""
     router = APIRouter()
-    slots = RegionSlots(settings.max_shared_memory_regions)
+    enabled = registry is not None
 
     @router.get(
         "/shared-memory",
@@ -184,7 +370,7 @@ def shared_memory_router(settings: Settings) -> APIRouter:
             200: {
                 "content": {
                     "application/json": {
-                        "example": {"enabled": True, "namespace": "/dev/shm/initserve-*"}
+                        "example": {"enabled": True, "registration": "initserve.sock.regions"}
                     }
                 }
             }
@@ -192,82 +378,63 @@ def shared_memory_router(settings: Settings) -> APIRouter:
     )
     async def shared_memory_info() -> dict[str, Any]:
         return {
-            "enabled": settings.allow_shared_memory,
-            "namespace": f"{SHM_DIR}/{NAMESPACE_PREFIX}*",
+            "enabled": enabled,
+            "registration": (
+                os.path.basename(registration_path(settings.uds))
+                if enabled and settings.uds
+                else None
+            ),
             "owner_uid": owner_uid(),
             "max_regions": settings.max_shared_memory_regions,
+            "max_region_bytes": settings.max_response_bytes,
         }
 
     @router.post(
         "/shared-memory/init",
-        summary="Generate into the client's shared-memory region; the answer is the header only",
+        summary="Generate into the client's registered region; the answer is the header only",
         response_class=Response,
         responses={
             200: {
                 "content": {"application/octet-stream": {}},
                 "description": "the safetensors header; the data is in the region",
             },
-            **problem_responses(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503),
+            **problem_responses(400, 401, 403, 404, 408, 413, 415, 422, 503),
         },
     )
     async def init_into_shared_memory(
         request: Request,
         body: InitRequest,
-        name: Annotated[
-            str | None, Header(alias=NAME_HEADER, examples=["initserve-4242-9f2c1a7b"])
+        region_id: Annotated[
+            str | None, Header(alias=REGION_HEADER, examples=["9f2c1a7b0e4d4c3a8b1f2e3d4c5b6a79"])
         ] = None,
         offset: Annotated[str | None, Header(alias=OFFSET_HEADER, examples=["0"])] = None,
         size: Annotated[str | None, Header(alias=SIZE_HEADER, examples=["84000"])] = None,
     ) -> Response:
         state = service_state(request)
-        if not settings.allow_shared_memory:
+        if registry is None:
             raise Rejected(
                 403,
                 "Forbidden",
                 "shared-memory delivery is off on this server; it is turned on with"
-                " INITSERVE_ALLOW_SHARED_MEMORY=true (use POST /init)",
+                " INITSERVE_ALLOW_SHARED_MEMORY=true beside a Unix socket (INITSERVE_UDS)"
+                " (use POST /init)",
                 "shm_disabled",
             )
         prepared = prepare(body, settings)
         state.etags.remember(prepared.etag, body, prepared.spec_bytes)
         need = prepared.file_map.total_bytes - len(prepared.file_map.header)
-        if not slots.acquire():
-            raise Rejected(
-                429,
-                "Too Many Requests",
-                f"{settings.max_shared_memory_regions} shared-memory regions are being written"
-                " (INITSERVE_MAX_SHARED_MEMORY_REGIONS); retry after"
-                f" {settings.retry_after_seconds}s",
-                "shm_regions",
-                headers={"Retry-After": str(settings.retry_after_seconds)},
-            )
-        try:
-            fd = open_region(name, offset, size, need)
-            try:
-                with state.admission.hold(prepared.working_bytes):
-                    started = time.perf_counter()
-                    try:
-                        written = await anyio.to_thread.run_sync(
-                            write_data,
-                            fd,
-                            _integer(offset, OFFSET_HEADER, 0) or 0,
-                            prepared,
-                            settings.chunk_bytes,
-                            state.backend,
-                        )
-                    except RegionTruncated:
-                        raise Rejected(
-                            409,
-                            "Conflict",
-                            f"{NAME_HEADER}: the region was truncated while the server wrote into"
-                            " it; its contents are incomplete",
-                            "shm_truncated",
-                        ) from None
-                    state.metrics.generation_seconds.observe(time.perf_counter() - started)
-            finally:
-                os.close(fd)
-        finally:
-            slots.release()
+        with registry.using(region_id) as region:
+            at = placement(region, offset, size, need)
+            with state.admission.hold(prepared.working_bytes):
+                started = time.perf_counter()
+                await anyio.to_thread.run_sync(
+                    write_into,
+                    region.data()[at : at + need],
+                    prepared,
+                    settings.chunk_bytes,
+                    state.backend,
+                )
+                state.metrics.generation_seconds.observe(time.perf_counter() - started)
         return Response(
             prepared.file_map.header,
             media_type="application/octet-stream",
@@ -276,7 +443,7 @@ def shared_memory_router(settings: Settings) -> APIRouter:
                 "Cache-Control": IMMUTABLE,
                 "X-Initserve-Algorithm": ALGORITHM_VERSION,
                 "X-Initserve-Backend": state.backend,
-                "X-Initserve-Shm-Bytes": str(written),
+                "X-Initserve-Shm-Bytes": str(need),
             },
         )
 

@@ -46,6 +46,11 @@ class Metrics:
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry,
         )
+        self.shared_memory_regions = Gauge(
+            "initserve_shared_memory_regions",
+            "Clients' shared-memory regions registered (mapped) now",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "initserve_in_flight", "/init response bodies being sent", registry=self.registry
         )

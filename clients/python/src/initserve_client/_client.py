@@ -13,10 +13,8 @@ import bisect
 import contextlib
 import fcntl
 import math
-import mmap
 import os
 import random
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,14 +43,18 @@ from initserve_client._safetensors import (
     tensors_from_buffer,
 )
 from initserve_client._safetensors import Region as Region
+from initserve_client._shared_memory import (
+    RegistrationRefused,
+    SharedRegion,
+    placed_region,
+    registration,
+    unregister,
+)
 from initserve_client.spec import Spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The Host the requests name when they go over a Unix socket (the socket is the address).
 UDS_URL = "http://localhost"
-# POSIX shared-memory objects (shm_open) on Linux, and the prefix the server accepts there.
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "initserve-"
 # Large bodies need a long read timeout; connecting should be quick.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -374,6 +376,20 @@ def _data_bytes(expected: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) * numpy_dtype(code).itemsize for _, code, shape in expected)
 
 
+def _problem_types(response: httpx.Response) -> list[str]:
+    problem = _problem(response) or {}
+    return [str(e.get("type")) for e in problem.get("errors") or [] if isinstance(e, dict)]
+
+
+def _file_offsets(expected: list[tuple[str, str, tuple[int, ...]]]) -> list[int]:
+    """Where each entry's bytes begin in the data section (safetensors packs them in order)."""
+    offsets, position = [], 0
+    for _, code, shape in expected:
+        offsets.append(position)
+        position += math.prod(shape) * numpy_dtype(code).itemsize
+    return offsets
+
+
 def _copy_into(
     header: Header, data: npt.NDArray[np.uint8], targets: list[npt.NDArray[np.uint8]]
 ) -> None:
@@ -385,48 +401,6 @@ def _copy_into(
         )
     for entry, target in zip(header.entries, targets, strict=True):
         np.copyto(target, data[entry.begin : entry.end])
-
-
-class _SharedRegion:
-    """A POSIX shared-memory object this process creates for one response: 0600, under the
-    server's namespace, and unlinked as soon as the server has answered (the mapping outlives
-    the name, so nobody else can reach the bytes)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        self.path = SHM_DIR / self.name
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        self.fd = os.open(self.path, flags, 0o600)
-        self._data: npt.NDArray[np.uint8] | None = None
-        try:
-            os.ftruncate(self.fd, size)
-        except BaseException:
-            self.close()
-            raise
-
-    def headers(self, need: int) -> dict[str, str]:
-        return {
-            "X-Initserve-Shm-Name": self.name,
-            "X-Initserve-Shm-Offset": "0",
-            "X-Initserve-Shm-Size": str(need),
-        }
-
-    def data(self) -> npt.NDArray[np.uint8]:
-        """The region's bytes, mapped (MAP_POPULATE: the page tables filled in one call, not one
-        fault per page); one mapping for the region's life."""
-        if self._data is None:
-            if self.size == 0:
-                return np.empty(0, dtype=np.uint8)
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._data = np.frombuffer(mmap.mmap(self.fd, self.size, flags=flags), np.uint8)
-        return self._data
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
@@ -546,10 +520,13 @@ class Client(_Base):
             headers=self.headers,
             transport=transport,
         )
-        self._shm_enabled: bool | None = None  # the server's answer, asked once
-        # fetch_into's region, kept while the client lives: its pages, once taken, are written
-        # again by the next response instead of being taken afresh (first touch is the cost).
-        self._staging: _SharedRegion | None = None
+        # The registration socket's path where the server allows shared memory, "" where it does
+        # not or cannot be reached from here; None until asked (once).
+        self._registration: str | None = None
+        # fetch_into's region for targets of the caller's own, kept (and registered) while the
+        # client lives: its pages, once taken, are written again by the next response instead
+        # of being taken afresh (first touch is the cost).
+        self._staging: SharedRegion | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -559,9 +536,9 @@ class Client(_Base):
 
     def close(self) -> None:
         self._http.close()
-        if self._staging is not None:
-            self._staging.close()
-            self._staging = None
+        if self._staging is not None and self._registration:
+            unregister(self._staging.address, self._registration)
+        self._staging = None
 
     def plan(
         self,
@@ -585,77 +562,95 @@ class Client(_Base):
         return self._json_or_raise(self._http.post(path, json=body))
 
     def _uses_shared_memory(self) -> bool:
-        """Asked for, and on at the server (GET /shared-memory; a server without it: off)."""
-        if not self.shared_memory or self.local or self.cache_dir is not None:
+        """Asked for, over a Unix socket, and on at the server (GET /shared-memory; a server
+        without it: off)."""
+        if not self.shared_memory or self.local or self.cache_dir is not None or not self.uds:
             return False
-        if self._shm_enabled is None:
+        if self._registration is None:
             response = self._with_retries(lambda: self._http.get("/shared-memory"))
             if response.status_code == 401:
                 raise status_error(401, _problem(response))
-            self._shm_enabled = (
-                response.status_code == 200 and response.json().get("enabled") is True
-            )
-        return self._shm_enabled
+            answer = response.json() if response.status_code == 200 else {}
+            name = answer.get("registration") if answer.get("enabled") is True else None
+            # The registration socket lies beside the HTTP one, whatever the directory is called
+            # in this container.
+            self._registration = os.path.join(os.path.dirname(self.uds), name) if name else ""
+        return bool(self._registration)
 
     def _fetch_shared(
         self,
         body: dict[str, Any],
         expected: list[tuple[str, str, tuple[int, ...]]],
-        staging: bool = False,
-    ) -> tuple[Header, npt.NDArray[np.uint8]] | None:
-        """The server generates into a region of ours and answers the header; None where the
-        server cannot reach the region (another host, or shared memory turned off since). With
-        ``staging``, the client's reusable region (the bytes are copied out before the next
-        call); else a fresh one whose mapping the returned arrays keep."""
+        targets: list[npt.NDArray[np.uint8]] | None = None,
+    ) -> tuple[Header, npt.NDArray[np.uint8] | None] | None:
+        """The server generates into shared memory of ours and answers the header; None where it
+        cannot (the registration socket unreachable from here, or no data to place).
+
+        Without ``targets``: a fresh region, whose views the caller gets (no copy). With targets
+        that already lie in a region of this process where the file puts them: into them, in
+        place (the data returned is None). Other targets: into this client's staging region,
+        kept while the client lives, whose bytes the caller copies out."""
         need = _data_bytes(expected)
-        if staging:
+        if need == 0:
+            return None
+        assert self._registration
+        offsets = _file_offsets(expected)
+        placed = None if targets is None else placed_region(targets, offsets, need)
+        staged = None
+        if placed is not None:
+            address, offset = placed
+        elif targets is not None:
             if self._staging is None or self._staging.size < need:
-                if self._staging is not None:
-                    self._staging.close()
-                self._staging = _SharedRegion(need)
-            region = self._staging
+                self._staging = SharedRegion(need)  # the old one goes with its last view
+            staged, offset = self._staging, 0
+            address = staged.address
         else:
-            region = _SharedRegion(need)
+            staged, offset = SharedRegion(need), 0
+            address = staged.address
+        path = self._registration
+
+        def one_attempt() -> httpx.Response:
+            try:
+                region_id = registration(address, path, self.token)
+            except RegistrationRefused as refused:
+                if refused.status in RETRY_STATUSES:
+                    raise _Retry(refused.error(), None) from None
+                raise refused.error() from None
+            response = self._http.post(
+                "/shared-memory/init",
+                json=body,
+                headers={
+                    "X-Initserve-Shm-Region": region_id,
+                    "X-Initserve-Shm-Offset": str(offset),
+                    "X-Initserve-Shm-Size": str(need),
+                },
+            )
+            if response.status_code == 404 and _problem_types(response) == ["shm_unknown"]:
+                unregister(address, path)  # the server forgot it (it restarted): registered again
+                raise _Retry(status_error(404, _problem(response)), 0.0)
+            if response.status_code in RETRY_STATUSES:
+                raise _Retry(
+                    status_error(response.status_code, _problem(response)), _retry_after(response)
+                )
+            return response
+
         try:
-
-            def one_attempt() -> httpx.Response:
-                response = self._http.post(
-                    "/shared-memory/init", json=body, headers=region.headers(need)
-                )
-                if response.status_code in RETRY_STATUSES:
-                    raise _Retry(
-                        status_error(response.status_code, _problem(response)),
-                        _retry_after(response),
-                    )
-                return response
-
             response = self._with_retries(one_attempt)
-            problem = _problem(response) if response.status_code != 200 else None
-            if response.status_code in (403, 404) and problem is not None:
-                located = [e.get("loc") for e in problem.get("errors") or []]
-                unreachable = (
-                    response.status_code == 404
-                    and [
-                        "header",
-                        "x-initserve-shm-name",
-                    ]
-                    in located
-                )
-                if unreachable or "INITSERVE_ALLOW_SHARED_MEMORY" in str(problem.get("detail")):
-                    self._shm_enabled = False
-                    return None
-            if response.status_code != 200:
-                raise status_error(response.status_code, problem)
-            header = parse_header(response.content)
-            check_against_spec(header, expected)
-            if header.data_bytes != need:
-                raise InvalidResponseError(
-                    f"the header describes {header.data_bytes} data bytes, the spec {need}"
-                )
-            return header, region.data()[:need]
-        finally:
-            if not staging:
-                region.close()
+        except OSError:  # the socket is not reachable from here: HTTP it is
+            self._registration = ""
+            return None
+        if response.status_code == 403 and "INITSERVE_ALLOW_SHARED_MEMORY" in response.text:
+            self._registration = ""  # turned off since we asked
+            return None
+        if response.status_code != 200:
+            raise status_error(response.status_code, _problem(response))
+        header = parse_header(response.content)
+        check_against_spec(header, expected)
+        if header.data_bytes != need:
+            raise InvalidResponseError(
+                f"the header describes {header.data_bytes} data bytes, the spec {need}"
+            )
+        return header, None if staged is None else staged.data[offset : offset + need]
 
     def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
         attempt = 0
@@ -703,8 +698,8 @@ class Client(_Base):
         shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
         if self.cache_dir is not None and not self.local:
             tensors = self._fetch_cached(body, expected, progress)
-        elif shared is not None:  # views of the region: the bytes are never copied
-            tensors = tensors_from_buffer(*shared)
+        elif shared is not None and shared[1] is not None:  # views of the region: no copy
+            tensors = tensors_from_buffer(shared[0], shared[1])
         else:
             receiver = _Receiver(expected, progress=progress)
             self._download(body, receiver)
@@ -731,12 +726,12 @@ class Client(_Base):
         if self.cache_dir is not None:  # a mapped cache file, copied into the targets
             _copy_into(*self._cached_file(body, expected, progress), targets)
             return
-        shared = (
-            self._fetch_shared(body, expected, staging=True) if self._uses_shared_memory() else None
-        )
-        if shared is not None:  # one copy, from the region into the caller's memory
-            _copy_into(*shared, targets)
-            return
+        shared = self._fetch_shared(body, expected, targets) if self._uses_shared_memory() else None
+        if shared is not None:
+            header, staged = shared
+            if staged is not None:  # one copy, from the staging region into the caller's memory
+                _copy_into(header, staged, targets)
+            return  # else written in place: the targets lie in shared memory
         receiver = _Receiver(expected, targets=targets, progress=progress)
         self._download(body, receiver)
 

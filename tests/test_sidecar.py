@@ -3,6 +3,10 @@ refusals of hostile regions), and cache hits served from a mapped file."""
 
 from __future__ import annotations
 
+import fcntl
+import gc
+import json
+import mmap
 import os
 import socket
 import stat
@@ -19,10 +23,11 @@ import numpy as np
 import pytest
 
 from initserve_client import AuthenticationError, Client, InvalidResponseError
+from initserve_client._shared_memory import SharedRegion
 
-from servers import REPO, stop_server, uds_server
+from servers import REPO, metric, stop_server, uds_server
 
-SHM = Path("/dev/shm")
+SHRINK = fcntl.F_SEAL_SHRINK
 SPEC = {
     "seed": 7,
     "tensors": [
@@ -42,10 +47,6 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     path = tmp_path_factory.mktemp("uds") / "initserve.sock"
     with uds_server(path, allow_shared_memory="true", api_token=TOKEN) as (url, _):
         yield url, path
-
-
-def own_regions() -> set[str]:
-    return {p.name for p in SHM.glob(f"initserve-{os.getpid()}-*")}
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -142,16 +143,50 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
     url, path = sidecar
     with Client(url, token=TOKEN) as http, Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         expected = http.fetch_weights(SPEC)
-        same(shm.fetch_weights(SPEC), expected)
-        assert shm._shm_enabled is True  # it was shared memory, not a fallback
+        fetched = shm.fetch_weights(SPEC)
+        same(fetched, expected)
+        assert shm._registration == f"{path}.regions"  # it was shared memory, not a fallback
+        assert shm._staging is None
+        # The caller's own arrays: through the client's staging region, one copy.
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         shm.fetch_into(SPEC, arrays)
         same(arrays, expected)
+        staging = shm._staging
+        assert staging is not None
         regions = {"w": [(10, 20), (3, 40)]}
         part = {"w": np.zeros((10, 37), dtype=np.float32)}
         shm.fetch_into(SPEC, part, regions=regions)
         assert part["w"].tobytes() == expected["w"][10:20, 3:40].tobytes()
-    assert not own_regions()  # each region is unlinked once answered
+        # Arrays that are views of a region where the file puts them are refilled in place: the
+        # staging region is neither used nor replaced.
+        staging.data[:] = 0
+        for values in fetched.values():
+            values[...] = 0
+        shm.fetch_into(SPEC, fetched)
+        same(fetched, expected)
+        assert shm._staging is staging and not staging.data.any()
+        placed = shm.allocate(SPEC)
+        shm.fetch_into(SPEC, placed)
+        same(placed, expected)
+        assert not staging.data.any()
+
+
+def test_the_server_maps_each_region_once_and_lets_it_go_with_the_client(
+    sidecar: tuple[str, Path],
+) -> None:
+    url, path = sidecar
+    before = metric(url, "initserve_shared_memory_regions")
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        arrays = shm.allocate(SPEC)
+        for _ in range(3):
+            shm.fetch_into(SPEC, arrays)
+        assert metric(url, "initserve_shared_memory_regions") == before + 1
+    del arrays  # the last view of the region: its registration ends with its mapping
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while metric(url, "initserve_shared_memory_regions") != before:
+        assert time.monotonic() < deadline, "the server kept a region nobody holds"
+        time.sleep(0.02)
 
 
 def test_init_module_through_shared_memory_matches_http(sidecar: tuple[str, Path]) -> None:
@@ -160,15 +195,24 @@ def test_init_module_through_shared_memory_matches_http(sidecar: tuple[str, Path
 
     def model() -> Any:
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        with torch.device("meta"):
+            return torch.nn.Sequential(
+                torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+            )
 
     url, path = sidecar
     with Client(url, token=TOKEN) as http:
         over_http = init_module(model(), seed=3, client=http)
     with Client(uds=path, token=TOKEN, shared_memory=True) as client:
         over_shm = init_module(model(), seed=3, client=client)
-        assert client._shm_enabled is True
+        assert client._registration and client._staging is None  # the parameters' own pages
     for a, b in zip(over_http.state_dict().values(), over_shm.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    built = model().to_empty(device="cpu")  # parameters that exist: one copy, via staging
+    with Client(uds=path, token=TOKEN, shared_memory=True) as client:
+        init_module(built, seed=3, client=client)
+        assert client._staging is not None
+    for a, b in zip(over_http.state_dict().values(), built.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -177,32 +221,115 @@ def test_shared_memory_is_off_by_default_and_the_client_falls_back(tmp_path: Pat
     with uds_server(path) as (url, _):
         with Client(uds=path, shared_memory=True) as client, Client(url) as tcp:
             same(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
-            assert client._shm_enabled is False
-        region = make_region("off", 1 << 20)
-        try:
-            response = post_region(path, region.name, token=None)
-            assert response.status_code == 403
-            assert "INITSERVE_ALLOW_SHARED_MEMORY" in response.json()["detail"]
-            assert region.read_bytes() == bytes(1 << 20)  # nothing written
-        finally:
-            region.unlink()
+            assert client._registration == ""
+        assert not Path(f"{path}.regions").exists()
+        response = post_region(path, "0" * 32, token=None)
+        assert response.status_code == 403
+        assert "INITSERVE_ALLOW_SHARED_MEMORY" in response.json()["detail"]
 
 
-def make_region(tag: str, size: int) -> Path:
-    region = SHM / f"initserve-test-{os.getpid()}-{tag}"
-    with open(region, "wb") as f:
-        f.truncate(size)
-    return region
+def memfd(size: int, seals: int = SHRINK, allocate: bool = True) -> int:
+    fd = os.memfd_create("initserve-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if allocate:
+        os.posix_fallocate(fd, 0, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def registration_answer(
+    path: Path, fds: list[int], token: str | None = TOKEN, message: bytes | None = None
+) -> tuple[dict[str, Any], socket.socket]:
+    """One registration: the server's answer, and the connection (open while registered)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connection.settimeout(30)
+    connection.connect(f"{path}.regions")
+    payload = json.dumps({"token": token}).encode() if message is None else message
+    socket.send_fds(connection, [payload], fds)
+    return json.loads(connection.recv(4096) or b"{}"), connection
+
+
+def refused(path: Path, fds: list[int], **kwargs: Any) -> dict[str, Any]:
+    answer, connection = registration_answer(path, fds, **kwargs)
+    with connection:
+        assert connection.recv(4096) == b""  # the server closes a refused registration
+    assert "region" not in answer, answer
+    return answer
+
+
+def kinds(answer: dict[str, Any]) -> list[str]:
+    return [e["type"] for e in answer["errors"]]
+
+
+def test_hostile_registrations_are_refused_naming_every_problem(
+    sidecar: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, path = sidecar
+    disk = tmp_path / "on-disk"
+    disk.write_bytes(bytes(4096))
+    with open(disk, "r+b") as f:
+        answer = refused(path, [f.fileno()])
+        assert answer["status"] == 422 and kinds(answer) == ["shm_not_memfd"]
+    unsealed = memfd(DATA_BYTES, seals=0, allocate=False)
+    answer = refused(path, [unsealed])
+    assert answer["status"] == 422 and kinds(answer) == ["shm_unsealed", "shm_holes"]
+    assert "F_SEAL_SHRINK" in answer["detail"] and "posix_fallocate" in answer["detail"]
+    read_only = os.open(f"/proc/self/fd/{memfd(DATA_BYTES)}", os.O_RDONLY)
+    assert kinds(refused(path, [read_only])) == ["shm_mode"]
+    write_sealed = memfd(DATA_BYTES, seals=SHRINK | fcntl.F_SEAL_WRITE)
+    assert kinds(refused(path, [write_sealed])) == ["shm_write_sealed"]
+    assert kinds(refused(path, [memfd(4096, seals=0, allocate=False)], token=None)) == [
+        "unauthorized"
+    ]
+    assert refused(path, [memfd(4096)], token="wrong")["status"] == 401
+    assert kinds(refused(path, [])) == ["shm_fds"]
+    assert kinds(refused(path, [memfd(4096), memfd(4096)])) == ["shm_fds"]
+    assert kinds(refused(path, [memfd(4096)], message=b"[not an object")) == ["shm_message"]
+    empty = os.memfd_create("initserve-test", os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(empty, fcntl.F_ADD_SEALS, SHRINK)
+    assert kinds(refused(path, [empty])) == ["shm_empty"]
+    if os.geteuid() == 0:  # giving a region to another user needs root here
+        foreign = memfd(DATA_BYTES)
+        os.fchown(foreign, 65534, 65534)
+        answer = refused(path, [foreign])
+        assert answer["status"] == 403 and "belongs to user 65534" in answer["detail"]
+    assert metric(url, "initserve_shared_memory_regions") == 0
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_a_sealed_region_cannot_shrink_under_the_server(sidecar: tuple[str, Path]) -> None:
+    region = SharedRegion(DATA_BYTES)
+    with pytest.raises(PermissionError):
+        os.ftruncate(_live_fd(region), 4096)
+    _, path = sidecar
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        arrays = shm.allocate(SPEC)
+        with pytest.raises(PermissionError):
+            os.ftruncate(_live_fd_of(arrays["w"]), 0)
+
+
+def _live_fd(region: SharedRegion) -> int:
+    from initserve_client._shared_memory import _LIVE
+
+    return _LIVE[region.address].fd
+
+
+def _live_fd_of(array: np.ndarray) -> int:
+    from initserve_client._shared_memory import _LIVE
+
+    address = array.__array_interface__["data"][0]
+    return next(m.fd for a, m in _LIVE.items() if a <= address < a + m.size)
 
 
 def post_region(
     path: Path,
-    name: str | None,
+    region_id: str | None,
     token: str | None = TOKEN,
     spec: dict[str, Any] = SPEC,
     **extra: str,
 ) -> httpx.Response:
-    headers = {} if name is None else {"X-Initserve-Shm-Name": name}
+    headers = {} if region_id is None else {"X-Initserve-Shm-Region": region_id}
     headers.update({f"X-Initserve-Shm-{k.title()}": v for k, v in extra.items()})
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -212,156 +339,114 @@ def post_region(
 
 
 DATA_BYTES = 300 * 70 * 4 + 70 * 2 + 33 * 5 * 2
-OFFSET, SIZE = "x-initserve-shm-offset", "x-initserve-shm-size"
+REGION, OFFSET, SIZE = "x-initserve-shm-region", "x-initserve-shm-offset", "x-initserve-shm-size"
 
 
 @pytest.mark.parametrize(
     ("case", "size", "extra", "status", "field"),
     [
-        ("too_small", DATA_BYTES - 1, {}, 422, "x-initserve-shm-name"),
-        ("size_too_small", DATA_BYTES, {"size": str(DATA_BYTES - 2)}, 422, "x-initserve-shm-size"),
+        ("too_small", DATA_BYTES - 1, {}, 422, REGION),
+        ("size_too_small", DATA_BYTES, {"size": str(DATA_BYTES - 2)}, 422, SIZE),
         ("offset_past_end", DATA_BYTES, {"offset": str(DATA_BYTES + 1)}, 422, OFFSET),
         ("size_past_end", DATA_BYTES, {"offset": "8", "size": str(DATA_BYTES)}, 422, SIZE),
-        ("offset_not_a_number", DATA_BYTES, {"offset": "-1"}, 422, "x-initserve-shm-offset"),
-        ("size_not_a_number", DATA_BYTES, {"size": "1e9"}, 422, "x-initserve-shm-size"),
+        ("offset_not_a_number", DATA_BYTES, {"offset": "-1"}, 422, OFFSET),
+        ("size_not_a_number", DATA_BYTES, {"size": "1e9"}, 422, SIZE),
+        ("unknown_region", DATA_BYTES, {"region": "f" * 32}, 404, REGION),
+        ("no_region", DATA_BYTES, {"region": None}, 404, REGION),
     ],
 )  # fmt: skip
-def test_hostile_regions_are_refused_and_nothing_is_written(
+def test_hostile_placements_are_refused_and_nothing_is_written(
     sidecar: tuple[str, Path],
     case: str,
     size: int,
-    extra: dict[str, str],
+    extra: dict[str, Any],
     status: int,
     field: str,
 ) -> None:
     url, path = sidecar
-    region = make_region(case, size)
-    try:
-        response = post_region(path, region.name, **extra)  # type: ignore[arg-type]
+    fd = memfd(size)
+    answer, connection = registration_answer(path, [fd])
+    with connection:
+        region_id = extra.pop("region", answer["region"])
+        response = post_region(path, region_id, **extra)
         assert response.status_code == status, response.text
         problem = response.json()
         assert problem["errors"][0]["loc"] == ["header", field]
         assert field in problem["detail"]
-        assert region.read_bytes() == bytes(size)
-    finally:
-        region.unlink()
+        assert os.pread(fd, size, 0) == bytes(size)
+    os.close(fd)
     assert httpx.get(f"{url}/readyz").status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("name", "status"),
-    [
-        (None, 422),
-        ("../../etc/passwd", 422),
-        ("initserve-x/../../etc/passwd", 422),
-        ("other-prefix", 422),
-        ("initserve-", 422),
-        ("initserve-does-not-exist", 404),
-    ],
-)
-def test_names_outside_the_namespace_are_refused(
-    sidecar: tuple[str, Path], name: str | None, status: int
-) -> None:
-    url, path = sidecar
-    response = post_region(path, name)
-    assert response.status_code == status, response.text
-    assert response.json()["errors"][0]["loc"] == ["header", "x-initserve-shm-name"]
-    assert httpx.get(f"{url}/readyz").status_code == 200
-
-
-def test_a_symlink_and_another_users_region_are_refused(sidecar: tuple[str, Path]) -> None:
-    _, path = sidecar
-    target = make_region("target", DATA_BYTES)
-    link = SHM / f"initserve-test-{os.getpid()}-link"
-    link.symlink_to(target)
-    try:
-        response = post_region(path, link.name)
-        assert response.status_code == 422 and "symlink" in response.json()["detail"]
-        if os.geteuid() != 0:
-            pytest.skip("giving a region to another user needs root here")
-        os.chown(target, 65534, 65534)
-        response = post_region(path, target.name)
-        assert response.status_code == 403, response.text
-        assert "belongs to user 65534" in response.json()["detail"]
-        assert target.read_bytes() == bytes(DATA_BYTES)
-    finally:
-        link.unlink()
-        target.unlink()
 
 
 def test_shared_memory_needs_the_token(sidecar: tuple[str, Path]) -> None:
     _, path = sidecar
-    region = make_region("auth", DATA_BYTES)
-    try:
-        assert post_region(path, region.name, token=None).status_code == 401
-        assert post_region(path, region.name, token="wrong").status_code == 401
-        assert region.read_bytes() == bytes(DATA_BYTES)
-        assert post_region(path, region.name).status_code == 200
-    finally:
-        region.unlink()
+    fd = memfd(DATA_BYTES)
+    answer, connection = registration_answer(path, [fd])
+    with connection:
+        assert post_region(path, answer["region"], token=None).status_code == 401
+        assert post_region(path, answer["region"], token="wrong").status_code == 401
+        assert os.pread(fd, DATA_BYTES, 0) == bytes(DATA_BYTES)
+        assert post_region(path, answer["region"]).status_code == 200
+        assert os.pread(fd, DATA_BYTES, 0) != bytes(DATA_BYTES)
+    os.close(fd)
 
 
 @pytest.fixture
-def slow_sidecar(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "slow.sock"
-    with uds_server(
-        path, allow_shared_memory="true", chunk_bytes="4096", max_shared_memory_regions="1"
-    ):
-        yield path
+def one_region_sidecar(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    path = tmp_path / "one.sock"
+    with uds_server(path, allow_shared_memory="true", max_shared_memory_regions="1") as (url, _):
+        yield url, path
 
 
-def started_writing(region: Path) -> None:
-    deadline = time.monotonic() + 30
-    with open(region, "rb", buffering=0) as f:  # unbuffered: each read sees the region now
-        while os.pread(f.fileno(), 64, 0) == bytes(64):
-            assert time.monotonic() < deadline, "the server never wrote into the region"
-            time.sleep(0.001)
-
-
-def test_a_region_truncated_mid_write_is_refused_and_the_server_survives(
-    slow_sidecar: Path,
+def test_a_client_that_lets_go_mid_write_does_not_hurt_the_server(
+    one_region_sidecar: tuple[str, Path],
 ) -> None:
+    url, path = one_region_sidecar
     size = (1 << 26) * 4
-    region = make_region("truncated", size)
+    fd = memfd(size)
+    answer, connection = registration_answer(path, [fd], token=None)
+    mapping = mmap.mmap(fd, size)
     answers: list[httpx.Response] = []
-    try:
-        writer = threading.Thread(
-            target=lambda: answers.append(post_region(slow_sidecar, region.name, None, SLOW_SPEC))
-        )
-        writer.start()
-        started_writing(region)
-        os.truncate(region, 4096)  # what would be SIGBUS in a server that mapped the region
-        writer.join(60)
-        (response,) = answers
-        assert response.status_code == 409, response.text
-        assert "truncated" in response.json()["detail"]
-        # Never grown back past what the client left (beyond one chunk in flight at the time).
-        assert region.stat().st_size <= 4096 + 4096
-        with Client(uds=slow_sidecar) as client:  # still serving
-            assert client.fetch_weights(SPEC)["w"].shape == (300, 70)
-    finally:
-        region.unlink()
+    writer = threading.Thread(
+        target=lambda: answers.append(post_region(path, answer["region"], None, SLOW_SPEC))
+    )
+    writer.start()
+    deadline = time.monotonic() + 30
+    while mapping[:64] == bytes(64):  # the server has begun writing
+        assert time.monotonic() < deadline, "the server never wrote into the region"
+        time.sleep(0.001)
+    # Everything the client holds goes: its mapping, its descriptor, its registration.
+    mapping.close()
+    os.close(fd)
+    connection.close()
+    writer.join(60)
+    (response,) = answers
+    assert response.status_code == 200, response.text  # the server's own mapping: no fault
+    deadline = time.monotonic() + 10
+    while metric(url, "initserve_shared_memory_regions") != 0:
+        assert time.monotonic() < deadline, "the region was not let go"
+        time.sleep(0.02)
+    with Client(uds=path, shared_memory=True) as client, Client(url) as tcp:
+        same(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))  # still serving, the slot free
 
 
-def test_more_regions_than_the_limit_get_429(slow_sidecar: Path) -> None:
-    size = (1 << 26) * 4
-    first, second = make_region("first", size), make_region("second", DATA_BYTES)
-    answers: list[httpx.Response] = []
-    try:
-        writer = threading.Thread(
-            target=lambda: answers.append(post_region(slow_sidecar, first.name, None, SLOW_SPEC))
-        )
-        writer.start()
-        started_writing(first)
-        response = post_region(slow_sidecar, second.name, None)
-        assert response.status_code == 429 and response.headers["retry-after"]
-        assert "INITSERVE_MAX_SHARED_MEMORY_REGIONS" in response.json()["detail"]
-        writer.join(120)
-        assert answers[0].status_code == 200
-        assert post_region(slow_sidecar, second.name, None).status_code == 200
-    finally:
-        first.unlink()
-        second.unlink()
+def test_more_regions_than_the_limit_are_refused_with_429(
+    one_region_sidecar: tuple[str, Path],
+) -> None:
+    url, path = one_region_sidecar
+    first, connection = registration_answer(path, [memfd(DATA_BYTES)], token=None)
+    with connection:
+        answer = refused(path, [memfd(DATA_BYTES)], token=None)
+        assert answer["status"] == 429 and kinds(answer) == ["shm_regions"]
+        assert "INITSERVE_MAX_SHARED_MEMORY_REGIONS" in answer["detail"]
+        assert post_region(path, first["region"], None).status_code == 200
+    deadline = time.monotonic() + 10
+    while metric(url, "initserve_shared_memory_regions") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    again, connection = registration_answer(path, [memfd(DATA_BYTES)], token=None)
+    with connection:
+        assert "region" in again
 
 
 # --- cache hits from a mapped file ---------------------------------------------------------------

@@ -706,6 +706,24 @@ class Client(_Base):
             tensors = receiver.tensors()
         return _as_torch(tensors) if as_torch else tensors
 
+    def allocate(
+        self, spec: SpecLike, *, regions: Regions | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Empty arrays for ``spec``'s tensors (or ``regions``), placed where this client's
+        ``fetch_into`` fills them with no copy: in one shared-memory region when the client uses
+        shared memory (the server generates straight into them), else ordinary memory."""
+        expected = expected_entries(_spec_dict(spec), None, None, regions)
+        need = _data_bytes(expected)
+        if need == 0 or not self._uses_shared_memory():
+            return {key: np.empty(shape, dtype=numpy_dtype(code)) for key, code, shape in expected}
+        region = SharedRegion(need)
+        arrays = {}
+        for (key, code, shape), at in zip(expected, _file_offsets(expected), strict=True):
+            dtype = numpy_dtype(code)
+            size = math.prod(shape) * dtype.itemsize
+            arrays[key] = region.data[at : at + size].view(dtype).reshape(shape)
+        return arrays
+
     def fetch_into(
         self,
         spec: SpecLike,

@@ -484,17 +484,27 @@ def init_module(
     try:
         if spec["tensors"]:
             active.plan(spec, regions=regions)  # the service's checks, before anything is written
+        homes: dict[str, Any] = {}  # where fetch_into writes with no copy, if anywhere
         if tensors.on_meta():
             tensors = _materialise(module, tensors, device)
+            # Fresh parameters may live where the client writes with no copy (shared memory).
+            allocate = getattr(active, "allocate", None)
+            if allocate is not None and spec["tensors"]:
+                homes = allocate(spec, regions=regions)
         arrays: dict[str, Any] = {}
         later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
         for entry in spec["tensors"]:
             name = entry["name"]
             local = _local(tensors.get(name))
             view = _numpy_view(local) if name in recording.direct else None
-            if view is None:
+            if name in homes and view is not None and local is tensors.get(name):
+                with torch.no_grad():  # the parameter's storage becomes its home
+                    local.data = _as_tensor(homes[name]).view(local.shape)
+                view = homes[name]
+            elif view is None:
                 shape = tuple(hi - lo for lo, hi in regions[name])
-                view = np.empty(shape, dtype=numpy_dtype(DTYPE_NAMES[entry["dtype"]]))
+                dtype = numpy_dtype(DTYPE_NAMES[entry["dtype"]])
+                view = homes[name] if name in homes else np.empty(shape, dtype=dtype)
                 later[name] = view
             arrays[name] = view
         if arrays:

@@ -202,7 +202,7 @@ def by_kind(path: str) -> dict[str, dict[str, Any]]:
     return {doc["kind"]: doc for doc in documents(REPO / "deploy" / "kubernetes" / path)}
 
 
-def test_training_job_shares_the_socket_and_dev_shm_with_one_sidecar_per_pod() -> None:
+def test_training_job_shares_the_socket_directory_with_one_sidecar_per_pod() -> None:
     job = by_kind("training-job.yaml")["Job"]
     assert job["spec"]["completionMode"] == "Indexed"
     pod = job["spec"]["template"]["spec"]
@@ -217,8 +217,9 @@ def test_training_job_shares_the_socket_and_dev_shm_with_one_sidecar_per_pod() -
         c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         for c in (sidecar, trainer)
     }
-    assert mounts["initserve"] == mounts["trainer"]
-    assert mounts["trainer"]["dshm"] == "/dev/shm"
+    # The socket directory is all the two share: regions are memfds passed over the socket.
+    assert mounts["initserve"] == {"initserve-socket": "/run/initserve"}
+    assert mounts["trainer"] == {**mounts["initserve"], "dshm": "/dev/shm"}
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
     assert set(env) <= SETTING_ENV_NAMES
     Settings(**{k.removeprefix("INITSERVE_").lower(): v for k, v in env.items()})

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from initserve.settings import Settings
-from initserve.unix_socket import bind_unix, remove_socket_file
+from initserve.unix_socket import bind_unix, h11_protocol, remove_socket_file
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         workers=1,  # one generator (and, on a GPU, one context) per process
+        http=h11_protocol(),
         timeout_graceful_shutdown=int(settings.drain_seconds),
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
         log_level=args.log_level,

@@ -72,15 +72,13 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 _DESCRIPTIONS = {
     400: "malformed request (body not JSON, bad header)",
     401: "missing or wrong bearer token (when INITSERVE_API_TOKEN is set)",
-    403: "shared memory off, or a region of another user",
-    404: "unknown",
+    403: "shared memory off on this server",
+    404: "unknown path, or a shared-memory region that is not registered",
     408: "request body not received in time",
-    409: "the shared-memory region was truncated while the server wrote into it",
     413: "over a size limit (body, tensors, response, coupled tensor)",
     415: "body not application/json, or a Content-Encoding the server does not decode",
     416: "range outside the file",
     422: "invalid spec: `errors` names each field",
-    429: "more shared-memory regions in progress than allowed; retry after Retry-After",
     503: "overloaded, warming up or draining; retry after Retry-After seconds",
 }
 

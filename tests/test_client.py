@@ -341,7 +341,7 @@ def test_the_twins_have_the_same_public_methods() -> None:
         return {name for name in vars(cls) if not name.startswith("_")} - {"close", "aclose"}
 
     assert public(Client) == public(AsyncClient) == {"plan", "fetch_weights", "fetch_into",
-                                                     "download"}  # fmt: skip
+                                                     "download", "allocate"}  # fmt: skip
 
 
 @pytest.mark.anyio

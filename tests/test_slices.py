@@ -3,6 +3,8 @@ generated alone, equals that slice of the whole; other tensors and their order c
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -202,3 +204,38 @@ def test_thread_count_never_changes_a_bit() -> None:
     finally:
         cpu.set_threads(threads)
     assert all(one[k].tobytes() == three[k].tobytes() for k in one)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("batch", [7, 985, 2000])
+def test_into_another_dtype_through_a_bounded_buffer_changes_no_bit(
+    dtype: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A half-precision ``out`` is filled through CONVERT_BATCH elements at a time (runs cut
+    inside and across): the bytes are those of one pass."""
+    from initserve import engine
+
+    spec = {"seed": 3, "tensors": [{"name": "w", "shape": [37, 1000], "scheme": "normal",
+                                    "dtype": dtype}]}  # fmt: skip
+    tensor = initserve.plan(spec).tensors[0]
+    region = ((3, 30), (5, 990))
+    whole_region = engine.TensorSource(tensor).region(region)
+    whole_flat = engine.TensorSource(tensor).flat(0, 37000)
+    monkeypatch.setattr(engine, "CONVERT_BATCH", batch)
+    from initserve.backends import cpu
+
+    calls: list[int] = []
+    fill_runs = cpu.fill_runs
+
+    def counted(*args: Any) -> None:
+        calls.append(len(args[-1]))
+        fill_runs(*args)
+
+    monkeypatch.setattr(cpu, "fill_runs", counted)
+    out = np.empty_like(whole_region)
+    engine.TensorSource(tensor).region(region, out=out)
+    assert out.tobytes() == whole_region.tobytes()
+    assert len(calls) > 1 and max(calls) <= batch  # in pieces, none larger than the batch
+    flat = np.empty_like(whole_flat)
+    engine.TensorSource(tensor).flat(0, 37000, out=flat)
+    assert flat.tobytes() == whole_flat.tobytes()

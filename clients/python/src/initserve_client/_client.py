@@ -892,6 +892,16 @@ class AsyncClient(_Base):
         planned: dict[str, Any] = await self._with_retries(lambda: self._post_json("/plan", body))
         return planned
 
+    async def allocate(
+        self, spec: SpecLike, *, regions: Regions | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Empty arrays placed where ``fetch_into`` fills them with no copy (see
+        Client.allocate)."""
+        arrays: dict[str, npt.NDArray[Any]] = await self._sync_twin(
+            "allocate", spec, regions=regions
+        )
+        return arrays
+
     async def fetch_into(
         self,
         spec: SpecLike,

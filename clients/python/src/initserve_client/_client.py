@@ -12,11 +12,14 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import json
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -399,8 +402,38 @@ def _copy_into(
         raise ValueError(
             f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
         )
-    for entry, target in zip(header.entries, targets, strict=True):
-        np.copyto(target, data[entry.begin : entry.end])
+    parallel_copy(
+        [(t, data[e.begin : e.end]) for e, t in zip(header.entries, targets, strict=True)]
+    )
+
+
+# A copy out of a mapped file or a region is bound by memory and page faults, which one core
+# does not saturate (torch's copy_, which load_state_dict uses, runs on every thread too): large
+# copies are cut into pieces that the threads below share (numpy releases the GIL as it copies).
+COPY_PIECE_BYTES = 8 << 20
+_copy_workers: ThreadPoolExecutor | None = None
+_copy_workers_lock = threading.Lock()
+
+
+def parallel_copy(pairs: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]) -> None:
+    """``np.copyto(target, source)`` for each pair, the pieces spread over the usable CPUs."""
+    global _copy_workers
+    pieces = [
+        (target[i : i + COPY_PIECE_BYTES], source[i : i + COPY_PIECE_BYTES])
+        for target, source in pairs
+        for i in range(0, len(target), COPY_PIECE_BYTES)
+    ]
+    threads = min(8, len(os.sched_getaffinity(0)))
+    if threads < 2 or len(pieces) < 2:
+        for target, source in pieces:
+            np.copyto(target, source)
+        return
+    with _copy_workers_lock:
+        if _copy_workers is None:
+            _copy_workers = ThreadPoolExecutor(threads, thread_name_prefix="initserve-copy")
+        workers = _copy_workers
+    for _ in workers.map(lambda pair: np.copyto(*pair), pieces):
+        pass
 
 
 def _as_torch(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
@@ -520,6 +553,7 @@ class Client(_Base):
             headers=self.headers,
             transport=transport,
         )
+        self._etags: dict[str, str] = {}  # canonical request body -> its ETag, the last few
         # The registration socket's path where the server allows shared memory, "" where it does
         # not or cannot be reached from here; None until asked (once).
         self._registration: str | None = None
@@ -556,7 +590,25 @@ class Client(_Base):
             local: dict[str, Any] = dry_run_answer(_local_prepare(body))
             return local
         planned: dict[str, Any] = self._with_retries(lambda: self._post_json("/plan", body))
+        self._remember_etag(body, planned["etag"])
         return planned
+
+    def _etag_of(self, body: dict[str, Any]) -> str:
+        """The ETag of ``body``'s response: the one its last plan gave, else a new plan's."""
+        known = self._etags.get(json.dumps(body, sort_keys=True))
+        if known is not None:
+            return known
+        etag: str = self._with_retries(lambda: self._post_json("/plan", body))["etag"]
+        self._remember_etag(body, etag)
+        return etag
+
+    def _remember_etag(self, body: dict[str, Any], etag: str) -> None:
+        # A few, for the plan-then-fetch of one call (init_module plans first, to refuse before
+        # materialising anything): the ETag names the exact bytes, so a remembered one never
+        # gives other bytes than those the plan described.
+        self._etags[json.dumps(body, sort_keys=True)] = etag
+        while len(self._etags) > 16:
+            del self._etags[next(iter(self._etags))]
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._json_or_raise(self._http.post(path, json=body))
@@ -796,7 +848,7 @@ class Client(_Base):
     ) -> tuple[Header, npt.NDArray[np.uint8]]:
         """The cached file's header and its data bytes, mapped (copy-on-write): downloaded
         first if this ETag is not cached yet."""
-        etag = self._with_retries(lambda: self._post_json("/plan", body))["etag"]
+        etag = self._etag_of(body)
         path = self._cache_path(etag)
         if not path.exists():
             with _locked(path.with_suffix(".lock")):

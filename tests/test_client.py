@@ -418,3 +418,40 @@ def test_fetch_into_preallocated_arrays(server: str) -> None:
             client.fetch_into(spec, wrong)
         with pytest.raises(KeyError, match="sparse"):
             client.fetch_into(spec, {k: v for k, v in arrays.items() if k != "sparse"})
+
+
+def test_bodies_are_read_from_the_socket_straight_into_place(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fetch_weights and fetch_into read the body with recv_into into its destination: here in
+    100-byte reads, so the safetensors header (over 64 KiB: more than h11's first chunk) arrives
+    over many reads and every tensor's bytes over several."""
+    from initserve_client import _client
+
+    dtypes = ["float32", "bfloat16", "float16", "float64"]
+    tensors = [
+        {"name": f"layer_{i:04d}.a_rather_long_parameter_name.weight", "shape": [3, 7],
+         "scheme": "normal", "dtype": dtypes[i % 4]}
+        for i in range(900)
+    ] + [{"name": "empty", "shape": [0, 4], "scheme": "uniform"}]  # fmt: skip
+    spec = {"seed": 5, "tensors": tensors}
+    expected = initserve.generate(spec)
+    monkeypatch.setattr(_client, "READ_BYTES", 100)
+    used: list[int] = []
+    receive_from = _client._Receiver.receive_from
+
+    def counted(receiver: Any, connection: Any, timeout: float | None) -> None:
+        used.append(receiver.position)
+        receive_from(receiver, connection, timeout)
+
+    monkeypatch.setattr(_client._Receiver, "receive_from", counted)
+    with Client(server) as client:
+        header_bytes = client.plan(spec)["tensors"][0]["byte_range"][0]
+        assert header_bytes > 64 << 10
+        fetched = client.fetch_weights(spec)
+        arrays = {key: np.zeros_like(values) for key, values in expected.items()}
+        client.fetch_into(spec, arrays)
+    assert len(used) == 2 and all(position < header_bytes for position in used)
+    for key, values in expected.items():
+        assert fetched[key].tobytes() == values.tobytes(), key
+        assert arrays[key].tobytes() == values.tobytes(), key

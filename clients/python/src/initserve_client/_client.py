@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -208,6 +209,42 @@ class _Receiver:
         self.position += len(view)
         if self.progress is not None and self.total is not None:
             self.progress(self.position, self.total)
+
+    def receive_from(self, connection: socket.socket, timeout: float | None) -> None:
+        """The rest of the body read from ``connection`` with ``recv_into`` straight into its
+        destination (the caller's arrays or the fresh buffer): no Python HTTP layer copies it
+        on the way. Ends early if the peer does (``finish`` then asks for a resume)."""
+        connection.settimeout(timeout)
+        try:
+            while self.header is None:  # the safetensors header, whole, through feed
+                chunk = connection.recv(READ_BYTES)
+                if not chunk:
+                    return
+                self.feed(chunk)
+            while self.position < self.header.total_bytes:
+                got = connection.recv_into(self._destination())
+                if got == 0:
+                    return
+                self.position += got
+                if self.progress is not None and self.total is not None:
+                    self.progress(self.position, self.total)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"reading the body: {exc}") from exc
+        except OSError as exc:
+            raise httpx.ReadError(f"reading the body: {exc}") from exc
+
+    def _destination(self) -> memoryview:
+        """Where the next body bytes go: at most READ_BYTES, within one target."""
+        assert self.header is not None
+        offset = self.position - self.header.size
+        left = self.header.data_bytes - offset
+        if self.targets is None:
+            assert self.buffer is not None
+            return self.buffer[offset : offset + min(READ_BYTES, left)].data
+        index = bisect.bisect_right(self._begins, offset) - 1
+        entry, target = self.header.entries[index], self.targets[index]
+        within = offset - entry.begin
+        return target[within : within + min(READ_BYTES, entry.end - offset)].data
 
     def _scatter(self, offset: int, view: memoryview) -> None:
         """Data bytes at ``offset`` into the targets they belong to."""
@@ -727,8 +764,18 @@ class Client(_Base):
                 if response.status_code >= 400:
                     response.read()  # the problem+json body, for the error
                 receiver.begin(response)
-                for chunk in response.iter_raw():
-                    receiver.feed(chunk)
+                chunks = response.iter_raw()
+                stream = response.extensions.get("network_stream")
+                raw = None if stream is None else stream.get_extra_info("socket")
+                if isinstance(raw, socket.socket) and receiver.file is None:
+                    # What h11 holds already (one chunk at most), then the rest straight from
+                    # the socket into its place; the connection is not reused (h11 never saw
+                    # the end of the body), so httpx closes it.
+                    receiver.feed(next(chunks, b""))
+                    receiver.receive_from(raw, self.timeout.read)
+                else:
+                    for chunk in chunks:
+                        receiver.feed(chunk)
             receiver.finish()
 
         self._with_retries(one_attempt)

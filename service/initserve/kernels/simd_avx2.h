@@ -48,18 +48,17 @@
     _mm256_set_epi64x((long long)(odd_lane), (long long)(even_lane), (long long)(odd_lane),        \
                       (long long)(even_lane))
 #define vw_block_index() _mm256_set_epi64x(0, 1, 0, 0)
-#define vw_set1_word(x) _mm256_set1_epi32((int)(x))
 #define vw_xor(a, b) _mm256_xor_si256(a, b)
 #define vw_add64(a, b) _mm256_add_epi64(a, b)
 #define vw_mul_even(a, b) _mm256_mul_epu32(a, b)
 #define vw_reverse(a) _mm256_shuffle_epi32(a, 0x1B)
 #define vw_odd_down(a) _mm256_srli_epi64(a, 32)
-#define vw_low_to_vd(a) _mm256_cvtepi32_pd(_mm256_castsi256_si128(a))
-#define vw_high_to_vd(a) _mm256_cvtepi32_pd(_mm256_extracti128_si256(a, 1))
-/* The even words gathered into the low 128 bits, the odd words into the high 128 bits. */
-#define vw_even_odd_(a) _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
-#define vw_even_to_vd(a) vw_low_to_vd(vw_even_odd_(a))
-#define vw_odd_to_vd(a) vw_high_to_vd(vw_even_odd_(a))
+/* Words zero-extended into 64-bit lanes: the first or second half of the vector, the even or
+ * the odd words. */
+#define vw_low_to_vi(a) _mm256_cvtepu32_epi64(_mm256_castsi256_si128(a))
+#define vw_high_to_vi(a) _mm256_cvtepu32_epi64(_mm256_extracti128_si256(a, 1))
+#define vw_even_to_vi(a) _mm256_and_si256(a, _mm256_set1_epi64x(0xFFFFFFFFll))
+#define vw_odd_to_vi(a) _mm256_srli_epi64(a, 32)
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \
         __m256d lo_ = _mm256_unpacklo_pd(even, odd), hi_ = _mm256_unpackhi_pd(even, odd);         \

@@ -51,7 +51,6 @@
                      (long long)(odd_lane), (long long)(even_lane))
 /* Block i of the vector: 64-bit lane 2i holds i, lane 2i + 1 holds 0. */
 #define vw_block_index() _mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0)
-#define vw_set1_word(x) _mm512_set1_epi32((int)(x))
 #define vw_xor(a, b) _mm512_xor_si512(a, b)
 #define vw_add64(a, b) _mm512_add_epi64(a, b)
 /* Words 0 and 2 of each block times the 32-bit multipliers, as 64-bit products. */
@@ -60,12 +59,16 @@
 #define vw_reverse(a) _mm512_shuffle_epi32(a, (_MM_PERM_ENUM)0x1B)
 /* (w0, w1, w2, w3) -> (w1, 0, w3, 0) in every block. */
 #define vw_odd_down(a) _mm512_srli_epi64(a, 32)
-/* Words as signed int32 into doubles: the first or second half of the vector, or the even or
- * odd words (the radius and the angle word of each Box-Muller pair). */
-#define vw_low_to_vd(a) _mm512_cvtepi32_pd(_mm512_castsi512_si256(a))
-#define vw_high_to_vd(a) _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(a, 1))
-#define vw_even_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(a))
-#define vw_odd_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(_mm512_srli_epi64(a, 32)))
+/* Words zero-extended into 64-bit lanes: the first or second half of the vector, or the even or
+ * odd words (the radius and the angle word of each Box-Muller pair). One instruction each. */
+#define vw_low_to_vi(a) _mm512_cvtepu32_epi64(_mm512_castsi512_si256(a))
+#define vw_high_to_vi(a)                                                                           \
+    _mm512_maskz_permutexvar_epi32(0x5555,                                                         \
+                                   _mm512_set_epi32(0, 15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0,   \
+                                                    9, 0, 8),                                      \
+                                   a)
+#define vw_even_to_vi(a) _mm512_and_si512(a, _mm512_set1_epi64(0xFFFFFFFFll))
+#define vw_odd_to_vi(a) _mm512_srli_epi64(a, 32)
 /* (e0..e7), (o0..o7) -> (e0, o0, ..., e3, o3), (e4, o4, ..., e7, o7). */
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \

@@ -9,7 +9,9 @@
  * extension types), so each formula reads as its scalar original; setup.py's -ffp-contract=off
  * keeps every * and + a separately rounded instruction. The intrinsics are only for what C
  * operators cannot say: Philox's 32x32->64-bit products and word shuffles, conversions, lane
- * selections, sqrt (correctly rounded, as the scalar one).
+ * selections, sqrt (correctly rounded, as the scalar one). Where an integer step is done another way
+ * than the scalar code's (the word-to-double conversion, the quadrant's rounding), it is an exact
+ * computation of the same value, and the comment says why.
  *
  * Lane layout: a vw holds V_BLOCKS whole Philox blocks, words in stream order, so the output
  * needs no transpose; a Philox round is one vpmuludq (words 0 and 2 of every block times M0, M1),
@@ -28,8 +30,8 @@
 
 typedef struct {
     vw multipliers;   /* (M0, M1) under words 0 and 2 of every block */
-    vw round_keys[10]; /* (k0, 0, k1, 0) of each round, the last one xor 0x80000000 */
-    vw counter_base;  /* (i, 0, name0, name1) for block i of the vector */
+    vw round_keys[10]; /* (k0, 0, k1, 0) of each round */
+    vw counters[V_UNROLL]; /* (j V_BLOCKS + i, 0, name0, name1) for block i of vector j */
 } V_(is_simd_stream);
 
 V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 name0,
@@ -41,19 +43,17 @@ V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 na
         k0 += IS_PHILOX_W0;
         k1 += IS_PHILOX_W1;
     }
-    /* Every word then comes out with its sign bit flipped, so that the signed int32 -> double
-     * conversion every ISA has gives (int)(w ^ 0x80000000), as is_unit_open, at no cost. */
-    st->round_keys[9] = vw_xor(st->round_keys[9], vw_set1_word(0x80000000u));
-    st->counter_base =
+    vw counter_base =
         vw_add64(vw_block_index(), vw_pairs(0, (is_u64)name0 | ((is_u64)name1 << 32)));
+    for (int j = 0; j < V_UNROLL; ++j) {
+        st->counters[j] = vw_add64(counter_base, vw_pairs((is_u64)(j * V_BLOCKS), 0));
+    }
 }
 
-/* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time,
- * each word xor 0x80000000 (see is_simd_stream_init). */
+/* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time. */
 V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw words[V_UNROLL]) {
-    for (int j = 0; j < V_UNROLL; ++j) {
-        words[j] = vw_add64(st->counter_base, vw_pairs(block + (is_u64)(j * V_BLOCKS), 0));
-    }
+    vw step = vw_pairs(block, 0); /* 64-bit adds: a carry into the block's high word is kept */
+    for (int j = 0; j < V_UNROLL; ++j) words[j] = vw_add64(st->counters[j], step);
     for (int round = 0; round < 10; ++round) {
         for (int j = 0; j < V_UNROLL; ++j) {
             /* (lo0, hi0, lo1, hi1) -> (hi1, lo1, hi0, lo0), xor (c1, 0, c3, 0) and the key:
@@ -65,9 +65,12 @@ V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw word
     }
 }
 
-/* is_unit_open of a word already xor 0x80000000 and converted as a signed int32. */
-V_FN vd V_(is_simd_unit_open)(vd signed_word) {
-    return (signed_word + 2147483648.5) * 2.3283064365386962890625e-10;
+/* is_unit_open of a word w zero-extended into a 64-bit lane, without a conversion instruction:
+ * w in the low mantissa bits of 2^20 is the double 2^20 + w 2^-32, exactly, and subtracting
+ * 2^20 - 2^-33 (a double: 53 one bits) is exact (Sterbenz: both lie in [2^19, 2^21)), leaving
+ * (w + 1/2) 2^-32, which is is_unit_open's value (exact there too). */
+V_FN vd V_(is_simd_unit_open)(vi word) {
+    return vd_of_bits(vi_or(word, vi_set1(0x4130000000000000ull))) - 0x1.fffffffffffffp+19;
 }
 
 /* (double)n for 0 <= n < 2^52, exactly: n in the mantissa of 2^52, minus 2^52. */
@@ -189,8 +192,8 @@ V_FN void V_(is_simd_step_uniform)(const V_(is_simd_stream) *st, const double *p
     vd low = vd_set1(params[0]), width = vd_set1(params[1]);
     for (int j = 0; j < V_UNROLL; ++j) {
         vw s = words[j];
-        vd first = low + width * V_(is_simd_unit_open)(vw_low_to_vd(s));
-        vd second = low + width * V_(is_simd_unit_open)(vw_high_to_vd(s));
+        vd first = low + width * V_(is_simd_unit_open)(vw_low_to_vi(s));
+        vd second = low + width * V_(is_simd_unit_open)(vw_high_to_vi(s));
         V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j) * V_LANES, first);
         V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j + 1) * V_LANES, second);
     }
@@ -205,9 +208,9 @@ V_FN void V_(is_simd_step_normal)(const V_(is_simd_stream) *st, const double *pa
     for (int j = 0; j < V_UNROLL; ++j) {
         vw s = words[j];
         /* is_normal_pair on every (radius, angle) = (even, odd) word pair of the vector */
-        vd radius = vd_sqrt(-2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_vd(s))));
+        vd radius = vd_sqrt(-2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_vi(s))));
         vd sin_a, cos_a;
-        V_(is_simd_sincos_2pi)(V_(is_simd_unit_open)(vw_odd_to_vd(s)), &sin_a, &cos_a);
+        V_(is_simd_sincos_2pi)(V_(is_simd_unit_open)(vw_odd_to_vi(s)), &sin_a, &cos_a);
         vd even = mean + std * (radius * cos_a);
         vd odd = mean + std * (radius * sin_a);
         vd first, second;
@@ -236,8 +239,8 @@ V_FN void V_(is_simd_step_trunc_normal)(const V_(is_simd_stream) *st, const doub
         V_(is_simd_philox)(st, block + (is_u64)group, words);
         for (int half = 0; half < 2 * V_UNROLL; ++half) {
             vw s = words[half / 2];
-            vd signed_word = half % 2 ? vw_high_to_vd(s) : vw_low_to_vd(s);
-            vd p_v = p_low + p_width * V_(is_simd_unit_open)(signed_word); /* is_trunc_normal_p */
+            vi word = half % 2 ? vw_high_to_vi(s) : vw_low_to_vi(s);
+            vd p_v = p_low + p_width * V_(is_simd_unit_open)(word); /* is_trunc_normal_p */
             int at = 4 * group + half * V_LANES;
             vd_store64(z + at, V_(is_simd_quantile_central)(p_v));
             unsigned tails = V_(is_simd_tail_lanes)(p_v);
@@ -387,15 +390,13 @@ V_ENTRY void V_(is_simd_fill_runs_f32)(int dist, const double *params, is_u64 se
 #undef vi_bit0
 #undef vw_pairs
 #undef vw_block_index
-#undef vw_set1_word
 #undef vw_xor
 #undef vw_add64
 #undef vw_mul_even
 #undef vw_reverse
 #undef vw_odd_down
-#undef vw_low_to_vd
-#undef vw_high_to_vd
-#undef vw_even_odd_
-#undef vw_even_to_vd
-#undef vw_odd_to_vd
+#undef vw_low_to_vi
+#undef vw_high_to_vi
+#undef vw_even_to_vi
+#undef vw_odd_to_vi
 #undef vd_interleave

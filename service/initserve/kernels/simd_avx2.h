@@ -31,7 +31,6 @@
 /* Non-temporal, to an address aligned to the vector's width. */
 #define vd_stream64(p, x) _mm256_stream_pd(p, x)
 #define vd_stream32(p, x) _mm_stream_ps(p, _mm256_cvtpd_ps(x))
-#define vd_trunc(x) _mm256_cvtepi32_epi64(_mm256_cvttpd_epi32(x))
 
 #define vi_set1(x) _mm256_set1_epi64x((long long)(x))
 #define vi_and(a, b) _mm256_and_si256(a, b)

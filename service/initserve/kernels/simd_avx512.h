@@ -32,8 +32,6 @@
 /* Non-temporal, to an address aligned to the vector's width. */
 #define vd_stream64(p, x) _mm512_stream_pd(p, x)
 #define vd_stream32(p, x) _mm256_stream_ps(p, _mm512_cvtpd_ps(x))
-/* Truncation toward zero into 64-bit lanes (the values are small and non-negative). */
-#define vd_trunc(x) _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(x))
 
 #define vi_set1(x) _mm512_set1_epi64((long long)(x))
 #define vi_and(a, b) _mm512_and_si512(a, b)

@@ -73,11 +73,6 @@ V_FN vd V_(is_simd_unit_open)(vi word) {
     return vd_of_bits(vi_or(word, vi_set1(0x4130000000000000ull))) - 0x1.fffffffffffffp+19;
 }
 
-/* (double)n for 0 <= n < 2^52, exactly: n in the mantissa of 2^52, minus 2^52. */
-V_FN vd V_(is_simd_small_int)(vi n) {
-    return vd_of_bits(vi_or(n, vi_set1(0x4330000000000000ull))) - 4503599627370496.0;
-}
-
 /* is_log. */
 V_FN vd V_(is_simd_log)(vd x) {
     const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
@@ -90,8 +85,10 @@ V_FN vd V_(is_simd_log)(vd x) {
                             vi_set1(0x3FF0000000000000ull)));
     vm above = vd_gt(m, vd_set1(1.4142135623730951));
     m = vd_select(above, m * 0.5, m);
-    /* (double)(exponent - 1023 + above): small integers, so every step is exact. */
-    vd dk = (V_(is_simd_small_int)(vi_srl(bits, 52)) - 1023.0) +
+    /* (double)(exponent - 1023 + above): the exponent in the mantissa of 2^52, minus 2^52 + 1023,
+     * then + 1 or + 0; small integers, so every step is exact (and a zero is +0, as (double)0). */
+    vd dk = (vd_of_bits(vi_or(vi_srl(bits, 52), vi_set1(0x4330000000000000ull))) -
+             4503599627371519.0) +
             vd_select(above, vd_set1(1.0), vd_set1(0.0));
     vd f = m - 1.0;
     vd s = f / (2.0 + f);
@@ -104,8 +101,12 @@ V_FN vd V_(is_simd_log)(vd x) {
     return dk * ln2_hi - ((hfsq - (s * (hfsq + r) + dk * ln2_lo)) - f);
 }
 
-/* is_sincos_2pi; the quadrant rotation as a swap (q odd) and sign flips (bit 1 of q for the
- * sine, of q + 1 for the cosine), which is the scalar code's table. */
+/* is_sincos_2pi for u = (w + 1/2) 2^-32 (is_unit_open's values); the quadrant rotation as a swap
+ * (q odd) and sign flips (bit 1 of q for the sine, of q + 1 for the cosine), which is the scalar
+ * code's table. The scalar q = (int)(t + 0.5) is computed as t rounded to the nearest integer
+ * by adding and subtracting 1.5 * 2^52, which leaves q in the low bits of the sum: the same q,
+ * because t + 0.5 is exact (t = (w + 1/2) 2^-30 has 33 significant bits and is below 4) and t is
+ * never a half-integer (that would need w + 1/2 to be a multiple of 2^29), so no tie is rounded. */
 V_FN void V_(is_simd_sincos_2pi)(vd u, vd *sin_out, vd *cos_out) {
     const double half_pi = 1.57079632679489655800e+00;
     const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
@@ -115,8 +116,9 @@ V_FN void V_(is_simd_sincos_2pi)(vd u, vd *sin_out, vd *cos_out) {
     const double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
     const double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
     vd t = 4.0 * u;
-    vi q = vd_trunc(t + 0.5);
-    vd x = (t - V_(is_simd_small_int)(q)) * half_pi;
+    vd q_big = t + 6755399441055744.0; /* 1.5 * 2^52 + q; its low bits are q (0 <= q <= 4) */
+    vi q = vd_bits(q_big);
+    vd x = (t - (q_big - 6755399441055744.0)) * half_pi;
     vd z = x * x;
     vd v = z * x;
     vd rs = S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)));
@@ -379,7 +381,6 @@ V_ENTRY void V_(is_simd_fill_runs_f32)(int dist, const double *params, is_u64 se
 #undef vd_store32
 #undef vd_stream64
 #undef vd_stream32
-#undef vd_trunc
 #undef vi_set1
 #undef vi_and
 #undef vi_or

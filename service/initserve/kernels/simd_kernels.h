@@ -14,8 +14,8 @@
  * computation of the same value, and the comment says why.
  *
  * Lane layout: a vw holds V_BLOCKS whole Philox blocks, words in stream order, so the output
- * needs no transpose; a Philox round is one vpmuludq (words 0 and 2 of every block times M0, M1),
- * one shuffle, one shift and two xors for all of them.
+ * needs no transpose; a Philox round (vw_philox_round, per ISA) is one vpmuludq (words 0 and 2 of
+ * every block times M0, M1), one shuffle and one or two xors (and a shift on AVX2) for all of them.
  */
 
 #define V_FN static inline __attribute__((always_inline, target(V_TARGET)))
@@ -30,7 +30,7 @@
 
 typedef struct {
     vw multipliers;   /* (M0, M1) under words 0 and 2 of every block */
-    vw round_keys[10]; /* (k0, 0, k1, 0) of each round */
+    vw round_keys[10]; /* each round's (k0, k1), as vw_round_key lays it out */
     vw counters[V_UNROLL]; /* (j V_BLOCKS + i, 0, name0, name1) for block i of vector j */
 } V_(is_simd_stream);
 
@@ -39,7 +39,7 @@ V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 na
     is_u32 k0 = (is_u32)seed, k1 = (is_u32)(seed >> 32);
     st->multipliers = vw_pairs(IS_PHILOX_M0, IS_PHILOX_M1);
     for (int round = 0; round < 10; ++round) {
-        st->round_keys[round] = vw_pairs(k0, k1);
+        st->round_keys[round] = vw_round_key(k0, k1);
         k0 += IS_PHILOX_W0;
         k1 += IS_PHILOX_W1;
     }
@@ -53,15 +53,14 @@ V_FN void V_(is_simd_stream_init)(V_(is_simd_stream) *st, is_u64 seed, is_u32 na
 /* Blocks [block, block + V_STEP_BLOCKS) of the stream: is_stream_block, V_BLOCKS at a time. */
 V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw words[V_UNROLL]) {
     vw step = vw_pairs(block, 0); /* 64-bit adds: a carry into the block's high word is kept */
-    for (int j = 0; j < V_UNROLL; ++j) words[j] = vw_add64(st->counters[j], step);
-    for (int round = 0; round < 10; ++round) {
+    for (int j = 0; j < V_UNROLL; ++j) words[j] = vw_round_in(vw_add64(st->counters[j], step));
+    for (int round = 0; round < 9; ++round) {
         for (int j = 0; j < V_UNROLL; ++j) {
-            /* (lo0, hi0, lo1, hi1) -> (hi1, lo1, hi0, lo0), xor (c1, 0, c3, 0) and the key:
-             * (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), as is_philox4x32_10. */
-            vw product = vw_mul_even(words[j], st->multipliers);
-            words[j] = vw_xor(vw_xor(vw_reverse(product), vw_odd_down(words[j])),
-                              st->round_keys[round]);
+            words[j] = vw_philox_round(words[j], st->multipliers, st->round_keys[round]);
         }
+    }
+    for (int j = 0; j < V_UNROLL; ++j) {
+        words[j] = vw_philox_last_round(words[j], st->multipliers, st->round_keys[9]);
     }
 }
 
@@ -400,11 +399,12 @@ V_ENTRY void V_(is_simd_fill_runs_f32)(int dist, const double *params, is_u64 se
 #undef vi_bit0
 #undef vw_pairs
 #undef vw_block_index
-#undef vw_xor
 #undef vw_add64
-#undef vw_mul_even
-#undef vw_reverse
-#undef vw_odd_down
+#undef vw_round_key
+#undef vw_round_in
+#undef vw_philox_round
+#undef vw_philox_last_round
+#undef vw_round_xor_
 #undef vw_low_to_vi
 #undef vw_high_to_vi
 #undef vw_even_to_vi

@@ -59,12 +59,15 @@
                                       _mm256_srli_epi64(a, 32)),                                   \
                      key)
 #define vw_philox_last_round(a, multipliers, key) vw_philox_round(a, multipliers, key)
-/* Words zero-extended into 64-bit lanes: the first or second half of the vector, the even or
- * the odd words. */
-#define vw_low_to_vi(a) _mm256_cvtepu32_epi64(_mm256_castsi256_si128(a))
-#define vw_high_to_vi(a) _mm256_cvtepu32_epi64(_mm256_extracti128_si256(a, 1))
-#define vw_even_to_vi(a) _mm256_and_si256(a, _mm256_set1_epi64x(0xFFFFFFFFll))
-#define vw_odd_to_vi(a) _mm256_srli_epi64(a, 32)
+/* Words w into 64-bit lanes under the high word 0x41300000, as the doubles 2^20 + w 2^-32 (see
+ * is_simd_unit_open): the first or second half of the vector, the even or the odd words. */
+#define vw_unit_high_ _mm256_set1_epi64x(0x4130000000000000ll)
+#define vw_low_to_unit_bits(a)                                                                     \
+    _mm256_or_si256(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(a)), vw_unit_high_)
+#define vw_high_to_unit_bits(a)                                                                    \
+    _mm256_or_si256(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(a, 1)), vw_unit_high_)
+#define vw_even_to_unit_bits(a) _mm256_blend_epi32(a, vw_unit_high_, 0xAA)
+#define vw_odd_to_unit_bits(a) _mm256_or_si256(_mm256_srli_epi64(a, 32), vw_unit_high_)
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \
         __m256d lo_ = _mm256_unpacklo_pd(even, odd), hi_ = _mm256_unpackhi_pd(even, odd);         \

@@ -65,16 +65,23 @@
     _mm512_shuffle_epi32(vw_round_xor_(a, multipliers, key), (_MM_PERM_ENUM)0x93)
 #define vw_philox_last_round(a, multipliers, key)                                                  \
     _mm512_shuffle_epi32(vw_round_xor_(a, multipliers, key), (_MM_PERM_ENUM)0x1B)
-/* Words zero-extended into 64-bit lanes: the first or second half of the vector, or the even or
- * odd words (the radius and the angle word of each Box-Muller pair). One instruction each. */
-#define vw_low_to_vi(a) _mm512_cvtepu32_epi64(_mm512_castsi512_si256(a))
-#define vw_high_to_vi(a)                                                                           \
-    _mm512_maskz_permutexvar_epi32(0x5555,                                                         \
-                                   _mm512_set_epi32(0, 15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0,   \
-                                                    9, 0, 8),                                      \
-                                   a)
-#define vw_even_to_vi(a) _mm512_and_si512(a, _mm512_set1_epi64(0xFFFFFFFFll))
-#define vw_odd_to_vi(a) _mm512_srli_epi64(a, 32)
+/* Words w into 64-bit lanes under the high word 0x41300000, as the doubles 2^20 + w 2^-32 (see
+ * is_simd_unit_open): the first or second half of the vector, or the even or odd words (the
+ * radius and the angle word of each Box-Muller pair). One instruction each. */
+#define vw_unit_high_ _mm512_set1_epi64(0x4130000000000000ll)
+#define vw_low_to_unit_bits(a)                                                                     \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 7, 17, 6, 17, 5, 17, 4, 17, 3, 17, 2, 17, 1, \
+                                                  17, 0),                                          \
+                              vw_unit_high_)
+#define vw_high_to_unit_bits(a)                                                                    \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 15, 17, 14, 17, 13, 17, 12, 17, 11, 17, 10,  \
+                                                  17, 9, 17, 8),                                   \
+                              vw_unit_high_)
+#define vw_even_to_unit_bits(a) _mm512_mask_blend_epi32(0xAAAA, a, vw_unit_high_)
+#define vw_odd_to_unit_bits(a)                                                                     \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 15, 17, 13, 17, 11, 17, 9, 17, 7, 17, 5, 17, \
+                                                  3, 17, 1),                                       \
+                              vw_unit_high_)
 /* (e0..e7), (o0..o7) -> (e0, o0, ..., e3, o3), (e4, o4, ..., e7, o7). */
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \

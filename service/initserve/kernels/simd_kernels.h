@@ -64,12 +64,12 @@ V_FN void V_(is_simd_philox)(const V_(is_simd_stream) *st, is_u64 block, vw word
     }
 }
 
-/* is_unit_open of a word w zero-extended into a 64-bit lane, without a conversion instruction:
- * w in the low mantissa bits of 2^20 is the double 2^20 + w 2^-32, exactly, and subtracting
- * 2^20 - 2^-33 (a double: 53 one bits) is exact (Sterbenz: both lie in [2^19, 2^21)), leaving
+/* is_unit_open of words w placed by vw_*_to_unit_bits as the low 32 mantissa bits of 2^20, i.e.
+ * the doubles 2^20 + w 2^-32, exactly, with no conversion instruction: subtracting 2^20 - 2^-33
+ * (a double: 53 one bits) is exact (Sterbenz: both lie in [2^19, 2^21)) and leaves
  * (w + 1/2) 2^-32, which is is_unit_open's value (exact there too). */
-V_FN vd V_(is_simd_unit_open)(vi word) {
-    return vd_of_bits(vi_or(word, vi_set1(0x4130000000000000ull))) - 0x1.fffffffffffffp+19;
+V_FN vd V_(is_simd_unit_open)(vi unit_bits) {
+    return vd_of_bits(unit_bits) - 0x1.fffffffffffffp+19;
 }
 
 /* is_log. */
@@ -193,8 +193,8 @@ V_FN void V_(is_simd_step_uniform)(const V_(is_simd_stream) *st, const double *p
     vd low = vd_set1(params[0]), width = vd_set1(params[1]);
     for (int j = 0; j < V_UNROLL; ++j) {
         vw s = words[j];
-        vd first = low + width * V_(is_simd_unit_open)(vw_low_to_vi(s));
-        vd second = low + width * V_(is_simd_unit_open)(vw_high_to_vi(s));
+        vd first = low + width * V_(is_simd_unit_open)(vw_low_to_unit_bits(s));
+        vd second = low + width * V_(is_simd_unit_open)(vw_high_to_unit_bits(s));
         V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j) * V_LANES, first);
         V_(is_simd_store)(out, as_f64, stream, (is_u64)(2 * j + 1) * V_LANES, second);
     }
@@ -213,12 +213,12 @@ V_FN void V_(is_simd_step_normal)(const V_(is_simd_stream) *st, const double *pa
     vd radius[V_UNROLL], sin_a[V_UNROLL], cos_a[V_UNROLL];
 #pragma GCC unroll 8
     for (int j = 0; j < V_UNROLL; ++j)
-        radius[j] = -2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_vi(words[j])));
+        radius[j] = -2.0 * V_(is_simd_log)(V_(is_simd_unit_open)(vw_even_to_unit_bits(words[j])));
 #pragma GCC unroll 8
     for (int j = 0; j < V_UNROLL; ++j) radius[j] = vd_sqrt(radius[j]);
 #pragma GCC unroll 8
     for (int j = 0; j < V_UNROLL; ++j)
-        V_(is_simd_sincos_2pi)(V_(is_simd_unit_open)(vw_odd_to_vi(words[j])), &sin_a[j], &cos_a[j]);
+        V_(is_simd_sincos_2pi)(V_(is_simd_unit_open)(vw_odd_to_unit_bits(words[j])), &sin_a[j], &cos_a[j]);
 #pragma GCC unroll 8
     for (int j = 0; j < V_UNROLL; ++j) {
         vd even = mean + std * (radius[j] * cos_a[j]);
@@ -249,8 +249,8 @@ V_FN void V_(is_simd_step_trunc_normal)(const V_(is_simd_stream) *st, const doub
         V_(is_simd_philox)(st, block + (is_u64)group, words);
         for (int half = 0; half < 2 * V_UNROLL; ++half) {
             vw s = words[half / 2];
-            vi word = half % 2 ? vw_high_to_vi(s) : vw_low_to_vi(s);
-            vd p_v = p_low + p_width * V_(is_simd_unit_open)(word); /* is_trunc_normal_p */
+            vi bits = half % 2 ? vw_high_to_unit_bits(s) : vw_low_to_unit_bits(s);
+            vd p_v = p_low + p_width * V_(is_simd_unit_open)(bits); /* is_trunc_normal_p */
             int at = 4 * group + half * V_LANES;
             vd_store64(z + at, V_(is_simd_quantile_central)(p_v));
             unsigned tails = V_(is_simd_tail_lanes)(p_v);
@@ -405,8 +405,9 @@ V_ENTRY void V_(is_simd_fill_runs_f32)(int dist, const double *params, is_u64 se
 #undef vw_philox_round
 #undef vw_philox_last_round
 #undef vw_round_xor_
-#undef vw_low_to_vi
-#undef vw_high_to_vi
-#undef vw_even_to_vi
-#undef vw_odd_to_vi
+#undef vw_unit_high_
+#undef vw_low_to_unit_bits
+#undef vw_high_to_unit_bits
+#undef vw_even_to_unit_bits
+#undef vw_odd_to_unit_bits
 #undef vd_interleave

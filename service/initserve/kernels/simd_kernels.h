@@ -9,9 +9,9 @@
  * extension types), so each formula reads as its scalar original; setup.py's -ffp-contract=off
  * keeps every * and + a separately rounded instruction. The intrinsics are only for what C
  * operators cannot say: Philox's 32x32->64-bit products and word shuffles, conversions, lane
- * selections, sqrt (correctly rounded, as the scalar one). Where an integer step is done another way
- * than the scalar code's (the word-to-double conversion, the quadrant's rounding), it is an exact
- * computation of the same value, and the comment says why.
+ * selections, sqrt (correctly rounded, as the scalar one). Where an integer step is done another
+ * way than the scalar code's (the word-to-double conversion, the quadrant's rounding, the log's
+ * exponent), it is an exact computation of the same value, and the comment says why.
  *
  * Lane layout: a vw holds V_BLOCKS whole Philox blocks, words in stream order, so the output
  * needs no transpose; a Philox round (vw_philox_round, per ISA) is one vpmuludq (words 0 and 2 of
@@ -20,7 +20,7 @@
 
 #define V_FN static inline __attribute__((always_inline, target(V_TARGET)))
 /* Independent Philox vectors in flight: a round is a chain of about 7 cycles (vpmuludq alone
- * takes 5) and 4 or 5 instructions, so 8 chains keep the multiplier busy. */
+ * takes 5) and 3 (AVX-512) or 5 (AVX2) instructions, so 8 chains keep the multiplier busy. */
 #define V_UNROLL 8
 #define V_STEP_BLOCKS (V_UNROLL * V_BLOCKS)
 /* trunc_normal works in tiles: every element gets the central approximation in vectors, the

@@ -129,6 +129,30 @@ def test_streaming_fills_equal_the_scalar_reference(
         cpu.set_threads(threads)
 
 
+@pytest.mark.skipif(not VECTOR_ISAS, reason="this CPU has neither AVX2 nor AVX-512")
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+def test_block_counters_carry_into_the_high_word(isa: str, isa_restored: None) -> None:
+    """Ranges whose Philox blocks cross 2^32 (the counter's low word wrapping into its high word)
+    inside one vector step, at a step boundary and off it: the vector paths add block numbers as
+    64-bit integers before arranging the words for their rounds."""
+    stream = tensor_of("normal", {}, [8], "float32").stream
+    trunc_params = tensor_of("trunc_normal", {}, [8], "float32").draw.params
+    for dist, params in (
+        (cpu.UNIFORM, (-1.0, 2.0)),
+        (cpu.NORMAL, (0.0, 1.0)),
+        (cpu.TRUNC_NORMAL, trunc_params),
+    ):
+        for start in ((1 << 34) - 4 * 37, (1 << 34) - 4 * 128 + 3, (1 << 35) - 1001):
+            out = np.empty(4099, dtype=np.float32)
+            cpu.select_isa("scalar")
+            cpu.fill_runs(dist, params, stream, np.array([start], np.uint64), out.size, out)
+            expected = out.tobytes()
+            out[:] = np.nan
+            cpu.select_isa(isa)
+            cpu.fill_runs(dist, params, stream, np.array([start], np.uint64), out.size, out)
+            assert out.tobytes() == expected, (dist, start)
+
+
 # vfmadd132pd, vfnmsub231sd, vfmaddsubps, ... (FMA3, AVX-512 and AMD's FMA4 spellings).
 FUSED_MULTIPLY_ADD = re.compile(r"\bv(fmadd|fmsub|fnmadd|fnmsub)\w*")
 

@@ -164,22 +164,26 @@ def fill_runs(
     if parts == 1:
         call(0, n_runs, 0, run_len)
         return
+    jobs: list[tuple[int, int, int, int]] = []
     if n_runs >= parts:
         bounds = np.linspace(0, n_runs, parts + 1).astype(np.int64)
-        futures = [
-            _workers().submit(call, int(lo), int(hi - lo), 0, run_len)
-            for lo, hi in itertools.pairwise(bounds)
-            if hi > lo
+        jobs = [
+            (int(lo), int(hi - lo), 0, run_len) for lo, hi in itertools.pairwise(bounds) if hi > lo
         ]
     else:
-        futures = []
         for run in range(n_runs):
             bounds = np.linspace(0, run_len, parts + 1).astype(np.int64)
-            for lo, hi in itertools.pairwise(bounds):
-                if hi > lo:
-                    futures.append(_workers().submit(call, run, 1, int(lo), int(hi - lo)))
-    for future in futures:
-        future.result()
+            jobs += [
+                (run, 1, int(lo), int(hi - lo)) for lo, hi in itertools.pairwise(bounds) if hi > lo
+            ]
+    # The calling thread fills the first part itself instead of waiting idle for the pool: one
+    # thread fewer to wake, which is most of the cost of splitting a chunk-sized fill.
+    futures = [_workers().submit(call, *job) for job in jobs[1:]]
+    try:
+        call(*jobs[0])
+    finally:
+        for future in futures:
+            future.result()
 
 
 def stream_words(stream: StreamId, start: int, count: int) -> npt.NDArray[np.uint32]:

@@ -31,7 +31,6 @@
 /* Non-temporal, to an address aligned to the vector's width. */
 #define vd_stream64(p, x) _mm256_stream_pd(p, x)
 #define vd_stream32(p, x) _mm_stream_ps(p, _mm256_cvtpd_ps(x))
-#define vd_trunc(x) _mm256_cvtepi32_epi64(_mm256_cvttpd_epi32(x))
 
 #define vi_set1(x) _mm256_set1_epi64x((long long)(x))
 #define vi_and(a, b) _mm256_and_si256(a, b)
@@ -48,18 +47,27 @@
     _mm256_set_epi64x((long long)(odd_lane), (long long)(even_lane), (long long)(odd_lane),        \
                       (long long)(even_lane))
 #define vw_block_index() _mm256_set_epi64x(0, 1, 0, 0)
-#define vw_set1_word(x) _mm256_set1_epi32((int)(x))
-#define vw_xor(a, b) _mm256_xor_si256(a, b)
 #define vw_add64(a, b) _mm256_add_epi64(a, b)
-#define vw_mul_even(a, b) _mm256_mul_epu32(a, b)
-#define vw_reverse(a) _mm256_shuffle_epi32(a, 0x1B)
-#define vw_odd_down(a) _mm256_srli_epi64(a, 32)
-#define vw_low_to_vd(a) _mm256_cvtepi32_pd(_mm256_castsi256_si128(a))
-#define vw_high_to_vd(a) _mm256_cvtepi32_pd(_mm256_extracti128_si256(a, 1))
-/* The even words gathered into the low 128 bits, the odd words into the high 128 bits. */
-#define vw_even_odd_(a) _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
-#define vw_even_to_vd(a) vw_low_to_vd(vw_even_odd_(a))
-#define vw_odd_to_vd(a) vw_high_to_vd(vw_even_odd_(a))
+/* One Philox round of every block, in stream order: (lo0, hi0, lo1, hi1) = M0 c0, M1 c2 reversed
+ * to (hi1, lo1, hi0, lo0), xor (c1, 0, c3, 0) and the key (k0, 0, k1, 0):
+ * (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), as is_philox4x32_10. (AVX-512's three-instruction
+ * form needs a masked xor; with a blend instead it measured slower here.) */
+#define vw_round_key(k0, k1) vw_pairs(k0, k1)
+#define vw_round_in(a) (a)
+#define vw_philox_round(a, multipliers, key)                                                       \
+    _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(_mm256_mul_epu32(a, multipliers), 0x1B), \
+                                      _mm256_srli_epi64(a, 32)),                                   \
+                     key)
+#define vw_philox_last_round(a, multipliers, key) vw_philox_round(a, multipliers, key)
+/* Words w into 64-bit lanes under the high word 0x41300000, as the doubles 2^20 + w 2^-32 (see
+ * is_simd_unit_open): the first or second half of the vector, the even or the odd words. */
+#define vw_unit_high_ _mm256_set1_epi64x(0x4130000000000000ll)
+#define vw_low_to_unit_bits(a)                                                                     \
+    _mm256_or_si256(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(a)), vw_unit_high_)
+#define vw_high_to_unit_bits(a)                                                                    \
+    _mm256_or_si256(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(a, 1)), vw_unit_high_)
+#define vw_even_to_unit_bits(a) _mm256_blend_epi32(a, vw_unit_high_, 0xAA)
+#define vw_odd_to_unit_bits(a) _mm256_or_si256(_mm256_srli_epi64(a, 32), vw_unit_high_)
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \
         __m256d lo_ = _mm256_unpacklo_pd(even, odd), hi_ = _mm256_unpackhi_pd(even, odd);         \

@@ -32,8 +32,6 @@
 /* Non-temporal, to an address aligned to the vector's width. */
 #define vd_stream64(p, x) _mm512_stream_pd(p, x)
 #define vd_stream32(p, x) _mm256_stream_ps(p, _mm512_cvtpd_ps(x))
-/* Truncation toward zero into 64-bit lanes (the values are small and non-negative). */
-#define vd_trunc(x) _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(x))
 
 #define vi_set1(x) _mm512_set1_epi64((long long)(x))
 #define vi_and(a, b) _mm512_and_si512(a, b)
@@ -51,21 +49,39 @@
                      (long long)(odd_lane), (long long)(even_lane))
 /* Block i of the vector: 64-bit lane 2i holds i, lane 2i + 1 holds 0. */
 #define vw_block_index() _mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0)
-#define vw_set1_word(x) _mm512_set1_epi32((int)(x))
-#define vw_xor(a, b) _mm512_xor_si512(a, b)
 #define vw_add64(a, b) _mm512_add_epi64(a, b)
-/* Words 0 and 2 of each block times the 32-bit multipliers, as 64-bit products. */
-#define vw_mul_even(a, b) _mm512_mul_epu32(a, b)
-/* (w0, w1, w2, w3) -> (w3, w2, w1, w0) in every block. */
-#define vw_reverse(a) _mm512_shuffle_epi32(a, (_MM_PERM_ENUM)0x1B)
-/* (w0, w1, w2, w3) -> (w1, 0, w3, 0) in every block. */
-#define vw_odd_down(a) _mm512_srli_epi64(a, 32)
-/* Words as signed int32 into doubles: the first or second half of the vector, or the even or
- * odd words (the radius and the angle word of each Box-Muller pair). */
-#define vw_low_to_vd(a) _mm512_cvtepi32_pd(_mm512_castsi512_si256(a))
-#define vw_high_to_vd(a) _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(a, 1))
-#define vw_even_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(a))
-#define vw_odd_to_vd(a) _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(_mm512_srli_epi64(a, 32)))
+/* One Philox round of every block (is_philox4x32_10 maps (c0, c1, c2, c3) to
+ * (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), where (lo0, hi0) = M0 c0 and (lo1, hi1) = M1 c2), in
+ * three instructions: between rounds a block is kept as (c0, c3, c2, c1) (vw_round_in). vpmuludq
+ * reads only words 0 and 2, so its product (lo0, hi0, lo1, hi1) lines up c3 under hi0 and c1
+ * under hi1, and one vpternlogd masked to the odd words xors them and the key (0, k1, 0, k0) in:
+ * (lo0, hi0 ^ c3 ^ k1, lo1, hi1 ^ c1 ^ k0) = (c3', c2', c1', c0'), which a rotation of the words
+ * makes (c0', c3', c2', c1') for the next round, or a reversal (c0', c1', c2', c3') after the last. */
+#define vw_round_key(k0, k1) vw_pairs((is_u64)(k1) << 32, (is_u64)(k0) << 32)
+#define vw_round_in(a) _mm512_shuffle_epi32(a, (_MM_PERM_ENUM)0x6C) /* (w0, w3, w2, w1) */
+#define vw_round_xor_(a, multipliers, key)                                                         \
+    _mm512_mask_ternarylogic_epi32(_mm512_mul_epu32(a, multipliers), 0xAAAA, a, key, 0x96)
+#define vw_philox_round(a, multipliers, key)                                                       \
+    _mm512_shuffle_epi32(vw_round_xor_(a, multipliers, key), (_MM_PERM_ENUM)0x93)
+#define vw_philox_last_round(a, multipliers, key)                                                  \
+    _mm512_shuffle_epi32(vw_round_xor_(a, multipliers, key), (_MM_PERM_ENUM)0x1B)
+/* Words w into 64-bit lanes under the high word 0x41300000, as the doubles 2^20 + w 2^-32 (see
+ * is_simd_unit_open): the first or second half of the vector, or the even or odd words (the
+ * radius and the angle word of each Box-Muller pair). One instruction each. */
+#define vw_unit_high_ _mm512_set1_epi64(0x4130000000000000ll)
+#define vw_low_to_unit_bits(a)                                                                     \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 7, 17, 6, 17, 5, 17, 4, 17, 3, 17, 2, 17, 1, \
+                                                  17, 0),                                          \
+                              vw_unit_high_)
+#define vw_high_to_unit_bits(a)                                                                    \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 15, 17, 14, 17, 13, 17, 12, 17, 11, 17, 10,  \
+                                                  17, 9, 17, 8),                                   \
+                              vw_unit_high_)
+#define vw_even_to_unit_bits(a) _mm512_mask_blend_epi32(0xAAAA, a, vw_unit_high_)
+#define vw_odd_to_unit_bits(a)                                                                     \
+    _mm512_permutex2var_epi32(a, _mm512_set_epi32(17, 15, 17, 13, 17, 11, 17, 9, 17, 7, 17, 5, 17, \
+                                                  3, 17, 1),                                       \
+                              vw_unit_high_)
 /* (e0..e7), (o0..o7) -> (e0, o0, ..., e3, o3), (e4, o4, ..., e7, o7). */
 #define vd_interleave(even, odd, first, second)                                                    \
     do {                                                                                           \

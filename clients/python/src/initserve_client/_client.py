@@ -582,6 +582,9 @@ class Client(_Base):
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
+        # With the client's own transport, a body is read from the socket itself (recv_into);
+        # a transport of the caller's (instrumentation, a test double) sees every byte instead.
+        self._reads_socket = transport is None
         if transport is None:  # a sidecar or a service: no proxy from the environment
             transport = _Transport(uds=self.uds)
         self._http = httpx.Client(
@@ -767,7 +770,8 @@ class Client(_Base):
                 chunks = response.iter_raw()
                 stream = response.extensions.get("network_stream")
                 raw = None if stream is None else stream.get_extra_info("socket")
-                if isinstance(raw, socket.socket) and receiver.file is None:
+                direct = self._reads_socket and receiver.file is None
+                if direct and isinstance(raw, socket.socket):
                     # What h11 holds already (one chunk at most), then the rest straight from
                     # the socket into its place; the connection is not reused (h11 never saw
                     # the end of the body), so httpx closes it.

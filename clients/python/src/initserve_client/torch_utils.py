@@ -487,10 +487,9 @@ def init_module(
         homes: dict[str, Any] = {}  # where fetch_into writes with no copy, if anywhere
         if tensors.on_meta():
             tensors = _materialise(module, tensors, device)
-            # Fresh parameters may live where the client writes with no copy (shared memory).
-            allocate = getattr(active, "allocate", None)
-            if allocate is not None and spec["tensors"]:
-                homes = allocate(spec, regions=regions)
+            # Fresh parameters may live where the server writes with no copy (shared memory).
+            if isinstance(active, Client) and spec["tensors"] and active._uses_shared_memory():
+                homes = active.allocate(spec, regions=regions)
         arrays: dict[str, Any] = {}
         later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
         for entry in spec["tensors"]:

@@ -301,18 +301,12 @@ def test_hostile_registrations_are_refused_naming_every_problem(
 def test_a_sealed_region_cannot_shrink_under_the_server(sidecar: tuple[str, Path]) -> None:
     region = SharedRegion(DATA_BYTES)
     with pytest.raises(PermissionError):
-        os.ftruncate(_live_fd(region), 4096)
+        os.ftruncate(_live_fd_of(region.data), 4096)
     _, path = sidecar
     with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         arrays = shm.allocate(SPEC)
         with pytest.raises(PermissionError):
             os.ftruncate(_live_fd_of(arrays["w"]), 0)
-
-
-def _live_fd(region: SharedRegion) -> int:
-    from initserve_client._shared_memory import _LIVE
-
-    return _LIVE[region.address].fd
 
 
 def _live_fd_of(array: np.ndarray) -> int:

@@ -35,12 +35,6 @@ MESSAGE_BYTES = 4096
 REGISTER_SECONDS = 10.0
 
 
-def _problem(status: int, title: str, message: str, field: str, kind: str) -> RegionProblem:
-    return RegionProblem(
-        status, title, kind, [{"loc": ["region", field], "msg": message, "type": kind}]
-    )
-
-
 class RegistrationServer:
     """Accepts registrations for ``registry`` on ``path`` until ``stop()``."""
 
@@ -130,31 +124,31 @@ class RegistrationServer:
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
-                raise _problem(
+                raise RegionProblem.one(
                     422,
                     "Unprocessable Content",
-                    'the message must be a JSON object, {"token": ...}',
                     "message",
+                    'the message must be a JSON object, {"token": ...}',
                     "shm_message",
                 )
             if self.expected is not None:
                 token = payload.get("token")
                 presented = token.encode() if isinstance(token, str) else b""
                 if not token_matches(presented, self.expected):
-                    raise _problem(
+                    raise RegionProblem.one(
                         401,
                         "Unauthorized",
-                        "the message's token must be the server's bearer token",
                         "token",
+                        "the message's token must be the server's bearer token",
                         "unauthorized",
                     )
             if flags & socket.MSG_CTRUNC or len(fds) != 1:
-                raise _problem(
+                raise RegionProblem.one(
                     422,
                     "Unprocessable Content",
+                    "fd",
                     f"exactly one descriptor must come with the message, not {len(fds)}"
                     + (" (more were cut off)" if flags & socket.MSG_CTRUNC else ""),
-                    "fd",
                     "shm_fds",
                 )
             region = self.registry.register(fds[0])

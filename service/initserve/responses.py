@@ -27,16 +27,21 @@ from initserve.state import ServiceState
 OCTET_STREAM = "application/octet-stream"
 
 
-def respond(request: Request, prepared: Prepared, state: ServiceState) -> Response:
-    """The response to a GET, HEAD or POST for ``prepared``'s file."""
-    etag, total = prepared.etag, prepared.file_map.total_bytes
-    headers = {
-        "ETag": etag,
+def file_headers(prepared: Prepared, state: ServiceState) -> dict[str, str]:
+    """What every answer about ``prepared``'s file says of it: its ETag (immutable: the same
+    request always gives the same bytes), the algorithm version and the backend."""
+    return {
+        "ETag": prepared.etag,
         "Cache-Control": IMMUTABLE,
-        "Accept-Ranges": "bytes",
         "X-Initserve-Algorithm": ALGORITHM_VERSION,
         "X-Initserve-Backend": state.backend,
     }
+
+
+def respond(request: Request, prepared: Prepared, state: ServiceState) -> Response:
+    """The response to a GET, HEAD or POST for ``prepared``'s file."""
+    etag, total = prepared.etag, prepared.file_map.total_bytes
+    headers = {**file_headers(prepared, state), "Accept-Ranges": "bytes"}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     try:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -43,12 +43,12 @@ import numpy.typing as npt
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
-from initserve.delivery import IMMUTABLE, Prepared, Rejected, prepare
+from initserve.delivery import Prepared, Rejected, prepare
 from initserve.draws import Constant
 from initserve.engine import TensorSource
-from initserve.plan import ALGORITHM_VERSION
 from initserve.problems import problem_responses
 from initserve.request import InitRequest
+from initserve.responses import OCTET_STREAM, file_headers
 from initserve.safetensors_writer import BodyWriter
 from initserve.settings import Settings
 from initserve.state import service_state
@@ -95,8 +95,11 @@ class RegionProblem(Exception):
 
     status: int
     title: str
-    reason: str
     errors: list[dict[str, Any]]
+
+    @classmethod
+    def one(cls, status: int, title: str, field: str, message: str, kind: str) -> RegionProblem:
+        return cls(status, title, [_error(field, message, kind)])
 
     @property
     def detail(self) -> str:
@@ -122,37 +125,32 @@ def examine(fd: int, max_bytes: int) -> int:
         fs_type = filesystem_type(fd)
         access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
-        raise RegionProblem(
+        raise RegionProblem.one(
             422,
             "Unprocessable Content",
+            "fd",
+            f"cannot examine the descriptor: {exc.strerror}",
             "shm_invalid",
-            [_error("fd", f"cannot examine the descriptor: {exc.strerror}", "shm_invalid")],
         ) from None
     if info.st_uid != owner_uid():
-        raise RegionProblem(
+        raise RegionProblem.one(
             403,
             "Forbidden",
+            "owner",
+            f"the region belongs to user {info.st_uid}; this server writes only regions of its"
+            f" own user ({owner_uid()})",
             "shm_foreign",
-            [
-                _error(
-                    "owner",
-                    f"the region belongs to user {info.st_uid}; this server writes only regions"
-                    f" of its own user ({owner_uid()})",
-                    "shm_foreign",
-                )
-            ],
+        )
+    if not stat.S_ISREG(info.st_mode) or fs_type != TMPFS_MAGIC:
+        raise RegionProblem.one(
+            422,
+            "Unprocessable Content",
+            "fd",
+            "not a memfd (memfd_create): only shared memory whose pages cannot run out is"
+            " written (a disk file, a socket or a hugetlbfs file is refused)",
+            "shm_not_memfd",
         )
     errors = []
-    if not stat.S_ISREG(info.st_mode) or fs_type != TMPFS_MAGIC:
-        errors.append(
-            _error(
-                "fd",
-                "not a memfd (memfd_create): only shared memory whose pages cannot run out is"
-                " written (a disk file, a socket or a hugetlbfs file is refused)",
-                "shm_not_memfd",
-            )
-        )
-        raise RegionProblem(422, "Unprocessable Content", "shm_not_memfd", errors)
     if access != os.O_RDWR:
         errors.append(
             _error("fd", "the descriptor is not open for reading and writing", "shm_mode")
@@ -193,7 +191,7 @@ def examine(fd: int, max_bytes: int) -> int:
             )
         )
     if errors:
-        raise RegionProblem(422, "Unprocessable Content", errors[0]["type"], errors)
+        raise RegionProblem(422, "Unprocessable Content", errors)
     return info.st_size
 
 
@@ -206,7 +204,6 @@ class Region:
     mapping: mmap.mmap
     users: int = 0
     unregistered: bool = False
-    registered_at: float = field(default_factory=time.monotonic)
 
     def data(self) -> npt.NDArray[np.uint8]:
         return np.frombuffer(self.mapping, dtype=np.uint8)
@@ -225,27 +222,18 @@ class RegionRegistry:
         self.lock = threading.Lock()
         self.regions: dict[str, Region] = {}
 
-    def full(self) -> bool:
-        with self.lock:
-            return len(self.regions) >= self.limit
-
     def register(self, fd: int) -> Region:
         """Maps the client's memfd (every check passed) and returns its region."""
         size = examine(fd, self.max_bytes)
         with self.lock:
             if len(self.regions) >= self.limit:
-                raise RegionProblem(
+                raise RegionProblem.one(
                     429,
                     "Too Many Requests",
+                    "count",
+                    f"{self.limit} regions are registered (INITSERVE_MAX_SHARED_MEMORY_REGIONS);"
+                    " close one, or retry",
                     "shm_regions",
-                    [
-                        _error(
-                            "count",
-                            f"{self.limit} regions are registered"
-                            " (INITSERVE_MAX_SHARED_MEMORY_REGIONS); close one, or retry",
-                            "shm_regions",
-                        )
-                    ],
                 )
             # MAP_POPULATE: the page tables are filled once, here, not one fault per page at each
             # write. The mapping keeps the memory alive after the descriptor is closed.
@@ -437,14 +425,8 @@ def shared_memory_router(settings: Settings, registry: RegionRegistry | None) ->
                 state.metrics.generation_seconds.observe(time.perf_counter() - started)
         return Response(
             prepared.file_map.header,
-            media_type="application/octet-stream",
-            headers={
-                "ETag": prepared.etag,
-                "Cache-Control": IMMUTABLE,
-                "X-Initserve-Algorithm": ALGORITHM_VERSION,
-                "X-Initserve-Backend": state.backend,
-                "X-Initserve-Shm-Bytes": str(need),
-            },
+            media_type=OCTET_STREAM,
+            headers={**file_headers(prepared, state), "X-Initserve-Shm-Bytes": str(need)},
         )
 
     return router

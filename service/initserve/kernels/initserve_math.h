@@ -92,15 +92,28 @@ IS_FN double is_unit_open(is_u32 w) {
     return ((double)(int)(w ^ 0x80000000u) + 2147483648.5) * 2.3283064365386962890625e-10;
 }
 
+/* The constants of is_log (fdlibm's e_log.c: ln2 split in two, the Lg minimax coefficients) and of
+ * is_sincos_2pi (pi/2, fdlibm's __kernel_sin S and __kernel_cos C coefficients), written once:
+ * the scalar functions below and the vector kernels (simd_kernels.h) declare them by these. */
+#define IS_LOG_CONSTANTS \
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10; \
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01; \
+    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01; \
+    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01; \
+    const double Lg7 = 1.479819860511658591e-01;
+#define IS_SINCOS_CONSTANTS \
+    const double half_pi = 1.57079632679489655800e+00; \
+    const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03; \
+    const double S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06; \
+    const double S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10; \
+    const double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03; \
+    const double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07; \
+    const double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
+
 /* Natural log for positive normal finite x: fdlibm's e_log.c reduction and minimax polynomial
  * (x = 2^k * (1 + f), sqrt(2)/2 <= 1 + f < sqrt(2), log(1+f) = f - hfsq + s*(hfsq + R(s^2))). */
 IS_FN double is_log(double x) {
-    const double ln2_hi = 6.93147180369123816490e-01; /* 0x3FE62E42FEE00000 */
-    const double ln2_lo = 1.90821492927058770002e-10; /* 0x3DEA39EF35793C76 */
-    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
-    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
-    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
-    const double Lg7 = 1.479819860511658591e-01;
+    IS_LOG_CONSTANTS
     is_u64 bits = is_bits_of(x);
     int k = (int)(bits >> 52) - 1023;
     double m = is_double_of((bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull); /* [1, 2) */
@@ -144,13 +157,7 @@ IS_FN double is_exp(double x) {
  * (t = 4u, q = round(t), r = t - q in [-1/2, 1/2]); x = r * pi/2 in [-pi/4, pi/4] then goes through
  * fdlibm's __kernel_sin / __kernel_cos polynomials, and the quadrant q mod 4 rotates the pair. */
 IS_FN void is_sincos_2pi(double u, double *sin_out, double *cos_out) {
-    const double half_pi = 1.57079632679489655800e+00;
-    const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
-    const double S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06;
-    const double S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10;
-    const double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03;
-    const double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
-    const double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
+    IS_SINCOS_CONSTANTS
     double t = 4.0 * u;
     int q = (int)(t + 0.5);
     double x = (t - (double)q) * half_pi;

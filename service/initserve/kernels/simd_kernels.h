@@ -74,11 +74,7 @@ V_FN vd V_(is_simd_unit_open)(vi unit_bits) {
 
 /* is_log. */
 V_FN vd V_(is_simd_log)(vd x) {
-    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
-    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
-    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
-    const double Lg7 = 1.479819860511658591e-01;
+    IS_LOG_CONSTANTS
     vi bits = vd_bits(x);
     vd m = vd_of_bits(vi_or(vi_and(bits, vi_set1(0x000FFFFFFFFFFFFFull)),
                             vi_set1(0x3FF0000000000000ull)));
@@ -107,13 +103,7 @@ V_FN vd V_(is_simd_log)(vd x) {
  * because t + 0.5 is exact (t = (w + 1/2) 2^-30 has 33 significant bits and is below 4) and t is
  * never a half-integer (that would need w + 1/2 to be a multiple of 2^29), so no tie is rounded. */
 V_FN void V_(is_simd_sincos_2pi)(vd u, vd *sin_out, vd *cos_out) {
-    const double half_pi = 1.57079632679489655800e+00;
-    const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
-    const double S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06;
-    const double S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10;
-    const double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03;
-    const double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
-    const double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
+    IS_SINCOS_CONSTANTS
     vd t = 4.0 * u;
     vd q_big = t + 6755399441055744.0; /* 1.5 * 2^52 + q; its low bits are q (0 <= q <= 4) */
     vi q = vd_bits(q_big);

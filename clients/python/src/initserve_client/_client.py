@@ -201,14 +201,13 @@ class _Receiver:
         if self.file is not None:
             self.file.seek(self.position)
             self.file.write(view)
-        elif self.targets is not None:
-            self._scatter(offset, view)
         else:
-            assert self.buffer is not None
-            self.buffer[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
-        self.position += len(view)
-        if self.progress is not None and self.total is not None:
-            self.progress(self.position, self.total)
+            done = 0
+            while done < len(view):
+                slot = self._slot(offset + done, len(view) - done)
+                slot[:] = np.frombuffer(view[done : done + len(slot)], dtype=np.uint8)
+                done += len(slot)
+        self._advance(len(view))
 
     def receive_from(self, connection: socket.socket, timeout: float | None) -> None:
         """The rest of the body read from ``connection`` with ``recv_into`` straight into its
@@ -222,41 +221,32 @@ class _Receiver:
                     return
                 self.feed(chunk)
             while self.position < self.header.total_bytes:
-                got = connection.recv_into(self._destination())
+                slot = self._slot(self.position - self.header.size, READ_BYTES)
+                got = connection.recv_into(slot.data)
                 if got == 0:
                     return
-                self.position += got
-                if self.progress is not None and self.total is not None:
-                    self.progress(self.position, self.total)
+                self._advance(got)
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"reading the body: {exc}") from exc
         except OSError as exc:
             raise httpx.ReadError(f"reading the body: {exc}") from exc
 
-    def _destination(self) -> memoryview:
-        """Where the next body bytes go: at most READ_BYTES, within one target."""
-        assert self.header is not None
-        offset = self.position - self.header.size
-        left = self.header.data_bytes - offset
+    def _slot(self, offset: int, count: int) -> npt.NDArray[np.uint8]:
+        """Where data bytes [offset, offset + count) go: the fresh buffer, or the caller's target
+        the offset falls in, cut at that target's end."""
         if self.targets is None:
             assert self.buffer is not None
-            return self.buffer[offset : offset + min(READ_BYTES, left)].data
+            return self.buffer[offset : offset + count]
+        assert self.header is not None
         index = bisect.bisect_right(self._begins, offset) - 1
         entry, target = self.header.entries[index], self.targets[index]
         within = offset - entry.begin
-        return target[within : within + min(READ_BYTES, entry.end - offset)].data
+        return target[within : within + min(count, entry.end - offset)]
 
-    def _scatter(self, offset: int, view: memoryview) -> None:
-        """Data bytes at ``offset`` into the targets they belong to."""
-        assert self.header is not None and self.targets is not None
-        entries = self.header.entries
-        index = bisect.bisect_right(self._begins, offset) - 1
-        while len(view):
-            entry, target = entries[index], self.targets[index]
-            within = offset - entry.begin
-            count = min(len(view), entry.end - offset)
-            target[within : within + count] = np.frombuffer(view[:count], dtype=np.uint8)
-            offset, view, index = offset + count, view[count:], index + 1
+    def _advance(self, count: int) -> None:
+        self.position += count
+        if self.progress is not None and self.total is not None:
+            self.progress(self.position, self.total)
 
     def _start(self, header: Header) -> None:
         check_against_spec(header, self.expected)
@@ -411,23 +401,24 @@ def _spec_dict(spec: SpecLike) -> dict[str, Any]:
     return spec
 
 
-def _data_bytes(expected: list[tuple[str, str, tuple[int, ...]]]) -> int:
-    """The size of the data section of the file these entries make (safetensors packs them)."""
-    return sum(math.prod(shape) * numpy_dtype(code).itemsize for _, code, shape in expected)
+def _data_layout(expected: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[int, int]]:
+    """Each entry's [begin, end) in the data section of the file these entries make (safetensors
+    packs them in order); the last end is the section's size."""
+    layout, position = [], 0
+    for _, code, shape in expected:
+        end = position + math.prod(shape) * numpy_dtype(code).itemsize
+        layout.append((position, end))
+        position = end
+    return layout
+
+
+def _data_bytes(layout: list[tuple[int, int]]) -> int:
+    return layout[-1][1] if layout else 0
 
 
 def _problem_types(response: httpx.Response) -> list[str]:
     problem = _problem(response) or {}
     return [str(e.get("type")) for e in problem.get("errors") or [] if isinstance(e, dict)]
-
-
-def _file_offsets(expected: list[tuple[str, str, tuple[int, ...]]]) -> list[int]:
-    """Where each entry's bytes begin in the data section (safetensors packs them in order)."""
-    offsets, position = [], 0
-    for _, code, shape in expected:
-        offsets.append(position)
-        position += math.prod(shape) * numpy_dtype(code).itemsize
-    return offsets
 
 
 def _copy_into(
@@ -682,11 +673,12 @@ class Client(_Base):
         that already lie in a region of this process where the file puts them: into them, in
         place (the data returned is None). Other targets: into this client's staging region,
         kept while the client lives, whose bytes the caller copies out."""
-        need = _data_bytes(expected)
+        layout = _data_layout(expected)
+        need = _data_bytes(layout)
         if need == 0:
             return None
         assert self._registration
-        offsets = _file_offsets(expected)
+        offsets = [begin for begin, _ in layout]
         placed = None if targets is None else placed_region(targets, offsets, need)
         staged = None
         if placed is not None:
@@ -816,16 +808,14 @@ class Client(_Base):
         ``fetch_into`` fills them with no copy: in one shared-memory region when the client uses
         shared memory (the server generates straight into them), else ordinary memory."""
         expected = expected_entries(_spec_dict(spec), None, None, regions)
-        need = _data_bytes(expected)
-        if need == 0 or not self._uses_shared_memory():
+        layout = _data_layout(expected)
+        if _data_bytes(layout) == 0 or not self._uses_shared_memory():
             return {key: np.empty(shape, dtype=numpy_dtype(code)) for key, code, shape in expected}
-        region = SharedRegion(need)
-        arrays = {}
-        for (key, code, shape), at in zip(expected, _file_offsets(expected), strict=True):
-            dtype = numpy_dtype(code)
-            size = math.prod(shape) * dtype.itemsize
-            arrays[key] = region.data[at : at + size].view(dtype).reshape(shape)
-        return arrays
+        data = SharedRegion(_data_bytes(layout)).data
+        return {
+            key: data[begin:end].view(numpy_dtype(code)).reshape(shape)
+            for (key, code, shape), (begin, end) in zip(expected, layout, strict=True)
+        }
 
     def fetch_into(
         self,

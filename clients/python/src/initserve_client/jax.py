@@ -8,18 +8,15 @@ callback is a view into them. A host whose devices hold blocks of one tensor tha
 rectangle (possible on some multi-host meshes) needs one request per block of that tensor; every
 other layout is one request per host.
 
-``spec_from_nnx(model, seed)`` and ``init_nnx(model, seed)`` do for Flax NNX what
+``spec_from_nnx(factory, seed)`` and ``init_nnx(factory, seed)`` do for Flax NNX what
 ``torch_utils`` does for PyTorch: keys are the state's paths (``layers.0.linear.kernel``), shapes
-and dtypes come from the (abstract, ``nnx.eval_shape``) model, and without a rule a parameter
-gets Flax's own default for its module type:
-
-* Linear, Conv, ConvTranspose, Einsum: kernel ``lecun_normal`` (``layout: "jax"``: fans from
-  ``[*kernel, in, out]``, as ``jax.nn.initializers``), bias zeros;
-* LinearGeneral (and so MultiHeadAttention's projections): the same ``lecun_normal``, with
-  LinearGeneral's fans: it initialises the kernel flattened to ``[batch * in, out]``;
-* Embed: ``variance_scaling(1.0, "fan_in", "normal", out_axis=0)``, which for its
-  ``[num_embeddings, features]`` table is N(0, 1 / features);
-* LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm: scale ones, bias zeros.
+and dtypes come from the model traced under ``nnx.eval_shape`` (nothing is allocated), and
+without a rule a parameter gets the initializer its constructor called for it, read from the
+trace (``jax_initializers``): a ``kernel_init=``, ``bias_init=``, ``embedding_init=`` or
+``scale_init=`` given to a module, or Flax's default where none was. One the catalogue cannot
+draw is refused by name. A model already built (concrete or abstract) does not record its
+initializers: there each parameter gets its Flax module's default (a subclass its base's), and a
+concrete model's constants are checked against it.
 
 JAX requires a sharded axis to divide evenly by the mesh axes it is split over; a sharding that
 asks otherwise is refused, naming the tensor and the mesh axis, before any request is made.
@@ -39,6 +36,13 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSha
 
 from initserve_client._client import Client, SpecLike, _spec_dict
 from initserve_client._safetensors import DTYPE_NAMES, Region, expected_entries, numpy_dtype
+from initserve_client.jax_initializers import (
+    Initializer,
+    Unknown,
+    UnservableInitializer,
+    capture,
+    flax_default,
+)
 
 Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 Shardings = Sharding | Mapping[str, Sharding]
@@ -202,45 +206,11 @@ def fetch_arrays(
 # --- Flax NNX ------------------------------------------------------------------------------------
 
 _ZEROS: dict[str, Any] = {"scheme": "zeros"}
-_ONES: dict[str, Any] = {"scheme": "ones"}
-# flax.nnx.nn.linear: default_kernel_init = lecun_normal(), default_bias_init = zeros_init().
-_KERNEL_MODULES = ("Linear", "Conv", "ConvTranspose", "Einsum")
-# flax.nnx.nn.normalization: scale_init = ones, bias_init = zeros.
-_NORMS = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
 _REPLICATED = PartitionSpec()  # type: ignore[no-untyped-call]  # jax leaves P() untyped
-# lecun_normal is variance_scaling(1, fan_in, truncated_normal): the std of a standard normal
-# truncated to (-2, 2), as jax.nn.initializers divides by it.
-_TRUNCATED_STD_2 = 0.87962566103423978
-# A bare State has no module types: the module each parameter name implies, where Flax's
-# defaults for that name agree across modules.
+# A bare State has no module types: the Flax module whose defaults each parameter name implies,
+# where Flax's defaults for that name agree across modules.
 _BARE_OWNER = {"kernel": "Linear", "bias": "Linear", "scale": "LayerNorm", "embedding": "Embed"}
-
-
-def _flax_default(
-    kind: str | None, name: str, shape: tuple[int, ...], module: Any = None
-) -> dict[str, Any] | None:
-    """Flax's own initialiser of parameter ``name`` of a module of type ``kind``, as a spec
-    entry (None: no default known)."""
-    if name == "bias" and kind in (*_KERNEL_MODULES, "LinearGeneral", *_NORMS):
-        return _ZEROS
-    if name == "kernel" and kind in _KERNEL_MODULES:
-        # The kernels are [*kernel, in, out]: the service's jax layout computes the same fans.
-        return {"scheme": "lecun_normal"}
-    if name == "kernel" and kind == "LinearGeneral":
-        # LinearGeneral calls kernel_init on the kernel flattened to [batch * in, out].
-        out_size = math.prod(shape[len(shape) - len(module.out_features) :])
-        fan_in = math.prod(shape) // out_size if out_size else 0
-        if fan_in == 0:
-            return _ZEROS  # an empty kernel: nothing to draw
-        std = math.sqrt(1.0 / fan_in) / _TRUNCATED_STD_2
-        return {"scheme": "trunc_normal", "std": std, "a": -2 * std, "b": 2 * std}
-    if name == "embedding" and kind == "Embed":
-        # variance_scaling(1.0, "fan_in", "normal", out_axis=0) on [num_embeddings, features]:
-        # in_axis=-2 and out_axis=0 are both num_embeddings, so fan_in = features.
-        return {"scheme": "normal", "std": math.sqrt(1.0 / shape[-1]) if shape[-1] else 1.0}
-    if name == "scale" and kind in _NORMS:
-        return _ONES
-    return None
+Found = dict[tuple[Any, ...], Initializer | Unknown]
 
 
 def _rule_for(path: str, name: str, module: Any, rules: Rules | None) -> dict[str, Any] | None:
@@ -292,38 +262,142 @@ def _dtype_name(key: str, dtype: Any) -> str:
     return str(name)
 
 
+def _is_factory(model: Any) -> bool:
+    from flax import nnx
+
+    return callable(model) and not isinstance(model, nnx.Module | nnx.State)
+
+
+def _built(
+    model_or_factory: Any, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Any, Found | None]:
+    """The (abstract) model, and for a factory the initializer of each parameter (None: a model
+    already built, which does not record them)."""
+    if not _is_factory(model_or_factory):
+        return model_or_factory, None
+    if mesh is None:
+        return capture(model_or_factory)
+    with jax.set_mesh(mesh):
+        return capture(model_or_factory)
+
+
+_NOT_RECORDED = (
+    "a model already built does not record the initializers its constructor was given: build"
+    " it through the factory form (init_nnx(lambda: Model(..., rngs=nnx.Rngs(0)), ...))"
+)
+
+
+def _checked_against_values(entry: dict[str, Any], init: Initializer, variable: Any) -> None:
+    """For a concrete model, the values its constructor computed against the default about to be
+    served: a constant is compared element for element, and a random default is refused for a
+    tensor that holds one repeated value. (A random initializer other than the default cannot
+    be told from the values; the factory form sees it.)"""
+    import jax.numpy as jnp
+
+    value = _value(variable)
+    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer) or value.size < 1:
+        return
+    constants = {"zeros": 0.0, "ones": 1.0, "constant": entry.get("val")}
+    if entry["scheme"] in constants:
+        expected = constants[entry["scheme"]]
+        if not bool(jnp.all(value == jnp.asarray(expected, value.dtype))):
+            raise ValueError(
+                f"holds values other than {expected}, which Flax's default {init} gives:"
+                f" {_NOT_RECORDED}"
+            )
+    elif value.size >= 2 and bool(jnp.min(value) == jnp.max(value)):
+        raise ValueError(
+            f"holds the one value {float(jnp.min(value))}, not a draw of Flax's default"
+            f" {init}: {_NOT_RECORDED}"
+        )
+
+
+def _served(
+    key: str, parts: tuple[Any, ...], variable: Any, module: Any, found: Found | None
+) -> dict[str, Any]:
+    """The spec entry's init for a parameter with no rule: the initializer its constructor called
+    (a factory), else its module's Flax default (a model already built)."""
+    from flax import nnx
+
+    name, shape = str(parts[-1]), tuple(int(n) for n in variable.shape)
+    owner = type(module).__name__ if module is not None else "a bare nnx.State"
+    where = f"parameter {key!r} (shape {list(shape)}, in {owner})"
+    rule = f"rules={{{key!r}: {{'scheme': ...}}}}"
+    if found is not None:
+        init = found[parts]
+        if isinstance(init, Unknown):
+            raise ValueError(f"{where}: {init.reason}; pass {rule}")
+        try:
+            return init.entry(shape)
+        except UnservableInitializer as exc:
+            raise ValueError(f"{where}: {exc}; pass {rule}") from None
+    default: Initializer | None = None
+    if module is not None:
+        default = flax_default(module, name, shape)
+    elif name in _BARE_OWNER and (len(shape) == 2 or name in ("bias", "scale")):
+        # From a bare State: only the defaults every Flax module that names a parameter so
+        # agrees on (a kernel of more than 2 dimensions may be Conv's or LinearGeneral's).
+        default = flax_default(getattr(nnx, _BARE_OWNER[name]), name, shape)
+    if default is None:
+        raise ValueError(
+            f"no rule for {where}: pass rules={{'path glob' or ModuleType: {{'scheme': ...}}}}"
+        )
+    try:
+        entry = default.entry(shape)
+        _checked_against_values(entry, default, variable)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}; or pass {rule}") from None
+    return entry
+
+
+def _spec(
+    model: Any, found: Found | None, seed: int, rules: Rules | None, dtype: str | None
+) -> dict[str, Any]:
+    tensors, problems = [], []
+    for parts, variable, module in _parameters(model):
+        key, shape = _path(parts), [int(n) for n in variable.shape]
+        try:
+            init = _rule_for(key, str(parts[-1]), module, rules)
+            if init is None:
+                init = _served(key, parts, variable, module, found)
+            entry = {"name": key, "shape": shape, **init}
+            entry["dtype"] = dtype or _dtype_name(key, variable.dtype)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        tensors.append(entry)
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise ValueError(f"{len(problems)} parameters cannot be initialised:\n{listed}")
+    return {"seed": seed, "layout": "jax", "dtype": dtype or "float32", "tensors": tensors}
+
+
 def spec_from_nnx(
-    model_or_abstract_state: Any,
+    model_or_factory: Any,
     seed: int,
     *,
     rules: Rules | None = None,
     dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """The spec (``layout: "jax"``) whose keys are the paths of the model's ``nnx.Param``s,
-    with their shapes and (unless ``dtype`` forces one) dtypes. Pass the model, concrete or
-    abstract (``nnx.eval_shape(lambda: Model(rngs=nnx.Rngs(0)))``: nothing is allocated), or its
-    ``nnx.State``; a state has no module types, so each of its parameters needs a rule or a name
-    whose Flax default does not depend on the module (``bias``, ``scale``, a 2-D ``kernel``)."""
-    tensors = []
-    for parts, variable, module in _parameters(model_or_abstract_state):
-        key, name, shape = _path(parts), str(parts[-1]), tuple(int(n) for n in variable.shape)
-        init = _rule_for(key, name, module, rules)
-        if init is None and module is not None:
-            init = _flax_default(type(module).__name__, name, shape, module)
-        if init is None and module is None and (len(shape) == 2 or name in ("bias", "scale")):
-            # From a bare State: only the defaults every Flax module that names a parameter so
-            # agrees on (a kernel of more than 2 dimensions may be Conv's or LinearGeneral's).
-            init = _flax_default(_BARE_OWNER.get(name), name, shape)
-        if init is None:
-            owner = type(module).__name__ if module is not None else "a bare nnx.State"
-            raise ValueError(
-                f"no rule for parameter {key!r} (shape {list(shape)}, in {owner}): pass"
-                " rules={'path glob' or ModuleType: {'scheme': ...}}"
-            )
-        entry = {"name": key, "shape": list(shape), **init}
-        entry["dtype"] = dtype or _dtype_name(key, variable.dtype)
-        tensors.append(entry)
-    return {"seed": seed, "layout": "jax", "dtype": dtype or "float32", "tensors": tensors}
+    with their shapes and (unless ``dtype`` forces one) dtypes, and each parameter's init: its
+    rule, else the initializer that built it.
+
+    Pass the factory, a zero-argument callable that builds the model
+    (``lambda: Model(..., rngs=nnx.Rngs(0))``): it is traced under ``nnx.eval_shape`` (nothing
+    is allocated; under ``mesh`` when one is given, as ``with_partitioning`` annotations need)
+    and every initializer it calls is seen, whoever named it; one the catalogue
+    cannot draw, or a value no initializer of ``jax.nn.initializers`` returned, is refused by
+    name. A model already built (concrete or abstract) does not record its initializers: each
+    parameter gets its Flax module's default, and a concrete model's constants are checked
+    against it. A bare ``nnx.State`` has no module types either, so each of its parameters needs
+    a rule or a name whose Flax default does not depend on the module (``bias``, ``scale``, a
+    2-D ``kernel``)."""
+    model, found = _built(model_or_factory, mesh)
+    return _spec(model, found, seed, rules, dtype)
 
 
 def _value(variable: Any) -> Any:
@@ -379,7 +453,7 @@ def _abstract_leaves(model: Any) -> list[str]:
 
 
 def init_nnx(
-    model: Any,
+    model_or_factory: Any,
     seed: int,
     *,
     rules: Rules | None = None,
@@ -388,19 +462,27 @@ def init_nnx(
     client: Client | None = None,
     **options: Any,
 ) -> Any:
-    """Initialise ``model``'s ``nnx.Param``s from the service (``spec_from_nnx``'s spec) and
-    return the model. A sharded model is fetched shard by shard (``fetch_arrays``) and the arrays
-    put in place with ``nnx.update``. An abstract model (``nnx.eval_shape``) becomes a concrete
-    one, provided it has no other variables (batch statistics, RNG state) waiting for values:
-    those are refused, before any request, rather than left abstract."""
+    """Initialise the model's ``nnx.Param``s from the service (``spec_from_nnx``'s spec) and
+    return the model. Pass the factory (``lambda: Model(..., rngs=nnx.Rngs(0))``, traced under
+    ``mesh`` when one is given) to have every initializer its constructor calls served, or a
+    model already built (see ``spec_from_nnx`` for what that form cannot see). A sharded model
+    is fetched shard by shard (``fetch_arrays``) and the arrays put in place with
+    ``nnx.update``. The factory's other variables (batch statistics, RNG state) get the values
+    its constructor computes, from one jitted run of it whose parameter draws XLA drops; an
+    abstract model passed in with such variables waiting for values is refused, before any
+    request, rather than left abstract."""
     from flax import nnx
 
-    spec = spec_from_nnx(model, seed, rules=rules)
+    model, found = _built(model_or_factory, mesh)
+    spec = _spec(model, found, seed, rules, None)
     waiting = _abstract_leaves(model)
-    if waiting:
+    if waiting and found is not None:
+        nnx.update(model, jax.jit(lambda: nnx.state(model_or_factory(), nnx.Not(nnx.Param)))())
+    elif waiting:
         raise ValueError(
             f"the abstract model's non-parameter variables {waiting} would stay without values:"
-            " build the model concretely (its parameters are still initialised from the service)"
+            " pass the factory (init_nnx(lambda: Model(...), ...)), or build the model"
+            " concretely (its parameters are still initialised from the service)"
         )
     arrays = fetch_arrays(spec, _param_shardings(model, mesh), url=url, client=client, **options)
     nested: dict[Any, Any] = {}

@@ -186,13 +186,28 @@ def scenario_refusals(url: str) -> dict[str, Any]:
             self.shared = Shared(rngs)
             self.fine = nnx.Linear(12, 20, kernel_init=init.normal(0.02), rngs=rngs)
 
+    class Stacked(nnx.Module):
+        """Scan-over-layers style: the layers' parameters drawn inside nnx.vmap."""
+
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            @nnx.split_rngs(splits=4)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs: nnx.Rngs) -> Any:
+                return nnx.Linear(16, 32, kernel_init=init.normal(0.02), rngs=rngs)
+
+            self.layers = create(rngs)
+
     errors: dict[str, Any] = {}
     client, counts = _counting_client(url)
     with client:
-        try:
-            init_nnx(lambda: Unservable(rngs=nnx.Rngs(0)), SEED, client=client)
-        except ValueError as exc:
-            errors["all"] = str(exc)
+        for name, factory in {
+            "all": lambda: Unservable(rngs=nnx.Rngs(0)),
+            "vmap": lambda: Stacked(nnx.Rngs(0)),
+        }.items():
+            try:
+                init_nnx(factory, SEED, client=client)
+            except ValueError as exc:
+                errors[name] = str(exc)
     rules: dict[str, dict[str, Any]] = {
         "delta.kernel": {"scheme": "orthogonal"},
         "rows.kernel": {"scheme": "orthogonal"},
@@ -426,6 +441,10 @@ def test_unservable_initializers_are_refused_by_name_before_any_request(server: 
     assert "'vector.scale'" in message and "constant(value=" in message
     assert "'shared.first'" in message and "'shared.second'" in message
     assert "'fine.kernel'" not in message
+    # Drawn inside a transform: refused, saying so, never given a default.
+    vmap = report["errors"]["vmap"]
+    assert "'layers.kernel' (shape [4, 16, 32]" in vmap and "inside a transform" in vmap
+    assert "normal(stddev=0.02)" in vmap
     by_rule = report["by_rule"]
     assert by_rule["delta.kernel"]["scheme"] == "orthogonal"
     assert by_rule["own.kernel"]["std"] == 0.2

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSha
 from initserve_client._client import Client, SpecLike, _spec_dict
 from initserve_client._safetensors import DTYPE_NAMES, Region, expected_entries, numpy_dtype
 from initserve_client.jax_initializers import (
+    Found,
     Initializer,
     Unknown,
     UnservableInitializer,
@@ -210,7 +211,6 @@ _REPLICATED = PartitionSpec()  # type: ignore[no-untyped-call]  # jax leaves P()
 # A bare State has no module types: the Flax module whose defaults each parameter name implies,
 # where Flax's defaults for that name agree across modules.
 _BARE_OWNER = {"kernel": "Linear", "bias": "Linear", "scale": "LayerNorm", "embedding": "Embed"}
-Found = dict[tuple[Any, ...], Initializer | Unknown]
 
 
 def _rule_for(path: str, name: str, module: Any, rules: Rules | None) -> dict[str, Any] | None:

@@ -261,6 +261,9 @@ class Unknown:
     reason: str
 
 
+Found = dict[tuple[Any, ...], "Initializer | Unknown"]
+
+
 class _Recorder:
     """A profile hook (sys.setprofile: this thread only, nothing of the user's patched) that
     records each initializer call's result, each reshape of one, and each Variable built from
@@ -302,40 +305,60 @@ class _Recorder:
             if init is not None and arg is not None:
                 self.results[id(arg)] = (arg, init)
 
-    def initializer_of(self, variable: Any) -> Initializer | Unknown:
-        _, init = self.variables.get(id(variable), (None, None))
-        if init is None:
-            return Unknown(
-                "its value is not what an initializer of jax.nn.initializers returned (the"
-                " constructor computed it, or an initializer of its own did)"
-            )
-        if self.uses[id(init)] > 1:
-            return Unknown(
-                f"it starts from the same array as {self.uses[id(init)] - 1} other"
-                f" parameter(s) ({init}), which initserve would draw independently"
-            )
-        return init
+    def initializers(self, params: list[tuple[tuple[Any, ...], Any]]) -> Found:
+        """The initializer of each of the model's parameters (path, Variable), or why none."""
+        found: Found = {}
+        claimed = set()
+        for path, variable in params:
+            _, init = self.variables.get(id(variable), (None, None))
+            if init is None:
+                found[path] = Unknown(
+                    "its value is not what an initializer of jax.nn.initializers returned (the"
+                    " constructor computed it, or an initializer of its own did)"
+                )
+            elif self.uses[id(init)] > 1:
+                found[path] = Unknown(
+                    f"it starts from the same array as {self.uses[id(init)] - 1} other"
+                    f" parameter(s) ({init}), which initserve would draw independently"
+                )
+            else:
+                found[path] = init
+            claimed.add(id(variable))
+        lost = [init for key, (_, init) in self.variables.items() if init and key not in claimed]
+        if lost:
+            # Variables built from initializers that are not in the model: built inside a
+            # transform (nnx.vmap, nnx.scan, ...), whose outputs are new Variables of new arrays.
+            for path, why in found.items():
+                if isinstance(why, Unknown) and "not what" in why.reason:
+                    found[path] = Unknown(
+                        f"{why.reason}; {len(lost)} parameters were drawn by initializers"
+                        " inside a transform (nnx.vmap, nnx.scan, ...), which makes new arrays"
+                        f" of them (the first: {lost[0]}), and initserve does not follow them"
+                    )
+        return found
 
 
-def capture(
-    factory: Callable[[], Any],
-) -> tuple[Any, dict[tuple[Any, ...], Initializer | Unknown]]:
+def capture(factory: Callable[[], Any]) -> tuple[Any, Found]:
     """The abstract model ``nnx.eval_shape(factory)`` and, for each ``nnx.Param`` (by path),
     the initializer that built it or why there is none."""
     from flax import nnx
 
     recorder = _Recorder()
-    found: dict[tuple[Any, ...], Initializer | Unknown] = {}
+    found: Found = {}
 
     def traced() -> Any:
         model = factory()
-        for path, node in nnx.iter_graph(model):
-            if isinstance(node, nnx.Param):
-                found[tuple(path)] = recorder.initializer_of(node)
+        params = [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+        found.update(recorder.initializers(params))
         return model
 
+    def hook(frame: FrameType, event: Any, arg: Any) -> None:
+        recorder(frame, event, arg)
+        if previous is not None:  # a profiler of the caller's keeps seeing every call
+            previous(frame, event, arg)
+
     previous = sys.getprofile()
-    sys.setprofile(recorder)
+    sys.setprofile(hook)
     try:
         abstract = nnx.eval_shape(traced)
     finally:

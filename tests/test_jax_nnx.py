@@ -86,6 +86,7 @@ def scenario_nnx(url: str) -> dict[str, Any]:
         abstract = nnx.eval_shape(lambda: transformer(rngs=nnx.Rngs(0)))
         flax_own = transformer(rngs=nnx.Rngs(0))
     spec = spec_from_nnx(abstract, SEED)
+    factory_spec = spec_from_nnx(lambda: transformer(rngs=nnx.Rngs(0)), SEED, mesh=mesh)
     whole = initserve.generate(spec)
     client, counts = _counting_client(url)
     with client:
@@ -112,6 +113,7 @@ def scenario_nnx(url: str) -> dict[str, Any]:
     return {
         "spec_keys": [t["name"] for t in spec["tensors"]],
         "spec": spec,
+        "factory_spec_equal": factory_spec == spec,
         "state_keys": sorted(theirs),
         "mismatched": [k for k, a in ours.items() if not _same_bits(a, whole[k])],
         "stds": stds,
@@ -183,6 +185,14 @@ def test_spec_keys_are_the_state_paths(nnx_report: dict[str, Any]) -> None:
     assert sorted(nnx_report["spec_keys"]) == nnx_report["state_keys"]
     assert "layers.0.attention.query.kernel" in nnx_report["spec_keys"]
     assert nnx_report["spec"]["layout"] == "jax"
+
+
+def test_the_factory_form_sees_flax_defaults_as_the_built_form_assumes(
+    nnx_report: dict[str, Any],
+) -> None:
+    # Every module here uses Flax's defaults (the head names lecun_normal, the default): traced
+    # from the constructor (MultiHeadAttention's LinearGenerals included) they are the same.
+    assert nnx_report["factory_spec_equal"]
 
 
 def test_every_parameter_equals_generate_bit_for_bit(nnx_report: dict[str, Any]) -> None:

@@ -118,8 +118,9 @@ def scenario_zoo(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
     from flax import nnx
-    from test_jax_arrays import _counting_client
+    from test_jax_arrays import _counting_client, _same_bits
 
+    import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
 
     zoo, _, _ = _zoo()
@@ -131,6 +132,11 @@ def scenario_zoo(url: str) -> dict[str, Any]:
     with client:
         model = init_nnx(lambda: zoo(rngs=nnx.Rngs(0)), SEED, mesh=mesh, client=client)
     ours, theirs = _params(model), _params(flax_own)
+    whole = initserve.generate(spec)
+    served = {
+        ".".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     report: dict[str, Any] = {}
     for key, array in ours.items():
         flax_array = theirs[key]
@@ -154,6 +160,7 @@ def scenario_zoo(url: str) -> dict[str, Any]:
         "params": report,
         "spec": {t["name"]: t for t in spec["tensors"]},
         "normal_sharding": str(model.normal.kernel.get_value().sharding.spec),
+        "mismatched": [k for k, a in served.items() if not _same_bits(a, whole[k])],
         **counts,
     }
 
@@ -427,6 +434,7 @@ def test_spec_entries_carry_the_named_initializers(zoo: dict[str, Any]) -> None:
 def test_the_factory_is_traced_under_the_mesh_in_one_request(zoo: dict[str, Any]) -> None:
     assert zoo["normal_sharding"] == "P(None, 'model')"
     assert zoo["requests"] == 1
+    assert zoo["mismatched"] == []  # every parameter is the spec's bytes, bit for bit
 
 
 def test_unservable_initializers_are_refused_by_name_before_any_request(server: str) -> None:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from initserve.settings import Settings
-from initserve.unix_socket import bind_unix, h11_protocol, remove_socket_file
+from initserve.unix_socket import bind_unix, h11_protocol, remove_socket_file, socket_identity
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,7 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["uds"] = args.uds
     if args.no_tcp:
         overrides["tcp"] = False
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"initserve: cannot start: {settings_problems(exc)}", file=sys.stderr)
+        return 2
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # GPUUnavailable: INITSERVE_BACKEND=gpu on a machine without one
@@ -47,8 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
             # Here, not after run(): uvicorn re-raises the SIGTERM it caught once it has shut
             # down, which ends the process before run() returns.
-            if settings.uds is not None:
-                remove_socket_file(Path(settings.uds))
+            # Only the file this server bound: another server may have bound the path since.
+            if bound_uds is not None:
+                remove_socket_file(*bound_uds)
 
     config = uvicorn.Config(
         app,
@@ -66,8 +73,21 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"initserve: cannot listen: {exc}", file=sys.stderr)
         return 2
+    bound_uds = (
+        None if settings.uds is None else (Path(settings.uds), socket_identity(settings.uds))
+    )
     DrainingServer(config).run(sockets=sockets)
     return 0
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """Every invalid setting on one line, named as it is set (INITSERVE_<NAME>)."""
+    problems = []
+    for error in exc.errors():
+        name = "INITSERVE_" + "_".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {message}")
+    return "; ".join(problems)
 
 
 def _listeners(settings: Settings, config: Any) -> list[socket.socket]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,3 +82,16 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight responses may take to finish"
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_can_be_presented(cls, token: str | None) -> str | None:
+        # Fail closed: an empty token would turn authentication off, and one with spaces at
+        # either end could never be presented (a Bearer credential cannot carry them).
+        if token is not None and (token == "" or token != token.strip()):
+            problem = "is empty" if token.strip() == "" else "has leading or trailing whitespace"
+            raise ValueError(
+                f"the token {problem}; set a non-empty token without surrounding whitespace,"
+                " or unset INITSERVE_API_TOKEN to serve without authentication"
+            )
+        return token

@@ -3,11 +3,14 @@ event loop. Real servers (tests/servers.py) and raw sockets where the fault is b
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,8 +18,9 @@ import pytest
 from safetensors.numpy import load
 
 import initserve
+from initserve import connections
 
-from servers import REPO, free_port, stop_server, uds_server
+from servers import REPO, free_port, metric, start_server, stop_server, uds_server, uvicorn_server
 
 SPEC = {"seed": 22, "tensors": [{"name": "w", "shape": [64, 48], "scheme": "normal"}]}
 
@@ -131,3 +135,101 @@ def test_stopping_a_server_leaves_the_socket_another_bound_since(tmp_path: Path)
             assert stat.S_ISSOCK(path.lstat().st_mode)
             assert uds_get(path).status_code == 200
             assert second.poll() is None
+
+
+# --- connections that stall ----------------------------------------------------------------------
+
+BIG = {"seed": 1, "tensors": [{"name": "w", "shape": [1 << 24], "scheme": "uniform"}]}  # 64 MiB
+
+
+def raw_request(path: str, body: bytes, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: initserve\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def test_stalled_readers_are_cut_off_and_their_stream_slots_freed() -> None:
+    with uvicorn_server(send_timeout_seconds="1") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for _ in range(8):  # INITSERVE_MAX_CONCURRENT_STREAMS: every slot
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+            reader.settimeout(60)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(raw_request("/init", json.dumps(BIG).encode()))
+            assert reader.recv(1024).startswith(b"HTTP/1.1 200")
+            stalled.append(reader)  # and never read again while the honest client asks
+        # Without the send timeout every /init is 503 for as long as the readers stay connected.
+        answer = honest_init(url, deadline=time.monotonic() + 60)
+        assert answer.status_code == 200, answer.text[:300]
+        assert load(answer.content)["w"].tobytes() == initserve.generate(SPEC)["w"].tobytes()
+        for reader in stalled:  # each was cut off short of its 64 MiB
+            assert received_until_cut(reader) < (1 << 26)
+            reader.close()
+        assert metric(url, "initserve_in_flight") == 0
+
+
+def honest_init(url: str, deadline: float) -> httpx.Response:
+    while True:
+        response = httpx.post(f"{url}/init", json=SPEC, timeout=60)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def received_until_cut(reader: socket.socket) -> int:
+    total = 0
+    try:
+        while chunk := reader.recv(1 << 16):
+            total += len(chunk)
+    except ConnectionResetError:
+        pass
+    return total
+
+
+def test_request_heads_that_never_finish_are_closed_and_logged_once(tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "server.log"
+    server = start_server(port, log, head_timeout_seconds="1")
+    try:
+        descriptors = len(os.listdir(f"/proc/{server.pid}/fd"))
+        unfinished = []
+        for _ in range(300):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+            connection.sendall(b"POST /init HTTP/1.1\r\nHost: initserve\r\nContent-Le")
+            unfinished.append(connection)
+        for connection in unfinished:
+            with connection:
+                answer = b""
+                while chunk := connection.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:100]
+            assert answer.endswith(b'(INITSERVE_HEAD_TIMEOUT_SECONDS)"}')
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        assert len(os.listdir(f"/proc/{server.pid}/fd")) <= descriptors
+    finally:
+        stop_server(server)
+    logged = log.read_text().count("request head did not arrive within 1 s")
+    assert 1 <= logged < 10, log.read_text()[-2000:]
+
+
+def test_repeated_warnings_are_logged_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(connections.time, "monotonic", lambda: now[0])
+    repeated = connections.RepeatedLogFilter(interval=10.0)
+
+    def record(message: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, __file__, 1, message, args, None)
+
+    passed = [repeated.filter(record("bad request from %s", f"10.0.0.{i}")) for i in range(1000)]
+    assert passed == [True] + [False] * 999
+    assert repeated.filter(record("another warning"))
+    assert all(repeated.filter(record("%s", i, level=logging.INFO)) for i in range(100))
+    now[0] += 10.0
+    summary = record("bad request from %s", "10.0.0.7")
+    assert repeated.filter(summary)
+    assert summary.getMessage() == (
+        "bad request from 10.0.0.7 (999 more like this in the last 10 s were not logged)"
+    )
+    assert repeated.filter(summary)  # the same record at a second handler: the same answer

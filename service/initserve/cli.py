@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from initserve.connections import h11_protocol, rate_limit_logs
 from initserve.settings import Settings
-from initserve.unix_socket import bind_unix, h11_protocol, remove_socket_file, socket_identity
+from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,12 +63,14 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         workers=1,  # one generator (and, on a GPU, one context) per process
-        http=h11_protocol(),
+        http=h11_protocol(settings.send_timeout_seconds, settings.head_timeout_seconds),
         timeout_graceful_shutdown=int(settings.drain_seconds),
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
         log_level=args.log_level,
         access_log=args.access_log,
     )
+    # After uvicorn.Config, which installs uvicorn's own handlers.
+    rate_limit_logs("uvicorn", "uvicorn.access")
     try:
         sockets = _listeners(settings, config)
     except (OSError, ValueError) as exc:

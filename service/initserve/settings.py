@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="time allowed to receive a request body (408 after)"
     )
+    head_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="time allowed to receive a request line and headers (408 and closed after)",
+    )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="an answer its client takes nothing of for this long is aborted and its"
+        " stream slot freed (a client must take each chunk within it)",
+    )
     max_tensors: int = Field(10_000, ge=1, description="most tensors one request may produce")
     max_response_bytes: int = Field(
         64 << 30, ge=1, description="largest response one request may ask for (413 above)"

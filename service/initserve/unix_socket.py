@@ -9,7 +9,6 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
 
 
 class SocketInUse(OSError):
@@ -70,25 +69,3 @@ def remove_socket_file(path: Path, identity: tuple[int, int] | None = None) -> N
         info = path.lstat()
         if stat.S_ISSOCK(info.st_mode) and identity in (None, (info.st_dev, info.st_ino)):
             path.unlink()
-
-
-# A Unix stream socket queues at most its sender's SO_SNDBUF (wmem_default, 208 KiB on most
-# kernels), where TCP loopback grows its window to megabytes: left alone, every 4 MiB chunk is
-# written in some twenty pieces, each waiting for the reader, and the Unix socket is no faster
-# than TCP. The kernel caps the request at net.core.wmem_max.
-SEND_BUFFER_BYTES = 4 << 20
-
-
-def h11_protocol() -> type:
-    """uvicorn's h11 protocol, with a large send buffer on Unix socket connections."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class UnixAwareH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            connection = transport.get_extra_info("socket")
-            if connection is not None and connection.family == socket.AF_UNIX:
-                with contextlib.suppress(OSError):
-                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            super().connection_made(transport)
-
-    return UnixAwareH11Protocol

@@ -214,10 +214,9 @@ def test_request_heads_that_never_finish_are_closed_and_logged_once(tmp_path: Pa
     assert 1 <= logged < 10, log.read_text()[-2000:]
 
 
-def test_repeated_warnings_are_logged_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repeated_warnings_are_logged_once_per_interval() -> None:
     now = [1000.0]
-    monkeypatch.setattr(connections.time, "monotonic", lambda: now[0])
-    repeated = connections.RepeatedLogFilter(interval=10.0)
+    repeated = connections.RepeatedLogFilter(interval=10.0, clock=lambda: now[0])
 
     def record(message: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
         return logging.LogRecord("uvicorn.error", level, __file__, 1, message, args, None)

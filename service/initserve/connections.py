@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("initserve")
@@ -122,9 +123,11 @@ class RepeatedLogFilter(logging.Filter):
     interval says how many were left out. Below WARNING everything passes (the access log). At
     most ``kinds`` kinds are remembered, the least recent forgotten first."""
 
-    def __init__(self, interval: float = 10.0, kinds: int = 256) -> None:
+    def __init__(
+        self, interval: float = 10.0, kinds: int = 256, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
-        self.interval, self.kinds = interval, kinds
+        self.interval, self.kinds, self.clock = interval, kinds, clock
         self._seen: OrderedDict[tuple[Any, ...], list[float]] = OrderedDict()  # last, left out
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -135,7 +138,7 @@ class RepeatedLogFilter(logging.Filter):
             return decided
         exc_type = record.exc_info[0] if record.exc_info else None
         kind = (record.name, record.levelno, str(record.msg), exc_type)
-        now = time.monotonic()
+        now = self.clock()
         entry = self._seen.get(kind)
         passes = entry is None or now - entry[0] >= self.interval
         if entry is None:

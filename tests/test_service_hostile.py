@@ -232,3 +232,71 @@ def test_repeated_warnings_are_logged_once_per_interval() -> None:
         "bad request from 10.0.0.7 (999 more like this in the last 10 s were not logged)"
     )
     assert repeated.filter(summary)  # the same record at a second handler: the same answer
+
+
+# --- a 413 on a kept-alive connection ------------------------------------------------------------
+
+
+def read_answer(connection: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
+    """One HTTP/1.1 answer with a Content-Length: its status line, headers and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = connection.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return status.encode(), headers, body
+
+
+def chunked(body: bytes, piece: int = 1 << 16) -> bytes:
+    framed = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + piece]), body[i : i + piece])
+        for i in range(0, len(body), piece)
+    )
+    return framed + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_413_arrives_whole_on_a_kept_alive_connection(live_server: str, framing: str) -> None:
+    port = int(live_server.rsplit(":", 1)[1])
+    oversized = b'{"seed": 1, "tensors": [], "pad": "' + b"x" * (2 << 20) + b'"}'  # 2 MiB > 1 MiB
+    if framing == "chunked":
+        request = (
+            b"POST /plan HTTP/1.1\r\nHost: initserve\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunked(oversized)
+        )
+    else:
+        request = raw_request("/plan", oversized)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        for _ in range(3):  # and again on the same connection: it stays usable
+            connection.sendall(request)
+            status, headers, body = read_answer(connection)
+            assert status == b"HTTP/1.1 413 Request Entity Too Large", status
+            assert headers["content-type"] == "application/problem+json"
+            assert json.loads(body)["status"] == 413
+            assert headers.get("connection") != "close"
+        connection.sendall(raw_request("/plan", json.dumps(SPEC).encode()))
+        status, _, body = read_answer(connection)
+        assert status == b"HTTP/1.1 200 OK" and json.loads(body)["total_bytes"] == len(
+            whole_file(live_server)
+        )
+
+
+def test_a_413_for_a_body_too_long_to_read_closes_the_connection(live_server: str) -> None:
+    port = int(live_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        # 1 GiB declared, none sent: the 413 comes at once and the connection is closed.
+        connection.sendall(
+            b"POST /plan HTTP/1.1\r\nHost: initserve\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n"
+        )
+        status, headers, _ = read_answer(connection)
+        assert status == b"HTTP/1.1 413 Request Entity Too Large"
+        assert headers["connection"] == "close"
+        assert connection.recv(1) == b""

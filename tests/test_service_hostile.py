@@ -10,15 +10,21 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import pytest
 from safetensors.numpy import load
 
 import initserve
 from initserve import connections
+from initserve.app import create_app
+from initserve.routes import generation
+from initserve.settings import Settings
 
 from servers import REPO, free_port, metric, start_server, stop_server, uds_server, uvicorn_server
 
@@ -300,3 +306,45 @@ def test_a_413_for_a_body_too_long_to_read_closes_the_connection(live_server: st
         assert status == b"HTTP/1.1 413 Request Entity Too Large"
         assert headers["connection"] == "close"
         assert connection.recv(1) == b""
+
+
+# --- the event loop stays free ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ["POST /plan", "POST /init", "GET /init/{etag}"])
+async def test_planning_leaves_the_event_loop_free(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """While a request is being planned (held here on an Event until /livez has answered),
+    /livez answers: planning runs in a worker thread. Were it on the event loop, /livez could
+    not answer until planning let go, and planning waits for /livez: it gives up after 10 s."""
+    app = create_app(Settings())
+    planning, livez_answered = threading.Event(), threading.Event()
+    released_by_livez: list[bool] = []
+    real_prepare = generation.prepare
+
+    def held_prepare(*args: Any) -> Any:
+        planning.set()
+        released_by_livez.append(livez_answered.wait(10))
+        return real_prepare(*args)
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://initserve") as http:
+            etag = (await http.post("/plan", json=SPEC)).json()["etag"]
+            monkeypatch.setattr(generation, "prepare", held_prepare)
+            method, path = route.split()
+            answers: list[httpx.Response] = []
+
+            async def planned_request() -> None:
+                body = None if method == "GET" else SPEC
+                answers.append(await http.request(method, path.format(etag=etag), json=body))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(planned_request)
+                await anyio.to_thread.run_sync(planning.wait, 10)
+                assert (await http.get("/livez")).status_code == 200
+                livez_answered.set()
+    assert released_by_livez == [True]
+    assert answers[0].status_code == 200

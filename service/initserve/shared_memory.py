@@ -292,7 +292,9 @@ def _invalid(header: str, message: str, status: int = 422, reason: str = "shm_in
 def _integer(value: str | None, header: str, default: int | None) -> int | None:
     if value is None:
         return default
-    if not value.isdigit() or len(value) > 20:
+    # ASCII digits only: str.isdigit() also accepts '²' and other scripts' digits, which int()
+    # refuses or reads as a number the client did not write.
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise _invalid(header, f"must be a non-negative decimal integer, not {value[:40]!r}")
     return int(value)
 
@@ -408,7 +410,7 @@ def shared_memory_router(settings: Settings, registry: RegionRegistry | None) ->
                 " (use POST /init)",
                 "shm_disabled",
             )
-        prepared = prepare(body, settings)
+        prepared = await anyio.to_thread.run_sync(prepare, body, settings)  # off the loop
         state.etags.remember(prepared.etag, body, prepared.spec_bytes)
         need = prepared.file_map.total_bytes - len(prepared.file_map.header)
         with registry.using(region_id) as region:

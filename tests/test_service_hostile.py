@@ -23,7 +23,7 @@ from safetensors.numpy import load
 import initserve
 from initserve import connections
 from initserve.app import create_app
-from initserve.routes import generation
+from initserve.delivery import prepare
 from initserve.settings import Settings
 
 from servers import REPO, free_port, metric, start_server, stop_server, uds_server, uvicorn_server
@@ -322,18 +322,17 @@ async def test_planning_leaves_the_event_loop_free(
     app = create_app(Settings())
     planning, livez_answered = threading.Event(), threading.Event()
     released_by_livez: list[bool] = []
-    real_prepare = generation.prepare
 
     def held_prepare(*args: Any) -> Any:
         planning.set()
         released_by_livez.append(livez_answered.wait(10))
-        return real_prepare(*args)
+        return prepare(*args)
 
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://initserve") as http:
             etag = (await http.post("/plan", json=SPEC)).json()["etag"]
-            monkeypatch.setattr(generation, "prepare", held_prepare)
+            monkeypatch.setattr("initserve.routes.generation.prepare", held_prepare)
             method, path = route.split()
             answers: list[httpx.Response] = []
 

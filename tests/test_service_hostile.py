@@ -3,6 +3,7 @@ event loop. Real servers (tests/servers.py) and raw sockets where the fault is b
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,10 @@ import initserve
 from initserve import connections
 from initserve.app import create_app
 from initserve.delivery import prepare
+from initserve.plan import canonical_json
+from initserve.request import InitRequest
 from initserve.settings import Settings
+from initserve.state import KEPT_BYTES_PER_SPEC_CHAR, EtagCache
 
 from servers import REPO, free_port, metric, start_server, stop_server, uds_server, uvicorn_server
 
@@ -347,3 +352,65 @@ async def test_planning_leaves_the_event_loop_free(
                 livez_answered.set()
     assert released_by_livez == [True]
     assert answers[0].status_code == 200
+
+
+# --- the plan cache counts what it keeps ---------------------------------------------------------
+
+
+def many_tensors(seed: int, count: int = 10_000) -> InitRequest:
+    return InitRequest.model_validate(
+        {
+            "seed": seed,
+            "tensors": [
+                {"name": f"layers.{i}.weight", "shape": [64, 64], "scheme": "normal"}
+                for i in range(count)
+            ],
+        }
+    )
+
+
+def kept_bytes(spec: dict[str, Any]) -> int:
+    """What the parsed request takes, measured with tracemalloc."""
+    raw = json.dumps(spec)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        kept = InitRequest.model_validate_json(raw)
+        gc.collect()
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del kept
+    return size
+
+
+def entries(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"seed": 1, kind: [{"name": f"t{i}", **fields} for i in range(10_000)]}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        entries("tensors", shape=[64, 64], scheme="normal"),
+        entries("tensors", shape=[1], scheme="zeros"),
+        entries("layers", shape=[4, 4], scheme="kaiming_normal", bias=True, activation="relu"),
+    ],
+    ids=["plain", "tiny tensors", "layers"],
+)
+def test_the_plan_cache_counts_what_it_keeps(spec: dict[str, Any]) -> None:
+    cache = EtagCache(max_entries=10, max_bytes=1 << 30)
+    request = InitRequest.model_validate(spec)
+    cache.remember('"a"', request, len(canonical_json(request)))
+    assert kept_bytes(spec) <= cache.bytes
+
+
+def test_the_plan_cache_evicts_by_the_counted_size() -> None:
+    budget = 64 << 20
+    cache = EtagCache(max_entries=1024, max_bytes=budget)
+    chars = len(canonical_json(many_tensors(0)))
+    counted = KEPT_BYTES_PER_SPEC_CHAR * chars
+    for seed in range(20):  # each ~9 MiB once parsed, ~0.5 MB of JSON
+        cache.remember(f'"{seed}"', many_tensors(seed), chars)
+    assert len(cache) == budget // counted < 20
+    assert cache.bytes == len(cache) * counted <= budget
+    assert cache.recall('"19"') is not None and cache.recall('"0"') is None

@@ -88,7 +88,10 @@ class Settings(BaseSettings):
         1024, ge=0, description="specs remembered by ETag for GET /init/{etag}"
     )
     plan_cache_bytes: int = Field(
-        64 << 20, ge=0, description="total size of the specs remembered by ETag"
+        64 << 20,
+        ge=0,
+        description="memory the specs remembered by ETag may take (their parsed form, counted"
+        " as 24 bytes per character of canonical JSON)",
     )
     drain_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight responses may take to finish"

@@ -3,6 +3,8 @@ event loop. Real servers (tests/servers.py) and raw sockets where the fault is b
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import gc
 import json
 import logging
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +417,81 @@ def test_the_plan_cache_evicts_by_the_counted_size() -> None:
     assert len(cache) == budget // counted < 20
     assert cache.bytes == len(cache) * counted <= budget
     assert cache.recall('"19"') is not None and cache.recall('"0"') is None
+
+
+# --- shared-memory regions ----------------------------------------------------------------------
+
+PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+DATA_BYTES = 64 * 48 * 4  # SPEC's data
+
+
+@pytest.fixture(scope="module")
+def shm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("uds") / "initserve.sock"
+    with uds_server(path, allow_shared_memory="true") as _:
+        yield path
+
+
+def registered(path: Path, size: int) -> tuple[int, str, socket.socket]:
+    """A sealed, allocated memfd of ``size`` bytes registered on ``path``'s registration socket:
+    the descriptor, the region id and the connection that keeps it registered."""
+    fd = os.memfd_create("initserve-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    os.posix_fallocate(fd, 0, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connection.settimeout(30)
+    connection.connect(f"{path}.regions")
+    socket.send_fds(connection, [json.dumps({"token": None}).encode()], [fd])
+    answer = json.loads(connection.recv(4096))
+    return fd, answer["region"], connection
+
+
+def post_region(path: Path, headers: dict[str, str | bytes]) -> httpx.Response:
+    transport = httpx.HTTPTransport(uds=str(path))
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=60) as http:
+        raw = [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
+        return http.post("/shared-memory/init", json=SPEC, headers=raw)
+
+
+def test_a_region_punched_after_registration_is_refused(shm_server: Path) -> None:
+    size = 4 * DATA_BYTES
+    fd, region, connection = registered(shm_server, size)
+    with connection:
+        punch = ctypes.CDLL(None, use_errno=True).fallocate
+        punch.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        assert punch(fd, PUNCH_HOLE, 2 * DATA_BYTES, DATA_BYTES) == 0
+        headers: dict[str, str | bytes] = {"X-Initserve-Shm-Region": region}
+        for offset in (DATA_BYTES + 4096, 2 * DATA_BYTES):  # the data would cover the hole
+            response = post_region(shm_server, {**headers, "X-Initserve-Shm-Offset": str(offset)})
+            assert response.status_code == 422, response.text
+            problem = response.json()
+            assert problem["errors"][0]["type"] == "shm_holes"
+            assert f"no page at offset {2 * DATA_BYTES}" in problem["detail"]
+        assert os.lseek(fd, 2 * DATA_BYTES, os.SEEK_HOLE) == 2 * DATA_BYTES  # nothing allocated
+        # Before the hole, the region is served, byte for byte.
+        response = post_region(shm_server, {**headers, "X-Initserve-Shm-Offset": "0"})
+        assert response.status_code == 200, response.text
+        expected = initserve.generate(SPEC)["w"].tobytes()
+        assert os.pread(fd, DATA_BYTES, 0) == expected
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["²".encode("latin-1"), "٣".encode(), "¹²".encode("latin-1"), "\uff11".encode()],
+    ids=["superscript two", "arabic-indic three", "superscripts", "fullwidth one"],
+)  # fmt: skip
+@pytest.mark.parametrize("header", ["X-Initserve-Shm-Offset", "X-Initserve-Shm-Size"])
+def test_non_ascii_digits_in_placement_headers_are_422(
+    shm_server: Path, header: str, value: bytes
+) -> None:
+    fd, region, connection = registered(shm_server, DATA_BYTES)
+    with connection:
+        response = post_region(shm_server, {"X-Initserve-Shm-Region": region, header: value})
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["errors"][0]["loc"] == ["header", header.lower()]
+        assert "non-negative decimal integer" in problem["detail"]
+        assert os.pread(fd, DATA_BYTES, 0) == bytes(DATA_BYTES)
+    os.close(fd)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from common import uds_server
 
-from initserve.unix_socket import SEND_BUFFER_BYTES
+from initserve.connections import SEND_BUFFER_BYTES
 from initserve_client import Client
 from initserve_client._client import READ_BYTES
 

@@ -16,6 +16,7 @@ from safetensors.numpy import load
 import initserve
 from initserve.app import create_app
 from initserve.settings import Settings
+from initserve.state import KEPT_BYTES_PER_SPEC_CHAR
 
 from golden_specs import golden_spec
 
@@ -369,15 +370,16 @@ async def test_readiness_is_503_while_draining(client: httpx.AsyncClient) -> Non
 
 
 async def test_etag_cache_is_bounded_in_bytes(client_for: Any) -> None:
-    client = await client_for(plan_cache_bytes=300)
+    budget = 300 * KEPT_BYTES_PER_SPEC_CHAR  # counted as kept: per character of canonical JSON
+    client = await client_for(plan_cache_bytes=budget)
     etags = []
-    for seed in range(4):  # each canonical request is ~116 bytes: two fit, the oldest fall out
+    for seed in range(4):  # each canonical request is ~116 characters: two fit, the oldest go
         response = await client.post("/plan", json={**SMALL, "seed": seed})
         etags.append(response.json()["etag"].strip('"'))
     assert (await client.head(f"/init/{etags[0]}")).status_code == 404
     assert (await client.head(f"/init/{etags[-1]}")).status_code == 200
     state = client._transport.app.state.service
-    assert state.etags.bytes <= 300 and len(state.etags) == 2
+    assert state.etags.bytes <= budget and len(state.etags) == 2
 
 
 async def test_inspect_is_under_the_memory_budget(client_for: Any) -> None:

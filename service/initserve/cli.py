@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from initserve.connections import h11_protocol, rate_limit_logs
 from initserve.settings import Settings
-from initserve.unix_socket import bind_unix, h11_protocol, remove_socket_file
+from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,7 +31,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["uds"] = args.uds
     if args.no_tcp:
         overrides["tcp"] = False
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"initserve: cannot start: {settings_problems(exc)}", file=sys.stderr)
+        return 2
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # GPUUnavailable: INITSERVE_BACKEND=gpu on a machine without one
@@ -47,27 +54,43 @@ def _serve(args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
             # Here, not after run(): uvicorn re-raises the SIGTERM it caught once it has shut
             # down, which ends the process before run() returns.
-            if settings.uds is not None:
-                remove_socket_file(Path(settings.uds))
+            # Only the file this server bound: another server may have bound the path since.
+            if bound_uds is not None:
+                remove_socket_file(*bound_uds)
 
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,  # one generator (and, on a GPU, one context) per process
-        http=h11_protocol(),
+        http=h11_protocol(settings.send_timeout_seconds, settings.head_timeout_seconds),
         timeout_graceful_shutdown=int(settings.drain_seconds),
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
         log_level=args.log_level,
         access_log=args.access_log,
     )
+    # After uvicorn.Config, which installs uvicorn's own handlers.
+    rate_limit_logs("uvicorn", "uvicorn.access")
     try:
         sockets = _listeners(settings, config)
     except (OSError, ValueError) as exc:
         print(f"initserve: cannot listen: {exc}", file=sys.stderr)
         return 2
+    bound_uds = (
+        None if settings.uds is None else (Path(settings.uds), socket_identity(settings.uds))
+    )
     DrainingServer(config).run(sockets=sockets)
     return 0
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """Every invalid setting on one line, named as it is set (INITSERVE_<NAME>)."""
+    problems = []
+    for error in exc.errors():
+        name = "INITSERVE_" + "_".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {message}")
+    return "; ".join(problems)
 
 
 def _listeners(settings: Settings, config: Any) -> list[socket.socket]:

@@ -25,6 +25,12 @@ UNMATCHED_ROUTE = "unmatched"
 ACCEPTED_MEDIA_TYPE = "application/json"
 # The methods whose body an endpoint parses; a body on GET or HEAD is never read.
 BODY_METHODS = ("POST", "PUT", "PATCH")
+# A body over the limit is still read to its end (and thrown away) before the 413, when it is at
+# most this long: a server that closes a connection with bytes unread makes the kernel send a
+# reset, and a client still sending its body may see that reset instead of the 413. Longer
+# bodies, and bodies a client holds back for ``Expect: 100-continue``, are not read: their 413
+# closes the connection.
+DRAIN_BYTES = 16 << 20
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -32,6 +38,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return (_header(scope, b"expect") or b"").strip().lower() == b"100-continue"
 
 
 class RequestMetricsMiddleware:
@@ -144,8 +154,9 @@ class ContentNegotiationMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for a declared Content-Length over the limit before reading anything; for a body
-    without one (chunked), 413 as soon as the bytes read pass the limit."""
+    """413 for a declared Content-Length over the limit, before the app sees any of it; for a
+    body without one (chunked), 413 as soon as the bytes read pass the limit. Either is read to
+    its end first, and thrown away, where it is at most DRAIN_BYTES (see there)."""
 
     def __init__(
         self,
@@ -178,7 +189,12 @@ class BodySizeLimitMiddleware:
                     return
                 if declared > limit:
                     self.on_reject("body_too_large")
-                    await self._too_large(scope, receive, send)
+                    drained = (
+                        declared <= DRAIN_BYTES
+                        and not _expects_continue(scope)
+                        and await self._drain(receive, 0)
+                    )
+                    await self._too_large(scope, receive, send, drained)
                     return
         # Read the body here, up to the limit, and replay it: the app never sees more than
         # max_body_bytes, and an oversized body is refused without being read to its end.
@@ -195,7 +211,9 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     self.on_reject("body_too_large")
-                    await self._too_large(scope, receive, send)
+                    more = message.get("more_body", False)
+                    drained = not more or await self._drain(receive, received)
+                    await self._too_large(scope, receive, send, drained)
                     return
                 messages.append(message)
                 if not message.get("more_body", False):
@@ -219,11 +237,26 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _drain(self, receive: Receive, received: int) -> bool:
+        """Reads the rest of a refused body and throws it away: True once it has ended, False
+        when it runs past DRAIN_BYTES (``received`` counted already) or body_timeout, or the
+        client leaves."""
+        with anyio.move_on_after(self.body_timeout):
+            while received <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return received <= DRAIN_BYTES
+        return False
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, drained: bool) -> None:
+        """The 413. Its connection stays open where the body was read to its end; otherwise it
+        is closed, and a client still sending may see the close as a reset."""
         detail = f"request body exceeds {self.max_body_bytes} bytes (INITSERVE_MAX_BODY_BYTES)"
-        response = problem_response(
-            413, "Content Too Large", detail, headers={"Connection": "close"}
-        )
+        headers = None if drained else {"Connection": "close"}
+        response = problem_response(413, "Content Too Large", detail, headers=headers)
         await response(scope, receive, send)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from initserve.middleware import token_digest, token_matches
 from initserve.shared_memory import RegionProblem, RegionRegistry
-from initserve.unix_socket import bind_unix, remove_socket_file
+from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 log = logging.getLogger("initserve")
 
@@ -42,6 +42,7 @@ class RegistrationServer:
         self.path, self.registry = path, registry
         self.expected = None if token is None else token_digest(token)
         self.listener = bind_unix(path, mode, socket.SOCK_SEQPACKET)
+        self.identity = socket_identity(path)
         self.listener.listen(64)
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -64,7 +65,7 @@ class RegistrationServer:
         self.listener.close()
         self.waker_r.close()
         self.waker_w.close()
-        remove_socket_file(Path(self.path))
+        remove_socket_file(Path(self.path), self.identity)
 
     def _serve(self) -> None:
         while self.running:

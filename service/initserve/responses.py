@@ -1,6 +1,6 @@
 """How a prepared request becomes an HTTP response: 304 on a matching ETag, a Range as 206 (or
-416), headers alone for HEAD, and otherwise the safetensors body, generated chunk by chunk in
-worker threads under the admission budget."""
+416; the whole 200 when ``If-Range`` is stale), headers alone for HEAD, and otherwise the
+safetensors body, generated chunk by chunk in worker threads under the admission budget."""
 
 from __future__ import annotations
 
@@ -44,8 +44,11 @@ def respond(request: Request, prepared: Prepared, state: ServiceState) -> Respon
     headers = {**file_headers(prepared, state), "Accept-Ranges": "bytes"}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
+    range_header = request.headers.get("range")
+    if not if_range_holds(request.headers.get("if-range"), etag):
+        range_header = None  # RFC 9110 section 13.1.5: a stale If-Range asks for the whole file
     try:
-        byte_range = parse_range(request.headers.get("range"), total)
+        byte_range = parse_range(range_header, total)
     except RangeNotSatisfiable:
         raise Rejected(
             416,
@@ -62,6 +65,13 @@ def respond(request: Request, prepared: Prepared, state: ServiceState) -> Respon
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=OCTET_STREAM)
     return GeneratedBody(prepared, start, stop, state, status, headers)
+
+
+def if_range_holds(header: str | None, etag: str) -> bool:
+    """Whether a Range may be honoured under ``If-Range`` (RFC 9110 section 13.1.5): no header,
+    or the file's own ETag, compared strongly. A weak or different ETag is stale, and so is any
+    date: these answers carry no Last-Modified, so no date can be shown to match."""
+    return header is None or header.strip() == etag
 
 
 class GeneratedBody(StreamingResponse):

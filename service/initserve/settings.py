@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="time allowed to receive a request body (408 after)"
     )
+    head_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="time allowed to receive a request line and headers (408 and closed after)",
+    )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="an answer its client takes nothing of for this long is aborted and its"
+        " stream slot freed (a client must take each chunk within it)",
+    )
     max_tensors: int = Field(10_000, ge=1, description="most tensors one request may produce")
     max_response_bytes: int = Field(
         64 << 30, ge=1, description="largest response one request may ask for (413 above)"
@@ -77,8 +88,24 @@ class Settings(BaseSettings):
         1024, ge=0, description="specs remembered by ETag for GET /init/{etag}"
     )
     plan_cache_bytes: int = Field(
-        64 << 20, ge=0, description="total size of the specs remembered by ETag"
+        64 << 20,
+        ge=0,
+        description="memory the specs remembered by ETag may take (their parsed form, counted"
+        " as 24 bytes per character of canonical JSON)",
     )
     drain_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight responses may take to finish"
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_can_be_presented(cls, token: str | None) -> str | None:
+        # Fail closed: an empty token would turn authentication off, and one with spaces at
+        # either end could never be presented (a Bearer credential cannot carry them).
+        if token is not None and (token == "" or token != token.strip()):
+            problem = "is empty" if token.strip() == "" else "has leading or trailing whitespace"
+            raise ValueError(
+                f"the token {problem}; set a non-empty token without surrounding whitespace,"
+                " or unset INITSERVE_API_TOKEN to serve without authentication"
+            )
+        return token

@@ -9,12 +9,20 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+
+
+class SocketInUse(OSError):
+    """A live server already answers on the path: it is never taken over."""
 
 
 def bind_unix(path: str, mode: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket bound at ``path`` with file mode ``mode``; a socket left there by a killed server
-    is replaced, anything else makes the bind fail, naming it."""
+    """A socket bound at ``path`` with file mode ``mode``. A socket file nobody answers on (left
+    by a killed server) is replaced; one a server is listening on is refused (SocketInUse), and
+    anything else there makes the bind fail, naming it."""
+    if answers(path, kind):
+        raise SocketInUse(
+            f"a server is already listening on {path}; stop it, or choose another path"
+        )
     remove_socket_file(Path(path))
     listener = socket.socket(socket.AF_UNIX, kind)
     # The umask makes the file appear with ``mode`` at once: no moment when it is wider.
@@ -30,30 +38,34 @@ def bind_unix(path: str, mode: int, kind: int = socket.SOCK_STREAM) -> socket.so
     return listener
 
 
-def remove_socket_file(path: Path) -> None:
-    """Removes ``path`` if it is a socket; anything else there is left alone."""
+def answers(path: str, kind: int) -> bool:
+    """Whether something listens on the socket file at ``path``: only a refused connection (or
+    no file) shows it is stale. Any other outcome (accepted, a full backlog, a listener of
+    another socket type, no answer within a second) is a live server's."""
+    probe = socket.socket(socket.AF_UNIX, kind)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
+
+
+def socket_identity(path: str) -> tuple[int, int]:
+    """The socket file's device and inode: what ``remove_socket_file`` checks before removing,
+    so that a server stopping never removes a socket file another server has bound since."""
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
+
+
+def remove_socket_file(path: Path, identity: tuple[int, int] | None = None) -> None:
+    """Removes ``path`` if it is a socket (and, given ``identity``, that very socket file);
+    anything else there is left alone."""
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
+        info = path.lstat()
+        if stat.S_ISSOCK(info.st_mode) and identity in (None, (info.st_dev, info.st_ino)):
             path.unlink()
-
-
-# A Unix stream socket queues at most its sender's SO_SNDBUF (wmem_default, 208 KiB on most
-# kernels), where TCP loopback grows its window to megabytes: left alone, every 4 MiB chunk is
-# written in some twenty pieces, each waiting for the reader, and the Unix socket is no faster
-# than TCP. The kernel caps the request at net.core.wmem_max.
-SEND_BUFFER_BYTES = 4 << 20
-
-
-def h11_protocol() -> type:
-    """uvicorn's h11 protocol, with a large send buffer on Unix socket connections."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class UnixAwareH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            connection = transport.get_extra_info("socket")
-            if connection is not None and connection.family == socket.AF_UNIX:
-                with contextlib.suppress(OSError):
-                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            super().connection_made(transport)
-
-    return UnixAwareH11Protocol

@@ -1,18 +1,23 @@
 """Generation: POST /plan (the dry run), POST /init (the file), GET and HEAD /init/{etag} (the
-same file again, by the ETag of a request this server has seen)."""
+same file again, by the ETag of a request this server has seen).
+
+Planning a request is CPU work in proportion to its tensors (10,000 of them take a good fraction
+of a second): it runs in a worker thread, never on the event loop, which must stay free to
+answer /livez and to feed every other stream."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Body, Path, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from initserve.delivery import dry_run_answer, prepare
+from initserve.delivery import Prepared, dry_run_answer, prepare
 from initserve.problems import problem_response, problem_responses
 from initserve.request import EXAMPLE_REQUEST, InitRequest
 from initserve.responses import respond
-from initserve.state import ServiceDep
+from initserve.state import ServiceDep, ServiceState
 
 router = APIRouter()
 
@@ -51,12 +56,14 @@ FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/plan",
     summary="Dry run: keys, shapes, dtypes, byte offsets, size and ETag, without generating",
+    response_model=dict[str, Any],
     responses=problem_responses(400, 401, 408, 413, 415, 422),
 )
-async def dry_run(body: InitBody, state: ServiceDep) -> dict[str, Any]:
-    prepared = prepare(body, state.settings)
-    state.etags.remember(prepared.etag, body, prepared.spec_bytes)
-    return dry_run_answer(prepared)
+async def dry_run(body: InitBody, state: ServiceDep) -> Response:
+    def answer() -> Response:  # the answer of 10,000 tensors is rendered off the loop too
+        return JSONResponse(dry_run_answer(planned(body, state)))
+
+    return await anyio.to_thread.run_sync(answer)
 
 
 @router.post(
@@ -66,9 +73,15 @@ async def dry_run(body: InitBody, state: ServiceDep) -> dict[str, Any]:
     responses={**FILE_RESPONSES, **problem_responses(400, 401, 408, 413, 415, 416, 422, 503)},
 )
 async def init(request: Request, body: InitBody, state: ServiceDep) -> Response:
+    prepared = await anyio.to_thread.run_sync(planned, body, state)
+    return respond(request, prepared, state)
+
+
+def planned(body: InitRequest, state: ServiceState) -> Prepared:
+    """``body`` prepared, and remembered by its ETag (in a worker thread: see above)."""
     prepared = prepare(body, state.settings)
     state.etags.remember(prepared.etag, body, prepared.spec_bytes)
-    return respond(request, prepared, state)
+    return prepared
 
 
 BY_ETAG_RESPONSES = {**FILE_RESPONSES, **problem_responses(401, 404, 413, 416, 422, 503)}
@@ -81,7 +94,7 @@ BY_ETAG_RESPONSES = {**FILE_RESPONSES, **problem_responses(401, 404, 413, 416, 4
     responses=BY_ETAG_RESPONSES,
 )
 async def get_by_etag(request: Request, etag: EtagPath, state: ServiceDep) -> Response:
-    return _by_etag(request, etag, state)
+    return await _by_etag(request, etag, state)
 
 
 @router.head(
@@ -91,10 +104,10 @@ async def get_by_etag(request: Request, etag: EtagPath, state: ServiceDep) -> Re
     responses=BY_ETAG_RESPONSES,
 )
 async def head_by_etag(request: Request, etag: EtagPath, state: ServiceDep) -> Response:
-    return _by_etag(request, etag, state)
+    return await _by_etag(request, etag, state)
 
 
-def _by_etag(request: Request, etag: str, state: ServiceDep) -> Response:
+async def _by_etag(request: Request, etag: str, state: ServiceDep) -> Response:
     quoted = etag if etag.startswith('"') else f'"{etag}"'
     known = state.etags.recall(quoted)
     if known is None:
@@ -103,4 +116,5 @@ def _by_etag(request: Request, etag: str, state: ServiceDep) -> Response:
             "Not Found",
             "this server has not seen a request with that ETag; POST /init with the spec",
         )
-    return respond(request, prepare(known, state.settings), state)
+    prepared = await anyio.to_thread.run_sync(prepare, known, state.settings)
+    return respond(request, prepared, state)

@@ -440,9 +440,9 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
     used: list[int] = []
     receive_from = _client._Receiver.receive_from
 
-    def counted(receiver: Any, connection: Any, timeout: float | None) -> None:
+    def counted(receiver: Any, connection: Any, *rest: Any) -> None:
         used.append(receiver.position)
-        receive_from(receiver, connection, timeout)
+        receive_from(receiver, connection, *rest)
 
     monkeypatch.setattr(_client._Receiver, "receive_from", counted)
     with Client(server) as client:

@@ -1,6 +1,7 @@
 """initserve_client: fetch bit-identical initial weights from an initserve sidecar."""
 
 from initserve_client._client import (
+    DEFAULT_DEADLINE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     AsyncClient,
@@ -14,6 +15,7 @@ from initserve_client._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    CacheWarning,
     InitserveError,
     InternalServerError,
     InvalidResponseError,
@@ -29,6 +31,7 @@ from initserve_client.torch_utils import ModelInitError, init_module, spec_from_
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "DEFAULT_TIMEOUT",
     "DEFAULT_URL",
     "APIConnectionError",
@@ -37,6 +40,7 @@ __all__ = [
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",
+    "CacheWarning",
     "Client",
     "InitserveError",
     "InternalServerError",

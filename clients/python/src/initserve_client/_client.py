@@ -11,27 +11,35 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import fcntl
+import hashlib
 import json
+import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import httpx
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from initserve_client._exceptions import (
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
+    CacheWarning,
     InvalidResponseError,
     status_error,
 )
@@ -62,6 +70,12 @@ UDS_URL = "http://localhost"
 # Large bodies need a long read timeout; connecting should be quick.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
 RETRY_STATUSES = (429, 502, 503, 504)
+# One call (fetch_weights, fetch_into, download, plan) ends within this many seconds, its retries
+# and waits included: a server that drips its answer, or answers 503 for ever, cannot hold a
+# training job. An hour: a large model over a slow link still fits; ``deadline=None`` lifts it.
+DEFAULT_DEADLINE = 3600.0
+# Retries, cache repairs and fallbacks are logged here (what failed, what happens next).
+logger = logging.getLogger("initserve_client")
 
 
 # httpcore reads 64 KiB per recv, which caps httpx near 0.4 GB/s on loopback; 1 MiB reads reach
@@ -122,10 +136,64 @@ class RetryPolicy:
 
 
 class _Retry(Exception):
-    def __init__(self, cause: Exception, retry_after: float | None = None) -> None:
+    """An attempt that failed in a way worth another; ``immediate`` where the cause is already
+    mended (a registration made again), so no backoff is spent on it."""
+
+    def __init__(
+        self, cause: Exception, retry_after: float | None = None, *, immediate: bool = False
+    ) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.retry_after = retry_after
+        self.immediate = immediate
+
+
+@dataclass
+class _Call:
+    """One public call: how long it may take (``deadline`` seconds, None: no end) and the last
+    answer a server gave in it, for the error of a call that gives up."""
+
+    deadline: float | None
+    started: float = field(default_factory=time.monotonic)
+    answered: str | None = None
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.started + self.deadline - time.monotonic()
+
+    def within(self, seconds: float | None, doing: str) -> float | None:
+        """``seconds`` (a timeout; None: none) cut to what is left of the call; APITimeoutError
+        once nothing is."""
+        left = self.remaining()
+        if left is None:
+            return seconds
+        if left <= 0:
+            raise APITimeoutError(
+                f"initserve: {doing} passed the call's deadline of {self.deadline:g} s"
+            )
+        return left if seconds is None else min(seconds, left)
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("initserve_call", default=None)
+
+
+def _current() -> _Call:
+    """The public call under way (an internal step outside one has no deadline)."""
+    return _CALL.get() or _Call(None)
+
+
+def _note_answer(response: httpx.Response) -> None:
+    call = _CALL.get()
+    if call is not None:
+        call.answered = f"{response.status_code} {response.reason_phrase}".strip()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return str(exc)
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -154,29 +222,83 @@ class _Receiver:
     file: BinaryIO | None = None
     targets: list[npt.NDArray[np.uint8]] | None = None
     progress: Progress | None = None
+    # With a file: the digest of every byte written to it, in order (what the cache records).
+    digest: xxhash.xxh3_64 | None = None
     position: int = 0
     etag: str | None = None
     total: int | None = None
     header: Header | None = None
     head: bytearray = field(default_factory=bytearray)
     buffer: npt.NDArray[np.uint8] | None = None
+    # The last answer's body is framed by its Content-Length alone and sent as it is (no
+    # transfer or content coding): only such a body may be read from the socket directly.
+    framed: bool = False
+    # The last answer's body has a content coding (a proxy compressed it): its bytes come
+    # decoded, and a range of it would count the coded bytes, so it is never resumed.
+    encoded: bool = False
     _begins: list[int] = field(default_factory=list)  # data offset of each entry (targets)
 
     def request_headers(self) -> dict[str, str]:
-        return {"Range": f"bytes={self.position}-"} if self.position else {}
+        # Identity asked for: a proxy is not invited to compress what is random bytes anyway.
+        headers = {"Accept-Encoding": "identity"}
+        if self.position and self.encoded:
+            self.reset()
+        if self.position:
+            headers["Range"] = f"bytes={self.position}-"
+        return headers
 
     def begin(self, response: httpx.Response) -> None:
+        _note_answer(response)
         if response.status_code not in (200, 206):
             _Base._json_or_raise(response)  # raises _Retry, or the typed error
-        etag = response.headers.get("etag")
-        if self.position and (response.status_code != 206 or etag != self.etag):
-            # Not a continuation of the same object (a server of another version?): restart.
-            self.reset()
-            raise _Retry(InvalidResponseError("the resumed response is not the same object"))
-        if not self.position:
+        headers = response.headers
+        etag = headers.get("etag")
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        length = headers.get("content-length")
+        chunked = "transfer-encoding" in headers
+        if self.position:
+            if response.status_code != 206 or etag != self.etag:
+                # Not a continuation of the same object (a server of another version?): restart.
+                self.reset()
+                raise _Retry(InvalidResponseError("the resumed response is not the same object"))
+            self._check_range(headers)
+        elif response.status_code != 200:
+            raise _Retry(InvalidResponseError(f"{response.status_code} to a request for it all"))
+        else:
             self.etag = etag
-            length = response.headers.get("content-length")
-            self.total = int(length) if length is not None else None
+            plain = length is not None and not chunked and coding == "identity"
+            self.total = int(length) if plain and length is not None else None
+        self.encoded = coding != "identity"
+        self.framed = length is not None and not chunked and not self.encoded
+
+    def _check_range(self, headers: httpx.Headers) -> None:
+        """A 206 is accepted only as exactly the rest of the file asked for: its Content-Range
+        from this position to the last byte of the known total, and a body of that length;
+        anything else would put its bytes in the wrong place. Otherwise the download starts
+        again from byte 0."""
+        value = headers.get("content-range", "")
+        length = headers.get("content-length")
+        match = _CONTENT_RANGE.fullmatch(value.strip())
+        total = self.total
+        if match is not None:
+            first, last, whole = (int(group) for group in match.groups())
+            total = whole if total is None else total  # the first answer's length unknown
+            if (
+                first == self.position
+                and last == total - 1
+                and whole == total
+                and (length is None or int(length) == last - first + 1)
+            ):
+                self.total = total
+                return
+        asked = f"bytes {self.position}-{'' if total is None else total - 1}/{total or '*'}"
+        self.reset()
+        raise _Retry(
+            InvalidResponseError(
+                f"a 206 with Content-Range {value!r} and Content-Length {length} is not the"
+                f" rest asked for ({asked}): downloading it all again"
+            )
+        )
 
     def reset(self) -> None:
         self.position, self.etag, self.total, self.header = 0, None, None, None
@@ -201,6 +323,8 @@ class _Receiver:
         if self.file is not None:
             self.file.seek(self.position)
             self.file.write(view)
+            if self.digest is not None:
+                self.digest.update(view)
         else:
             done = 0
             while done < len(view):
@@ -209,18 +333,20 @@ class _Receiver:
                 done += len(slot)
         self._advance(len(view))
 
-    def receive_from(self, connection: socket.socket, timeout: float | None) -> None:
+    def receive_from(self, connection: socket.socket, timeout: float | None, call: _Call) -> None:
         """The rest of the body read from ``connection`` with ``recv_into`` straight into its
         destination (the caller's arrays or the fresh buffer): no Python HTTP layer copies it
-        on the way. Ends early if the peer does (``finish`` then asks for a resume)."""
-        connection.settimeout(timeout)
+        on the way. Ends early if the peer does (``finish`` then asks for a resume). Only for a
+        body framed by its Content-Length alone (``framed``): its bytes are the file's."""
         try:
             while self.header is None:  # the safetensors header, whole, through feed
+                connection.settimeout(call.within(timeout, self.reading()))
                 chunk = connection.recv(READ_BYTES)
                 if not chunk:
                     return
                 self.feed(chunk)
             while self.position < self.header.total_bytes:
+                connection.settimeout(call.within(timeout, self.reading()))
                 slot = self._slot(self.position - self.header.size, READ_BYTES)
                 got = connection.recv_into(slot.data)
                 if got == 0:
@@ -230,6 +356,9 @@ class _Receiver:
             raise httpx.ReadTimeout(f"reading the body: {exc}") from exc
         except OSError as exc:
             raise httpx.ReadError(f"reading the body: {exc}") from exc
+
+    def reading(self) -> str:
+        return f"reading the body (byte {self.position} of {self.total or 'an unknown total'})"
 
     def _slot(self, offset: int, count: int) -> npt.NDArray[np.uint8]:
         """Where data bytes [offset, offset + count) go: the fresh buffer, or the caller's target
@@ -259,6 +388,10 @@ class _Receiver:
         if self.file is not None:
             self.file.seek(0)
             self.file.write(self.head)
+            self.file.truncate()  # nothing left of an earlier attempt at another object
+            if self.digest is not None:
+                self.digest.reset()
+                self.digest.update(self.head)
         elif self.targets is not None:
             self._begins = [e.begin for e in header.entries]
             sizes = [e.end - e.begin for e in header.entries]
@@ -292,6 +425,7 @@ class _Base:
         cache_dir: str | os.PathLike[str] | None = None,
         uds: str | os.PathLike[str] | None = None,
         shared_memory: bool = False,
+        deadline: float | None = DEFAULT_DEADLINE,
     ) -> None:
         socket_path = uds if uds is not None else os.environ.get("INITSERVE_UDS")
         self.uds = str(socket_path) if socket_path else None
@@ -303,6 +437,7 @@ class _Base:
         self.shared_memory = shared_memory
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry = retry or RetryPolicy()
+        self.deadline = deadline  # seconds for one call, retries included; None: no end
         cache = cache_dir if cache_dir is not None else os.environ.get("INITSERVE_CACHE_DIR")
         self.cache_dir = Path(cache) if cache else None
         self.token = token
@@ -326,34 +461,105 @@ class _Base:
             body["regions"] = {k: [[int(lo), int(hi)] for lo, hi in r] for k, r in regions.items()}
         return body
 
-    def _delay_or_raise(self, attempt: int, exc: Exception) -> float:
-        """Seconds to wait before retry number ``attempt``; the typed error once retries are
-        spent."""
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[_Call]:
+        """One public call, and its deadline; a call made inside another (the async client's
+        sync twin, in its thread) keeps the outer call's."""
+        outer = _CALL.get()
+        if outer is not None:
+            yield outer
+            return
+        call = _Call(self.deadline)
+        token = _CALL.set(call)
+        try:
+            yield call
+        finally:
+            _CALL.reset(token)
+
+    def _timeout(self, doing: str) -> httpx.Timeout:
+        """The client's timeouts for one request, none past the call's deadline."""
+        call, t = _current(), self.timeout
+        if call.deadline is None:
+            return t
+        return httpx.Timeout(
+            connect=call.within(t.connect, doing),
+            read=call.within(t.read, doing),
+            write=call.within(t.write, doing),
+            pool=call.within(t.pool, doing),
+        )
+
+    def _delay_or_raise(self, attempt: int, exc: Exception, doing: str) -> float:
+        """Seconds to wait before retry number ``attempt``, logged; the typed error, saying
+        why, once retries or the call's deadline are spent."""
+        cause = exc.cause if isinstance(exc, _Retry) else exc
+        call = _current()
+        tried = f"{attempt + 1} attempt{'s' if attempt else ''}"
         if attempt >= self.retry.max_retries:
-            raise self._connection_error(exc) from exc
-        return self.retry.delay(attempt, getattr(exc, "retry_after", None))
+            self._give_up(cause, call, f"{doing} gave up after {tried}")
+        if isinstance(exc, _Retry) and exc.immediate:
+            delay = 0.0
+        else:
+            delay = self.retry.delay(attempt, getattr(exc, "retry_after", None))
+        left = call.remaining()
+        if left is not None and delay >= left:
+            self._give_up(
+                cause, call, f"{doing} reached the call's deadline of {call.deadline:g} s after"
+                f" {tried}", timed_out=True,
+            )  # fmt: skip
+        logger.warning(
+            "initserve: %s failed (attempt %d of %d): %s; retrying in %.2f s",
+            doing, attempt + 1, self.retry.max_retries + 1, _describe(cause), delay,
+        )  # fmt: skip
+        return delay
+
+    def _give_up(
+        self, cause: Exception, call: _Call, summary: str, timed_out: bool = False
+    ) -> NoReturn:
+        """Raises the error of a call that gives up: the last failure, named for what it was (the
+        server's status and problem where it answered; "could not reach" only where nothing
+        ever answered), with how many attempts and how long it took."""
+        note = f"{summary}, in {time.monotonic() - call.started:.1f} s"
+        error: Exception
+        if timed_out:
+            error = APITimeoutError(f"initserve: {note}; the last failure: {_describe(cause)}")
+        elif isinstance(cause, APIStatusError):
+            error = type(cause)(cause.status_code, cause.problem, f"{cause} ({note})")
+        elif isinstance(cause, InvalidResponseError):
+            error = InvalidResponseError(f"{cause} ({note})")
+        elif isinstance(cause, httpx.TransportError | APIConnectionError):
+            timeout = isinstance(cause, httpx.TimeoutException)
+            kind = APITimeoutError if timeout else APIConnectionError
+            where = self.url if self.uds is None else f"{self.url} (over {self.uds})"
+            if call.answered is not None:
+                said = f"initserve at {where} answered ({call.answered}), then: {_describe(cause)}"
+            else:
+                said = f"could not reach initserve at {where}: {_describe(cause)}"
+            error = kind(f"{said} ({note})")
+        else:
+            raise cause
+        raise error from cause
 
     @staticmethod
     def _json_or_raise(response: httpx.Response) -> dict[str, Any]:
-        """A JSON answer; _Retry for the statuses worth retrying, the typed error otherwise."""
+        """A JSON object answered; _Retry for the statuses worth retrying, the typed error
+        otherwise (InvalidResponseError for a 200 that is not a JSON object)."""
+        _note_answer(response)
         if response.status_code in RETRY_STATUSES:
             raise _Retry(
                 status_error(response.status_code, _problem(response)), _retry_after(response)
             )
         if response.status_code != 200:
             raise status_error(response.status_code, _problem(response))
-        result: dict[str, Any] = response.json()
+        try:
+            result = response.json()
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            raise InvalidResponseError(
+                f"{response.url.path} answered 200 with a body that is not a JSON object:"
+                f" {response.content[:80]!r}"
+            )
         return result
-
-    @staticmethod
-    def _connection_error(exc: Exception) -> Exception:
-        if isinstance(exc, _Retry):
-            exc = exc.cause
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(f"initserve timed out: {exc!r}")
-        if isinstance(exc, httpx.TransportError):
-            return APIConnectionError(f"could not reach initserve: {exc!r}")
-        return exc
 
     @staticmethod
     def _targets(
@@ -377,8 +583,10 @@ class _Base:
         return targets
 
     def _cache_path(self, etag: str) -> Path:
+        """The cache entry of ``etag``: named by a hash of it, so that nothing a server sends
+        ever becomes a path ("../x", "/etc/x")."""
         assert self.cache_dir is not None
-        return self.cache_dir / f"{etag.strip(chr(34))}.safetensors"
+        return self.cache_dir / f"{hashlib.sha256(etag.encode()).hexdigest()[:40]}.safetensors"
 
     def _options(self) -> dict[str, Any]:
         """What the sync twin needs to act as this client (the async client's blocking work)."""
@@ -389,6 +597,7 @@ class _Base:
             "cache_dir": self.cache_dir,
             "uds": self.uds,
             "shared_memory": self.shared_memory,
+            "deadline": self.deadline,
         }
 
 
@@ -492,6 +701,72 @@ def _atomic_file(target: Path) -> Iterator[BinaryIO]:
             os.unlink(temporary)
 
 
+def _checked_plan(planned: dict[str, Any]) -> dict[str, Any]:
+    """A /plan answer with the fields the client relies on; InvalidResponseError naming every
+    one missing or malformed."""
+    problems = []
+    if not isinstance(planned.get("etag"), str) or not planned["etag"]:
+        problems.append("'etag' is not a non-empty string")
+    if not isinstance(planned.get("total_bytes"), int) or planned["total_bytes"] < 0:
+        problems.append("'total_bytes' is not a byte count")
+    if not isinstance(planned.get("tensors"), list):
+        problems.append("'tensors' is not a list")
+    if problems:
+        raise InvalidResponseError(f"the /plan answer is not a plan: {'; '.join(problems)}")
+    return planned
+
+
+# Beside each cache entry, the digest of the bytes received for it (xxh3-64 as hex): checked on
+# every hit, so that a flipped bit or a cut file is fetched again, never served. xxh3 was chosen
+# by measurement (README): the fastest of xxh3, BLAKE3 and CRC32C here, and no copy to feed it.
+DIGEST_SUFFIX = ".xxh3"
+
+
+def _verified_entry(
+    path: Path, expected: list[tuple[str, str, tuple[int, ...]]], *, repair: bool
+) -> tuple[Header, npt.NDArray[np.uint8]] | None:
+    """The cache entry at ``path`` (its header and the whole file, mapped) if it is whole and
+    its bytes have the recorded digest; None if it is missing or damaged (with ``repair``, a
+    damaged one is removed and logged: the caller fetches it again)."""
+    try:
+        header, whole = map_file_strict(str(path))
+    except FileNotFoundError:
+        return None
+    except InvalidResponseError as exc:  # cut short, or no longer a safetensors file
+        problem: str | None = str(exc)
+    else:
+        problem = _damage(path, header, whole, expected)
+        if problem is None:
+            return header, whole
+    if repair:
+        logger.warning("initserve: cache entry %s is damaged (%s): fetched again", path, problem)
+        for stale in (path, path.with_suffix(DIGEST_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+    return None
+
+
+def _damage(
+    path: Path,
+    header: Header,
+    whole: npt.NDArray[np.uint8],
+    expected: list[tuple[str, str, tuple[int, ...]]],
+) -> str | None:
+    """What is wrong with a mapped cache entry, or None."""
+    try:
+        recorded = path.with_suffix(DIGEST_SUFFIX).read_text().strip()
+    except FileNotFoundError:
+        return "no digest was recorded for it"
+    try:
+        check_against_spec(header, expected)
+    except InvalidResponseError as exc:
+        return str(exc)
+    actual = xxhash.xxh3_64_hexdigest(whole.data)
+    if actual != recorded:
+        return f"its xxh3-64 is {actual}, {recorded!r} was recorded when it was received"
+    return None
+
+
 def _same_object(receiver: _Receiver, etag: str | None) -> None:
     if etag is not None and receiver.etag != etag:
         raise InvalidResponseError("the server's ETag changed between plan and download")
@@ -592,6 +867,7 @@ class Client(_Base):
         # client lives: its pages, once taken, are written again by the next response instead
         # of being taken afresh (first touch is the cost).
         self._staging: SharedRegion | None = None
+        self._registered = False  # a region was registered on the server's socket once
 
     def __enter__(self) -> Client:
         return self
@@ -620,7 +896,11 @@ class Client(_Base):
 
             local: dict[str, Any] = dry_run_answer(_local_prepare(body))
             return local
-        planned: dict[str, Any] = self._with_retries(lambda: self._post_json("/plan", body))
+        with self._call():
+            return self._plan(body)
+
+    def _plan(self, body: dict[str, Any]) -> dict[str, Any]:
+        planned = _checked_plan(self._with_retries(lambda: self._post_json("/plan", body), "plan"))
         self._remember_etag(body, planned["etag"])
         return planned
 
@@ -629,8 +909,7 @@ class Client(_Base):
         known = self._etags.get(json.dumps(body, sort_keys=True))
         if known is not None:
             return known
-        etag: str = self._with_retries(lambda: self._post_json("/plan", body))["etag"]
-        self._remember_etag(body, etag)
+        etag: str = self._plan(body)["etag"]
         return etag
 
     def _remember_etag(self, body: dict[str, Any], etag: str) -> None:
@@ -642,7 +921,8 @@ class Client(_Base):
             del self._etags[next(iter(self._etags))]
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._json_or_raise(self._http.post(path, json=body))
+        timeout = self._timeout(f"POST {path}")
+        return self._json_or_raise(self._http.post(path, json=body, timeout=timeout))
 
     def _uses_shared_memory(self) -> bool:
         """Asked for, over a Unix socket, and on at the server (GET /shared-memory; a server
@@ -650,10 +930,15 @@ class Client(_Base):
         if not self.shared_memory or self.local or self.cache_dir is not None or not self.uds:
             return False
         if self._registration is None:
-            response = self._with_retries(lambda: self._http.get("/shared-memory"))
+            doing = "asking whether shared memory is on"
+            response = self._with_retries(
+                lambda: self._http.get("/shared-memory", timeout=self._timeout(doing)), doing
+            )
+            _note_answer(response)
             if response.status_code == 401:
                 raise status_error(401, _problem(response))
-            answer = response.json() if response.status_code == 200 else {}
+            # Anything but a clear yes (another server, a proxy's page): over HTTP.
+            answer = (_problem(response) or {}) if response.status_code == 200 else {}
             name = answer.get("registration") if answer.get("enabled") is True else None
             # The registration socket lies beside the HTTP one, whatever the directory is called
             # in this container.
@@ -693,6 +978,8 @@ class Client(_Base):
             address = staged.address
         path = self._registration
 
+        doing = "generating into shared memory"
+
         def one_attempt() -> httpx.Response:
             try:
                 region_id = registration(address, path, self.token)
@@ -700,6 +987,12 @@ class Client(_Base):
                 if refused.status in RETRY_STATUSES:
                     raise _Retry(refused.error(), None) from None
                 raise refused.error() from None
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                if not self._registered:
+                    raise  # never reached from here: HTTP it is (below)
+                # It answered before: the server is restarting. Registered again once it is up.
+                raise _Retry(APIConnectionError(f"the registration socket {path}: {exc}")) from exc
+            self._registered = True
             response = self._http.post(
                 "/shared-memory/init",
                 json=body,
@@ -708,10 +1001,12 @@ class Client(_Base):
                     "X-Initserve-Shm-Offset": str(offset),
                     "X-Initserve-Shm-Size": str(need),
                 },
+                timeout=self._timeout(doing),
             )
+            _note_answer(response)
             if response.status_code == 404 and _problem_types(response) == ["shm_unknown"]:
-                unregister(address, path)  # the server forgot it (it restarted): registered again
-                raise _Retry(status_error(404, _problem(response)), 0.0)
+                unregister(address, path)  # the server forgot it: registered again, at once
+                raise _Retry(status_error(404, _problem(response)), immediate=True)
             if response.status_code in RETRY_STATUSES:
                 raise _Retry(
                     status_error(response.status_code, _problem(response)), _retry_after(response)
@@ -719,8 +1014,9 @@ class Client(_Base):
             return response
 
         try:
-            response = self._with_retries(one_attempt)
+            response = self._with_retries(one_attempt, doing)
         except OSError:  # the socket is not reachable from here: HTTP it is
+            logger.warning("initserve: %s is not reachable from here: over HTTP", path)
             self._registration = ""
             return None
         if response.status_code == 403 and "INITSERVE_ALLOW_SHARED_MEMORY" in response.text:
@@ -736,13 +1032,13 @@ class Client(_Base):
             )
         return header, None if staged is None else staged.data[offset : offset + need]
 
-    def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
+    def _with_retries(self, attempt_fn: Callable[[], Any], doing: str) -> Any:
         attempt = 0
         while True:
             try:
                 return attempt_fn()
             except (_Retry, httpx.TransportError) as exc:
-                time.sleep(self._delay_or_raise(attempt, exc))
+                time.sleep(self._delay_or_raise(attempt, exc, doing))
                 attempt += 1
 
     def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
@@ -752,29 +1048,35 @@ class Client(_Base):
             receiver.finish()
             return
 
+        call = _current()
+
         def one_attempt() -> None:
+            headers = receiver.request_headers()
             with self._http.stream(
-                "POST", "/init", json=body, headers=receiver.request_headers()
+                "POST", "/init", json=body, headers=headers, timeout=self._timeout("POST /init")
             ) as response:
                 if response.status_code >= 400:
                     response.read()  # the problem+json body, for the error
                 receiver.begin(response)
-                chunks = response.iter_raw()
+                # Raw: the bytes as sent, transfer coding removed; decoded where a proxy
+                # applied a content coding anyway.
+                chunks = response.iter_bytes() if receiver.encoded else response.iter_raw()
                 stream = response.extensions.get("network_stream")
                 raw = None if stream is None else stream.get_extra_info("socket")
-                direct = self._reads_socket and receiver.file is None
+                direct = self._reads_socket and receiver.file is None and receiver.framed
                 if direct and isinstance(raw, socket.socket):
                     # What h11 holds already (one chunk at most), then the rest straight from
                     # the socket into its place; the connection is not reused (h11 never saw
                     # the end of the body), so httpx closes it.
                     receiver.feed(next(chunks, b""))
-                    receiver.receive_from(raw, self.timeout.read)
+                    receiver.receive_from(raw, self.timeout.read, call)
                 else:
                     for chunk in chunks:
                         receiver.feed(chunk)
+                        call.within(None, receiver.reading())
             receiver.finish()
 
-        self._with_retries(one_attempt)
+        self._with_retries(one_attempt, "fetching the weights")
 
     def fetch_weights(
         self,
@@ -790,16 +1092,26 @@ class Client(_Base):
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         body = self._body(spec, only, shard, regions)
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
-        shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
-        if self.cache_dir is not None and not self.local:
-            tensors = self._fetch_cached(body, expected, progress)
-        elif shared is not None and shared[1] is not None:  # views of the region: no copy
-            tensors = tensors_from_buffer(shared[0], shared[1])
-        else:
-            receiver = _Receiver(expected, progress=progress)
-            self._download(body, receiver)
-            tensors = receiver.tensors()
+        with self._call():
+            tensors = self._fetch_weights(body, expected, progress)
         return _as_torch(tensors) if as_torch else tensors
+
+    def _fetch_weights(
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        progress: Progress | None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        cached = self._cached_file(body, expected, progress)
+        if cached is not None:  # views of the mapped file
+            header, whole = cached
+            return tensors_from_buffer(header, whole[header.size :])
+        shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
+        if shared is not None and shared[1] is not None:  # views of the region: no copy
+            return tensors_from_buffer(shared[0], shared[1])
+        receiver = _Receiver(expected, progress=progress)
+        self._download(body, receiver)
+        return receiver.tensors()
 
     def allocate(
         self, spec: SpecLike, *, regions: Regions | None = None
@@ -809,7 +1121,9 @@ class Client(_Base):
         shared memory (the server generates straight into them), else ordinary memory."""
         expected = expected_entries(_spec_dict(spec), None, None, regions)
         layout = _data_layout(expected)
-        if _data_bytes(layout) == 0 or not self._uses_shared_memory():
+        with self._call():
+            shared = _data_bytes(layout) > 0 and self._uses_shared_memory()
+        if not shared:
             return {key: np.empty(shape, dtype=numpy_dtype(code)) for key, code, shape in expected}
         data = SharedRegion(_data_bytes(layout)).data
         return {
@@ -834,8 +1148,20 @@ class Client(_Base):
         if self.local:  # generated straight into the targets, as the engine can: no bytes at all
             _local_fill(body, [arrays[key] for key, _, _ in expected])
             return
-        if self.cache_dir is not None:  # a mapped cache file, copied into the targets
-            _copy_into(*self._cached_file(body, expected, progress), targets)
+        with self._call():
+            self._fetch_into(body, expected, targets, progress)
+
+    def _fetch_into(
+        self,
+        body: dict[str, Any],
+        expected: list[tuple[str, str, tuple[int, ...]]],
+        targets: list[npt.NDArray[np.uint8]],
+        progress: Progress | None,
+    ) -> None:
+        cached = self._cached_file(body, expected, progress)
+        if cached is not None:  # a mapped cache file, copied into the targets
+            header, whole = cached
+            _copy_into(header, whole[header.size :], targets)
             return
         shared = self._fetch_shared(body, expected, targets) if self._uses_shared_memory() else None
         if shared is not None:
@@ -859,7 +1185,8 @@ class Client(_Base):
         """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
-        return self._download_file(self._body(spec, only, shard, regions), receiver, Path(path))
+        with self._call():
+            return self._download_file(self._body(spec, only, shard, regions), receiver, Path(path))
 
     def _download_file(
         self, body: dict[str, Any], receiver: _Receiver, target: Path, etag: str | None = None
@@ -873,31 +1200,45 @@ class Client(_Base):
         assert receiver.header is not None
         return receiver.header
 
-    def _fetch_cached(
-        self,
-        body: dict[str, Any],
-        expected: list[tuple[str, str, tuple[int, ...]]],
-        progress: Progress | None,
-    ) -> dict[str, npt.NDArray[Any]]:
-        return tensors_from_buffer(*self._cached_file(body, expected, progress))
-
     def _cached_file(
         self,
         body: dict[str, Any],
         expected: list[tuple[str, str, tuple[int, ...]]],
         progress: Progress | None,
-    ) -> tuple[Header, npt.NDArray[np.uint8]]:
-        """The cached file's header and its data bytes, mapped (copy-on-write): downloaded
-        first if this ETag is not cached yet."""
+    ) -> tuple[Header, npt.NDArray[np.uint8]] | None:
+        """The cache entry's header and the whole file, mapped (copy-on-write), its digest
+        checked: downloaded first if it is not cached yet, or again if it is damaged. None
+        without a cache, or where the cache directory cannot be used (warned once; this
+        client then goes on without it)."""
+        if self.cache_dir is None or self.local:
+            return None
         etag = self._etag_of(body)
         path = self._cache_path(etag)
-        if not path.exists():
-            with _locked(path.with_suffix(".lock")):
-                if not path.exists():
-                    self._download_file(body, _Receiver(expected, progress=progress), path, etag)
-        header, data = map_file_strict(str(path))
+        try:
+            entry = _verified_entry(path, expected, repair=False)
+            if entry is not None:
+                return entry
+            with _locked(path.with_suffix(".lock")):  # one process fetches, the rest wait
+                entry = _verified_entry(path, expected, repair=True)
+                if entry is not None:
+                    return entry
+                receiver = _Receiver(expected, progress=progress, digest=xxhash.xxh3_64())
+                self._download_file(body, receiver, path, etag)
+                assert receiver.digest is not None
+                with _atomic_file(path.with_suffix(DIGEST_SUFFIX)) as f:
+                    f.write(receiver.digest.hexdigest().encode())
+            header, whole = map_file_strict(str(path))
+        except OSError as exc:
+            warnings.warn(
+                f"initserve: the cache directory {self.cache_dir} cannot be used ({exc});"
+                " fetching without the cache",
+                CacheWarning,
+                stacklevel=4,
+            )
+            self.cache_dir = None
+            return None
         check_against_spec(header, expected)
-        return header, data
+        return header, whole
 
 
 class AsyncClient(_Base):
@@ -930,32 +1271,38 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _with_retries(self, attempt_fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _with_retries(self, attempt_fn: Callable[[], Awaitable[Any]], doing: str) -> Any:
         """The sync twin's loop, awaiting: the same policy, the same shape."""
         attempt = 0
         while True:
             try:
                 return await attempt_fn()
             except (_Retry, httpx.TransportError) as exc:
-                await asyncio.sleep(self._delay_or_raise(attempt, exc))
+                await asyncio.sleep(self._delay_or_raise(attempt, exc, doing))
                 attempt += 1
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._json_or_raise(await self._http.post(path, json=body))
+        timeout = self._timeout(f"POST {path}")
+        return self._json_or_raise(await self._http.post(path, json=body, timeout=timeout))
 
     async def _download(self, body: dict[str, Any], receiver: _Receiver) -> None:
+        call = _current()
+
         async def one_attempt() -> None:
+            headers = receiver.request_headers()
             async with self._http.stream(
-                "POST", "/init", json=body, headers=receiver.request_headers()
+                "POST", "/init", json=body, headers=headers, timeout=self._timeout("POST /init")
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()  # the problem+json body, for the error
                 receiver.begin(response)
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_bytes() if receiver.encoded else response.aiter_raw()
+                async for chunk in chunks:
                     receiver.feed(chunk)
+                    call.within(None, receiver.reading())
             receiver.finish()
 
-        await self._with_retries(one_attempt)
+        await self._with_retries(one_attempt, "fetching the weights")
 
     def _in_sync_twin(self) -> bool:
         """The work the sync twin does in a thread: the on-disk cache (shared between processes
@@ -966,9 +1313,14 @@ class AsyncClient(_Base):
     async def _sync_twin(self, method: str, *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
             with Client(self.url, **self._options()) as client:
-                return getattr(client, method)(*args, **kwargs)
+                try:
+                    return getattr(client, method)(*args, **kwargs)
+                finally:
+                    if client.cache_dir is None:  # found unusable (warned): not tried again
+                        self.cache_dir = None
 
-        return await asyncio.to_thread(run)
+        with self._call():  # the thread runs in this call's context: under its deadline
+            return await asyncio.to_thread(run)
 
     async def plan(
         self,
@@ -982,8 +1334,9 @@ class AsyncClient(_Base):
         if self.local:
             return await self._sync_twin("plan", spec, only=only, shard=shard, regions=regions)  # type: ignore[no-any-return]
         body = self._body(spec, only, shard, regions)
-        planned: dict[str, Any] = await self._with_retries(lambda: self._post_json("/plan", body))
-        return planned
+        with self._call():
+            planned = await self._with_retries(lambda: self._post_json("/plan", body), "plan")
+        return _checked_plan(planned)
 
     async def allocate(
         self, spec: SpecLike, *, regions: Regions | None = None
@@ -1010,7 +1363,8 @@ class AsyncClient(_Base):
             return
         expected = expected_entries(_spec_dict(spec), None, None, regions)
         receiver = _Receiver(expected, targets=self._targets(expected, arrays), progress=progress)
-        await self._download(self._body(spec, None, None, regions), receiver)
+        with self._call():
+            await self._download(self._body(spec, None, None, regions), receiver)
 
     async def download(
         self,
@@ -1030,7 +1384,7 @@ class AsyncClient(_Base):
             return header
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
-        with _atomic_file(Path(path)) as f:
+        with self._call(), _atomic_file(Path(path)) as f:
             receiver.file = f
             await self._download(self._body(spec, only, shard, regions), receiver)
         assert receiver.header is not None
@@ -1056,7 +1410,8 @@ class AsyncClient(_Base):
             return tensors
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
-        await self._download(self._body(spec, only, shard, regions), receiver)
+        with self._call():
+            await self._download(self._body(spec, only, shard, regions), receiver)
         tensors = receiver.tensors()
         return _as_torch(tensors) if as_torch else tensors
 

@@ -13,6 +13,9 @@ InitserveError
 │   ├── ServiceUnavailableError   503  (overloaded or draining; retried first)
 │   └── InternalServerError       other 5xx
 └── InvalidResponseError          a body that is not the safetensors file the spec asks for
+
+CacheWarning (a UserWarning): the on-disk cache directory cannot be used; the call goes on
+without the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class APITimeoutError(APIConnectionError):
 
 
 class InvalidResponseError(InitserveError):
+    pass
+
+
+class CacheWarning(UserWarning):
     pass
 
 

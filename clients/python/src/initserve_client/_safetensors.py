@@ -159,9 +159,10 @@ def tensors_from_buffer(header: Header, data: npt.NDArray[np.uint8]) -> dict[str
 
 
 def map_file_strict(path: str) -> tuple[Header, npt.NDArray[np.uint8]]:
-    """The file's header, checked as strictly as a response's, and its data bytes memory-mapped
-    copy-on-write (as safetensors maps a file): nothing is read until used, pages come from the
-    page cache, and a caller that writes to an array changes its own copy, never the file."""
+    """The file's header, checked as strictly as a response's, and the whole file (header and
+    data bytes) memory-mapped copy-on-write (as safetensors maps a file): nothing is read until
+    used, pages come from the page cache, and a caller that writes to an array changes its own
+    copy, never the file. The data bytes are ``whole[header.size:]``."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         raw = prefix + f.read(header_length(prefix))
@@ -170,10 +171,8 @@ def map_file_strict(path: str) -> tuple[Header, npt.NDArray[np.uint8]]:
             raise InvalidResponseError(
                 f"{path}: the file is not exactly the size its header declares"
             )
-        if header.data_bytes == 0:
-            return header, np.empty(0, dtype=np.uint8)
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return header, np.frombuffer(mapping, dtype=np.uint8, offset=header.size)
+    return header, np.frombuffer(mapping, dtype=np.uint8)
 
 
 # --- what a spec implies -------------------------------------------------------------------------

@@ -78,9 +78,13 @@ def registration(address: int, path: str, token: str | None) -> str:
     the registration this process keeps."""
     key = (address, path)
     with _LOCK:
-        if key in _REGISTERED:
+        kept = _REGISTERED.get(key)
+        if kept is not None and _open(kept[0]):
             _REGISTERED.move_to_end(key)
-            return _REGISTERED[key][1]
+            return kept[1]
+        if kept is not None:  # the server closed it (it stopped or restarted): registered anew
+            del _REGISTERED[key]
+            kept[0].close()
         mapped = _LIVE[address]
     connection, region_id = register(path, mapped.fd, token)
     with _LOCK:
@@ -91,6 +95,18 @@ def registration(address: int, path: str, token: str | None) -> str:
     for old in evicted:
         old.close()
     return region_id
+
+
+def _open(connection: socket.socket) -> bool:
+    """Whether the server still holds the registration on ``connection``: it sends nothing after
+    its answer, so a readable end of stream (or an error) means it closed it, and with it
+    forgot the region (a restarted server knows none of the old ids)."""
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def unregister(address: int, path: str) -> None:

@@ -95,6 +95,8 @@ class Event:
     whole: bool = True  # the event covers the whole tensor
     overwrite: bool = False  # a write that sets every value it covers (fill_, copy_), not mul_
     value: float | None = None  # the value a fill sets
+    init: dict[str, Any] | None = None  # the scheme a draw asked for
+    stage: str = "reset"  # "reset": the modules' own reset_parameters; "model": the model's init
 
     @property
     def determines(self) -> bool:
@@ -130,6 +132,7 @@ class Router:
         for tensor_id, name in names.items():
             self._aliases[tensor_id] = Alias(name, True)
         self.context: list[str] = []  # which init is running, for messages
+        self.stage = "reset"
         self._tainted: dict[int, str] = {}  # tensors holding torch's random values -> the call
 
     def taint(self, result: Any, call: str) -> None:
@@ -177,9 +180,19 @@ class Router:
 class Recorder(Router):
     """The first run: writes down the draws, the writes and reads, and every problem."""
 
-    def __init__(self, names: dict[int, str], skip: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        names: dict[int, str],
+        skip: frozenset[str] = frozenset(),
+        discarded: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(names, skip)
+        self.discarded = discarded  # a tied weight's other slots' stand-ins: noted, not served
         self.trace = Trace()
+
+    def note(self, name: str, event: Event) -> None:
+        event.stage = self.stage
+        self.trace.note(name, event)
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -196,6 +209,9 @@ class Recorder(Router):
                 " tensors (give the tensor a rule instead)"
             )
             return
+        if alias.name in self.discarded:
+            self.note(alias.name, Event("draw", call, init=init))
+            return
         if alias.name in self.skip:
             return
         scheme = init["scheme"]
@@ -204,7 +220,7 @@ class Recorder(Router):
             if not all(math.isfinite(v) for v in values):
                 self.refuse(f"{alias.name!r}: {call} with non-finite parameters {init}")
                 return
-        self.trace.note(alias.name, Event("draw", call, len(self.trace.draws)))
+        self.note(alias.name, Event("draw", call, len(self.trace.draws), init=init))
         self.trace.draws.append(DrawCall(alias.name, init, call))
 
     def refuse(self, message: str) -> None:
@@ -214,11 +230,10 @@ class Recorder(Router):
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         overwrite = call in _OVERWRITES or call.startswith("fill ")
         whole = alias.whole and call != "__setitem__"  # t[index] = v sets part of t
-        event = Event("write", call, whole=whole, overwrite=overwrite, value=value)
-        self.trace.note(alias.name, event)
+        self.note(alias.name, Event("write", call, whole=whole, overwrite=overwrite, value=value))
 
     def read(self, alias: Alias, call: str) -> None:
-        self.trace.note(alias.name, Event("read", call))
+        self.note(alias.name, Event("read", call))
 
 
 class Writer(Router):

@@ -402,10 +402,29 @@ def _analyse(
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
-    reassigned = run.reassigned
-    problems = list(trace.problems)
+    problems = []
     if owners is None and not _hf_roots(module):
         problems += _ambiguous_ties(trace, run, tensors)
+    # A model built on a real device holds the values its constructor gave: what no init code
+    # touches keeps them (a CLIP logit_scale, a constant set in __init__).
+    kept = {n for n, t in tensors.params.items() if not t.is_meta}
+    return _conclude(seed, tensors, trace, run, ruled, problems, kept, owners or {})
+
+
+def _conclude(
+    seed: int,
+    tensors: _Tensors,
+    trace: Any,
+    run: _Run,
+    ruled: dict[str, dict[str, Any]],
+    problems: list[str],
+    kept: set[str],
+    owners: Mapping[str, int],
+) -> _Recording:
+    """The spec and the plan of the replay, from what the init code did to each tensor (its
+    events); every problem raised at once."""
+    reassigned = run.reassigned
+    problems = [*trace.problems, *problems]
     final: dict[str, int] = {}
     fills: dict[str, dict[str, Any]] = {}
     direct: set[str] = set()
@@ -442,7 +461,7 @@ def _analyse(
                 fills[name]["val"] = value
         initialised = bool(kills)
         tensor = tensors.get(name)
-        if name in tensors.params and not initialised and tensor.numel():
+        if name in tensors.params and not initialised and tensor.numel() and name not in kept:
             problems.append(
                 f"parameter {name!r} {list(tensor.shape)}: no init code initialises it; give it"
                 f" a rule, e.g. rules={{{name!r}: {{'scheme': 'normal', 'std': 0.02}}}}"
@@ -483,7 +502,7 @@ def _analyse(
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
-    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners or {})
+    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners)
 
 
 def spec_from_module(

@@ -73,6 +73,8 @@ _METADATA = frozenset(
         "__bool__", "type", "is_shared", "is_pinned", "has_names",
     }
 )  # fmt: skip
+# Functions whose result holds no values yet.
+_EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 
 _LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
@@ -175,6 +177,9 @@ class Router:
 
     def read(self, alias: Alias, call: str) -> None:
         pass
+
+    def created_empty(self, tensor: Any) -> None:
+        """``tensor`` was allocated with no values (torch.empty and its kin)."""
 
     def local_view(self, call: str, args: tuple[Any, ...]) -> torch.Tensor | None:
         """A view of part of a sharded tensor, as this rank's part of its local shard (None:
@@ -592,6 +597,8 @@ class _Mode(TorchFunctionMode):
                 if alias is not None:
                     router.read(alias, name)
         result = func(*args, **kwargs)
+        if name in _EMPTY:
+            router.created_empty(result)
         origin = router.tainted_by(_tensors(args, kwargs))
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)

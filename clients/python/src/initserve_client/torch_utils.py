@@ -203,6 +203,18 @@ def _run_own_init(
             module.init_weights()
 
 
+def _model_level_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
+    """After a recorded constructor: ``init_fn``, else a torchtitan-style ``init_weights()``
+    (Hugging Face's init ran in its constructor's ``post_init``)."""
+    router.stage = "model"
+    if init_fn is not None:
+        router.context.append("init_fn")
+        init_fn(module)
+    elif not _hf_roots(module) and callable(getattr(module, "init_weights", None)):
+        router.context.append(f"{type(module).__name__}.init_weights")
+        module.init_weights()
+
+
 def _clear_hf_flags(module: Any) -> None:
     """Hugging Face marks what it has initialised and skips it next time (post_init on meta, a
     first run of ours): a routed init runs every init function."""
@@ -477,6 +489,7 @@ def _conclude(
             and on_meta
             and not initialised
             and name not in reassigned
+            and name not in kept
         ):
             problems.append(
                 f"buffer {name!r} {list(tensor.shape)} is on the meta device and no init code"
@@ -505,6 +518,106 @@ def _conclude(
     return _Recording(spec, trace.draws, final, filled, direct, ruled, owners)
 
 
+def _is_factory(module: Any) -> bool:
+    from torch import nn
+
+    return callable(module) and not isinstance(module, nn.Module)
+
+
+def _record_factory(
+    factory: Any, seed: int, rules: Rules | None, init_fn: InitFn | None
+) -> tuple[Any, _Tensors, _Recording]:
+    """Run the constructor (and the model-level init) on the meta device, recorded: the meta
+    model, its tensors and the spec and plan of the build."""
+    import torch
+
+    from initserve_client.torch_capture import routed
+    from initserve_client.torch_factory import (
+        FactoryRecorder,
+        _hf_initialises_on_meta,
+        _storage,
+        registrations,
+        renamed,
+    )
+
+    recorder = FactoryRecorder()
+    try:
+        with (
+            torch.device("meta"),
+            _hf_initialises_on_meta(),
+            routed(recorder),
+            registrations(recorder),
+        ):
+            model = factory()
+            _model_level_init(model, init_fn, recorder)
+    except ModelInitError:
+        raise
+    except Exception as exc:  # the constructor itself failed on the meta device
+        where = recorder.where()
+        raise ModelInitError(
+            [*recorder.trace.problems,
+             f"the constructor raised {type(exc).__name__}: {exc}{where} while it ran on the meta"
+             " device"]
+        ) from exc  # fmt: skip
+    _clear_hf_flags(model)
+    _refuse_lazy(model)
+    tensors = _Tensors.of(model)
+    trace, scratch = renamed(recorder.trace, recorder, model)
+    problems = [
+        f"{d.call} draws into a scratch tensor (not a parameter or buffer the model keeps);"
+        " initserve serves draws into the model's own tensors only"
+        for d in trace.draws
+        if d.target in scratch
+    ]
+    kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
+    kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
+    ruled = _rule_inits(model, tensors, rules)
+    run = _Run(reassigned=[], orphaned=set(), tied={})
+    recording = _conclude(seed, tensors, trace, run, ruled, list(dict.fromkeys(problems)), kept, {})
+    return model, tensors, recording
+
+
+def _build(
+    factory: Any,
+    seed: int,
+    rules: Rules | None,
+    init_fn: InitFn | None,
+    active: Any,
+    device: Any,
+) -> Any:
+    """The factory form of init_module: record, fetch every served tensor, build for real."""
+    import numpy as np
+    import torch
+
+    from initserve_client._safetensors import numpy_dtype
+    from initserve_client.torch_capture import routed
+    from initserve_client.torch_factory import FactoryWriter, registrations
+
+    _, _, recording = _record_factory(factory, seed, rules, init_fn)
+    fetched = [e for e in recording.spec["tensors"] if e["name"] not in recording.filled]
+    spec = {**recording.spec, "tensors": fetched}
+    arrays = {
+        e["name"]: np.empty(e["shape"], dtype=numpy_dtype(DTYPE_NAMES[e["dtype"]])) for e in fetched
+    }
+    if arrays:
+        active.fetch_into(spec, arrays)
+    staged = {
+        recording.final[name]: _as_tensor(values)
+        for name, values in arrays.items()
+        if name not in recording.ruled
+    }
+    writer = FactoryWriter(recording.draws, staged)
+    with torch.device(device or "cpu"), routed(writer), registrations(writer):
+        model = factory()
+        _model_level_init(model, init_fn, writer)
+    _clear_hf_flags(model)
+    built = _Tensors.of(model)
+    with torch.no_grad():  # a rule's values replace whatever the code did to the tensor
+        for name in recording.ruled:
+            built.get(name).copy_(_as_tensor(arrays[name]).view(built.get(name).shape))
+    return model
+
+
 def spec_from_module(
     module: Any,
     seed: int,
@@ -516,9 +629,13 @@ def spec_from_module(
     """The spec of the model's own init (with ``rules`` applied): one entry per tensor that a
     random draw initialises, keyed by its canonical qualified name, in its own dtype (unless
     ``dtype`` forces one). JSON-able: it can be inspected, stored or served to another framework.
-    Raises ModelInitError listing every problem at once. Nothing of the model is changed."""
-    tensors = _Tensors.of(module)
-    spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
+    Raises ModelInitError listing every problem at once. Nothing of the model is changed.
+    ``module`` may be a zero-argument constructor, as init_module takes it."""
+    if _is_factory(module):
+        spec = _record_factory(module, seed, rules, init_fn)[2].spec
+    else:
+        tensors = _Tensors.of(module)
+        spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
     if dtype is not None:
         for entry in spec["tensors"]:
             entry["dtype"] = dtype
@@ -610,6 +727,13 @@ def init_module(
     from initserve_client._safetensors import numpy_dtype
     from initserve_client.torch_capture import Writer
 
+    if _is_factory(module):
+        own = Client(url, **options) if client is None else None
+        try:
+            return _build(module, seed, rules, init_fn, client or own, device)
+        finally:
+            if own is not None:
+                own.close()
     tensors = _Tensors.of(module)
     ruled = _rule_inits(module, tensors, rules)
     recording = _analyse(module, seed, tensors, init_fn, ruled)

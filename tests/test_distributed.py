@@ -15,7 +15,7 @@ from distributed_worker import RULES, Net, run
 from torch import nn
 
 import initserve
-from initserve_client import spec_from_module
+from initserve_client import init_module, spec_from_module
 
 from servers import free_port, uvicorn_server
 
@@ -70,8 +70,13 @@ def test_unknown_modules_and_buffers_are_refused() -> None:
             super().__init__()
             self.scale = nn.Parameter(torch.empty(4))
 
-    with pytest.raises(ValueError, match="'scale' \\[4\\]: no init code initialises it"):
+    with (
+        torch.device("meta"),
+        pytest.raises(ValueError, match="'scale' \\[4\\]: no init code initialises it"),
+    ):
         spec_from_module(Custom(), seed=1)
+    # Built on the CPU, it holds what its constructor gave: kept, as the torch program has it.
+    assert spec_from_module(Custom(), seed=1)["tensors"] == []
     # A rule for a bare parameter: by its qualified name, or by (module type, parameter name).
     for rules in ({"scale": {"scheme": "ones"}}, {(Custom, "sc*"): {"scheme": "ones"}}):
         spec = spec_from_module(Custom(), seed=1, rules=rules)
@@ -132,3 +137,38 @@ def test_init_module_streams_into_parameters_of_their_own_dtype() -> None:
     assert bare.weight.detach().numpy().tobytes() == bare_expected["weight"].tobytes()
     bound = 1 / np.sqrt(5)
     assert np.abs(bare.bias.detach().numpy()).max() <= bound
+
+
+@pytest.mark.parametrize(
+    ("case", "world_size"), [("mistral_fsdp", 3), ("qwen3moe_fsdp", 3), ("mistral_tp", 2)]
+)
+def test_padding_rows_are_zeroed_in_place_on_each_ranks_shard(
+    tmp_path: Path, case: str, world_size: int
+) -> None:
+    """``zeros_(weight[padding_idx])`` on a Shard(0) DTensor writes the owning rank's local
+    shard: full_tensor() is bit-equal to the single-process init with the padding row zero, no
+    collective runs (the old code indexed the DTensor, which gathered it on every rank and wrote
+    into that copy), and each rank's memory grows by at most 2x its shard + 96 MiB."""
+    from distributed_worker import hf_padded_model, run_padded
+
+    out = tmp_path / "ranks.json"
+    args = (world_size, free_port(), case, str(out))
+    mp.spawn(run_padded, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
+    ranks = json.loads(out.read_text())
+
+    with torch.device("meta"):
+        single = hf_padded_model(case.split("_")[0])
+    init_module(single, seed=99, url="local")
+    expected = {
+        name: hashlib.sha256(p.detach().numpy().tobytes()).hexdigest()
+        for name, p in single.named_parameters()
+    }
+    assert not single.model.embed_tokens.weight[0].any()  # type: ignore[index, union-attr]
+    for report in ranks:
+        assert report["digests"] == expected
+        assert report["padding_rows"] == [0.0]
+        assert report["collectives"] == 0
+        limit = 2 * report["local_bytes"] + 96 * 2**20
+        mib = {k: report[k] / 2**20 for k in ("growth", "local_bytes")}
+        print(f"{case}: memory growth {mib['growth']:.1f} MiB, shard {mib['local_bytes']:.1f} MiB")
+        assert report["growth"] <= limit

@@ -72,9 +72,11 @@ class TitanLlama(nn.Module):
         hidden: int = 77,
         max_seq_len: int = 64,
         awkward: bool = True,
+        tie: str = "",
     ) -> None:
         super().__init__()
         self.dim, self.n_heads, self.max_seq_len = dim, n_heads, max_seq_len
+        self.tie = tie  # "constructor": tied here and again in init_weights; "init": there only
         self.tok_embeddings = nn.Embedding(vocab, dim)
         self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
         self.layers = nn.ModuleDict(
@@ -83,6 +85,8 @@ class TitanLlama(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.output = nn.Linear(dim, vocab, bias=awkward)
         self.registers = nn.Parameter(torch.empty(2, dim)) if awkward else None
+        if tie == "constructor":  # torchtitan's weight tying: the embedding takes the output's
+            self.tok_embeddings.weight = self.output.weight
 
     def _precompute_freqs_cis(self) -> torch.Tensor:
         head_dim = self.dim // self.n_heads
@@ -98,6 +102,8 @@ class TitanLlama(nn.Module):
         buffer_device = buffer_device or current.device
         with torch.device(buffer_device):
             self.freqs_cis = self._precompute_freqs_cis()
+        if self.tie:  # to_empty gives each slot its own tensor: torchtitan ties again here
+            self.tok_embeddings.weight = self.output.weight
         nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()  # type: ignore[operator]

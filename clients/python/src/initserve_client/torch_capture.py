@@ -73,6 +73,8 @@ _METADATA = frozenset(
         "__bool__", "type", "is_shared", "is_pinned", "has_names",
     }
 )  # fmt: skip
+# Functions whose result holds no values yet.
+_EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 
 _LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
@@ -95,6 +97,8 @@ class Event:
     whole: bool = True  # the event covers the whole tensor
     overwrite: bool = False  # a write that sets every value it covers (fill_, copy_), not mul_
     value: float | None = None  # the value a fill sets
+    init: dict[str, Any] | None = None  # the scheme a draw asked for
+    stage: str = "reset"  # "reset": the modules' own reset_parameters; "model": the model's init
 
     @property
     def determines(self) -> bool:
@@ -130,6 +134,7 @@ class Router:
         for tensor_id, name in names.items():
             self._aliases[tensor_id] = Alias(name, True)
         self.context: list[str] = []  # which init is running, for messages
+        self.stage = "reset"
         self._tainted: dict[int, str] = {}  # tensors holding torch's random values -> the call
 
     def taint(self, result: Any, call: str) -> None:
@@ -173,13 +178,36 @@ class Router:
     def read(self, alias: Alias, call: str) -> None:
         pass
 
+    def created_empty(self, tensor: Any) -> None:
+        """``tensor`` was allocated with no values (torch.empty and its kin)."""
+
+    def local_view(self, call: str, args: tuple[Any, ...]) -> torch.Tensor | None:
+        """A view of part of a sharded tensor, as this rank's part of its local shard (None:
+        the call is not one that needs it)."""
+        return None
+
+    def local_write(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """An indexing write on a sharded tensor, done on this rank's local shard (False: the
+        call is not one that needs it)."""
+        return False
+
 
 class Recorder(Router):
     """The first run: writes down the draws, the writes and reads, and every problem."""
 
-    def __init__(self, names: dict[int, str], skip: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        names: dict[int, str],
+        skip: frozenset[str] = frozenset(),
+        discarded: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(names, skip)
+        self.discarded = discarded  # a tied weight's other slots' stand-ins: noted, not served
         self.trace = Trace()
+
+    def note(self, name: str, event: Event) -> None:
+        event.stage = self.stage
+        self.trace.note(name, event)
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -196,6 +224,9 @@ class Recorder(Router):
                 " tensors (give the tensor a rule instead)"
             )
             return
+        if alias.name in self.discarded:
+            self.note(alias.name, Event("draw", call, init=init))
+            return
         if alias.name in self.skip:
             return
         scheme = init["scheme"]
@@ -204,7 +235,7 @@ class Recorder(Router):
             if not all(math.isfinite(v) for v in values):
                 self.refuse(f"{alias.name!r}: {call} with non-finite parameters {init}")
                 return
-        self.trace.note(alias.name, Event("draw", call, len(self.trace.draws)))
+        self.note(alias.name, Event("draw", call, len(self.trace.draws), init=init))
         self.trace.draws.append(DrawCall(alias.name, init, call))
 
     def refuse(self, message: str) -> None:
@@ -214,11 +245,10 @@ class Recorder(Router):
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         overwrite = call in _OVERWRITES or call.startswith("fill ")
         whole = alias.whole and call != "__setitem__"  # t[index] = v sets part of t
-        event = Event("write", call, whole=whole, overwrite=overwrite, value=value)
-        self.trace.note(alias.name, event)
+        self.note(alias.name, Event("write", call, whole=whole, overwrite=overwrite, value=value))
 
     def read(self, alias: Alias, call: str) -> None:
-        self.trace.note(alias.name, Event("read", call))
+        self.note(alias.name, Event("read", call))
 
 
 class Writer(Router):
@@ -257,6 +287,126 @@ class Writer(Router):
 
     def refuse(self, message: str) -> None:
         raise RuntimeError(f"the model's init code changed between its two runs: {message}")
+
+    # A DTensor's own indexing redistributes it: ``weight[padding_idx]`` on a Shard(0) weight
+    # is a gathered copy, so a write through it (``zeros_(weight[i])``, ``weight[i].fill_(0)``)
+    # is lost and every rank holds the full tensor meanwhile. The same index, translated to the
+    # rows (columns, ...) this rank holds, writes its local shard in place and nothing else.
+
+    def local_view(self, call: str, args: tuple[Any, ...]) -> torch.Tensor | None:
+        tensor = args[0]
+        if not _is_dtensor(tensor) or self.alias_of(tensor) is None:
+            return None
+        if call == "__getitem__":
+            index = args[1]
+        elif call == "select":
+            index = (*(slice(None),) * _dim(args[1], tensor), args[2])
+        elif call == "narrow":
+            start = int(args[2])
+            index = (*(slice(None),) * _dim(args[1], tensor), slice(start, start + int(args[3])))
+        else:
+            return None
+        local: torch.Tensor = tensor.to_local()[_local_index(tensor, index, call)]
+        return local
+
+    def local_write(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        tensor = args[0] if args else None
+        if not isinstance(tensor, torch.Tensor) or not _is_dtensor(tensor):
+            return False
+        if self.alias_of(tensor) is None:
+            return False
+        local = tensor.to_local()  # type: ignore[attr-defined]
+        if call == "__setitem__":
+            value = args[2]
+            if _is_dtensor(value):
+                value = value.full_tensor() if value.numel() == 1 else None
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise _unsupported(call, "a tensor of values (only one value)")
+            local[_local_index(tensor, args[1], call)] = value
+            return True
+        if call == "index_fill_":
+            dim, index, value = (*args[1:], *kwargs.values())[:3]
+            dim = _dim(dim, tensor)
+            local_index = _local_index(tensor, (*(slice(None),) * dim, index), call)[dim]
+            local.index_fill_(dim, local_index, value)
+            return True
+        return False
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and hasattr(tensor, "device_mesh")
+
+
+def _dim(dim: Any, tensor: torch.Tensor) -> int:
+    return int(dim) % tensor.ndim
+
+
+def _unsupported(call: str, what: str) -> Exception:
+    from initserve_client.torch_utils import ModelInitError
+
+    return ModelInitError(
+        [f"{call} with {what} on a sharded tensor: initserve writes such an index only where"
+         " each rank can do it on its own shard (ints, slices with a positive step, index"
+         " tensors and masks on one dimension, one value)"]
+    )  # fmt: skip
+
+
+def _local_index(tensor: Any, index: Any, call: str) -> tuple[Any, ...]:
+    """``index`` (of the full tensor) as an index of this rank's local shard: what it selects
+    of the rows, columns, ... this rank holds. An int this rank does not hold selects nothing
+    (an empty slice, so a write through it does nothing)."""
+    from initserve_client.torch_utils import local_region
+
+    region = local_region(tensor)
+    items = index if isinstance(index, tuple) else (index,)
+    if any(item is Ellipsis for item in items):
+        at = items.index(Ellipsis)
+        rest = len(region) - (len(items) - 1 - sum(item is None for item in items))
+        items = (*items[:at], *(slice(None),) * rest, *items[at + 1 :])
+    out: list[Any] = []
+    dim = 0
+    for item in items:
+        if item is None:
+            out.append(None)
+            continue
+        if dim >= len(region):
+            raise _unsupported(call, f"index {index!r}")
+        lo, hi = region[dim]
+        size = tensor.shape[dim]
+        if isinstance(item, int | torch.SymInt) or (
+            isinstance(item, torch.Tensor) and item.ndim == 0 and not item.is_floating_point()
+        ):
+            position = int(item) % size
+            out.append(position - lo if lo <= position < hi else slice(0, 0))
+        elif isinstance(item, slice):
+            picked = range(size)[item]
+            if picked.step < 0:
+                raise _unsupported(call, "a slice with a negative step")
+            held = picked[_first_at_least(picked, lo) : _first_at_least(picked, hi)]
+            out.append(slice(held.start - lo, held.stop - lo, held.step) if held else slice(0, 0))
+        elif isinstance(item, list | torch.Tensor):
+            values = torch.as_tensor(item, device="cpu")
+            if values.dtype == torch.bool:
+                out.append(values[lo:hi].to(tensor.device))
+            elif values.ndim == 1 and not values.is_floating_point():
+                values = values % size
+                mine = values[(values >= lo) & (values < hi)] - lo
+                out.append(mine.to(tensor.device))
+            else:
+                raise _unsupported(call, f"an index tensor of shape {list(values.shape)}")
+        else:
+            raise _unsupported(call, f"index {item!r}")
+        dim += 1
+    if sum(isinstance(item, torch.Tensor) for item in out) > 1:
+        raise _unsupported(call, "index tensors on more than one dimension")
+    return tuple(out)
+
+
+def _first_at_least(picked: range, bound: int) -> int:
+    """The first position in ``picked`` (a range with a positive step) whose value >= bound."""
+    if not picked or bound <= picked.start:
+        return 0
+    return min(len(picked), -(-(bound - picked.start) // picked.step))
 
 
 # --- the draws, as torch computes their parameters ----------------------------------------------
@@ -432,7 +582,8 @@ class _Mode(TorchFunctionMode):
             router.taint(result, call)
             return result
         if name in _ALIASES and args:
-            result = func(*args, **kwargs)
+            local = router.local_view(name, args) if not kwargs else None
+            result = func(*args, **kwargs) if local is None else local
             source = router.alias_of(args[0])
             if source is not None:
                 same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape
@@ -446,6 +597,8 @@ class _Mode(TorchFunctionMode):
                 if alias is not None:
                     router.read(alias, name)
         result = func(*args, **kwargs)
+        if name in _EMPTY:
+            router.created_empty(result)
         origin = router.tainted_by(_tensors(args, kwargs))
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
@@ -475,6 +628,8 @@ class _Mode(TorchFunctionMode):
                     f"{alias.name!r}: {call} writes values from {source}, torch's generator"
                     f"{router.where()}: they would differ between ranks"
                 )
+        if router.local_write(call, args, kwargs):
+            return target
         return func(*args, **kwargs)
 
 

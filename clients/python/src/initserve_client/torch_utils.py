@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from initserve_client._safetensors import DTYPE_NAMES
 
 Rules = Mapping[Any, Mapping[str, Any]]
 InitFn = Callable[[Any], None]
-_Slot = tuple[Any, str, str]  # (owning module, "_parameters" | "_buffers", attribute name)
+# (owning module, "_parameters" | "_buffers", attribute name, the slot's qualified name)
+_Slot = tuple[Any, str, str, str]
 
 
 class ModelInitError(ValueError):
@@ -59,11 +61,12 @@ class _Tensors:
     def of(cls, module: Any) -> _Tensors:
         found = cls(dict(module.named_parameters()), dict(module.named_buffers()))
         by_id = {id(t): n for n, t in (*found.params.items(), *found.buffers.items())}
-        for owner in module.modules():
+        for prefix, owner in module.named_modules():
             for kind in ("_parameters", "_buffers"):
                 for key, tensor in getattr(owner, kind).items():
                     if tensor is not None and id(tensor) in by_id:
-                        found.slots.setdefault(by_id[id(tensor)], []).append((owner, kind, key))
+                        slot = (owner, kind, key, f"{prefix}.{key}" if prefix else key)
+                        found.slots.setdefault(by_id[id(tensor)], []).append(slot)
         return found
 
     def get(self, name: str) -> Any:
@@ -143,7 +146,11 @@ def _post_order(module: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 def _hf_roots(module: Any) -> list[Any]:
-    """The outermost Hugging Face PreTrainedModels in ``module`` (itself, or a wrapped one)."""
+    """The outermost Hugging Face PreTrainedModels in ``module`` (itself, or a wrapped one).
+    A model of Hugging Face's was built with transformers imported: when it is not, there is none,
+    and a plain torch model does not pay for importing it."""
+    if "transformers" not in sys.modules:
+        return []
     try:
         from transformers import PreTrainedModel
     except ImportError:
@@ -161,7 +168,12 @@ def _hf_roots(module: Any) -> list[Any]:
     return roots
 
 
-def _run_own_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
+def _run_own_init(
+    module: Any, init_fn: InitFn | None, router: Any, tie: Callable[[], None]
+) -> None:
+    """Each module's ``reset_parameters`` (its constructor's init, before any tie), then the
+    model-level init. Hugging Face's ``post_init`` ties after ``initialize_weights``; a torch
+    model's ``init_fn`` or ``init_weights`` runs on the model as built, ties in place (``tie``)."""
     from initserve_client.torch_capture import routed
 
     with routed(router):
@@ -174,10 +186,14 @@ def _run_own_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
                 router.context.append(f"{type(child).__name__}.reset_parameters of {name!r}")
                 reset()
                 router.context.pop()
+        router.stage = "model"
+        roots = _hf_roots(module) if init_fn is None else []
+        if not roots:
+            tie()
         if init_fn is not None:
             router.context.append("init_fn")
             init_fn(module)
-        elif roots := _hf_roots(module):
+        elif roots:
             router.context.append("Hugging Face _init_weights")
             for root in roots:
                 _clear_hf_flags(root)
@@ -185,6 +201,18 @@ def _run_own_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
         elif callable(getattr(module, "init_weights", None)):
             router.context.append(f"{type(module).__name__}.init_weights")
             module.init_weights()
+
+
+def _model_level_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
+    """After a recorded constructor: ``init_fn``, else a torchtitan-style ``init_weights()``
+    (Hugging Face's init ran in its constructor's ``post_init``)."""
+    router.stage = "model"
+    if init_fn is not None:
+        router.context.append("init_fn")
+        init_fn(module)
+    elif not _hf_roots(module) and callable(getattr(module, "init_weights", None)):
+        router.context.append(f"{type(module).__name__}.init_weights")
+        module.init_weights()
 
 
 def _clear_hf_flags(module: Any) -> None:
@@ -206,6 +234,7 @@ class _Recording:
     filled: set[str]  # names the init code sets to a constant: in the spec, not fetched
     direct: set[str]  # names whose values may be written before the second run
     ruled: dict[str, dict[str, Any]]
+    owners: Mapping[str, int]  # each tied Parameter's owning slot
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -221,60 +250,151 @@ def _stand_in(tensor: Any) -> Any:
 @dataclass
 class _Placed:
     names: dict[int, str]  # id of each tensor in a slot -> its name
-    discarded: frozenset[str]  # names of the tied slots' own stand-ins
-    reassigned: list[str] = field(default_factory=list)  # names whose first slot was assigned anew
+    discarded: frozenset[str]  # names of the stand-ins in a tied weight's other slots
+    tied: dict[str, list[str]]  # canonical name -> the names of its other slots' stand-ins
+    tie: Callable[[], None]  # puts each tensor in all of its slots: the tie as the model has it
+    reassigned: list[str] = field(default_factory=list)  # names a new tensor replaced in a slot
+    orphaned: set[str] = field(default_factory=set)  # names in no slot after the run (re-tied)
+
+
+def _slot_table(owner: Any, kind: str) -> dict[str, Any]:
+    table: dict[str, Any] = getattr(owner, kind)
+    return table
 
 
 @contextmanager
-def _placed(tensors: _Tensors, canonical: dict[str, Any], restore_all: bool) -> Iterator[_Placed]:
-    """Each tensor's first slot holds ``canonical[name]``; a tied weight's other slots hold a meta
-    stand-in of their own while the init code runs. The models' own init runs before the tie
-    (Hugging Face's post_init ties after initialize_weights; torch models assign the tie after
-    constructing both modules), so what it does through those slots is discarded, as here.
-    Afterwards the tie is restored, and with ``restore_all`` every slot's original too."""
+def _placed(
+    tensors: _Tensors, canonical: dict[str, Any], owners: Mapping[str, int], restore_all: bool
+) -> Iterator[_Placed]:
+    """Each tensor's owner slot (``owners[name]``, else its first) holds ``canonical[name]``; a
+    tied weight's other slots hold a meta stand-in of their own while the modules' own
+    ``reset_parameters`` run: in the program that built the model each module initialised its
+    own Parameter and the tie was made afterwards, so only the owner's init reaches the tied
+    Parameter. ``tie()`` then puts the tensor in every slot, as the model-level init finds it.
+    Afterwards every stand-in gives way to its tensor, and with ``restore_all`` every slot holds
+    its original again."""
     names = {id(t): n for n, t in canonical.items()}
+    of_stand_in: dict[int, str] = {}  # id of a stand-in -> the name of the tensor it stands for
     placed: dict[tuple[int, str, str], Any] = {}
-    discarded = set()
+    discarded: set[str] = set()
+    tied: dict[str, list[str]] = {}
     for name, slots in tensors.slots.items():
-        for index, (owner, kind, key) in enumerate(slots):
+        for index, (owner, kind, key, qualified) in enumerate(slots):
             tensor = canonical[name]
-            if index:
+            if index != owners.get(name, 0):
                 tensor = _stand_in(tensors.get(name))
-                alias = f"{name} (tied, as {key} of {type(owner).__name__})"
+                alias = f"{qualified} (tied to {name!r})"
                 names[id(tensor)] = alias
+                of_stand_in[id(tensor)] = name
                 discarded.add(alias)
-            getattr(owner, kind)[key] = placed[(id(owner), kind, key)] = tensor
-    result = _Placed(names, frozenset(discarded))
+                tied.setdefault(name, []).append(alias)
+            _slot_table(owner, kind)[key] = placed[(id(owner), kind, key)] = tensor
+
+    def tie() -> None:
+        for name, slots in tensors.slots.items():
+            for owner, kind, key, _ in slots:
+                table = _slot_table(owner, kind)
+                if table.get(key) is placed[(id(owner), kind, key)]:  # not assigned by the code
+                    table[key] = placed[(id(owner), kind, key)] = canonical[name]
+
+    result = _Placed(names, frozenset(discarded), tied, tie)
     try:
         yield result
     finally:
+        held: set[str] = set()
         for name, slots in tensors.slots.items():
-            for index, (owner, kind, key) in enumerate(slots):
-                if (
-                    getattr(owner, kind).get(key) is not placed[(id(owner), kind, key)]
-                    and not index
-                ):
+            for owner, kind, key, _ in slots:
+                table = _slot_table(owner, kind)
+                now = table.get(key)
+                holder = of_stand_in.get(id(now)) or names.get(id(now))
+                if holder is None:  # a new tensor: a buffer recomputed, a parameter replaced
                     result.reassigned.append(name)
-                if index or restore_all:
-                    getattr(owner, kind)[key] = tensors.get(name)
+                else:  # the tensor it held, or another of the model's: a tie made by the init
+                    held.add(holder)
+                if restore_all:
+                    table[key] = tensors.get(name)
+                elif id(now) in of_stand_in:
+                    table[key] = canonical[of_stand_in[id(now)]]
+        result.orphaned = set(canonical) - held - set(result.reassigned)
+
+
+@dataclass
+class _Run:
+    """What the recording saw of the init code, beyond its trace."""
+
+    reassigned: list[str]  # names a new tensor replaced (a buffer recomputed, a parameter)
+    orphaned: set[str]  # names in no slot after the init (it re-tied their slot elsewhere)
+    tied: dict[str, list[str]]  # canonical name -> the stand-ins of its other slots
 
 
 def _record(
-    module: Any, tensors: _Tensors, init_fn: InitFn | None, ruled: dict[str, dict[str, Any]]
-) -> tuple[Any, list[str]]:
-    """Run the init code on meta stand-ins of every tensor (nothing real is touched); the trace
-    and the names the code assigned anew (a buffer recomputed, a parameter replaced)."""
+    module: Any,
+    tensors: _Tensors,
+    init_fn: InitFn | None,
+    ruled: dict[str, dict[str, Any]],
+    owners: Mapping[str, int],
+) -> tuple[Any, _Run]:
+    """Run the init code on meta stand-ins of every tensor (nothing real is touched)."""
     from initserve_client.torch_capture import Recorder
 
     stand_ins = {name: _stand_in(tensors.get(name)) for name in tensors.names()}
-    with _placed(tensors, stand_ins, restore_all=True) as placed:
-        recorder = Recorder(placed.names, frozenset(ruled) | placed.discarded)
+    with _placed(tensors, stand_ins, owners, restore_all=True) as placed:
+        recorder = Recorder(placed.names, frozenset(ruled), placed.discarded)
         try:
-            _run_own_init(module, init_fn, recorder)
+            _run_own_init(module, init_fn, recorder, placed.tie)
         except Exception as exc:  # the init code itself failed: one more problem, named
             recorder.refuse(f"the init code raised {type(exc).__name__}: {exc}{recorder.where()}")
     _clear_hf_flags(module)
-    return recorder.trace, placed.reassigned
+    return recorder.trace, _Run(placed.reassigned, placed.orphaned, placed.tied)
+
+
+def _reset_signature(trace: Any, name: str) -> list[tuple[Any, ...]]:
+    """What the modules' reset_parameters did to ``name`` (or a stand-in), to compare owners."""
+    return [
+        (e.kind, e.call, e.init, e.value, e.whole, e.overwrite)
+        for e in trace.events.get(name, [])
+        if e.stage == "reset" and e.kind != "read"
+    ]
+
+
+def _ambiguous_ties(trace: Any, run: _Run, tensors: _Tensors) -> list[str]:
+    """Tied Parameters whose modules' constructors initialise them differently, in a model built
+    beforehand: which module's Parameter the tie kept (``embed.weight = head.weight`` or the
+    reverse) decides their values, and a built model no longer says."""
+    problems = []
+    for name, stand_ins in run.tied.items():
+        if any(e.determines for e in trace.events.get(name, []) if e.stage == "model"):
+            continue  # the model-level init sets it, through the tie: no owner's init survives
+        mine = _reset_signature(trace, name)
+        for stand_in in stand_ins:
+            theirs = _reset_signature(trace, stand_in)
+            if theirs != mine:
+                own = next((e[1] for e in mine if e[0] in ("draw", "write")), "nothing")
+                other = next((e[1] for e in theirs if e[0] in ("draw", "write")), "nothing")
+                slots = [q for *_, q in tensors.slots[name]]
+                problems.append(
+                    f"parameter {name!r} is tied to {slots[1:]}, whose modules initialise it"
+                    f" differently ({own} as {slots[0]!r}, {other} as {stand_in}): which"
+                    " module's Parameter the tie kept decides its values, and a model built"
+                    " beforehand does not say; pass the constructor instead,"
+                    " init_module(lambda: Model(...), seed, ...), or give it a rule"
+                )
+                break
+    return problems
+
+
+def _refuse_lazy(module: Any) -> None:
+    """A lazy module's parameters have no shape until its first forward pass: nothing to draw."""
+    from torch.nn.parameter import is_lazy
+
+    problems = [
+        f"{name or 'the model'!r} ({type(child).__name__}) has parameters whose shape its first"
+        " forward pass decides: run a forward pass first (model(example_input)), then init_module"
+        for name, child in module.named_modules()
+        if any(is_lazy(t) for t in (*child._parameters.values(), *child._buffers.values()))
+    ]
+    if problems:
+        raise ModelInitError(problems)
 
 
 def _dtype_name(tensor: Any) -> str | None:
@@ -288,14 +408,42 @@ def _analyse(
     tensors: _Tensors,
     init_fn: InitFn | None,
     ruled: dict[str, dict[str, Any]],
+    owners: Mapping[str, int] | None = None,
 ) -> _Recording:
-    trace, reassigned = _record(module, tensors, init_fn, ruled)
-    problems = list(trace.problems)
+    """``owners``: each tied Parameter's owning slot, when the program that built the model is
+    known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
+    _refuse_lazy(module)
+    trace, run = _record(module, tensors, init_fn, ruled, owners or {})
+    problems = []
+    if owners is None and not _hf_roots(module):
+        problems += _ambiguous_ties(trace, run, tensors)
+    # A model built on a real device holds the values its constructor gave: what no init code
+    # touches keeps them (a CLIP logit_scale, a constant set in __init__).
+    kept = {n for n, t in tensors.params.items() if not t.is_meta}
+    return _conclude(seed, tensors, trace, run, ruled, problems, kept, owners or {})
+
+
+def _conclude(
+    seed: int,
+    tensors: _Tensors,
+    trace: Any,
+    run: _Run,
+    ruled: dict[str, dict[str, Any]],
+    problems: list[str],
+    kept: set[str],
+    owners: Mapping[str, int],
+) -> _Recording:
+    """The spec and the plan of the replay, from what the init code did to each tensor (its
+    events); every problem raised at once."""
+    reassigned = run.reassigned
+    problems = [*trace.problems, *problems]
     final: dict[str, int] = {}
     fills: dict[str, dict[str, Any]] = {}
     direct: set[str] = set()
     on_meta = tensors.on_meta()
     for name in tensors.names():
+        if name in run.orphaned:
+            continue  # the init tied its slot to another tensor: nothing holds it any more
         if name in ruled:
             direct.add(name)
             continue
@@ -325,7 +473,7 @@ def _analyse(
                 fills[name]["val"] = value
         initialised = bool(kills)
         tensor = tensors.get(name)
-        if name in tensors.params and not initialised:
+        if name in tensors.params and not initialised and tensor.numel() and name not in kept:
             problems.append(
                 f"parameter {name!r} {list(tensor.shape)}: no init code initialises it; give it"
                 f" a rule, e.g. rules={{{name!r}: {{'scheme': 'normal', 'std': 0.02}}}}"
@@ -341,6 +489,7 @@ def _analyse(
             and on_meta
             and not initialised
             and name not in reassigned
+            and name not in kept
         ):
             problems.append(
                 f"buffer {name!r} {list(tensor.shape)} is on the meta device and no init code"
@@ -348,6 +497,8 @@ def _analyse(
             )
     entries = []
     for name in tensors.names():
+        if name in run.orphaned:
+            continue
         init = ruled.get(name) or (trace.draws[final[name]].init if name in final else None)
         init = init or fills.get(name)
         if init is None:
@@ -363,7 +514,108 @@ def _analyse(
     if problems:
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
-    return _Recording(spec, trace.draws, final, set(fills) - set(ruled), direct, ruled)
+    filled = set(fills) - set(ruled)
+    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners)
+
+
+def _is_factory(module: Any) -> bool:
+    from torch import nn
+
+    return callable(module) and not isinstance(module, nn.Module)
+
+
+def _record_factory(
+    factory: Any, seed: int, rules: Rules | None, init_fn: InitFn | None
+) -> tuple[Any, _Tensors, _Recording]:
+    """Run the constructor (and the model-level init) on the meta device, recorded: the meta
+    model, its tensors and the spec and plan of the build."""
+    import torch
+
+    from initserve_client.torch_capture import routed
+    from initserve_client.torch_factory import (
+        FactoryRecorder,
+        _hf_initialises_on_meta,
+        _storage,
+        registrations,
+        renamed,
+    )
+
+    recorder = FactoryRecorder()
+    try:
+        with (
+            torch.device("meta"),
+            _hf_initialises_on_meta(),
+            routed(recorder),
+            registrations(recorder),
+        ):
+            model = factory()
+            _model_level_init(model, init_fn, recorder)
+    except ModelInitError:
+        raise
+    except Exception as exc:  # the constructor itself failed on the meta device
+        where = recorder.where()
+        raise ModelInitError(
+            [*recorder.trace.problems,
+             f"the constructor raised {type(exc).__name__}: {exc}{where} while it ran on the meta"
+             " device"]
+        ) from exc  # fmt: skip
+    _clear_hf_flags(model)
+    _refuse_lazy(model)
+    tensors = _Tensors.of(model)
+    trace, scratch = renamed(recorder.trace, recorder, model)
+    problems = [
+        f"{d.call} draws into a scratch tensor (not a parameter or buffer the model keeps);"
+        " initserve serves draws into the model's own tensors only"
+        for d in trace.draws
+        if d.target in scratch
+    ]
+    kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
+    kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
+    ruled = _rule_inits(model, tensors, rules)
+    run = _Run(reassigned=[], orphaned=set(), tied={})
+    recording = _conclude(seed, tensors, trace, run, ruled, list(dict.fromkeys(problems)), kept, {})
+    return model, tensors, recording
+
+
+def _build(
+    factory: Any,
+    seed: int,
+    rules: Rules | None,
+    init_fn: InitFn | None,
+    active: Any,
+    device: Any,
+) -> Any:
+    """The factory form of init_module: record, fetch every served tensor, build for real."""
+    import numpy as np
+    import torch
+
+    from initserve_client._safetensors import numpy_dtype
+    from initserve_client.torch_capture import routed
+    from initserve_client.torch_factory import FactoryWriter, registrations
+
+    _, _, recording = _record_factory(factory, seed, rules, init_fn)
+    fetched = [e for e in recording.spec["tensors"] if e["name"] not in recording.filled]
+    spec = {**recording.spec, "tensors": fetched}
+    arrays = {
+        e["name"]: np.empty(e["shape"], dtype=numpy_dtype(DTYPE_NAMES[e["dtype"]])) for e in fetched
+    }
+    if arrays:
+        active.fetch_into(spec, arrays)
+    staged = {
+        recording.final[name]: _as_tensor(values)
+        for name, values in arrays.items()
+        if name not in recording.ruled
+    }
+    writer = FactoryWriter(recording.draws, staged)
+    with torch.device(device or "cpu"), routed(writer), registrations(writer):
+        model = factory()
+        _model_level_init(model, init_fn, writer)
+    _clear_hf_flags(model)
+    built = _Tensors.of(model)
+    with torch.no_grad():  # a rule's values replace whatever the code did to the tensor
+        for name in recording.ruled:
+            built.get(name).copy_(_as_tensor(arrays[name]).view(built.get(name).shape))
+    return model
 
 
 def spec_from_module(
@@ -377,9 +629,13 @@ def spec_from_module(
     """The spec of the model's own init (with ``rules`` applied): one entry per tensor that a
     random draw initialises, keyed by its canonical qualified name, in its own dtype (unless
     ``dtype`` forces one). JSON-able: it can be inspected, stored or served to another framework.
-    Raises ModelInitError listing every problem at once. Nothing of the model is changed."""
-    tensors = _Tensors.of(module)
-    spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
+    Raises ModelInitError listing every problem at once. Nothing of the model is changed.
+    ``module`` may be a zero-argument constructor, as init_module takes it."""
+    if _is_factory(module):
+        spec = _record_factory(module, seed, rules, init_fn)[2].spec
+    else:
+        tensors = _Tensors.of(module)
+        spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
     if dtype is not None:
         for entry in spec["tensors"]:
             entry["dtype"] = dtype
@@ -419,9 +675,9 @@ def _materialise(module: Any, tensors: _Tensors, device: Any) -> _Tensors:
     kept = {n: b for n, b in tensors.buffers.items() if not b.is_meta}
     module.to_empty(device=device)
     for slots in tensors.slots.values():
-        owner, kind, key = slots[0]
+        owner, kind, key, _ = slots[0]
         canonical = getattr(owner, kind)[key]
-        for owner, kind, key in slots[1:]:
+        for owner, kind, key, _ in slots[1:]:
             getattr(owner, kind)[key] = canonical
     fresh = _Tensors.of(module)
     with torch.no_grad():
@@ -471,6 +727,13 @@ def init_module(
     from initserve_client._safetensors import numpy_dtype
     from initserve_client.torch_capture import Writer
 
+    if _is_factory(module):
+        own = Client(url, **options) if client is None else None
+        try:
+            return _build(module, seed, rules, init_fn, client or own, device)
+        finally:
+            if own is not None:
+                own.close()
     tensors = _Tensors.of(module)
     ruled = _rule_inits(module, tensors, rules)
     recording = _analyse(module, seed, tensors, init_fn, ruled)
@@ -520,9 +783,10 @@ def init_module(
             else:
                 staged[recording.final[name]] = data
     real = {name: tensors.get(name) for name in tensors.names()}
-    with _placed(tensors, real, restore_all=False) as placed:
+    with _placed(tensors, real, recording.owners, restore_all=False) as placed:
         skip = frozenset(recording.ruled) | placed.discarded
-        _run_own_init(module, init_fn, Writer(placed.names, skip, recording.draws, staged))
+        writer = Writer(placed.names, skip, recording.draws, staged)
+        _run_own_init(module, init_fn, writer, placed.tie)
     _clear_hf_flags(module)
     return module
 

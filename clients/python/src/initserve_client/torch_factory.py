@@ -1,0 +1,170 @@
+"""The factory form: ``init_module(lambda: Model(config), seed)`` serves the whole program that
+builds the model, its constructor included.
+
+The constructor runs twice, as written, under the same routing as the pre-built form's init:
+
+1. **Recording**, under ``torch.device("meta")``: every tensor the constructor registers as a
+   parameter or buffer gets a provisional name in registration order (a tensor drawn into before
+   it is wrapped in a Parameter is the same storage, so the same name), every draw, write and
+   read is noted under it, and the constructor's own init (``reset_parameters``,
+   ``self.apply(self._init_weights)``, a depth-scaled ``normal_``, Hugging Face's
+   ``post_init``, a re-tie) is seen in its real order. The built meta model gives each
+   provisional name its canonical one (a tie's Parameter follows its object: the module that
+   kept it gave it its init, in either direction).
+2. **Building**, on the real device: the constructor runs again; each draw is served, by
+   position, with the values the service generated for the tensor it ends in, and everything
+   else (constants such as ``torch.tensor(2.6592)``, ``ones() * x``, ``arange``, fills, ties)
+   is computed as written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from initserve_client.torch_capture import Alias, DrawCall, Event, Recorder, Router, Trace
+
+Factory = Callable[[], Any]
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    key: int = tensor.untyped_storage()._cdata
+    return key
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    nbytes = tensor.untyped_storage().nbytes()
+    return tensor.storage_offset() == 0 and tensor.numel() * tensor.element_size() == nbytes
+
+
+class FactoryRecorder(Recorder):
+    """The recording of a constructor: names come as tensors are registered."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self._by_storage: dict[int, str] = {}
+        self.empty_storages: set[int] = set()  # storages allocated with no values
+        self.registered: set[str] = set()
+
+    def alias_of(self, tensor: Any) -> Alias | None:
+        alias = super().alias_of(tensor)
+        if alias is not None or not isinstance(tensor, torch.Tensor):
+            return alias
+        name = self._by_storage.get(_storage(tensor))
+        return None if name is None else Alias(name, _covers_storage(tensor))
+
+    def _provisional(self, tensor: torch.Tensor) -> str:
+        """The name of ``tensor``'s storage, given now if it has none."""
+        key = _storage(tensor)
+        if key not in self._by_storage:
+            self._by_storage[key] = f"#{len(self._by_storage)}"
+        self._keep.append(tensor)
+        return self._by_storage[key]
+
+    def register(self, tensor: torch.Tensor) -> None:
+        """A module registered ``tensor`` as a parameter or buffer."""
+        name = self._provisional(tensor)
+        self._aliases[id(tensor)] = Alias(name, True)
+        self.registered.add(name)
+
+    def created_empty(self, tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self.empty_storages.add(_storage(tensor))
+            self._keep.append(tensor)
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        fresh = super().alias_of(tensor) is None and _storage(tensor) not in self._by_storage
+        if fresh and _covers_storage(tensor):  # perhaps a Parameter's data, to be registered
+            self._aliases[id(tensor)] = Alias(self._provisional(tensor), True)
+        super().draw(tensor, init, call)
+
+
+class FactoryWriter(Router):
+    """The building run: the recorded draws, served by position (``staged``: index -> values)."""
+
+    def __init__(self, draws: list[DrawCall], staged: dict[int, torch.Tensor]) -> None:
+        super().__init__({})
+        self.draws, self.staged, self.position = draws, staged, 0
+
+    def register(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        index = self.position
+        expected = self.draws[index] if index < len(self.draws) else None
+        if expected is None or expected.init != init:
+            raise RuntimeError(
+                f"the constructor drew {init} ({call}) on its second run where its first drew"
+                f" {expected}: it is not deterministic, and initserve cannot route it"
+            )
+        self.position += 1
+        values = self.staged.pop(index, None)
+        if values is not None:
+            from initserve_client.torch_capture import _quiet
+
+            with _quiet():
+                tensor.copy_(values.view(tensor.shape))
+
+    def refuse(self, message: str) -> None:
+        raise RuntimeError(f"the constructor changed between its two runs: {message}")
+
+
+@contextmanager
+def registrations(router: Any) -> Iterator[None]:
+    """Every parameter and buffer a module registers while the block runs goes to ``router``."""
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    def seen(module: Any, name: str, tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor):
+            router.register(tensor)
+
+    handles = [
+        register_module_parameter_registration_hook(seen),
+        register_module_buffer_registration_hook(seen),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _hf_initialises_on_meta() -> Iterator[None]:
+    """Hugging Face's ``post_init`` skips its init under ``torch.device("meta")``; the real
+    build runs it, so the recording must see it too."""
+    import sys
+
+    utils: Any = sys.modules.get("transformers.modeling_utils")
+    if utils is None:
+        yield
+        return
+    original = utils.get_torch_context_manager_or_global_device
+    utils.get_torch_context_manager_or_global_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        utils.get_torch_context_manager_or_global_device = original
+
+
+def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> tuple[Trace, set[str]]:
+    """The trace under the built model's canonical names, and the names a draw reached that no
+    module kept (scratch tensors)."""
+    canonical: dict[str, str] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        alias = recorder.alias_of(tensor)
+        if alias is not None and alias.name not in canonical:
+            canonical[alias.name] = name
+    events: dict[str, list[Event]] = {
+        canonical[n]: list(e) for n, e in trace.events.items() if n in canonical
+    }
+    draws = [replace(d, target=canonical.get(d.target, d.target)) for d in trace.draws]
+    scratch = {d.target for d in trace.draws if d.target not in recorder.registered}
+    return Trace(draws, events, list(trace.problems)), scratch

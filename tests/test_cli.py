@@ -1,8 +1,11 @@
-"""The server's command line: generate a file offline, and refuse to start on a missing GPU."""
+"""The server's command line: generate a file offline, refuse to start on a missing GPU, and
+answer a user's mistake with one line on stderr and exit status 2 (a traceback only with
+--debug)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +43,68 @@ def test_serve_with_backend_gpu_and_no_gpu_exits_with_a_clear_message() -> None:
                             env={"INITSERVE_BACKEND": "gpu", "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert result.returncode == 2
     assert "INITSERVE_BACKEND=gpu" in result.stderr and "CuPy" in result.stderr
+
+
+def run_initserve(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "initserve.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
+def assert_one_line_usage_error(result: subprocess.CompletedProcess[str], *says: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for text in says:
+        assert text in result.stderr, result.stderr
+
+
+def bad_specs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    """Each kind of bad input, and what its one line must say."""
+    syntax = tmp_path / "syntax.json"
+    syntax.write_text('{"seed": 1,\n "tensors": [}\n')
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(
+        json.dumps({"seed": 1, "tensors": [{"name": "w", "shape": [4, 4], "scheme": "nope"}]})
+    )
+    unreadable = tmp_path / "directory.json"
+    unreadable.mkdir()
+    return {
+        "missing": (tmp_path / "absent.json", ["absent.json", "no such file"]),
+        "syntax": (syntax, ["syntax.json", "line 2 column 14"]),
+        "not text": (binary, ["binary.json", "not UTF-8"]),
+        "invalid": (invalid, ["invalid.json", "invalid spec", "scheme"]),
+        "unreadable": (unreadable, ["directory.json", "is a directory"]),
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect"])
+def test_bad_spec_files_get_one_line_and_exit_2(command: str, tmp_path: Path) -> None:
+    out = ["-o", str(tmp_path / "out.safetensors")] if command == "generate" else []
+    for kind, (path, says) in bad_specs(tmp_path).items():
+        result = run_initserve(command, str(path), *out)
+        assert_one_line_usage_error(result, f"initserve {command}: ", *says)
+        assert kind and not (tmp_path / "out.safetensors").exists()
+
+
+def test_debug_adds_the_traceback(tmp_path: Path) -> None:
+    absent = str(tmp_path / "absent.json")
+    for args in (["--debug", "generate", absent], ["generate", absent, "--debug"]):
+        result = run_initserve(*args, "-o", str(tmp_path / "out.safetensors"))
+        assert result.returncode == 2 and "Traceback" in result.stderr, result.stderr
+        assert result.stderr.rstrip().splitlines()[-1].endswith("absent.json: no such file")
+
+
+def test_generate_names_an_unwritable_output(tmp_path: Path) -> None:
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(golden_spec("float32")))
+    result = run_initserve("generate", str(spec_path), "-o", str(tmp_path / "no" / "out.st"))
+    assert_one_line_usage_error(result, "out.st: cannot write it: No such file or directory")
+
+
+def test_serve_names_a_setting_out_of_range() -> None:
+    env = {**os.environ, "INITSERVE_PORT": "70000"}
+    result = run_initserve("serve", env=env)
+    assert_one_line_usage_error(result, "initserve serve: invalid setting: INITSERVE_PORT: ")

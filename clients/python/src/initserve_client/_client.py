@@ -35,6 +35,7 @@ from initserve_client._exceptions import (
     InvalidResponseError,
     status_error,
 )
+from initserve_client._requirements import require_array_dtypes, require_engine
 from initserve_client._safetensors import (
     Header,
     check_against_spec,
@@ -298,6 +299,7 @@ class _Base:
         default = UDS_URL if self.uds is not None else DEFAULT_URL
         self.url = (url or os.environ.get("INITSERVE_URL") or default).rstrip("/")
         if self.url == LOCAL:
+            require_engine()
             self.uds = None  # generated in this process: no server to reach
         # Asked for by the caller; used only where the server says it is on (GET /shared-memory).
         self.shared_memory = shared_memory
@@ -790,6 +792,7 @@ class Client(_Base):
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         body = self._body(spec, only, shard, regions)
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        require_array_dtypes(expected)
         shared = self._fetch_shared(body, expected) if self._uses_shared_memory() else None
         if self.cache_dir is not None and not self.local:
             tensors = self._fetch_cached(body, expected, progress)
@@ -1055,6 +1058,7 @@ class AsyncClient(_Base):
             )  # fmt: skip
             return tensors
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        require_array_dtypes(expected)
         receiver = _Receiver(expected, progress=progress)
         await self._download(self._body(spec, only, shard, regions), receiver)
         tensors = receiver.tensors()

@@ -1,0 +1,134 @@
+"""A new user's first minutes and a contributor's daily loop, measured (README: Quickstart and
+Development quote its output):
+
+- time to serve: ``git clone`` of this checkout into a temporary folder, then ``make run`` until
+  GET /readyz answers 200 (the runtime installed into a fresh .venv, the C kernels compiled);
+- the size of that .venv;
+- ``initserve --help``, the fastest of five, in that .venv;
+- with ``--lint-venv VENV`` (a .venv holding the dev extra), ``make lint`` in this checkout twice
+  with that venv's tools: the first run fills the caches unless they are warm already, the
+  second is the warm figure (``--cold`` empties .mypy_cache and .ruff_cache first).
+
+    python bench/first_run.py [--lint-venv .venv] [--cold] [--keep]
+
+Only the standard library: it runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_LIMIT_SECONDS = 900
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def time_to_serve(clone: Path, log: Path) -> float:
+    """Seconds from ``make run`` to a 200 from /readyz; the server is stopped after."""
+    port = free_port()
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        make = subprocess.Popen(
+            ["make", "run", f"PORT={port}"],
+            cwd=clone,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: make, pip and the server stop together
+        )
+        try:
+            while not ready(f"http://127.0.0.1:{port}"):
+                if make.poll() is not None:
+                    raise SystemExit(f"make run exited with {make.returncode}; see {log}")
+                if time.perf_counter() - started > SERVE_LIMIT_SECONDS:
+                    raise SystemExit(f"not serving after {SERVE_LIMIT_SECONDS} s; see {log}")
+                time.sleep(0.25)
+            return time.perf_counter() - started
+        finally:
+            os.killpg(make.pid, signal.SIGTERM)
+            make.wait(timeout=60)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.lstat().st_size for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
+
+
+def help_seconds(venv: Path, runs: int = 5) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([venv / "bin" / "initserve", "--help"], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def lint_seconds(venv: Path) -> float:
+    """``make lint`` in this checkout with ``venv``'s tools, installing nothing (-o: its dev
+    stamp counts as up to date)."""
+    started = time.perf_counter()
+    subprocess.run(
+        ["make", "-o", f"{venv}/.dev-stamp", "lint", f"VENV={venv}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lint-venv", type=Path, default=None, help="measure make lint with it")
+    parser.add_argument("--cold", action="store_true", help="empty the lint caches first")
+    parser.add_argument("--keep", action="store_true", help="keep the clone (and its .venv)")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    work = Path(tempfile.mkdtemp(prefix="initserve-first-run-"))
+    clone = work / "initserve"
+    try:
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+        serve = time_to_serve(clone, work / "make-run.log")
+        print(f"make run on a fresh clone, until /readyz is 200: {serve:.0f} s")
+        print(f".venv: {folder_bytes(clone / '.venv') / 1e6:.0f} MB")
+        print(f"initserve --help: {help_seconds(clone / '.venv'):.2f} s (best of 5)")
+    finally:
+        if args.keep:
+            print(f"kept {clone}")
+        else:
+            shutil.rmtree(work)
+    if args.lint_venv is not None:
+        venv = args.lint_venv.resolve()
+        if args.cold:
+            for cache in (".mypy_cache", ".ruff_cache"):
+                shutil.rmtree(REPO / cache, ignore_errors=True)
+        first = lint_seconds(venv)
+        print(f"make lint, {'cold' if args.cold else 'first'} run: {first:.0f} s")
+        print(f"make lint, warm: {lint_seconds(venv):.0f} s")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,13 +35,23 @@ SERVE_LIMIT_SECONDS = 900
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A free port below the ephemeral range, where the test suites' servers (port 0) are not
+    likely to take it while pip installs."""
+    while True:
+        port = random.randrange(20000, 30000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
-def ready(url: str) -> bool:
+def ready(url: str, log: Path) -> bool:
+    """Our server says it is ready in its log (not another process that took the port), and
+    /readyz answers 200."""
+    if b" ready on the " not in log.read_bytes():
+        return False
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
             return bool(answer.status == 200)
@@ -61,7 +72,7 @@ def time_to_serve(clone: Path, log: Path) -> float:
             start_new_session=True,  # its own group: make, pip and the server stop together
         )
         try:
-            while not ready(f"http://127.0.0.1:{port}"):
+            while not ready(f"http://127.0.0.1:{port}", log):
                 if make.poll() is not None:
                     raise SystemExit(f"make run exited with {make.returncode}; see {log}")
                 if time.perf_counter() - started > SERVE_LIMIT_SECONDS:

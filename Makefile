@@ -13,9 +13,10 @@ SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard serv
 
 .PHONY: install install-runtime run test test-fast lint bench load soak clean
 
+# The venv's own pip, not upgraded: it installs everything here, and upgrading it first cost
+# 10 s of a fresh clone's first minute.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
 $(RUNTIME): $(SOURCES) | $(PY)
 	$(PY) -m pip install -e . -e clients/python

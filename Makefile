@@ -30,10 +30,9 @@ install-runtime: $(RUNTIME)
 
 install: $(DEV)
 
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# SERVE_ARGS come last and win: make run SERVE_ARGS="--port 8001"
 run: $(RUNTIME)
-	$(VENV)/bin/initserve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/initserve serve --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 
 test: $(DEV)
 	$(PY) -m pytest

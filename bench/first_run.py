@@ -65,7 +65,7 @@ def time_to_serve(clone: Path, log: Path) -> float:
     started = time.perf_counter()
     with open(log, "wb") as out:
         make = subprocess.Popen(
-            ["make", "run", f"PORT={port}"],
+            ["make", "run", f"SERVE_ARGS=--port {port}"],
             cwd=clone,
             stdout=out,
             stderr=subprocess.STDOUT,

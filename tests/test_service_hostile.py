@@ -105,7 +105,7 @@ def test_an_unusable_token_refuses_to_start(token: str, problem: str) -> None:
     assert started.returncode == 2, started.stderr
     lines = started.stderr.strip().splitlines()
     assert len(lines) == 1, started.stderr
-    assert lines[0].startswith("initserve: cannot start: INITSERVE_API_TOKEN: the token")
+    assert lines[0].startswith("initserve serve: invalid setting: INITSERVE_API_TOKEN: the token")
     assert problem in lines[0]
 
 

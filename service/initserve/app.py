@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=initserve.__version__,
         summary="Reproducible neural-network weight initialisation, served as safetensors.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: routes/docs.py, assets from the package, no CDN
+        redoc_url=None,
     )
     app.state.service = state
     # add_middleware wraps what is there: the last added runs first. Order of a request: counted,

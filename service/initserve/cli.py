@@ -1,26 +1,83 @@
-"""Command line: ``initserve serve`` (the sidecar), ``initserve generate`` (a file, offline)."""
+"""Command line: ``initserve serve`` (the sidecar), ``initserve generate`` (a file, offline),
+``initserve inspect`` (statistics of a spec).
+
+A problem the user can fix (a missing or unreadable file, an invalid spec, a setting out of range)
+is one line on stderr and exit status 2, with no traceback unless ``--debug``. Nothing heavier
+than argparse is imported before a command runs, so ``initserve --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
-from initserve.connections import h11_protocol, rate_limit_logs
-from initserve.settings import Settings
-from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
+    from initserve.settings import Settings
+
+USAGE_ERROR = 2  # argparse's status for a bad command line; ours for bad input too
+
+
+class CommandError(Exception):
+    """A problem the user can fix, said in one line (exit status 2)."""
+
+
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def read_spec(path: str) -> bytes:
+    """The spec file's bytes, checked to be JSON (a syntax error named by line and column)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CommandError(f"{path}: is a directory, not a spec file") from None
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot read it: {exc.strerror}") from None
+    try:
+        json.loads(data.decode("utf-8"))  # the service reads UTF-8 alone
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{path}: not a spec: not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise CommandError(
+            f"{path}: not a spec: JSON syntax error at line {exc.lineno} column {exc.colno}:"
+            f" {exc.msg}"
+        ) from None
+    return data
+
+
+def settings_error(exc: ValidationError) -> CommandError:
+    """Every INITSERVE_* setting out of range, each named by its variable, in one line."""
+    return CommandError(f"invalid setting: {settings_problems(exc)}")
+
+
+def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    from initserve.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise settings_error(exc) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from initserve.app import create_app
+    from initserve.connections import h11_protocol, rate_limit_logs
+    from initserve.unix_socket import remove_socket_file, socket_identity
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -31,16 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["uds"] = args.uds
     if args.no_tcp:
         overrides["tcp"] = False
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        print(f"initserve: cannot start: {settings_problems(exc)}", file=sys.stderr)
-        return 2
+    settings = _settings(**overrides)
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # GPUUnavailable: INITSERVE_BACKEND=gpu on a machine without one
-        print(f"initserve: cannot start: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot start: {exc}") from None
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT, /readyz turns 503 before uvicorn stops accepting and lets
@@ -74,8 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sockets = _listeners(settings, config)
     except (OSError, ValueError) as exc:
-        print(f"initserve: cannot listen: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot listen: {exc}") from None
     bound_uds = (
         None if settings.uds is None else (Path(settings.uds), socket_identity(settings.uds))
     )
@@ -96,6 +147,8 @@ def settings_problems(exc: ValidationError) -> str:
 def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
     """TCP on host:port (unless INITSERVE_TCP=false) and the Unix socket, bound here: uvicorn
     serves one address per config, but any number of sockets handed to it."""
+    from initserve.unix_socket import bind_unix
+
     sockets = []
     if settings.tcp:
         sockets.append(config.bind_socket())
@@ -109,15 +162,31 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from initserve.delivery import prepare
+    from pydantic import ValidationError
+
+    from initserve.delivery import Rejected, prepare
     from initserve.request import InitRequest
     from initserve.safetensors_writer import BodyWriter
+    from initserve.spec import SpecError
 
-    request = InitRequest.model_validate_json(Path(args.spec).read_bytes())
-    prepared = prepare(request, Settings(max_response_bytes=1 << 62))
-    with open(args.output, "wb") as out:
-        for chunk in BodyWriter(prepared.file_map, 4 << 20).chunks():
-            out.write(chunk)
+    data = read_spec(args.spec)
+    try:
+        request = InitRequest.model_validate_json(data)
+        prepared = prepare(request, _settings(max_response_bytes=1 << 62))
+    except ValidationError as exc:
+        raise CommandError(
+            f"{args.spec}: invalid spec: {SpecError.from_validation_error(exc)}"
+        ) from None
+    except SpecError as exc:
+        raise CommandError(f"{args.spec}: invalid spec: {exc}") from None
+    except Rejected as exc:
+        raise CommandError(f"{args.spec}: {exc.title}: {exc.detail}") from None
+    try:
+        with open(args.output, "wb") as out:
+            for chunk in BodyWriter(prepared.file_map, 4 << 20).chunks():
+                out.write(chunk)
+    except OSError as exc:
+        raise CommandError(f"{args.output}: cannot write it: {exc.strerror}") from None
     print(
         json.dumps(
             {"etag": prepared.etag, "bytes": prepared.file_map.total_bytes, "output": args.output}
@@ -130,7 +199,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from initserve.diagnostics import format_table, inspect_json, plot, report
     from initserve.spec import SpecError
 
-    spec = Path(args.spec).read_text()
+    spec = read_spec(args.spec).decode()
     try:
         if args.json:
             print(json.dumps(inspect_json(spec), indent=1))
@@ -140,21 +209,23 @@ def _inspect(args: argparse.Namespace) -> int:
             plot(spec, args.plot)
             print(f"wrote {args.plot}", file=sys.stderr)
     except SpecError as exc:
-        print(f"initserve inspect: invalid spec: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"{args.spec}: invalid spec: {exc}") from None
     except ImportError:
-        print(
-            "initserve inspect: --plot needs matplotlib (pip install 'initserve[plot]')",
-            file=sys.stderr,
-        )
-        return 2
+        raise CommandError("--plot needs matplotlib (pip install 'initserve[plot]')") from None
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="initserve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP service (settings: INITSERVE_* env)")
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="initserve", description=__doc__)
+    debug_help = "on an error, the traceback as well as the one-line message"
+    top.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the command; SUPPRESS keeps the subcommand from resetting the top's.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    commands = top.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the HTTP service (settings: INITSERVE_* env)"
+    )
     serve.add_argument(
         "--host", default=None, help="bind address (default INITSERVE_HOST or 127.0.0.1)"
     )
@@ -173,23 +244,47 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=_serve)
     generate = commands.add_parser(
-        "generate", help="write the safetensors file for a spec, no server"
+        "generate", parents=[common], help="write the safetensors file for a spec, no server"
     )
     generate.add_argument("spec", help="spec JSON file")
     generate.add_argument("-o", "--output", required=True, help="safetensors file to write")
     generate.set_defaults(run=_generate)
     inspect = commands.add_parser(
-        "inspect", help="per-tensor statistics, and the signal through the layers (--plot)"
+        "inspect",
+        parents=[common],
+        help="per-tensor statistics, and the signal through the layers (--plot)",
     )
     inspect.add_argument("spec", help="spec JSON file")
     inspect.add_argument("--plot", default=None, help="write the variance-through-depth PNG here")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_inspect)
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    except CommandError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"initserve {args.command}: {one_line(str(exc))}", file=sys.stderr)
+        return USAGE_ERROR
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a defect, not the user's input: one line still, and how to see more
+        if args.debug:
+            raise
+        print(
+            f"initserve {args.command}: internal error: {type(exc).__name__}: {one_line(str(exc))}"
+            " (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return result
 
 

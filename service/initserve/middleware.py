@@ -17,7 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from initserve.problems import problem_response
 
-OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/schemes")
+OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/schemes",
+              # /docs's script, style and icon (routes/docs.py): a browser sends no token
+              "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", "/docs/favicon.png",
+              )  # fmt: skip
 
 # The label of every path no route matches: one series, whatever a client sends.
 UNMATCHED_ROUTE = "unmatched"

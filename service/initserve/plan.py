@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from initserve.draws import (
@@ -32,16 +32,31 @@ ALGORITHM_VERSION = "initserve-philox4x32-10-v1"
 @dataclass(frozen=True)
 class DTypeInfo:
     name: str
-    numpy: np.dtype[Any]
     safetensors: str
     itemsize: int
 
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        return numpy_dtype(self.name)
+
+
+@cache
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """numpy's dtype for a spec's dtype name. ml_dtypes (bfloat16) is imported on first use: it
+    costs a second, which ``initserve --help`` and a spec's validation need not pay."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
+    return np.dtype(name)
+
 
 DTYPES: dict[str, DTypeInfo] = {
-    "float32": DTypeInfo("float32", np.dtype(np.float32), "F32", 4),
-    "float64": DTypeInfo("float64", np.dtype(np.float64), "F64", 8),
-    "float16": DTypeInfo("float16", np.dtype(np.float16), "F16", 2),
-    "bfloat16": DTypeInfo("bfloat16", np.dtype(ml_dtypes.bfloat16), "BF16", 2),
+    "float32": DTypeInfo("float32", "F32", 4),
+    "float64": DTypeInfo("float64", "F64", 8),
+    "float16": DTypeInfo("float16", "F16", 2),
+    "bfloat16": DTypeInfo("bfloat16", "BF16", 2),
 }
 
 

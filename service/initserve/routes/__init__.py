@@ -4,17 +4,19 @@
 - ``catalogue``: GET /schemes
 - ``generation``: POST /plan, POST /init, GET and HEAD /init/{etag}
 - ``inspect``: POST /inspect
+- ``docs``: GET /docs, /redoc and their assets (no CDN)
 """
 
 from fastapi import APIRouter
 
-from initserve.routes import catalogue, generation, inspect, probes
+from initserve.routes import catalogue, docs, generation, inspect, probes
 
 ROUTERS: tuple[APIRouter, ...] = (
     probes.router,
     catalogue.router,
     generation.router,
     inspect.router,
+    docs.router,
 )
 
 __all__ = ["ROUTERS"]

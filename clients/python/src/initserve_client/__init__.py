@@ -25,6 +25,7 @@ from initserve_client._exceptions import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from initserve_client._requirements import MissingDependencyError
 from initserve_client.spec import Layer, Spec, Tensor
 from initserve_client.torch_utils import ModelInitError, init_module, spec_from_module
 
@@ -46,6 +47,7 @@ __all__ = [
     "InternalServerError",
     "InvalidResponseError",
     "Layer",
+    "MissingDependencyError",
     "ModelInitError",
     "NotFoundError",
     "PayloadTooLargeError",

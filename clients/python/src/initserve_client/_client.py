@@ -43,6 +43,7 @@ from initserve_client._exceptions import (
     InvalidResponseError,
     status_error,
 )
+from initserve_client._requirements import require_array_dtypes, require_engine
 from initserve_client._safetensors import (
     Header,
     check_against_spec,
@@ -432,6 +433,7 @@ class _Base:
         default = UDS_URL if self.uds is not None else DEFAULT_URL
         self.url = (url or os.environ.get("INITSERVE_URL") or default).rstrip("/")
         if self.url == LOCAL:
+            require_engine()
             self.uds = None  # generated in this process: no server to reach
         # Asked for by the caller; used only where the server says it is on (GET /shared-memory).
         self.shared_memory = shared_memory
@@ -1092,6 +1094,7 @@ class Client(_Base):
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         body = self._body(spec, only, shard, regions)
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        require_array_dtypes(expected)
         with self._call():
             tensors = self._fetch_weights(body, expected, progress)
         return _as_torch(tensors) if as_torch else tensors
@@ -1409,6 +1412,7 @@ class AsyncClient(_Base):
             )  # fmt: skip
             return tensors
         expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        require_array_dtypes(expected)
         receiver = _Receiver(expected, progress=progress)
         with self._call():
             await self._download(self._body(spec, only, shard, regions), receiver)

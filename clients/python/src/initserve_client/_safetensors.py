@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve_client._exceptions import InvalidResponseError
+from initserve_client._requirements import bfloat16_dtype
 
 Region = Sequence[tuple[int, int]]  # per dimension [start, stop)
 
@@ -32,14 +33,7 @@ DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16":
 
 def numpy_dtype(code: str) -> np.dtype[Any]:
     if code == "BF16":
-        try:
-            import ml_dtypes
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise InvalidResponseError(
-                "bfloat16 tensors need ml_dtypes (pip install 'initserve-client[bf16]')"
-            ) from exc
-        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-        return bfloat16
+        return bfloat16_dtype()
     return np.dtype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[code])
 
 

@@ -1,0 +1,49 @@
+"""What an install of the client alone may lack, found before any request is sent: the initserve
+engine (``url="local"`` generates in this process) and ml_dtypes (bfloat16 tensors as numpy
+arrays; a file written by ``download`` needs neither)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from initserve_client._exceptions import InitserveError
+
+
+class MissingDependencyError(InitserveError, ImportError):
+    """What was asked for needs a package this install lacks; the message says what to
+    install. An ImportError too, so code that guards an optional import catches it."""
+
+
+def require_engine() -> None:
+    """``url="local"``: the initserve engine is importable, or the error says to install it."""
+    try:
+        import initserve  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            'url="local" generates in this process with the initserve engine, which is not'
+            f" installed beside the client: pip install initserve ({exc})",
+            name="initserve",
+        ) from exc
+
+
+def bfloat16_dtype() -> np.dtype[Any]:
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "bfloat16 tensors as arrays need ml_dtypes: pip install 'initserve-client[bf16]'"
+            " (download() writes the file without it)",
+            name="ml_dtypes",
+        ) from exc
+    bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return bfloat16
+
+
+def require_array_dtypes(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> None:
+    """Every (key, safetensors dtype, shape) entry can become a numpy array here: checked
+    before the request, not after the whole body has been downloaded."""
+    if any(code == "BF16" for _, code, _ in entries):
+        bfloat16_dtype()

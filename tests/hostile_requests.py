@@ -167,4 +167,7 @@ HOSTILE_HEADERS: list[tuple[str, dict[str, str], bytes, int]] = [
     ("identity encoding (allowed)", {"content-type": "application/json", "content-encoding": "identity"}, _SMALL, 200),
     ("JSON, charset UTF-8 (allowed)", {"content-type": "Application/JSON; charset=UTF-8"}, _SMALL, 200),
     ("empty body, no Content-Type", {"content-length": "0"}, b"", 422),
+    # A stale If-Range asks for the whole file (RFC 9110 section 13.1.5): 200, not 206.
+    ("Range under a stale If-Range ETag", {"content-type": "application/json", "range": "bytes=0-9", "if-range": '"stale"'}, _SMALL, 200),
+    ("Range under an If-Range date", {"content-type": "application/json", "range": "bytes=0-9", "if-range": "Wed, 21 Oct 2015 07:28:00 GMT"}, _SMALL, 200),
 ]  # fmt: skip

@@ -157,8 +157,8 @@ def test_client_fetch_says_it_retries_then_one_line(tmp_path: Path) -> None:
     assert len(lines) == 3, lines
     for number, line in enumerate(lines[:2], 1):
         assert re.fullmatch(
-            rf"initserve-client: no answer from {url} yet; retrying in \d+\.\d s"
-            rf" \(retry {number} of 2\)",
+            rf"initserve-client: {url} unavailable \(down, busy or draining\);"
+            rf" retrying in \d+\.\d s \(retry {number} of 2\)",
             line,
         ), line
     assert lines[2].startswith("initserve-client fetch: could not reach initserve: "), lines[2]
@@ -187,3 +187,11 @@ def test_the_readmes_generate_example(tmp_path: Path) -> None:
     assert set(written) == set(expected)
     assert all(written[key].tobytes() == values.tobytes() for key, values in expected.items())
     assert summary["bytes"] == (tmp_path / summary["output"]).stat().st_size
+
+
+def test_serve_on_a_taken_port_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_initserve("serve", "--port", str(taken.getsockname()[1]))
+    assert_one_line_usage_error(result, "initserve serve: cannot listen: ", "in use")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.numpy import load_file
+
+import initserve
 
 from golden_specs import golden_spec
 
@@ -48,10 +52,10 @@ def test_serve_with_backend_gpu_and_no_gpu_exits_with_a_clear_message() -> None:
 
 
 def run_initserve(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "initserve.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
 
 
 def assert_one_line_usage_error(result: subprocess.CompletedProcess[str], *says: str) -> None:
@@ -153,8 +157,8 @@ def test_client_fetch_says_it_retries_then_one_line(tmp_path: Path) -> None:
     assert len(lines) == 3, lines
     for number, line in enumerate(lines[:2], 1):
         assert re.fullmatch(
-            rf"initserve-client: no answer from {url} yet; retrying in \d+\.\d s"
-            rf" \(retry {number} of 2\)",
+            rf"initserve-client: {url} unavailable \(down, busy or draining\);"
+            rf" retrying in \d+\.\d s \(retry {number} of 2\)",
             line,
         ), line
     assert lines[2].startswith("initserve-client fetch: could not reach initserve: "), lines[2]
@@ -167,3 +171,27 @@ def test_client_fetch_malformed_shard_is_a_usage_error(tmp_path: Path) -> None:
     result = run_client("fetch", "spec.json", "-o", str(tmp_path / "o.st"), "--shard", "1,2")
     assert result.returncode == 2 and "'1,2' is not INDEX,COUNT,DIM" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_readmes_generate_example(tmp_path: Path) -> None:
+    """The README's ``initserve generate`` line, as written, from a checkout's root."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    (line,) = [text for text in readme if text.startswith("initserve generate ")]
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    result = run_initserve(*shlex.split(line)[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    written = load_file(str(tmp_path / summary["output"]))
+    spec = json.loads((REPO / "examples" / "deep-relu.json").read_text())
+    expected = initserve.generate(spec)
+    assert set(written) == set(expected)
+    assert all(written[key].tobytes() == values.tobytes() for key, values in expected.items())
+    assert summary["bytes"] == (tmp_path / summary["output"]).stat().st_size
+
+
+def test_serve_on_a_taken_port_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_initserve("serve", "--port", str(taken.getsockname()[1]))
+    assert_one_line_usage_error(result, "initserve serve: cannot listen: ", "in use")

@@ -151,6 +151,11 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
 
     sockets = []
     if settings.tcp:
+        # Tried here first: uvicorn's bind_socket logs a failure and exits on its own.
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
         sockets.append(config.bind_socket())
     if settings.uds is not None:
         listener = bind_unix(settings.uds, int(settings.uds_mode, 8))

@@ -72,8 +72,8 @@ class AnnouncedRetries(RetryPolicy):
     def delay(self, attempt: int, retry_after: float | None) -> float:
         seconds = super().delay(attempt, retry_after)
         print(
-            f"initserve-client: no answer from {self.url} yet; retrying in {seconds:.1f} s"
-            f" (retry {attempt + 1} of {self.max_retries})",
+            f"initserve-client: {self.url} unavailable (down, busy or draining);"
+            f" retrying in {seconds:.1f} s (retry {attempt + 1} of {self.max_retries})",
             file=sys.stderr,
         )
         return seconds

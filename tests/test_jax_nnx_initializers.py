@@ -172,6 +172,7 @@ def scenario_refusals(url: str) -> dict[str, Any]:
     from test_jax_arrays import _counting_client
 
     from initserve_client.jax import init_nnx, spec_from_nnx
+    from initserve_client.jax_initializers import Initializer, UnservableInitializer
 
     init = nnx.initializers
 
@@ -223,7 +224,26 @@ def scenario_refusals(url: str) -> dict[str, Any]:
         "shared.*": {"scheme": "normal", "std": 0.1},
     }
     by_rule = spec_from_nnx(lambda: Unservable(rngs=nnx.Rngs(0)), SEED, rules=rules)
+    # A closure that does not name its arguments as this JAX does: refused, not a KeyError.
+    try:
+        Initializer("normal", {}, (4, 4)).entry((4, 4))
+    except UnservableInitializer as exc:
+        errors["renamed"] = str(exc)
+    # A profiler of the caller's sees the constructor's calls and is still set afterwards.
+    calls = [0]
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        calls[0] += event == "call"
+
+    sys.setprofile(profiler)
+    try:
+        spec_from_nnx(lambda: Unservable(rngs=nnx.Rngs(0)), SEED, rules=rules)
+        profiler_kept = sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
     return {
+        "profiler_calls": calls[0],
+        "profiler_kept": profiler_kept,
         "errors": errors,
         "requests": counts["requests"],
         "by_rule": {t["name"]: t for t in by_rule["tensors"]},
@@ -449,6 +469,9 @@ def test_unservable_initializers_are_refused_by_name_before_any_request(server: 
     assert "'vector.scale'" in message and "constant(value=" in message
     assert "'shared.first'" in message and "'shared.second'" in message
     assert "'fine.kernel'" not in message
+    renamed = report["errors"]["renamed"]
+    assert "jax.nn.initializers.normal()" in renamed and "no argument 'stddev'" in renamed
+    assert report["profiler_kept"] and report["profiler_calls"] > 1000
     # Drawn inside a transform: refused, saying so, never given a default.
     vmap = report["errors"]["vmap"]
     assert "'layers.kernel' (shape [4, 16, 32]" in vmap and "inside a transform" in vmap

@@ -81,6 +81,9 @@ def _zoo() -> Any:
                 96, scale_init=init.constant(0.5), bias_init=init.constant(-0.25), rngs=rngs
             )
             self.rms_norm = nnx.RMSNorm(4096, scale_init=init.normal(0.1), rngs=rngs)
+            self.batch_norm = nnx.BatchNorm(
+                96, scale_init=init.constant(2.0), bias_init=init.constant(0.5), rngs=rngs
+            )
             self.lora = nnx.LoRALinear(64, 64, lora_rank=40, rngs=rngs)  # LoRA's defaults
             self.lora_named = nnx.LoRALinear(
                 64,
@@ -161,6 +164,13 @@ def scenario_zoo(url: str) -> dict[str, Any]:
         "spec": {t["name"]: t for t in spec["tensors"]},
         "normal_sharding": str(model.normal.kernel.get_value().sharding.spec),
         "mismatched": [k for k, a in served.items() if not _same_bits(a, whole[k])],
+        "batch_stats_equal": all(
+            bool((a.get_value() == b.get_value()).all())
+            for a, b in (
+                (model.batch_norm.mean, flax_own.batch_norm.mean),
+                (model.batch_norm.var, flax_own.batch_norm.var),
+            )
+        ),
         **counts,
     }
 
@@ -367,6 +377,8 @@ CONSTANT = [
     "general.bias",
     "layer_norm.scale",
     "layer_norm.bias",
+    "batch_norm.scale",
+    "batch_norm.bias",
     "lora.bias",
     "lora.lora.lora_b",
     "lora_named.bias",
@@ -455,6 +467,8 @@ def test_the_factory_is_traced_under_the_mesh_in_one_request(zoo: dict[str, Any]
     assert zoo["normal_sharding"] == "P(None, 'model')"
     assert zoo["requests"] == 1
     assert zoo["mismatched"] == []  # every parameter is the spec's bytes, bit for bit
+    # The batch statistics come from the constructor, run under the mesh its annotations need.
+    assert zoo["batch_stats_equal"]
 
 
 def test_unservable_initializers_are_refused_by_name_before_any_request(server: str) -> None:

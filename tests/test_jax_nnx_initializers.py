@@ -81,6 +81,9 @@ def _zoo() -> Any:
                 96, scale_init=init.constant(0.5), bias_init=init.constant(-0.25), rngs=rngs
             )
             self.rms_norm = nnx.RMSNorm(4096, scale_init=init.normal(0.1), rngs=rngs)
+            self.batch_norm = nnx.BatchNorm(
+                96, scale_init=init.constant(2.0), bias_init=init.constant(0.5), rngs=rngs
+            )
             self.lora = nnx.LoRALinear(64, 64, lora_rank=40, rngs=rngs)  # LoRA's defaults
             self.lora_named = nnx.LoRALinear(
                 64,
@@ -161,6 +164,13 @@ def scenario_zoo(url: str) -> dict[str, Any]:
         "spec": {t["name"]: t for t in spec["tensors"]},
         "normal_sharding": str(model.normal.kernel.get_value().sharding.spec),
         "mismatched": [k for k, a in served.items() if not _same_bits(a, whole[k])],
+        "batch_stats_equal": all(
+            bool((a.get_value() == b.get_value()).all())
+            for a, b in (
+                (model.batch_norm.mean, flax_own.batch_norm.mean),
+                (model.batch_norm.var, flax_own.batch_norm.var),
+            )
+        ),
         **counts,
     }
 
@@ -172,6 +182,7 @@ def scenario_refusals(url: str) -> dict[str, Any]:
     from test_jax_arrays import _counting_client
 
     from initserve_client.jax import init_nnx, spec_from_nnx
+    from initserve_client.jax_initializers import Initializer, UnservableInitializer
 
     init = nnx.initializers
 
@@ -223,7 +234,26 @@ def scenario_refusals(url: str) -> dict[str, Any]:
         "shared.*": {"scheme": "normal", "std": 0.1},
     }
     by_rule = spec_from_nnx(lambda: Unservable(rngs=nnx.Rngs(0)), SEED, rules=rules)
+    # A closure that does not name its arguments as this JAX does: refused, not a KeyError.
+    try:
+        Initializer("normal", {}, (4, 4)).entry((4, 4))
+    except UnservableInitializer as exc:
+        errors["renamed"] = str(exc)
+    # A profiler of the caller's sees the constructor's calls and is still set afterwards.
+    calls = [0]
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        calls[0] += event == "call"
+
+    sys.setprofile(profiler)
+    try:
+        spec_from_nnx(lambda: Unservable(rngs=nnx.Rngs(0)), SEED, rules=rules)
+        profiler_kept = sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
     return {
+        "profiler_calls": calls[0],
+        "profiler_kept": profiler_kept,
         "errors": errors,
         "requests": counts["requests"],
         "by_rule": {t["name"]: t for t in by_rule["tensors"]},
@@ -347,6 +377,8 @@ CONSTANT = [
     "general.bias",
     "layer_norm.scale",
     "layer_norm.bias",
+    "batch_norm.scale",
+    "batch_norm.bias",
     "lora.bias",
     "lora.lora.lora_b",
     "lora_named.bias",
@@ -435,6 +467,8 @@ def test_the_factory_is_traced_under_the_mesh_in_one_request(zoo: dict[str, Any]
     assert zoo["normal_sharding"] == "P(None, 'model')"
     assert zoo["requests"] == 1
     assert zoo["mismatched"] == []  # every parameter is the spec's bytes, bit for bit
+    # The batch statistics come from the constructor, run under the mesh its annotations need.
+    assert zoo["batch_stats_equal"]
 
 
 def test_unservable_initializers_are_refused_by_name_before_any_request(server: str) -> None:
@@ -449,6 +483,9 @@ def test_unservable_initializers_are_refused_by_name_before_any_request(server: 
     assert "'vector.scale'" in message and "constant(value=" in message
     assert "'shared.first'" in message and "'shared.second'" in message
     assert "'fine.kernel'" not in message
+    renamed = report["errors"]["renamed"]
+    assert "jax.nn.initializers.normal()" in renamed and "no argument 'stddev'" in renamed
+    assert report["profiler_kept"] and report["profiler_calls"] > 1000
     # Drawn inside a transform: refused, saying so, never given a default.
     vmap = report["errors"]["vmap"]
     assert "'layers.kernel' (shape [4, 16, 32]" in vmap and "inside a transform" in vmap

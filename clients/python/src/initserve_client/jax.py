@@ -24,6 +24,7 @@ asks otherwise is refused, naming the tensor and the mesh axis, before any reque
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
@@ -275,10 +276,13 @@ def _built(
     already built, which does not record them)."""
     if not _is_factory(model_or_factory):
         return model_or_factory, None
-    if mesh is None:
+    with _under(mesh):
         return capture(model_or_factory)
-    with jax.set_mesh(mesh):
-        return capture(model_or_factory)
+
+
+def _under(mesh: jax.sharding.Mesh | None) -> contextlib.AbstractContextManager[Any]:
+    """The context a factory runs in: ``mesh``, where its annotations need one."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 _NOT_RECORDED = (
@@ -477,7 +481,9 @@ def init_nnx(
     spec = _spec(model, found, seed, rules, None)
     waiting = _abstract_leaves(model)
     if waiting and found is not None:
-        nnx.update(model, jax.jit(lambda: nnx.state(model_or_factory(), nnx.Not(nnx.Param)))())
+        with _under(mesh):
+            others = jax.jit(lambda: nnx.state(model_or_factory(), nnx.Not(nnx.Param)))()
+        nnx.update(model, others)
     elif waiting:
         raise ValueError(
             f"the abstract model's non-parameter variables {waiting} would stay without values:"

@@ -96,6 +96,11 @@ class Initializer:
             return _ENTRIES[self.kind](self, shape)
         except _Refused as refused:
             raise UnservableInitializer(f"its initializer {self} {refused}") from None
+        except KeyError as missing:  # a JAX whose closure names its arguments otherwise
+            raise UnservableInitializer(
+                f"its initializer {self} keeps no argument {missing} in its closure (a version"
+                f" of JAX other than the one this client reads, {jax.__version__}?)"
+            ) from None
 
 
 class _Refused(Exception):
@@ -346,23 +351,25 @@ def capture(factory: Callable[[], Any]) -> tuple[Any, Found]:
     recorder = _Recorder()
     found: Found = {}
 
-    def traced() -> Any:
-        model = factory()
-        params = [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
-        found.update(recorder.initializers(params))
-        return model
-
     def hook(frame: FrameType, event: Any, arg: Any) -> None:
         recorder(frame, event, arg)
         if previous is not None:  # a profiler of the caller's keeps seeing every call
             previous(frame, event, arg)
 
+    def traced() -> Any:
+        # Only the constructor is watched: every Python call under a profile hook costs, and
+        # nnx.eval_shape's own work around it has nothing to record.
+        sys.setprofile(hook)
+        try:
+            model = factory()
+        finally:
+            sys.setprofile(previous)
+        params = [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+        found.update(recorder.initializers(params))
+        return model
+
     previous = sys.getprofile()
-    sys.setprofile(hook)
-    try:
-        abstract = nnx.eval_shape(traced)
-    finally:
-        sys.setprofile(previous)
+    abstract = nnx.eval_shape(traced)
     return abstract, found
 
 

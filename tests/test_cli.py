@@ -161,7 +161,9 @@ def test_client_fetch_says_it_retries_then_one_line(tmp_path: Path) -> None:
             rf" retrying in \d+\.\d s \(retry {number} of 2\)",
             line,
         ), line
-    assert lines[2].startswith("initserve-client fetch: could not reach initserve: "), lines[2]
+    assert lines[2].startswith(f"initserve-client fetch: could not reach initserve at {url}: "), (
+        lines[2]
+    )
     debug = run_client("--debug", *args[:-2], "--retries", "0")
     assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1].startswith("initserve-client fetch: could not")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from dataclasses import dataclass
@@ -173,6 +174,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # The command says each retry in its own words; the library's log of them (for programs
+    # that embed the client) would say it twice. --debug shows both.
+    library_log = logging.getLogger("initserve_client")
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG)
+    else:
+        library_log.addHandler(logging.NullHandler())
+        library_log.propagate = False
     try:
         result: int = args.run(args)
     except (CommandError, *USER_ERRORS) as exc:

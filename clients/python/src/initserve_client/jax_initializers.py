@@ -7,11 +7,12 @@ while a profile hook watches for the initializers of ``jax.nn.initializers`` (wh
 returns, and each ``nnx.Variable`` created from that array (through ``with_partitioning``'s
 metadata, and ``LinearGeneral``'s reshape of its flattened kernel) is mapped to it. So whatever
 initializer the code named, the constructor's own argument, a subclass's, or Flax's default,
-is the one served; a parameter whose value came from anything else is known to be unknown.
+is the one served; a parameter whose value came from anything else (computed from a draw, or
+drawn inside ``nnx.vmap``/``nnx.scan``, whose outputs are new arrays) is known to be unknown.
 
 ``Initializer.entry`` turns one into the catalogue's terms (service/initserve/schemes.py,
 ``layout: "jax"``, whose fans are jax's ``in_axis=-2, out_axis=-1``), or refuses, naming the
-parameter and the initializer, when the catalogue cannot draw it.
+initializer, when the catalogue cannot draw it.
 
 A model already built (or an abstract one) does not record its initializers: Flax's modules
 keep no ``kernel_init``. ``flax_default`` gives what its module's constructor calls by default:

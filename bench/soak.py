@@ -2,13 +2,15 @@
 
 Concurrent clients send every kind of request the service answers (POST /init whole, by shard,
 by `only`, by Range; POST /plan then GET and HEAD /init/{etag}; POST /inspect; the thin client's
-fetch_weights; the hostile corpus) while some clients vanish mid-stream and the server is
-SIGKILLed and restarted on the same port at intervals. A download cut by a kill resumes with
+fetch_weights; the hostile corpus) while some clients vanish mid-stream, hostile clients stall
+their reads, never finish their request heads, plan 10,000-tensor specs or ask for costly coupled
+work, and the server is SIGKILLed and restarted on the same port at intervals. A download cut by a kill resumes with
 Range from the bytes it has; a 503 waits Retry-After. Every body is compared byte for byte with
 a file whose tensors were checked against initserve.generate, so "wrong bytes" counts bytes,
-not responses. It prints what was sent and received, the faults, and the server's RSS and
-thread count at the start and the end, and exits non-zero if a byte was wrong or a request
-kind never succeeded.
+not responses. A sampler asks /livez every 50 ms (its p99 is the event loop's health) and reads
+the server's RSS every 200 ms. It prints what was sent and received, the faults, the server's
+RSS (peak) and threads, and exits non-zero if a byte was wrong, a 5xx was answered, a request
+kind never succeeded, the RSS peak passed 400 MiB or /livez p99 passed 100 ms.
 
     python bench/soak.py [--seconds 600] [--clients 12] [--kill-every 40]
 """
@@ -16,8 +18,11 @@ kind never succeeded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import random
+import socket
 import sys
 import threading
 import time
@@ -43,7 +48,13 @@ SETTINGS = {
     "max_concurrent_streams": "4",
     "chunk_bytes": "262144",
     "threads": "1",
+    # Stalled readers and unfinished heads are cut after a second here (the defaults are longer).
+    "send_timeout_seconds": "2",
+    "head_timeout_seconds": "2",
 }
+# The soak's pass marks (issue 22).
+PEAK_RSS_MIB = 400
+LIVEZ_P99_MS = 100
 # Bodies the hostile replay skips: a few MiB each and slow to build; the test suite sends them.
 SKIPPED_HOSTILE = ("giant JSON", "deeply nested past the body limit")
 
@@ -70,12 +81,27 @@ MLP = {
          "bias": {"scheme": "constant", "val": 0.01}},
     ],
 }  # fmt: skip
+# Hostile but well-formed: many tensors to plan, and coupled work (an orthogonal QR) over budget.
+MANY = {
+    "seed": 14,
+    "tensors": [{"name": f"t{i}", "shape": [4], "scheme": "normal"} for i in range(10_000)],
+}
+COUPLED = {
+    "seed": 15,
+    "tensors": [
+        {"name": f"q{i}", "shape": [2048, 2048], "scheme": "orthogonal"} for i in range(10_000)
+    ],
+}
 CASES: dict[str, dict[str, Any]] = {
     "mixed": MIXED,
     "large": LARGE,
     "mlp": MLP,
     "only": {**MIXED, "only": ["q", "s"]},
-    **{f"shard{i}": {**LARGE, "shard": {"index": i, "count": 4, "dim": 0}} for i in range(4)},
+    # torch.chunk's split, as the thin client asks for (generate's default too).
+    **{
+        f"shard{i}": {**LARGE, "shard": {"index": i, "count": 4, "dim": 0, "split": "chunk"}}
+        for i in range(4)
+    },
 }
 
 
@@ -166,6 +192,8 @@ class Soak:
                         continue
                     if response.status_code not in (200, 206):
                         self.tally.add(f"unexpected {response.status_code}")
+                        if response.status_code >= 500:
+                            self.tally.add("5xx")
                         return None
                     for chunk in response.iter_bytes():
                         received += chunk
@@ -283,6 +311,71 @@ class Soak:
         else:
             self.tally.add(f"hostile {name!r}: {response.status_code}, not {status}")
 
+    def _raw(self) -> socket.socket | None:
+        host, port = self.url.removeprefix("http://").split(":")
+        try:
+            return socket.create_connection((host, int(port)), timeout=5)
+        except OSError:
+            self.tally.add("connection errors")
+            return None
+
+    def stall(self, http: httpx.Client, case: str) -> None:
+        """Read 1 KiB of a large answer, then stop reading (until the server's send timeout)."""
+        connection = self._raw()
+        if connection is None:
+            return
+        self.tally.add("requests")
+        body = json.dumps(CASES["large"]).encode()
+        with connection:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                connection.sendall(
+                    b"POST /init HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                connection.recv(1024)
+                time.sleep(random.uniform(3, 6))
+                self.tally.add("stalled readers")
+                with self.tally.lock:
+                    self.tally.ok_by_kind["stalled reader (hostile)"] += 1
+            except OSError:
+                self.tally.add("connection errors")
+
+    def unfinished_head(self, http: httpx.Client, case: str) -> None:
+        """Send half a request head and wait: the server must hang up, not wait forever."""
+        connection = self._raw()
+        if connection is None:
+            return
+        self.tally.add("requests")
+        with connection:
+            try:
+                connection.sendall(b"POST /init HTTP/1.1\r\nHost: soak\r\nContent-Ty")
+                connection.settimeout(30)
+                closed = connection.recv(4096) is not None
+            except OSError:
+                closed = True
+            self.tally.add("unfinished heads")
+            with self.tally.lock:
+                self.tally.ok_by_kind["unfinished head (hostile)"] += closed
+
+    def heavy(self, http: httpx.Client, case: str) -> None:
+        """Plan 10,000 tensors, or ask for 10,000 orthogonal QRs (refused by the work budget)."""
+        body, expected = (MANY, (200, 503)) if random.random() < 0.5 else (COUPLED, (413, 422))
+        self.tally.add("requests")
+        try:
+            response = http.post("/plan", json=body)
+        except httpx.TransportError:
+            self.tally.add("connection errors")
+            return
+        if response.status_code >= 500 and response.status_code != 503:
+            self.tally.add("5xx")
+        if response.status_code in expected:
+            with self.tally.lock:
+                self.tally.ok_by_kind["heavy plan (hostile)"] += 1
+        else:
+            self.tally.add(f"unexpected {response.status_code} (heavy)")
+
     def thin_client(self, http: httpx.Client, case: str) -> None:
         """initserve_client's fetch_weights, with its own retries and resumption."""
         request = CASES[case]
@@ -311,13 +404,55 @@ class Soak:
 
     def client_loop(self, index: int) -> None:
         kinds = [self.whole, self.ranged, self.by_etag, self.vanish, self.inspect, self.hostile,
-                 self.thin_client]  # fmt: skip
+                 self.thin_client, self.stall, self.unfinished_head, self.heavy]  # fmt: skip
         rng = random.Random(index)
         timeout = httpx.Timeout(30, connect=5)
         with httpx.Client(base_url=self.url, timeout=timeout) as http:
             while time.monotonic() < self.deadline:
                 kind = kinds[index % len(kinds)] if rng.random() < 0.5 else rng.choice(kinds)
                 kind(http, rng.choice(list(CASES)))
+
+
+class Sampler:
+    """/livez every 50 ms (latency in ms; a failure while the server is down is not a sample)
+    and the server's RSS every 200 ms, until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.livez_ms: list[float] = []
+        self.peak_rss = 0.0
+        self.pid = 0
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._livez), threading.Thread(target=self._rss)]
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()
+
+    def _livez(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self.stopped.wait(0.05):
+                began = time.perf_counter()
+                try:
+                    if http.get(f"{self.url}/livez").status_code == 200:
+                        self.livez_ms.append((time.perf_counter() - began) * 1000)
+                except httpx.TransportError:
+                    pass
+
+    def _rss(self) -> None:
+        while not self.stopped.wait(0.2):
+            # Between a kill and the restart there is no process to read.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, KeyError):
+                self.peak_rss = max(self.peak_rss, process_status(self.pid)[0])
+
+    def p99(self) -> float:
+        return float(np.percentile(self.livez_ms, 99)) if self.livez_ms else float("nan")
 
 
 def process_status(pid: int) -> tuple[float, int]:
@@ -336,6 +471,8 @@ def main() -> int:
     parser.add_argument("--log", type=Path, default=Path("/tmp/initserve-soak.log"))
     args = parser.parse_args()
 
+    # The thin client logs every retry; here they are counted, not printed.
+    logging.getLogger("initserve_client").setLevel(logging.ERROR)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args.log.write_bytes(b"")
@@ -344,6 +481,8 @@ def main() -> int:
     rss_start, threads_start = process_status(server.pid)
     started = time.monotonic()
     soak = Soak(url, expected, started + args.seconds)
+    sampler = Sampler(url)
+    sampler.start(server.pid)
     clients = [threading.Thread(target=soak.client_loop, args=(i,)) for i in range(args.clients)]
     for thread in clients:
         thread.start()
@@ -359,8 +498,10 @@ def main() -> int:
             server.wait()
             kills += 1
             server = start_server(port, args.log, **SETTINGS)
+            sampler.pid = server.pid
         for thread in clients:
             thread.join()
+        sampler.stop()
         rss_end, threads_end = process_status(server.pid)
         in_flight = httpx.get(f"{url}/metrics").text
         ready = httpx.get(f"{url}/readyz").status_code
@@ -379,6 +520,14 @@ def main() -> int:
     print(f"  connection errors {counts['connection errors']:,} (while the server was down)")
     print(f"  etags forgotten   {counts['etags forgotten by a restart']:,} (re-planned)")
     print(f"  wrong bytes       {counts['wrong bytes']:,}")
+    print(f"  5xx (not 503)     {counts['5xx']:,}")
+    print(
+        f"  stalled readers   {counts['stalled readers']:,}, unfinished heads {counts['unfinished heads']:,}"
+    )
+    print(
+        f"  /livez            {len(sampler.livez_ms):,} samples, p99 {sampler.p99():.1f} ms (mark {LIVEZ_P99_MS} ms)"
+    )
+    print(f"  server RSS peak   {sampler.peak_rss:.0f} MiB (mark {PEAK_RSS_MIB} MiB)")
     print(f"  incomplete        {counts['incomplete (deadline)']:,}")
     for name, count in sorted(counts.items()):
         if name.startswith(("unexpected", "hostile ", "client gave up")):
@@ -400,8 +549,15 @@ def main() -> int:
     )
     print(f"  at the end        {in_flight_line}, /readyz {ready}")
     kinds_ok = sum(1 for count in soak.tally.ok_by_kind.values() if count > 0)
-    failed = counts["wrong bytes"] > 0 or kinds_ok < 8 or ready != 200
-    print(f"  request kinds verified at least once: {kinds_ok} of 8")
+    failed = (
+        counts["wrong bytes"] > 0
+        or counts["5xx"] > 0
+        or kinds_ok < 11
+        or ready != 200
+        or sampler.peak_rss > PEAK_RSS_MIB
+        or not sampler.p99() <= LIVEZ_P99_MS
+    )
+    print(f"  request kinds verified at least once: {kinds_ok} of 11")
     print("FAILED" if failed else "OK: every byte verified")
     return 1 if failed else 0
 

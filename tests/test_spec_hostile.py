@@ -263,6 +263,17 @@ def test_a_huge_slope_is_served_where_the_dtype_resolves_it() -> None:
     np.testing.assert_allclose(ratio, (math.sqrt(2) / 1e200) / 1.0, rtol=1e-15)
 
 
+@pytest.mark.parametrize("distribution", ["truncated_normal", "normal", "uniform"])
+def test_a_scale_whose_variance_underflows_is_422_naming_scale(distribution: str) -> None:
+    # 5e-324 / 64 is 0 in binary64: truncated_normal divided by its std of 0 (a 500).
+    spec = tensor_spec([8, 8], "float64", scheme="variance_scaling", scale=5e-324)
+    spec["tensors"][0]["distribution"] = distribution
+    with pytest.raises(SpecError) as refused:
+        initserve.generate(spec)
+    (error,) = refused.value.errors
+    assert error["loc"] == ["tensors", 0, "scale"] and "underflows" in error["msg"]
+
+
 # --- 5. and 6. regions in many runs: the same bytes, memory of a chunk ---------------------------
 
 

@@ -290,7 +290,14 @@ def variance_scaling(
         m = p["mode"] if mode is None else mode
         d = p["distribution"] if distribution is None else distribution
         fan_info: Info = {"fan_in": t.fan_in, "fan_out": t.fan_out}
-        variance = s / max(1.0, _fan_for(m, t.fan_in, t.fan_out))
+        fan = max(1.0, _fan_for(m, t.fan_in, t.fan_out))
+        variance = s / fan
+        if variance == 0.0:  # a subnormal scale over a fan: nothing left to draw, or divide by
+            raise SchemeError(
+                "scale",
+                f"variance_scaling: scale / fan = {s!r} / {fan:g} underflows binary64 to 0, so"
+                " every value would be 0; use scheme 'zeros' for a zero tensor",
+            )
         if d == "truncated_normal":
             std = math.sqrt(variance) / TRUNCATED_STD_2
             return trunc_normal_draw(0.0, std, -2.0 * std, 2.0 * std, **fan_info)

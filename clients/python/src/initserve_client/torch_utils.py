@@ -398,6 +398,24 @@ def _refuse_lazy(module: Any) -> None:
         raise ModelInitError(problems)
 
 
+def _refuse_parametrized(module: Any) -> None:
+    """A parametrized tensor (weight_norm's g and v, spectral_norm's u and v) is computed from its
+    originals on each access: a built model's reset_parameters draws into that computed copy, and
+    only torch's assignment through ``right_inverse`` stores it. The factory form runs the
+    constructor, which draws before the parametrization is registered, as written."""
+    problems = [
+        f"{f'{name}.' if name else ''}{tensor} is parametrized by"
+        f" {', '.join(type(p).__name__ for p in child.parametrizations[tensor])}: a model built"
+        " beforehand cannot store a draw through its right_inverse; pass the constructor,"
+        " init_module(lambda: Model(...), seed, ...), whose draws torch's parametrization takes"
+        " as written"
+        for name, child in module.named_modules()
+        for tensor in getattr(getattr(child, "parametrizations", None), "keys", list)()
+    ]
+    if problems:
+        raise ModelInitError(problems)
+
+
 def _dtype_name(tensor: Any) -> str | None:
     name = str(tensor.dtype).removeprefix("torch.")
     return name if name in DTYPE_NAMES else None
@@ -414,6 +432,7 @@ def _analyse(
     """``owners``: each tied Parameter's owning slot, when the program that built the model is
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
+    _refuse_parametrized(module)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
     problems = []
     if owners is None and not _hf_roots(module):

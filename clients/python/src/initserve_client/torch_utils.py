@@ -749,6 +749,11 @@ def init_module(
     """Initialise ``module`` in place with its own init (and ``rules``), every draw from initserve;
     returns the module. ``url="local"`` generates in this process (the initserve engine installed).
 
+    ``module`` may be a zero-argument constructor (``lambda: GPT(config)``): it is run on the meta
+    device under the recording, then on ``device`` (default CPU) with every draw served, and the
+    built model is returned (see torch_factory.py). It sees what the constructor does; a model
+    built beforehand shows only its modules' ``reset_parameters`` and the model-level init.
+
     A module on the meta device is materialised with ``to_empty(device=...)`` (default: the
     device mesh's device type for DTensors, else CPU). Every problem is found before anything is
     materialised or written, and raised at once as ModelInitError.

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch_models import TitanLlama
 
+import initserve
 from initserve_client import ModelInitError, init_module, spec_from_module
 
 SEED = 7
@@ -162,3 +164,131 @@ def test_a_plain_torch_model_does_not_import_transformers() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+# --- draws into scratch tensors: served under the name of what they flow into -------------------
+
+
+class Scratchy(nn.Module):
+    """The temporaries of Mamba's dt, Qwen3-Next's A_log and torchtitan's fused wqkv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dt_bias = nn.Parameter(torch.empty(3000))
+        self.A_log = nn.Parameter(torch.empty(3000))
+        self.wqkv = nn.Parameter(torch.empty(3 * 40, 60))
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(3000) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+            dt = dt.clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log_())
+            q, k, v = (self.wqkv.new_empty(40, 60).normal_(0, 0.02) for _ in range(3))
+            self.wqkv.copy_(torch.cat([q, k, v]))
+
+
+def test_scratch_draws_are_served_and_the_code_after_them_runs_as_written() -> None:
+    with torch.device("meta"):
+        model = Scratchy()
+    spec = spec_from_module(model, SEED)
+    entries = {e["name"]: e for e in spec["tensors"]}
+    assert entries["dt_bias#draw0"] == {"name": "dt_bias#draw0", "shape": [3000],
+                                        "dtype": "float32", "scheme": "uniform", "a": 0.0,
+                                        "b": 1.0}  # fmt: skip
+    assert entries["A_log#draw0"]["a"] == 1.0 and entries["A_log#draw0"]["b"] == 16.0
+    assert [entries[f"wqkv#draw{k}"]["std"] for k in range(3)] == [0.02] * 3
+    init_module(model, SEED, url="local")
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    dt = torch.exp(drawn["dt_bias#draw0"] * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    dt = dt.clamp(min=1e-4)
+    assert torch.equal(model.dt_bias.detach(), dt + torch.log(-torch.expm1(-dt)))
+    assert torch.equal(model.A_log.detach(), drawn["A_log#draw0"].log())
+    wqkv = torch.cat([drawn[f"wqkv#draw{k}"] for k in range(3)])
+    assert torch.equal(model.wqkv.detach(), wqkv)
+    torch.manual_seed(0)
+    reference = Scratchy()
+    with torch.no_grad():
+        reference.init_weights()
+    for name in ("dt_bias", "A_log", "wqkv"):
+        assert_same_distribution(getattr(model, name), getattr(reference, name), name)
+
+
+def test_a_draw_that_steers_the_code_or_reaches_nothing_is_refused() -> None:
+    class Steering(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4))
+
+        def init_weights(self) -> None:
+            with torch.no_grad():
+                torch.randn(5)  # reaches nothing
+                if torch.rand(()).item() > 0.5:
+                    self.w.fill_(1.0)
+                else:
+                    self.w.fill_(0.0)
+
+    with pytest.raises(ModelInitError) as caught:
+        spec_from_module(Steering(), SEED)
+    text = "\n".join(caught.value.problems)
+    assert "item of a random draw (in Steering.init_weights): its value steers" in text
+    assert "torch.randn draws into a scratch tensor whose values reach no parameter" in text
+
+
+def test_mamba_dt_and_a_log_through_its_own_init() -> None:
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=1000, hidden_size=96, state_size=8,
+                                      num_hidden_layers=2, expand=2, time_step_rank=8)  # fmt: skip
+    with torch.device("meta"):
+        model: Any = transformers.MambaModel(config)
+    spec = spec_from_module(model, SEED)
+    init_module(model, SEED, url="local")
+    torch.manual_seed(0)
+    reference: Any = transformers.MambaModel(config)
+    for layer in range(2):
+        ours, theirs = model.layers[layer].mixer, reference.layers[layer].mixer
+        assert torch.equal(ours.A_log, theirs.A_log)  # log(arange): computed, exact
+        name = f"layers.{layer}.mixer.dt_proj.bias#draw0"
+        entry = [e for e in spec["tensors"] if e["name"] == name]
+        drawn = torch.from_numpy(initserve.generate({"seed": SEED, "tensors": entry})[name])
+        dt = torch.exp(drawn * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+        assert torch.equal(ours.dt_proj.bias.detach(), dt + torch.log(-torch.expm1(-dt)))
+        dt_ours = F.softplus(ours.dt_proj.bias.detach())
+        assert float(dt_ours.min()) >= 0.001 * 0.999 and float(dt_ours.max()) <= 0.1 * 1.001
+    for name, parameter in model.named_parameters():
+        if parameter.numel() >= 2000:
+            assert_same_distribution(parameter, dict(reference.named_parameters())[name], name)
+
+
+def test_qwen3_next_a_log_through_the_factory() -> None:
+    """A_log: nn.Parameter(torch.log(empty(n).uniform_(0, 16))) in the constructor, then
+    copy_(A_log, empty(n).uniform_(0.01, 16).log_()) in Hugging Face's init."""
+    import transformers
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=500, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_value_heads=64, linear_num_key_heads=32, linear_key_head_dim=4,
+        linear_value_head_dim=4, num_experts=4, num_experts_per_tok=2,
+        shared_expert_intermediate_size=32,
+    )  # fmt: skip
+
+    def build() -> nn.Module:
+        return transformers.Qwen3NextForCausalLM(config)
+
+    model: Any = init_module(build, SEED, url="local")
+    again: Any = init_module(build, SEED, url="local")
+    spec = spec_from_module(build, SEED)
+    a_log = model.model.layers[0].linear_attn.A_log.detach()
+    assert torch.equal(a_log, again.model.layers[0].linear_attn.A_log.detach())
+    last = max(
+        e["name"]
+        for e in spec["tensors"]
+        if e["name"].startswith("model.layers.0.linear_attn.A_log#")
+    )
+    spec_entry = next(e for e in spec["tensors"] if e["name"] == last)
+    assert spec_entry["a"] == 0.01
+    drawn = initserve.generate({"seed": SEED, "tensors": [spec_entry]})[last]
+    assert torch.equal(a_log, torch.from_numpy(drawn).log())
+    assert float(a_log.exp().min()) >= 0.01 * 0.999 and float(a_log.exp().max()) <= 16.0

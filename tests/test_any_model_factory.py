@@ -288,7 +288,52 @@ def test_a_draw_of_torchs_generator_in_the_constructor_is_refused_before_anythin
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 4)
-            self.codebook = nn.Parameter(F.normalize(torch.randn(8, 4), dim=-1).sign())
+            self.codebook = nn.Parameter(F.normalize(torch.randint(0, 5, (8, 4)).float(), dim=-1))
 
-    with pytest.raises(ModelInitError, match="randn uses torch's generator"):
+    with pytest.raises(ModelInitError, match="randint uses torch's generator"):
         init_module(Drawn, SEED, url="local")
+
+
+class Normed(nn.Module):
+    """weight_norm (g = ||v|| per output channel, as Wav2Vec2's positional conv) and
+    spectral_norm (random u, v refined by power iteration in its constructor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 64, 5), dim=0)
+        self.linear = nn.utils.parametrizations.spectral_norm(nn.Linear(96, 64))
+
+
+def test_weight_norm_and_spectral_norm_through_the_factory() -> None:
+    model: Any = init_module(Normed, SEED, url="local")
+    again: Any = init_module(Normed, SEED, url="local")
+    reference: Any = own_init(Normed)
+    conv = model.conv.parametrizations.weight
+    g, v = conv.original0.detach(), conv.original1.detach()
+    assert torch.equal(g, torch.norm_except_dim(v, 2, 0))  # g = ||v||, by torch's right_inverse
+    for ours, theirs in ((v, reference.conv.parametrizations.weight.original1),
+                         (model.linear.parametrizations.weight.original,
+                          reference.linear.parametrizations.weight.original)):  # fmt: skip
+        assert_same_distribution(ours, theirs.detach(), "original")
+    u = model.linear.parametrizations.weight[0]._u
+    assert abs(float(u.norm()) - 1) < 1e-5  # a unit vector, from a served normal draw
+    assert torch.equal(u, again.linear.parametrizations.weight[0]._u)  # every run, every rank
+    spec = spec_from_module(Normed, SEED)
+    names = {e["name"] for e in spec["tensors"]}
+    state = "linear.parametrizations.weight.0"
+    assert {f"{state}._u#draw0", f"{state}._v#draw0"} <= names
+
+
+def test_a_built_parametrized_model_is_refused_naming_the_parametrization() -> None:
+    with torch.device("meta"):
+        model = Normed()
+    with pytest.raises(ModelInitError) as caught:
+        init_module(model, SEED, url="local")
+    assert caught.value.problems == [
+        "conv.weight is parametrized by _WeightNorm: a model built beforehand cannot store a draw"
+        " through its right_inverse; pass the constructor, init_module(lambda: Model(...), seed,"
+        " ...), whose draws torch's parametrization takes as written",
+        "linear.weight is parametrized by _SpectralNorm: a model built beforehand cannot store a"
+        " draw through its right_inverse; pass the constructor, init_module(lambda: Model(...),"
+        " seed, ...), whose draws torch's parametrization takes as written",
+    ]

@@ -73,6 +73,15 @@ _METADATA = frozenset(
         "__bool__", "type", "is_shared", "is_pinned", "has_names",
     }
 )  # fmt: skip
+# torch's random functions served as scratch draws: the scheme of their values.
+_SERVED_RNG: dict[str, dict[str, Any]] = {
+    "rand": {"scheme": "uniform", "a": 0.0, "b": 1.0},
+    "rand_like": {"scheme": "uniform", "a": 0.0, "b": 1.0},
+    "randn": {"scheme": "normal", "mean": 0.0, "std": 1.0},
+    "randn_like": {"scheme": "normal", "mean": 0.0, "std": 1.0},
+}
+# Functions that turn a tensor's value into Python control flow.
+_STEERS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
 # Functions whose result holds no values yet.
 _EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
@@ -113,6 +122,10 @@ class Trace:
     draws: list[DrawCall] = field(default_factory=list)
     events: dict[str, list[Event]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # Draws into scratch tensors (torch.rand(...), empty_like(p).uniform_()): index -> (shape,
+    # dtype), and the model tensor each one's values first flow into.
+    scratch: dict[int, tuple[list[int], torch.dtype]] = field(default_factory=dict)
+    flows_into: dict[int, str] = field(default_factory=dict)
 
     def note(self, name: str, event: Event) -> None:
         self.events.setdefault(name, []).append(event)
@@ -136,6 +149,7 @@ class Router:
         self.context: list[str] = []  # which init is running, for messages
         self.stage = "reset"
         self._tainted: dict[int, str] = {}  # tensors holding torch's random values -> the call
+        self._flows: dict[int, frozenset[int]] = {}  # tensors holding served scratch draws
 
     def taint(self, result: Any, call: str) -> None:
         """``result`` holds values from torch's generator (``call``): if they reach a tensor of
@@ -147,6 +161,28 @@ class Router:
 
     def tainted_by(self, tensors: Iterable[torch.Tensor]) -> str | None:
         return next((self._tainted[id(t)] for t in tensors if id(t) in self._tainted), None)
+
+    def carry(self, result: Any, sources: Iterable[torch.Tensor]) -> None:
+        """``result`` is computed from ``sources``: it holds the scratch draws they hold."""
+        flows = frozenset().union(*(self._flows.get(id(t), frozenset()) for t in sources))
+        if not flows:
+            return
+        for out in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(out, torch.Tensor):
+                self._flows[id(out)] = self._flows.get(id(out), frozenset()) | flows
+                self._keep.append(out)
+
+    def flows_of(self, tensors: Iterable[torch.Tensor]) -> frozenset[int]:
+        return frozenset().union(*(self._flows.get(id(t), frozenset()) for t in tensors))
+
+    def flow(self, alias: Alias, draws: frozenset[int]) -> None:
+        """Values of the scratch ``draws`` are written into ``alias``."""
+
+    def random(
+        self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """torch.rand/randn(_like): a scratch draw, served; None when it cannot be."""
+        return None
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -209,14 +245,37 @@ class Recorder(Router):
         event.stage = self.stage
         self.trace.note(name, event)
 
+    def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        """A draw into a tensor that is not the model's: served under a name derived from the
+        model tensor its values flow into (known once they do)."""
+        if not tensor.is_floating_point():
+            self.refuse(f"{call} draws {tensor.dtype} values{self.where()}: initserve serves"
+                        " float draws only")  # fmt: skip
+            return
+        index = len(self.trace.draws)
+        self.trace.draws.append(DrawCall("", init, call))
+        self.trace.scratch[index] = (list(tensor.shape), tensor.dtype)
+        self._flows[id(tensor)] = frozenset({index})
+        self._keep.append(tensor)
+
+    def flow(self, alias: Alias, draws: frozenset[int]) -> None:
+        for index in draws:
+            self.trace.flows_into.setdefault(index, alias.name)
+
+    def random(
+        self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
+        if init is None:
+            return None
+        result = func(*args, **kwargs)
+        self.scratch_draw(result, init, call)
+        return result
+
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
         if alias is None:
-            self.refuse(
-                f"{call} draws into a tensor that is not a parameter or buffer of the model (a"
-                f" copy or a scratch tensor){self.where()}: its values would come from torch's"
-                " generator and differ between ranks"
-            )
+            self.scratch_draw(tensor, init, call)
             return
         if not alias.whole:
             self.refuse(
@@ -262,9 +321,21 @@ class Writer(Router):
         skip: frozenset[str],
         draws: list[DrawCall],
         staged: dict[int, torch.Tensor],
+        scratch: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__(names, skip)
         self.draws, self.staged, self.position = draws, staged, 0
+        self.scratch = scratch
+
+    def random(
+        self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
+        if init is None:
+            return None
+        result = func(*args, **kwargs)  # the shape, dtype and device asked for; values served
+        self.draw(result, init, call)
+        return result
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -273,6 +344,8 @@ class Writer(Router):
         index = self.position
         expected = self.draws[index] if index < len(self.draws) else None
         got = DrawCall(alias.name if alias else "?", init, call)
+        if alias is None and expected is not None and index in self.scratch:
+            got = DrawCall(expected.target, init, call)
         if expected is None or (expected.target, expected.init) != (got.target, got.init):
             raise RuntimeError(
                 f"the model's init code drew {got} on its second run where its first drew"
@@ -573,6 +646,9 @@ class _Mode(TorchFunctionMode):
             return args[0]
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
+            served = router.random(call, func, args, kwargs)
+            if served is not None:
+                return served
             router.refuse(
                 f"{call} uses torch's generator{router.where()}: its values differ between ranks"
                 " and cannot be served by initserve (draw with torch.nn.init or"
@@ -584,6 +660,7 @@ class _Mode(TorchFunctionMode):
         if name in _ALIASES and args:
             local = router.local_view(name, args) if not kwargs else None
             result = func(*args, **kwargs) if local is None else local
+            router.carry(result, args[:1])
             source = router.alias_of(args[0])
             if source is not None:
                 same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape
@@ -602,6 +679,12 @@ class _Mode(TorchFunctionMode):
         origin = router.tainted_by(_tensors(args, kwargs))
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
+        if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
+            router.refuse(
+                f"{name} of a random draw{router.where()}: its value steers the init code, and"
+                " initserve serves draws whose values only flow into the model's tensors"
+            )
+        router.carry(result, _tensors(args, kwargs))
         return result
 
     @staticmethod
@@ -621,8 +704,13 @@ class _Mode(TorchFunctionMode):
             if other is not None and arg is not target:
                 router.read(other, call)
         source = router.tainted_by(_tensors(args[1:], kwargs))
-        if alias is not None:
+        flows = router.flows_of(_tensors(args[1:], kwargs))
+        if alias is None:
+            router.carry(target, _tensors(args[1:], kwargs))
+        else:
             router.write(alias, call, _fill_value(call, args, kwargs))
+            if flows:
+                router.flow(alias, flows)
             if source is not None:
                 router.refuse(
                     f"{alias.name!r}: {call} writes values from {source}, torch's generator"

@@ -19,7 +19,7 @@ The constructor runs twice, as written, under the same routing as the pre-built 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -49,6 +49,7 @@ class FactoryRecorder(Recorder):
         self._by_storage: dict[int, str] = {}
         self.empty_storages: set[int] = set()  # storages allocated with no values
         self.registered: set[str] = set()
+        self._storage_flows: dict[int, frozenset[int]] = {}  # a Parameter wraps its storage
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -66,10 +67,26 @@ class FactoryRecorder(Recorder):
         return self._by_storage[key]
 
     def register(self, tensor: torch.Tensor) -> None:
-        """A module registered ``tensor`` as a parameter or buffer."""
+        """A module registered ``tensor`` as a parameter or buffer: if it holds scratch draws
+        (``nn.Parameter(torch.log(A))``), their values flow into it."""
         name = self._provisional(tensor)
-        self._aliases[id(tensor)] = Alias(name, True)
+        alias = Alias(name, True)
+        self._aliases[id(tensor)] = alias
         self.registered.add(name)
+        drawn = self._storage_flows.get(_storage(tensor))
+        if drawn:
+            self.flow(alias, drawn)
+
+    def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        super().scratch_draw(tensor, init, call)
+        if id(tensor) in self._flows:
+            self._storage_flows[_storage(tensor)] = self._flows[id(tensor)]
+
+    def carry(self, result: Any, sources: Iterable[torch.Tensor]) -> None:
+        super().carry(result, sources)
+        for out in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(out, torch.Tensor) and id(out) in self._flows:
+                self._storage_flows[_storage(out)] = self._flows[id(out)]
 
     def created_empty(self, tensor: Any) -> None:
         if isinstance(tensor, torch.Tensor):
@@ -78,9 +95,16 @@ class FactoryRecorder(Recorder):
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         fresh = super().alias_of(tensor) is None and _storage(tensor) not in self._by_storage
-        if fresh and _covers_storage(tensor):  # perhaps a Parameter's data, to be registered
-            self._aliases[id(tensor)] = Alias(self._provisional(tensor), True)
+        if not (fresh and _covers_storage(tensor) and tensor.is_floating_point()):
+            super().draw(tensor, init, call)
+            return
+        # A fresh tensor: a Parameter's data, to be registered, or a scratch tensor whose values
+        # flow into one (torch.empty(n).uniform_(a, b).log_() copied into A_log).
+        self._aliases[id(tensor)] = Alias(self._provisional(tensor), True)
         super().draw(tensor, init, call)
+        index = len(self.trace.draws) - 1
+        self.trace.scratch[index] = (list(tensor.shape), tensor.dtype)
+        self._flows[id(tensor)] = self._storage_flows[_storage(tensor)] = frozenset({index})
 
 
 class FactoryWriter(Router):
@@ -142,10 +166,11 @@ def _hf_initialises_on_meta() -> Iterator[None]:
     build runs it, so the recording must see it too."""
     import sys
 
-    utils: Any = sys.modules.get("transformers.modeling_utils")
-    if utils is None:
+    if "transformers" not in sys.modules:  # no Hugging Face model is built without it
         yield
         return
+    import transformers.modeling_utils as utils  # lazily imported: perhaps not yet
+
     original = utils.get_torch_context_manager_or_global_device
     utils.get_torch_context_manager_or_global_device = lambda: torch.device("cpu")
     try:
@@ -154,9 +179,8 @@ def _hf_initialises_on_meta() -> Iterator[None]:
         utils.get_torch_context_manager_or_global_device = original
 
 
-def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> tuple[Trace, set[str]]:
-    """The trace under the built model's canonical names, and the names a draw reached that no
-    module kept (scratch tensors)."""
+def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
+    """The trace under the built model's canonical names."""
     canonical: dict[str, str] = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         alias = recorder.alias_of(tensor)
@@ -165,6 +189,16 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> tuple[Trace,
     events: dict[str, list[Event]] = {
         canonical[n]: list(e) for n, e in trace.events.items() if n in canonical
     }
-    draws = [replace(d, target=canonical.get(d.target, d.target)) for d in trace.draws]
-    scratch = {d.target for d in trace.draws if d.target not in recorder.registered}
-    return Trace(draws, events, list(trace.problems)), scratch
+    # A fresh tensor drawn into and then registered is the model's; one never registered is
+    # scratch, served under the name of what its values flow into.
+    scratch = {
+        i: meta
+        for i, meta in trace.scratch.items()
+        if trace.draws[i].target not in recorder.registered
+    }
+    draws = [
+        replace(d, target="" if i in scratch else canonical.get(d.target, d.target))
+        for i, d in enumerate(trace.draws)
+    ]
+    flows_into = {i: canonical[n] for i, n in trace.flows_into.items() if n in canonical}
+    return Trace(draws, events, list(trace.problems), scratch, flows_into)

@@ -235,6 +235,7 @@ class _Recording:
     direct: set[str]  # names whose values may be written before the second run
     ruled: dict[str, dict[str, Any]]
     owners: Mapping[str, int]  # each tied Parameter's owning slot
+    scratch: set[str]  # names of the draws into scratch tensors (``<tensor>#draw<n>``)
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -397,6 +398,24 @@ def _refuse_lazy(module: Any) -> None:
         raise ModelInitError(problems)
 
 
+def _refuse_parametrized(module: Any) -> None:
+    """A parametrized tensor (weight_norm's g and v, spectral_norm's u and v) is computed from its
+    originals on each access: a built model's reset_parameters draws into that computed copy, and
+    only torch's assignment through ``right_inverse`` stores it. The factory form runs the
+    constructor, which draws before the parametrization is registered, as written."""
+    problems = [
+        f"{f'{name}.' if name else ''}{tensor} is parametrized by"
+        f" {', '.join(type(p).__name__ for p in child.parametrizations[tensor])}: a model built"
+        " beforehand cannot store a draw through its right_inverse; pass the constructor,"
+        " init_module(lambda: Model(...), seed, ...), whose draws torch's parametrization takes"
+        " as written"
+        for name, child in module.named_modules()
+        for tensor in getattr(getattr(child, "parametrizations", None), "keys", list)()
+    ]
+    if problems:
+        raise ModelInitError(problems)
+
+
 def _dtype_name(tensor: Any) -> str | None:
     name = str(tensor.dtype).removeprefix("torch.")
     return name if name in DTYPE_NAMES else None
@@ -413,6 +432,7 @@ def _analyse(
     """``owners``: each tied Parameter's owning slot, when the program that built the model is
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
+    _refuse_parametrized(module)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
     problems = []
     if owners is None and not _hf_roots(module):
@@ -511,11 +531,29 @@ def _conclude(
             )
             continue
         entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype, **init})
+    scratch: set[str] = set()
+    ordinal: dict[str, int] = {}
+    for index, (shape, dtype) in sorted(trace.scratch.items()):
+        into = trace.flows_into.get(index)
+        if into is None or into in run.orphaned:
+            problems.append(
+                f"{trace.draws[index].call} draws into a scratch tensor whose values reach no"
+                " parameter or buffer of the model: initserve serves a scratch draw under the"
+                " name of the tensor it flows into"
+            )
+            continue
+        # The tensor it flows into, and its place among the scratch draws flowing there.
+        name = f"{into}#draw{ordinal.setdefault(into, 0)}"
+        ordinal[into] += 1
+        final[name] = index
+        scratch.add(name)
+        entries.append({"name": name, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
+                        **trace.draws[index].init})  # fmt: skip
     if problems:
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
-    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners)
+    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch)
 
 
 def _is_factory(module: Any) -> bool:
@@ -562,18 +600,13 @@ def _record_factory(
     _clear_hf_flags(model)
     _refuse_lazy(model)
     tensors = _Tensors.of(model)
-    trace, scratch = renamed(recorder.trace, recorder, model)
-    problems = [
-        f"{d.call} draws into a scratch tensor (not a parameter or buffer the model keeps);"
-        " initserve serves draws into the model's own tensors only"
-        for d in trace.draws
-        if d.target in scratch
-    ]
+    trace = renamed(recorder.trace, recorder, model)
+    problems: list[str] = []
     kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
     kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
     ruled = _rule_inits(model, tensors, rules)
     run = _Run(reassigned=[], orphaned=set(), tied={})
-    recording = _conclude(seed, tensors, trace, run, ruled, list(dict.fromkeys(problems)), kept, {})
+    recording = _conclude(seed, tensors, trace, run, ruled, problems, kept, {})
     return model, tensors, recording
 
 
@@ -716,6 +749,11 @@ def init_module(
     """Initialise ``module`` in place with its own init (and ``rules``), every draw from initserve;
     returns the module. ``url="local"`` generates in this process (the initserve engine installed).
 
+    ``module`` may be a zero-argument constructor (``lambda: GPT(config)``): it is run on the meta
+    device under the recording, then on ``device`` (default CPU) with every draw served, and the
+    built model is returned (see torch_factory.py). It sees what the constructor does; a model
+    built beforehand shows only its modules' ``reset_parameters`` and the model-level init.
+
     A module on the meta device is materialised with ``to_empty(device=...)`` (default: the
     device mesh's device type for DTensors, else CPU). Every problem is found before anything is
     materialised or written, and raised at once as ModelInitError.
@@ -741,7 +779,12 @@ def init_module(
     # this subset's values are those of the whole spec.
     fetched = [e for e in recording.spec["tensors"] if e["name"] not in recording.filled]
     spec = {**recording.spec, "tensors": fetched}
-    regions = {e["name"]: local_region(tensors.get(e["name"])) for e in fetched}
+    regions = {
+        e["name"]: [(0, n) for n in e["shape"]]
+        if e["name"] in recording.scratch
+        else local_region(tensors.get(e["name"]))
+        for e in fetched
+    }  # a scratch draw is whole on every rank, as the code computes from it
     own_client = Client(url, **options) if client is None else None
     active = client if own_client is None else own_client
     try:
@@ -757,7 +800,7 @@ def init_module(
         later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
         for entry in spec["tensors"]:
             name = entry["name"]
-            local = _local(tensors.get(name))
+            local = None if name in recording.scratch else _local(tensors.get(name))
             view = _numpy_view(local) if name in recording.direct else None
             if name in homes and view is not None and local is tensors.get(name):
                 with torch.no_grad():  # the parameter's storage becomes its home
@@ -785,7 +828,8 @@ def init_module(
     real = {name: tensors.get(name) for name in tensors.names()}
     with _placed(tensors, real, recording.owners, restore_all=False) as placed:
         skip = frozenset(recording.ruled) | placed.discarded
-        writer = Writer(placed.names, skip, recording.draws, staged)
+        scratch = frozenset(recording.final[n] for n in recording.scratch)
+        writer = Writer(placed.names, skip, recording.draws, staged, scratch)
         _run_own_init(module, init_fn, writer, placed.tie)
     _clear_hf_flags(module)
     return module

@@ -85,6 +85,7 @@ class Hostile(http.server.ThreadingHTTPServer):
         self.cut = 5000  # bytes of the first /init body sent in modes "early206" and "cut"
         self.requests: list[tuple[str, str | None]] = []  # (path, Range) of each request
         self.cut_done = self.early_done = False
+        self.other = b""  # the object served after the cut in mode "swap"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that gives up resets its connection: expected here
@@ -143,8 +144,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(answer.status_code, headers, gzip.compress(data))
         if init and mode == "drip":
             return self.drip(headers, data)
-        if init and (mode == "cut" or (early and ask is None and not hostile.cut_done)):
-            hostile.cut_done = mode == "early206"  # "always": every time
+        if init and mode == "swap" and (ask is not None or hostile.cut_done):
+            # Another object since the cut: the same tensors in a smaller file.
+            return self.reply(200, {"etag": '"another"'}, hostile.other)
+        if init and (
+            mode == "cut" or ((early or mode == "swap") and ask is None and not hostile.cut_done)
+        ):
+            hostile.cut_done = mode in ("early206", "swap")  # "always": every time
             return self.reply(answer.status_code, headers, data, send=hostile.cut)
         if init and early and ask is not None and not hostile.early_done:
             hostile.early_done = mode == "early206"  # 4096 bytes early, and says so
@@ -269,6 +275,24 @@ def test_a_server_that_always_answers_206_early_raises_invalid_response(
     # Never accepted: every byte past the cut was refused, so what the arrays hold past it is
     # what they held before (zeros), not the early bytes.
     assert not arrays["e"].any()
+
+
+def test_an_object_that_changes_mid_download_leaves_no_bytes_of_the_first(
+    hostile: Hostile, expected: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """The first answer is cut 100 bytes before its end; the server then serves another, smaller
+    object: the file written is exactly that object, with nothing of the first past its end."""
+    from safetensors.numpy import load_file, save
+
+    hostile.mode = "swap"
+    hostile.other = save(dict(expected))
+    with Client(hostile.url, retry=FAST_RETRY) as client:
+        whole = httpx.post(f"{hostile.upstream}/init", json=SPEC).content
+        assert len(hostile.other) < len(whole)
+        hostile.cut = len(whole) - 100  # the first object written past the other's end
+        client.download(SPEC, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == hostile.other
+    same(load_file(tmp_path / "w.safetensors"), expected)
 
 
 # --- ETags that are paths ------------------------------------------------------------------------

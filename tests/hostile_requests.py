@@ -28,13 +28,15 @@ def _many(count: int) -> bytes:
 
 
 HOSTILE: list[tuple[str, bytes, int]] = [
-    ("huge shape", _tensor(shape=[2**40, 2**40]), 413),
-    ("element count overflowing 64 bits", _tensor(shape=[2**40] * 4), 413),
+    ("more elements than a 64-bit index reaches", _tensor(shape=[2**40, 2**40]), 422),
+    ("element count overflowing 64 bits", _tensor(shape=[2**40] * 4), 422),
+    ("huge shape within the index, over the response limit", _tensor(shape=[2**30, 2**30]), 413),
     ("dimension over the cap", _tensor(shape=[2**63]), 422),
     ("negative dimension", _tensor(shape=[4, -4]), 422),
     ("zero dimension: an empty tensor, served", _tensor(shape=[0]), 200),
     ("0-d tensor, served", _tensor(shape=[]), 200),
-    ("zero-size dimensions beside an absurd one", _tensor(shape=[0, 2**40, 2**40]), 200),
+    ("zero-size dimension beside ones no array can stride", _tensor(shape=[0, 2**40, 2**40]), 422),
+    ("zero-size dimension beside large ones (served)", _tensor(shape=[0, 2**29, 2**32 - 1]), 200),
     ("rank 9", _tensor(shape=[1] * 9), 422),
     ("float dimension", _tensor(shape=[1.5]), 422),
     ("string dimension", _tensor(shape=["4"]), 422),
@@ -105,6 +107,20 @@ HOSTILE: list[tuple[str, bytes, int]] = [
     (
         "orthogonal too large to compute whole",
         _tensor(shape=[4096, 4096], scheme="orthogonal"),
+        413,
+    ),
+    (
+        "1,000 orthogonal 2048^2, one element of each: coupled work over the budget",
+        json.dumps(
+            {
+                "seed": 1,
+                "tensors": [
+                    {"name": f"q{i}", "shape": [2048, 2048], "scheme": "orthogonal"}
+                    for i in range(1000)
+                ],
+                "regions": {f"q{i}": [[0, 1], [0, 1]] for i in range(1000)},
+            }
+        ).encode(),
         413,
     ),
     (

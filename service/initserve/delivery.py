@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import initserve
-from initserve.engine import selected_parts
+from initserve.engine import coupled_flops, selected_parts
 from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
 from initserve.request import InitRequest
 from initserve.safetensors_writer import FileMap, Part, map_file
@@ -67,6 +67,9 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
         )
     parts = []
     coupled = 0
+    # Every orthogonal and sparse tensor is computed whole, however little of it is asked for:
+    # the request's coupled work is theirs in full (key -> estimated flops).
+    coupled_work: dict[str, int] = {}
     for tensor, region in chosen:
         parts.append(Part(tensor, region))
         if tensor.draw.whole_tensor:
@@ -80,6 +83,8 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
                     "coupled_too_large",
                 )
             coupled = max(coupled, tensor.numel)
+            coupled_work[tensor.key] = coupled_flops(tensor)
+    _check_coupled_work(coupled_work, settings)
     total = sum(p.nbytes for p in parts)
     if total > settings.max_response_bytes:
         raise Rejected(
@@ -104,6 +109,24 @@ def prepare(request: InitRequest, settings: Settings) -> Prepared:
     # schemes, the Gaussian draw, the QR workspace and the result (binary64).
     working = 3 * settings.chunk_bytes + 24 * coupled
     return Prepared(file_map, etag, working, len(canonical))
+
+
+def _check_coupled_work(work: dict[str, int], settings: Settings) -> None:
+    total = sum(work.values())
+    if total <= settings.max_coupled_flops:
+        return
+    costliest = sorted(work.items(), key=lambda item: -item[1])[:3]
+    named = ", ".join(f"{key!r} {flops:.3g}" for key, flops in costliest)
+    raise Rejected(
+        413,
+        "Content Too Large",
+        f"the request's {len(work)} orthogonal/sparse tensors are each computed whole, however"
+        f" little of them is asked for: about {total:.3g} floating-point operations (4 m n^2 per"
+        " m x n orthogonal, m >= n; 128 log2(rows) per sparse element; the costliest:"
+        f" {named}); the coupled-work budget is {settings.max_coupled_flops:.3g} per request"
+        " (INITSERVE_MAX_COUPLED_FLOPS): ask for fewer of them per request",
+        "coupled_work_too_large",
+    )
 
 
 def dry_run_answer(prepared: Prepared) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve.draws import Constant, Dirac, Eye, Normal, Orthogonal, Sparse, TruncNormal, Uniform
-from initserve.engine import TensorSource
+from initserve.engine import TensorSource, matrix_view
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.schemes import calculate_gain, fans
 
@@ -76,8 +76,7 @@ def theoretical(tensor: TensorPlan) -> tuple[float | None, float | None]:
         mean, std = draw.mean, draw.std
         return _truncated_std(std, (draw.a - mean) / std, (draw.b - mean) / std), None
     if isinstance(draw, Orthogonal):
-        rows = tensor.shape[0] if tensor.layout == "torch" else tensor.numel // tensor.shape[-1]
-        cols = tensor.numel // rows
+        rows, cols = matrix_view(tensor)
         return draw.gain / math.sqrt(max(rows, cols)), None
     if isinstance(draw, Sparse):
         rows = tensor.shape[0]
@@ -95,11 +94,24 @@ def activation_of(planned: Plan, key: str) -> str | None:
     return None
 
 
-def report(spec: Any) -> list[TensorReport]:
-    planned = plan(spec)
+def _planned(spec: Any) -> Plan:
+    return spec if isinstance(spec, Plan) else plan(spec)
+
+
+def _source(tensor: TensorPlan, sources: dict[str, TensorSource] | None) -> TensorSource:
+    """The tensor's source from ``sources`` (shared between the report and the chain, so that a
+    coupled tensor is computed once), else a fresh one, dropped after use."""
+    if sources is not None and tensor.key in sources:
+        return sources[tensor.key]
+    return TensorSource(tensor)
+
+
+def report(spec: Any, sources: dict[str, TensorSource] | None = None) -> list[TensorReport]:
+    planned = _planned(spec)
     rows = []
     for tensor in planned.tensors:
-        sample = TensorSource(tensor).flat(0, min(tensor.numel, SAMPLE_ELEMENTS)).astype(np.float64)
+        sampled = _source(tensor, sources).flat(0, min(tensor.numel, SAMPLE_ELEMENTS))
+        sample = sampled.astype(np.float64)
         std, bound = theoretical(tensor)
         fan_in = fan_out = None
         gain = tensor.draw.info.get("gain")
@@ -254,14 +266,16 @@ def propagate(
     return stds, norms[::-1]
 
 
-def traces(spec: Any, batch: int = 256, seed: int = 0) -> list[ChainTrace]:
+def traces(
+    spec: Any, batch: int = 256, seed: int = 0, sources: dict[str, TensorSource] | None = None
+) -> list[ChainTrace]:
     """The spec as given, beside N(0, 0.01) and the activation's recommended scheme (auto)."""
-    planned = plan(spec)
+    planned = _planned(spec)
     chain = _chain(planned)
     if not chain:
         raise ValueError("the spec has no layers of rank >= 2 to propagate through")
     activations = [act for _, act in chain]
-    as_given = [_matrix(TensorSource(t).whole(), t) for t, _ in chain]
+    as_given = [_matrix(_source(t, sources).whole(), t) for t, _ in chain]
     variants = {"your spec": as_given}
     small = {**planned.spec.model_dump(mode="json", exclude_none=True), "tensors": []}
     small["layers"] = [
@@ -323,10 +337,15 @@ def plot(spec: Any, path: str, batch: int = 256) -> None:
 
 
 def inspect_json(spec: Any, batch: int = 256) -> dict[str, Any]:
-    rows = report(spec)
+    planned = plan(spec)
+    # The chain's weights (at most INITSERVE_MAX_INSPECT_ELEMENTS) are kept from the report to
+    # the chain: a coupled one is computed once, so inspecting costs the coupled work that
+    # generating the spec would (the budget POST /inspect checks), not twice it.
+    sources = {t.key: TensorSource(t) for t, _ in _chain(planned)}
+    rows = report(planned, sources)
     result: dict[str, Any] = {"tensors": [asdict(r) for r in rows]}
     try:
-        result["chain"] = [asdict(t) for t in traces(spec, batch)]
+        result["chain"] = [asdict(t) for t in traces(planned, batch, sources=sources)]
     except ValueError:
         result["chain"] = []
     return result

@@ -53,6 +53,12 @@ class Draw:
         the draw can produce, in binary64 before the dtype's rounding (section 3.5)."""
         return 1.0
 
+    def value_range(self) -> tuple[float, float] | None:
+        """[low, high] in binary64, before the dtype's rounding, holding every value a random
+        draw can produce (section 3.5: refused when both ends round to one value); None for the
+        deterministic draws, which are meant to repeat values."""
+        return None
+
 
 @dataclass(frozen=True)
 class Uniform(Draw):
@@ -67,6 +73,9 @@ class Uniform(Draw):
         # Between low and fl(low + width) by monotonicity of rounding; inf when width overflows.
         return max(abs(self.low), abs(self.low + self.width))
 
+    def value_range(self) -> tuple[float, float]:
+        return self.low, self.low + self.width
+
 
 @dataclass(frozen=True)
 class Normal(Draw):
@@ -79,6 +88,11 @@ class Normal(Draw):
 
     def largest_magnitude(self) -> float:
         return abs(self.mean) + self.std * BOX_MULLER_MAX_RADIUS
+
+    def value_range(self) -> tuple[float, float]:
+        # mean + std * z with |z| <= R, each operation monotone.
+        spread = self.std * BOX_MULLER_MAX_RADIUS
+        return self.mean - spread, self.mean + spread
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,9 @@ class TruncNormal(Draw):
 
     def largest_magnitude(self) -> float:
         return max(abs(self.a), abs(self.b))  # clamped to [a, b]
+
+    def value_range(self) -> tuple[float, float]:
+        return self.a, self.b
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,9 @@ class Orthogonal(Draw):
     def largest_magnitude(self) -> float:
         return abs(self.gain) * ORTHOGONAL_MARGIN
 
+    def value_range(self) -> tuple[float, float]:
+        return -self.largest_magnitude(), self.largest_magnitude()
+
 
 @dataclass(frozen=True)
 class Sparse(Draw):
@@ -140,3 +160,6 @@ class Sparse(Draw):
 
     def largest_magnitude(self) -> float:
         return self.std * BOX_MULLER_MAX_RADIUS
+
+    def value_range(self) -> tuple[float, float]:
+        return -self.largest_magnitude(), self.largest_magnitude()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,30 +21,74 @@ import numpy.typing as npt
 from initserve.backends import cpu
 from initserve.draws import KERNEL_NORMAL, Constant, Dirac, Eye, Normal, Orthogonal, Sparse
 from initserve.plan import Plan, TensorPlan, plan
+from initserve.request import InitRequest, parse_request, selection_arguments
 from initserve.spec import Spec, SpecError
 from initserve.stream import SPARSE_RANK_SUFFIX, stream_for
 
 Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 
 
-def region_runs(shape: Sequence[int], region: Region) -> tuple[npt.NDArray[np.uint64], int]:
-    """The hyper-rectangle as runs of consecutive flat indices: (run starts, run length)."""
+# Run starts computed at a time: a region's runs cost 8 bytes of offset each, so one in
+# one-element runs (a shard along the last dimension) is generated a slice of runs at a time,
+# never with an offset per element of the whole region in memory.
+RUNS_BATCH = 1 << 16
+
+
+@dataclass(frozen=True)
+class RegionRuns:
+    """A hyper-rectangle of a C-order tensor as ``count`` runs of ``run_len`` consecutive flat
+    indices, in the region's own C order. The starts are computed on demand, any slice of them
+    alone (``starts``), at a cost proportional to the slice."""
+
+    run_len: int
+    count: int
+    base: int  # the flat index where the first run starts
+    extents: tuple[int, ...]  # the lengths, in the region, of the dimensions outside a run
+    strides: tuple[int, ...]  # those dimensions' strides in the tensor
+
+    def start(self, index: int) -> int:
+        """Where run ``index`` starts (exact, in Python integers)."""
+        offset = self.base
+        for extent, stride in zip(reversed(self.extents), reversed(self.strides), strict=True):
+            index, position = divmod(index, extent)
+            offset += position * stride
+        return offset
+
+    def starts(self, first: int, stop: int) -> npt.NDArray[np.uint64]:
+        """Where runs [first, stop) start. Every value is a flat index of the tensor, below
+        2^63 (plan.unindexable), so uint64 arithmetic cannot wrap."""
+        index = np.arange(first, stop, dtype=np.uint64)
+        offsets = np.full(stop - first, self.base, dtype=np.uint64)
+        position = np.empty_like(index)
+        for extent, stride in zip(reversed(self.extents), reversed(self.strides), strict=True):
+            np.divmod(index, np.uint64(extent), out=(index, position))
+            position *= np.uint64(stride)
+            offsets += position
+        return offsets
+
+
+def region_runs(shape: Sequence[int], region: Region) -> RegionRuns:
+    """The hyper-rectangle as runs of consecutive flat indices."""
     ndim = len(shape)
     if ndim == 0:  # a 0-d tensor: one element
-        return np.zeros(1, dtype=np.uint64), 1
+        return RegionRuns(run_len=1, count=1, base=0, extents=(), strides=())
     strides = [math.prod(shape[d + 1 :]) for d in range(ndim)]
     # The innermost dimension not taken whole: dimensions after it fold into each run.
     split = ndim - 1
     while split > 0 and region[split] == (0, shape[split]):
         split -= 1
     lo, hi = region[split]
-    run_len = (hi - lo) * strides[split]
-    offsets = np.array([lo * strides[split]], dtype=np.uint64)
-    for d in range(split - 1, -1, -1):
-        d_lo, d_hi = region[d]
-        along = np.arange(d_lo, d_hi, dtype=np.uint64) * np.uint64(strides[d])
-        offsets = (along[:, None] + offsets[None, :]).reshape(-1)
-    return offsets, run_len
+    extents = tuple(d_hi - d_lo for d_lo, d_hi in region[:split])
+    return RegionRuns(
+        run_len=(hi - lo) * strides[split],
+        count=math.prod(extents),
+        base=sum(
+            d_lo * stride
+            for (d_lo, _), stride in zip(region[: split + 1], strides[: split + 1], strict=True)
+        ),
+        extents=extents,
+        strides=tuple(strides[:split]),
+    )
 
 
 # Elements converted per pass when a kernel's float32 (or float64) values are rounded into an
@@ -67,6 +112,38 @@ def _batches(
     per_piece = batch // run_len
     for i in range(0, len(runs), per_piece):
         yield runs[i : i + per_piece], run_len, i * run_len
+
+
+def matrix_view(tensor: TensorPlan) -> tuple[int, int]:
+    """(rows, cols) of the matrix an orthogonal tensor is (docs/ALGORITHM.md, 4.1): torch
+    layout rows = dim 0, jax layout cols = the last dimension; the rest folds into the other."""
+    shape = tensor.shape
+    rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
+    return rows, tensor.numel // rows
+
+
+# Sparse's per-column ranking (a stable argsort of every column, then the zeros put in) costs,
+# measured on the CPU backend, about as much per element as this many flops of the QR per
+# log2(rows): 2048 x 2048 sparse takes as long as 4 * 2048 * 1024^2 / 1.4 flops of orthogonal.
+SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS = 128
+
+
+def coupled_flops(tensor: TensorPlan) -> int:
+    """The work of computing a coupled tensor whole, in estimated floating-point operations
+    (INITSERVE_MAX_COUPLED_FLOPS): 4 m n^2 for the Householder QR of an m x n matrix (m >= n)
+    and forming its Q; 128 log2(rows) per element for sparse; 0 for every other draw, whose
+    cost is that of the elements asked for."""
+    draw = tensor.draw
+    if tensor.numel == 0:
+        return 0
+    if isinstance(draw, Orthogonal):
+        rows, cols = matrix_view(tensor)
+        m, n = max(rows, cols), min(rows, cols)
+        return 4 * m * n * n
+    if isinstance(draw, Sparse):
+        log2_rows = max(1, (tensor.shape[0] - 1).bit_length())
+        return SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS * log2_rows * tensor.numel
+    return 0
 
 
 def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
@@ -127,17 +204,36 @@ class TensorSource:
                 return np.ascontiguousarray(values)
             out.reshape(out_shape)[...] = values
             return out
-        runs, run_len = region_runs(shape, region)
-        flat_out = None if out is None else out.reshape(-1)
-        return self._values(runs, run_len, flat_out).reshape(out_shape)
+        runs = region_runs(shape, region)
+        if runs.count <= RUNS_BATCH:
+            flat_out = None if out is None else out.reshape(-1)
+            starts = runs.starts(0, runs.count)
+            return self._values(starts, runs.run_len, flat_out).reshape(out_shape)
+        target = np.empty(math.prod(out_shape), self.tensor.dtype.numpy) if out is None else out
+        flat_target = target.reshape(-1)
+        for first in range(0, runs.count, RUNS_BATCH):
+            stop = min(first + RUNS_BATCH, runs.count)
+            piece = flat_target[first * runs.run_len : stop * runs.run_len]
+            self._values(runs.starts(first, stop), runs.run_len, piece)
+        return target.reshape(out_shape)
 
-    def runs(self, run_starts: npt.NDArray[np.uint64], run_len: int) -> npt.NDArray[Any]:
-        """The runs [s, s + run_len) for each s in run_starts, concatenated."""
+    def runs(
+        self,
+        run_starts: npt.NDArray[np.uint64],
+        run_len: int,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """The runs [s, s + run_len) for each s in run_starts, concatenated (into ``out``, 1-D,
+        the tensor's dtype, when given)."""
         if self.tensor.draw.whole_tensor:
             flat = self.whole().reshape(-1)
             index = (run_starts[:, None] + np.arange(run_len, dtype=np.uint64)[None, :]).reshape(-1)
-            return flat[index.astype(np.int64)]
-        return self._values(run_starts, run_len)
+            values = flat[index.astype(np.int64)]
+            if out is None:
+                return values
+            out[...] = values
+            return out
+        return self._values(run_starts, run_len, out)
 
     def whole(self) -> npt.NDArray[Any]:
         if self._whole is None:
@@ -237,10 +333,7 @@ class TensorSource:
 
     def _orthogonal(self, draw: Orthogonal) -> npt.NDArray[Any]:
         tensor = self.tensor
-        shape = tensor.shape
-        # The matrix view: torch (rows = dim 0, cols = the rest); jax (cols = the last axis).
-        rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
-        cols = tensor.numel // rows
+        rows, cols = matrix_view(tensor)
         gaussian = self._normal_master(1.0).reshape(rows, cols)
         if rows >= cols:
             # Column-major storage of the rows x cols matrix is its transpose in C order.
@@ -252,7 +345,7 @@ class TensorSource:
             cpu.orthonormal_columns(work)
             q = work
         values = np.ascontiguousarray(q) * draw.gain  # C order, like every tensor
-        return self._round(values).reshape(shape)
+        return self._round(values).reshape(tensor.shape)
 
     def _sparse(self, draw: Sparse) -> npt.NDArray[Any]:
         tensor = self.tensor
@@ -377,10 +470,30 @@ def generate(
     ``"array_split"``: numpy's), and ``regions={key: [(start, stop), ...]}`` any hyper-rectangle
     of any tensor, each without generating the rest. ``backend`` is "cpu" or "gpu" (CuPy); the
     bytes are the same.
+
+    ``spec`` may be a whole ``POST /init`` body (with its ``only``, ``shard`` or ``regions``; an
+    argument given here replaces the body's). What the service refuses as invalid (422) raises
+    SpecError with the same problems, and what it serves is returned, byte for byte; only the
+    service's size limits (413, its settings) do not apply in-process.
     """
-    planned = plan(spec)
+    request = parse_request(spec)
+    chosen_only, chosen_shard, chosen_regions = selection_arguments(only, shard, split, regions)
+    if isinstance(request, InitRequest):
+        chosen_only = request.only if only is None else chosen_only
+        chosen_shard = request.shard if shard is None else chosen_shard
+        chosen_regions = request.regions if regions is None else chosen_regions
+    planned = plan(request)
+    parts = selected_parts(
+        planned,
+        chosen_only,
+        None
+        if chosen_shard is None
+        else (chosen_shard.index, chosen_shard.count, chosen_shard.dim),
+        "chunk" if chosen_shard is None else chosen_shard.split,
+        chosen_regions,
+    )
     result: dict[str, npt.NDArray[Any]] = {}
-    for tensor, region in selected_parts(planned, only, shard, split, regions):
+    for tensor, region in parts:
         source = TensorSource(tensor, backend)
         whole = region == tuple((0, n) for n in tensor.shape)
         result[tensor.key] = source.whole() if whole else source.region(region)

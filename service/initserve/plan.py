@@ -22,7 +22,15 @@ from initserve.draws import (
     Uniform,
 )
 from initserve.schemes import Layout, SchemeError, resolve, torch_default_bias
-from initserve.spec import MAX_REPORTED_ERRORS, InitParams, Spec, SpecError, parse_spec
+from initserve.spec import (
+    MAX_REPORTED_ERRORS,
+    MAX_TENSOR_BYTES,
+    InitParams,
+    Spec,
+    SpecError,
+    parse_spec,
+    shape_extent,
+)
 from initserve.stream import StreamId, stream_for
 
 # Bump when any generated bit changes (docs/ALGORITHM.md, section 7).
@@ -96,6 +104,9 @@ _MAGNITUDE_FIELD = {
     "orthogonal": "gain",
     "sparse": "std",
     "variance_scaling": "scale",
+    # kaiming's gain sqrt(2 / (1 + a^2)) is the one thing that can shrink it to nothing.
+    "kaiming_uniform": "a",
+    "kaiming_normal": "a",
 }
 
 
@@ -122,8 +133,9 @@ def _magnitude_field(scheme: str, draw: Draw) -> str:
 
 
 def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple[str, str] | None:
-    """(field, message) when some value of the draw would not be finite in ``dtype``, or when a
-    bounded draw's interval collapses to a single value of the dtype; None when it is fine."""
+    """(field, message) when some value of the draw would not be finite in ``dtype``, or when
+    every value it can produce rounds to one value of the dtype (a constant tensor, none of the
+    distribution asked for); None when it is fine."""
     bound = draw.largest_magnitude()
     if not math.isfinite(in_dtype(bound, dtype)):
         largest = float(np.finfo(dtype.numpy).max)
@@ -137,23 +149,25 @@ def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple
             f"{scheme} in {dtype.name} would produce values {size} in magnitude{how}, which"
             f" {dtype.name} cannot represent: its largest finite value is {largest:.8g}",
         )
-    if isinstance(draw, Uniform | TruncNormal):
-        low, high = (
-            (draw.low, draw.low + draw.width) if isinstance(draw, Uniform) else (draw.a, draw.b)
-        )
+    spread = draw.value_range()
+    if spread is not None:
+        low, high = spread
         if in_dtype(low, dtype) == in_dtype(high, dtype):
+            field = _MAGNITUDE_FIELD.get(scheme, "std" if isinstance(draw, Normal) else "b")
+            values = "" if isinstance(draw, Uniform | TruncNormal) else " of its values"
             return (
-                "b",
-                f"{scheme}: the interval [{low!r}, {high!r}] is narrower than {dtype.name} can"
-                f" resolve: every value would be {in_dtype(low, dtype)!r}; widen it, or use"
-                " scheme 'constant' for a constant tensor",
+                field,
+                f"{scheme}: the interval{values} [{low!r}, {high!r}] is narrower than"
+                f" {dtype.name} can resolve: every value would be {in_dtype(low, dtype)!r}"
+                f" ({field!r} sets its width); widen it, or use scheme 'constant' for a constant"
+                " tensor",
             )
-        if isinstance(draw, TruncNormal) and draw.p_width <= 0.0:
-            return (
-                "b",
-                f"{scheme}: the interval [{low!r}, {high!r}] holds less probability than"
-                " binary64 can resolve around the mean; widen it or move it towards the mean",
-            )
+    if isinstance(draw, TruncNormal) and draw.p_width <= 0.0:
+        return (
+            "b",
+            f"{scheme}: the interval [{draw.a!r}, {draw.b!r}] holds less probability than"
+            " binary64 can resolve around the mean; widen it or move it towards the mean",
+        )
     return None
 
 
@@ -173,6 +187,21 @@ class _Problems:
     def full(self) -> bool:
         # One beyond the cap, so that SpecError can say more were found.
         return len(self.errors) > MAX_REPORTED_ERRORS
+
+
+def unindexable(key: str, shape: tuple[int, ...], dtype: DTypeInfo) -> str | None:
+    """Why a tensor of ``shape`` cannot be served: more bytes than a signed 64-bit size holds, a
+    zero-size dimension counted as 1 (docs/ALGORITHM.md, section 2); None when it can."""
+    extent = shape_extent(shape)
+    if extent * dtype.itemsize <= MAX_TENSOR_BYTES:
+        return None
+    empty = ", a zero-size dimension counted as 1" if 0 in shape else ""
+    return (
+        f"{key}: shape {list(shape)} spans {extent} {dtype.name} elements{empty}, which is"
+        f" {extent * dtype.itemsize} bytes; a tensor may span at most 2^63 - 1 ="
+        f" {MAX_TENSOR_BYTES} bytes: numpy and torch size and index arrays, even empty ones, with"
+        " signed 64-bit integers, and an index past them would wrap (docs/ALGORITHM.md, section 2)"
+    )
 
 
 def _resolve_at(
@@ -228,6 +257,10 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
             break
         loc: tuple[str | int, ...] = ("layers", index)
         shape = tuple(layer.shape)
+        too_large = unindexable(f"{layer.name}.weight", shape, DTYPES[layer.dtype or spec.dtype])
+        if too_large is not None:
+            problems.add((*loc, "shape"), too_large)
+            continue
         dtype = layer.dtype or spec.dtype
         seed = spec.seed if layer.seed is None else layer.seed
         weight = _resolve_at(problems, loc, layer, shape, spec.layout, layer.activation)
@@ -261,6 +294,10 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
             break
         loc = ("tensors", index)
         shape = tuple(tensor.shape)
+        too_large = unindexable(tensor.name, shape, DTYPES[tensor.dtype or spec.dtype])
+        if too_large is not None:
+            problems.add((*loc, "shape"), too_large)
+            continue
         dtype = tensor.dtype or spec.dtype
         seed = spec.seed if tensor.seed is None else tensor.seed
         draw = _resolve_at(problems, loc, tensor, shape, spec.layout, tensor.activation)

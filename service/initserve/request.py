@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from initserve.spec import MAX_DIM, MAX_RANK, Spec
+from initserve.spec import MAX_DIM, MAX_RANK, Spec, SpecError
 
 # How a dimension of n is split into count parts. "chunk" is torch.chunk's rule, which DTensor,
 # FSDP2 and tensor parallelism use: parts of ceil(n / count), the trailing ones short or empty
@@ -61,6 +63,70 @@ class InitRequest(Spec):
         if len(chosen) > 1:
             raise ValueError(f"give at most one of 'only', 'shard' and 'regions', got {chosen}")
         return self
+
+
+def parse_request(data: Spec | dict[str, Any] | str | bytes) -> Spec:
+    """A validated request body, as ``POST /init`` takes it: a spec, with ``only``, ``shard`` or
+    ``regions`` where it has one (an InitRequest); raises SpecError with the problems the
+    service's 422 lists."""
+    if isinstance(data, Spec):
+        return data
+    try:
+        if isinstance(data, str | bytes):
+            return InitRequest.model_validate_json(data)
+        # As FastAPI validates a body (from attributes), so that a body that is no object is
+        # described in the same words in-process and in the service's 422.
+        return InitRequest.model_validate(data, from_attributes=True)
+    except ValidationError as exc:
+        raise SpecError.from_validation_error(exc) from None
+
+
+_ONLY: TypeAdapter[list[str]] = TypeAdapter(list[str])
+_REGIONS: TypeAdapter[dict[str, RegionSpec]] = TypeAdapter(dict[str, RegionSpec])
+
+
+def _plain(value: Any) -> Any:
+    """Python's own integers for integer-likes (a numpy index), so that the strict validation of
+    a request's integers accepts what an in-process caller naturally passes; lists for tuples."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "__index__") and not isinstance(value, bool):
+        return operator.index(value)
+    return value
+
+
+def selection_arguments(
+    only: Iterable[str] | None,
+    shard: Sequence[int] | None,
+    split: str,
+    regions: Mapping[str, Sequence[Sequence[int]]] | None,
+) -> tuple[list[str] | None, ShardSelection | None, dict[str, list[tuple[int, int]]] | None]:
+    """``initserve.generate``'s selection arguments, validated as the service validates a
+    request's ``only``, ``shard`` (``(index, count, dim)`` and ``split``) and ``regions``:
+    SpecError naming every problem at the location the service's 422 gives it."""
+    errors: list[dict[str, Any]] = []
+
+    def validated(field: str, validate: Any, value: Any) -> Any:
+        try:
+            return validate(_plain(value))
+        except ValidationError as exc:
+            for error in SpecError.from_validation_error(exc).errors:
+                errors.append({**error, "loc": [field, *error["loc"]]})
+            return None
+
+    chosen_only = None if only is None else validated("only", _ONLY.validate_python, list(only))
+    chosen_shard = None
+    if shard is not None:
+        fields = dict(zip(("index", "count", "dim"), shard, strict=False))
+        chosen_shard = validated("shard", ShardSelection.model_validate, {**fields, "split": split})
+    chosen_regions = (
+        None if regions is None else validated("regions", _REGIONS.validate_python, regions)
+    )
+    if errors:
+        raise SpecError(errors)
+    return chosen_only, chosen_shard, chosen_regions
 
 
 EXAMPLE_REQUEST: dict[str, Any] = {

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from initserve.engine import Region, TensorSource, region_runs
+from initserve.engine import RUNS_BATCH, Region, RegionRuns, TensorSource, region_runs
 from initserve.plan import TensorPlan
 
 ALIGNMENT = 8
@@ -139,13 +139,13 @@ class BodyWriter:
         # One source per part and pass: a tensor computed whole (orthogonal, sparse) is held only
         # while its own bytes are being sent, never for the rest of the response.
         source = TensorSource(part.tensor, self.backend)
-        runs, run_len = (None, 0) if part.is_whole else region_runs(part.tensor.shape, part.region)
+        runs = None if part.is_whole else region_runs(part.tensor.shape, part.region)
         for element in range(first, last, per_chunk):
             count = min(per_chunk, last - element)
             if runs is None:
                 values = source.flat(element, element + count)
             else:
-                values = _region_elements(source, runs, run_len, element, count)
+                values = _region_elements(source, runs, element, count)
             data = values.view(np.uint8)
             skip = lo - element * itemsize if element == first else 0
             take = min(len(data), hi - element * itemsize)
@@ -153,24 +153,25 @@ class BodyWriter:
 
 
 def _region_elements(
-    source: TensorSource, runs: np.ndarray, run_len: int, element: int, count: int
+    source: TensorSource, runs: RegionRuns, element: int, count: int
 ) -> np.ndarray:
     """Elements [element, element + count) of a region, in the region's own C order: a partial
-    first run, the whole runs in between (one kernel call), a partial last run."""
-    end = element + count
-    first_run, first_offset = divmod(element, run_len)
-    last_run, last_offset = divmod(end, run_len)
-    if first_run == last_run:
-        start = int(runs[first_run]) + first_offset
-        return source.flat(start, start + count)
-    pieces = []
-    if first_offset:
-        start = int(runs[first_run]) + first_offset
-        pieces.append(source.flat(start, start + run_len - first_offset))
-        first_run += 1
-    if last_run > first_run:
-        pieces.append(source.runs(runs[first_run:last_run], run_len))
-    if last_offset:
-        start = int(runs[last_run])
-        pieces.append(source.flat(start, start + last_offset))
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    first run, the whole runs in between (RUNS_BATCH runs per kernel call, their starts computed
+    for that batch alone), a partial last run. Memory: the chunk, plus a batch of starts."""
+    values = np.empty(count, dtype=source.tensor.dtype.numpy)
+    run_len = runs.run_len
+    run, offset = divmod(element, run_len)
+    at = 0
+    while at < count:
+        if offset or count - at < run_len:  # part of one run
+            take = min(run_len - offset, count - at)
+            start = runs.start(run) + offset
+            source.flat(start, start + take, out=values[at : at + take])
+        else:
+            batch = min((count - at) // run_len, RUNS_BATCH)
+            take = batch * run_len
+            source.runs(runs.starts(run, run + batch), run_len, out=values[at : at + take])
+            run += batch - 1
+        at += take
+        run, offset = run + 1, 0
+    return values

@@ -204,10 +204,25 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
             negative_slope = param
         else:
             raise SchemeError("a", f"negative_slope {param} not a valid number")
-        return math.sqrt(2.0 / (1 + negative_slope**2))
+        return _leaky_relu_gain(negative_slope)
     if nonlinearity == "selu":
         return 3.0 / 4
     raise SchemeError("nonlinearity", f"unsupported nonlinearity {nonlinearity!r}")
+
+
+# |a| from which a**2 overflows binary64 (torch raises OverflowError there): 2^512.
+_SQUARE_OVERFLOWS = 2.0**512
+
+
+def _leaky_relu_gain(negative_slope: float) -> float:
+    """sqrt(2 / (1 + a^2)), torch's formula bit for bit wherever torch computes it. Past 2^512,
+    where a**2 overflows and torch raises, 1 is lost beside a^2 and the same formula is
+    evaluated on a scaled by 2^-512 (exact), the result scaled back (exact while it is normal):
+    sqrt(2) / |a| in effect, a representable gain rather than an error."""
+    if abs(negative_slope) < _SQUARE_OVERFLOWS:
+        return math.sqrt(2.0 / (1 + negative_slope**2))
+    scaled = negative_slope / _SQUARE_OVERFLOWS
+    return math.sqrt(2.0 / scaled**2) / _SQUARE_OVERFLOWS
 
 
 # --- the three kernel draws, from the parameters users think in ----------------------------------
@@ -651,8 +666,12 @@ def resolve(
     return scheme.draw(given, target)
 
 
-def torch_default_bias(weight_shape: tuple[int, ...], layout: Layout) -> Uniform:
+def torch_default_bias(weight_shape: tuple[int, ...], layout: Layout) -> Uniform | Constant:
     """nn.Linear / nn.ConvNd bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the weight's fan_in."""
     fan_in, _ = fans(weight_shape, layout)
-    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    if fan_in == 0:
+        # A layer with no inputs (nn.Linear(0, 4)): torch's bound is 0 and uniform_(0, 0) is a
+        # bias of +0.0 (the bound is the integer 0, so -bound is not -0.0).
+        return Constant(0.0, info={"scheme": "torch_default", "fan_in": 0, "val": 0.0})
+    bound = 1 / math.sqrt(fan_in)
     return uniform_draw(-bound, bound, scheme="torch_default", fan_in=fan_in)

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         ge=1,
         description="largest orthogonal/sparse tensor (computed whole, in memory) in elements",
     )
+    max_coupled_flops: int = Field(
+        1 << 37,
+        ge=1,
+        description="coupled work of one request (every orthogonal/sparse tensor it touches is"
+        " computed whole, however little of it is asked for), in estimated floating-point"
+        " operations: 4 m n^2 for an orthogonal m x n (m >= n), 128 log2(rows) per sparse element",
+    )
     max_inspect_elements: int = Field(
         1 << 22, ge=1, description="most weight elements POST /inspect propagates through"
     )

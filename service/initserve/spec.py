@@ -5,6 +5,8 @@ checked when the spec is planned (plan.py), and both report through ``SpecError`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,6 +28,20 @@ MAX_RANK = 8
 # A dimension above 2^40 cannot be part of any tensor a server can produce; the per-request
 # element budget (settings) is far lower. This bound only keeps products within int64.
 MAX_DIM = 2**40
+
+# The largest tensor, in bytes, a zero-size dimension counted as 1 (docs/ALGORITHM.md, section
+# 2): numpy sizes every array, even an empty one, by a signed 64-bit count of bytes, and numpy and
+# torch index elements with signed 64-bit integers. A larger shape is refused, never wrapped:
+# with a flat index that wrapped, elements (0, 0) and (2^24, 0) of a [2^40, 2^40] tensor would be
+# one value.
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def shape_extent(shape: Sequence[int]) -> int:
+    """The product of the dimensions, a zero-size one counted as 1: the element count an array
+    library must be able to address to hold the shape (numpy's and torch's strides)."""
+    return math.prod(max(n, 1) for n in shape)
+
 
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 

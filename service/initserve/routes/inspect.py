@@ -1,5 +1,5 @@
 """POST /inspect: per-tensor statistics and the activation/gradient scale through the layer
-chain, computed under the same memory budget as generation."""
+chain, computed under the same limits and memory budget as generation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 import anyio
 from fastapi import APIRouter
 
-from initserve.delivery import Rejected
+from initserve.delivery import Rejected, prepare
 from initserve.diagnostics import inspect_json
-from initserve.plan import plan
 from initserve.problems import problem_responses
 from initserve.routes.generation import InitBody
 from initserve.state import ServiceDep
@@ -25,8 +24,14 @@ router = APIRouter()
 )
 async def inspect(body: InitBody, state: ServiceDep) -> dict[str, Any]:
     settings = state.settings
-    planned = plan(body)
-    weights = sum(t.numel for t in planned.tensors if t.key.endswith(".weight"))
+    # Inspect looks at every tensor of the spec whole (a selection does not narrow it), so it is
+    # refused exactly where POST /init of the whole spec would be: the tensor count, every
+    # coupled tensor's size and the request's coupled work, the response size.
+    whole = body.model_copy(update={"only": None, "shard": None, "regions": None})
+    prepared = await anyio.to_thread.run_sync(prepare, whole, settings)
+    weights = sum(
+        part.tensor.numel for part in prepared.file_map.parts if part.tensor.key.endswith(".weight")
+    )
     if weights > settings.max_inspect_elements:
         raise Rejected(
             413,
@@ -35,8 +40,9 @@ async def inspect(body: InitBody, state: ServiceDep) -> dict[str, Any]:
             f" {settings.max_inspect_elements} (INITSERVE_MAX_INSPECT_ELEMENTS)",
             "inspect_too_large",
         )
-    # The weights of three variants of the chain, in float64, and the batch's activations.
-    working = 32 * weights + 3 * settings.chunk_bytes
+    # Generation's own working memory (a coupled tensor, the chunk buffers), plus the weights of
+    # three variants of the chain in float64 and the batch's activations.
+    working = prepared.working_bytes + 32 * weights
     with state.admission.hold(working):
-        result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, body)
+        result: dict[str, Any] = await anyio.to_thread.run_sync(inspect_json, whole)
     return result

@@ -10,8 +10,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from fastapi.responses import JSONResponse
 
 from initserve.app import create_app
+from initserve.delivery import dry_run_answer, prepare
+from initserve.request import InitRequest
+from initserve.routes.generation import PlanAnswer
 from initserve.schemes import SCHEMES
 from initserve.settings import Settings
 
@@ -119,3 +123,20 @@ def test_the_openapi_document_shows_the_body_as_a_declared_one() -> None:
     assert set(declared["content"]["application/json"]["examples"]) == {"mlp", "shard"}
     for path in ("/plan", "/init"):
         assert document["paths"][path]["post"]["requestBody"] == declared
+
+
+@pytest.mark.parametrize(
+    "count", [1, PlanAnswer.TENSORS_PER_RENDER, 2 * PlanAnswer.TENSORS_PER_RENDER + 1]
+)
+def test_a_plan_rendered_in_batches_is_the_bytes_json_response_renders(count: int) -> None:
+    """/plan's answer is rendered a batch of tensors at a time, so that the event loop gets the
+    GIL between batches; its bytes are JSONResponse's (non-ASCII keys and all)."""
+    spec = {
+        "seed": 5,
+        "tensors": [
+            {"name": f"блок.{i}.w", "shape": [3, i % 4], "scheme": "normal"} for i in range(count)
+        ],
+    }
+    answer = dry_run_answer(prepare(InitRequest.model_validate(spec), Settings()))
+    assert len(answer["tensors"]) == count
+    assert PlanAnswer(answer).body == JSONResponse(answer).body

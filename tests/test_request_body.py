@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from initserve.app import create_app
 from initserve.delivery import dry_run_answer, prepare
 from initserve.request import InitRequest
-from initserve.routes.generation import PlanAnswer
+from initserve.routes.generation import PLANNING, PlanAnswer
 from initserve.schemes import SCHEMES
 from initserve.settings import Settings
 
@@ -140,3 +140,46 @@ def test_a_plan_rendered_in_batches_is_the_bytes_json_response_renders(count: in
     answer = dry_run_answer(prepare(InitRequest.model_validate(spec), Settings()))
     assert len(answer["tensors"]) == count
     assert PlanAnswer(answer).body == JSONResponse(answer).body
+
+
+@pytest.mark.anyio
+async def test_requests_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests at once: the first is held in planning until the other two are queued
+    for their turn (off the event loop), and only then let go; none was ever planned beside
+    another, and all three are answered."""
+    release = threading.Event()
+    planning: list[int] = []
+    most_at_once: list[int] = []
+    lock = threading.Lock()
+
+    def held_prepare(*args: Any) -> Any:
+        with lock:
+            planning.append(1)
+            most_at_once.append(len(planning))
+        release.wait(10)
+        try:
+            return prepare(*args)
+        finally:
+            with lock:
+                planning.pop()
+
+    app = create_app(Settings())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://initserve") as http:
+            monkeypatch.setattr("initserve.routes.generation.prepare", held_prepare)
+            answers: list[httpx.Response] = []
+
+            async def planned_request(seed: int) -> None:
+                answers.append(await http.post("/plan", json={**SPEC, "seed": seed}))
+
+            async with anyio.create_task_group() as group:
+                for seed in (1, 2, 3):
+                    group.start_soon(planned_request, seed)
+                with anyio.fail_after(10):
+                    while PLANNING.statistics().tasks_waiting < 2:
+                        await anyio.sleep(0.01)
+                assert (await http.get("/livez")).status_code == 200
+                release.set()
+    assert most_at_once == [1, 1, 1]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]

@@ -147,20 +147,21 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 def _quiet_collector() -> None:
-    """Keep CPython's cyclic collector from stalling the event loop.
+    """Keep CPython's full collections from stalling the event loop.
 
     Planning a 10,000-tensor spec makes millions of objects that live for the request; with the
     default thresholds each request triggers 2-3 full collections of 0.2-0.65 s, all under the
-    GIL, so /livez and every stream wait behind them (p99 231 ms under 4 such planners; 52 ms
-    with this, bench/livez_under_planning.py on a quiet 2-core machine). What the server has
-    imported and built by now is moved out of the collector's sight for good (gc.freeze), and
-    young collections run every 100,000 allocations rather than 700, which makes the full ones
-    rare. The plan objects hold no reference cycles, so reference counting still frees them at
-    once (the soak's server RSS peak: 155 MiB).
+    GIL, so /livez and every stream wait behind them. Full collections now wait for 10,000
+    middle-generation ones instead of 10, and what the server has imported and built by now is
+    frozen out of them for good. The young collections keep their default (700 allocations):
+    they are cheap, and they free promptly the reference cycles an abandoned stream leaves (a
+    young threshold of 100,000 let 200 abandoned 1 MiB-chunk streams grow RSS by 205 MiB,
+    tests/test_faults.py). /livez p99 under 4 planners: 231 ms before, 30 ms with this
+    (bench/livez_under_planning.py, quiet 2-core AMD EPYC).
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+    gc.set_threshold(700, 10, 10_000)
 
 
 def _listeners(settings: Settings, config: Any) -> list[socket.socket]:

@@ -178,11 +178,25 @@ class Router:
     def flow(self, alias: Alias, draws: frozenset[int]) -> None:
         """Values of the scratch ``draws`` are written into ``alias``."""
 
+    # Whether this pass serves torch.rand/randn(_like) as scratch draws (recording and writing
+    # a built model do; the base refuses them).
+    serves_scratch = False
+
     def random(
         self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """torch.rand/randn(_like): a scratch draw, served; None when it cannot be."""
-        return None
+        """torch.rand/randn(_like): a scratch draw, served; None when it cannot be. The call
+        itself gives the shape, dtype and device; the values are the served draw's."""
+        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
+        if init is None or not self.serves_scratch:
+            return None
+        result = func(*args, **kwargs)
+        self.scratch_draw(result, init, call)
+        return result
+
+    def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        """A draw into a fresh tensor that no parameter owns yet: by default, any draw."""
+        self.draw(tensor, init, call)
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -231,6 +245,8 @@ class Router:
 class Recorder(Router):
     """The first run: writes down the draws, the writes and reads, and every problem."""
 
+    serves_scratch = True
+
     def __init__(
         self,
         names: dict[int, str],
@@ -261,16 +277,6 @@ class Recorder(Router):
     def flow(self, alias: Alias, draws: frozenset[int]) -> None:
         for index in draws:
             self.trace.flows_into.setdefault(index, alias.name)
-
-    def random(
-        self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
-        if init is None:
-            return None
-        result = func(*args, **kwargs)
-        self.scratch_draw(result, init, call)
-        return result
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -315,6 +321,8 @@ class Writer(Router):
     service's values (``staged``: index of the draw -> its local values); the others are dead
     (overwritten later) or were written before the run (``direct``)."""
 
+    serves_scratch = True
+
     def __init__(
         self,
         names: dict[int, str],
@@ -326,16 +334,6 @@ class Writer(Router):
         super().__init__(names, skip)
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
-
-    def random(
-        self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
-        if init is None:
-            return None
-        result = func(*args, **kwargs)  # the shape, dtype and device asked for; values served
-        self.draw(result, init, call)
-        return result
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)

@@ -80,6 +80,20 @@ def test_every_variable_the_code_reads_is_documented_and_no_other() -> None:
     assert client_reads == {"INITSERVE_URL", "INITSERVE_CACHE_DIR"}  # and INITSERVE_UDS, shared
 
 
+def user_documents() -> dict[str, str]:
+    pages = [REPO / "README.md", *sorted(DOCS.glob("*.md")), REPO / "clients/python/README.md"]
+    return {str(page.relative_to(REPO)): page.read_text() for page in pages}
+
+
+def test_every_variable_named_anywhere_in_the_documents_exists() -> None:
+    """A variable named in passing (the sidecar page's INITSERVE_ALLOW_SHARED_MEMORY) is one the
+    code reads: a misspelt name would be a setting that silently does nothing."""
+    real = environment_variables_read()
+    for page, text in user_documents().items():
+        named = set(re.findall(r"\bINITSERVE_[A-Z0-9_]*[A-Z0-9]\b", text))
+        assert named - real == set(), page
+
+
 def test_the_server_table_is_the_settings_model_with_its_defaults() -> None:
     server = documented_variables(section("docs/settings.md", "## The server"))
     assert set(server) == {f"INITSERVE_{name.upper()}" for name in Settings.model_fields}
@@ -112,6 +126,10 @@ def test_every_metric_series_is_documented_and_no_other(live_server: str) -> Non
     rows = table_rows(section("docs/http-api.md", "## Metrics"))
     documented = {name for row in rows for name in re.findall(r"`(initserve_\w+)`", row[0])}
     assert documented == exported
+    # A series named in passing anywhere (robustness.md's metric-inflation row) is exported too.
+    for page, text in user_documents().items():
+        named = set(re.findall(r"\binitserve_\w+", text)) - {"initserve_client", "initserve_math"}
+        assert named - exported == set(), page
     # Each family's type, as the exposition declares it, is the table's.
     declared = dict(re.findall(r"^# TYPE (initserve_\w+) (\w+)$", exposition, re.M))
     for row in rows[2:]:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import socket
 import threading
@@ -44,6 +43,7 @@ from initserve_client._exceptions import (
     status_error,
 )
 from initserve_client._requirements import require_array_dtypes, require_engine
+from initserve_client._retry import RetryPolicy as RetryPolicy
 from initserve_client._safetensors import (
     Header,
     check_against_spec,
@@ -117,23 +117,6 @@ Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
 Regions = Mapping[str, Region]  # tensor key -> per dimension [start, stop)
 SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter; a server's Retry-After is honoured."""
-
-    max_retries: int = 6
-    base_seconds: float = 0.25
-    cap_seconds: float = 10.0
-    max_retry_after: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff: float = min(self.cap_seconds, self.base_seconds * 2.0**attempt)
-        backoff *= random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            return max(backoff, min(retry_after, self.max_retry_after))
-        return backoff
 
 
 class _Retry(Exception):

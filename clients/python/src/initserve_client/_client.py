@@ -777,7 +777,7 @@ def _local_prepare(body: dict[str, Any]) -> Any:
     request model, limits and layout as the service, and the same typed errors."""
     try:
         from initserve.delivery import Rejected, prepare
-        from initserve.request import InitRequest
+        from initserve.request import validated_request
         from initserve.settings import Settings
         from initserve.spec import SpecError
     except ImportError as exc:  # pragma: no cover - the client alone, without the engine
@@ -785,15 +785,13 @@ def _local_prepare(body: dict[str, Any]) -> Any:
             'url="local" generates in this process: install the initserve engine beside the'
             " client (pip install initserve)"
         ) from exc
-    from pydantic import ValidationError
 
     try:
-        return prepare(InitRequest.model_validate(body), Settings())
-    except ValidationError as exc:
-        spec_error = SpecError.from_validation_error(exc)
-        raise status_error(422, {"detail": str(spec_error), "errors": spec_error.errors}) from None
+        return prepare(validated_request(body), Settings())
     except SpecError as exc:
-        raise status_error(422, {"detail": str(exc), "errors": exc.errors}) from None
+        # Located as the service locates them: a problem with the body as a whole at "body".
+        errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
+        raise status_error(422, {"detail": str(exc), "errors": errors}) from None
     except Rejected as exc:
         raise status_error(exc.status, {"title": exc.title, "detail": exc.detail}) from None
 

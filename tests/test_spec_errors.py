@@ -18,6 +18,7 @@ from initserve.app import create_app
 from initserve.problems import UNPROCESSABLE_EXAMPLE, UNPROCESSABLE_EXAMPLE_REQUEST
 from initserve.request import parse_request
 from initserve.schemes import SCHEMES
+from initserve_client import Client, UnprocessableEntityError
 
 
 def tensor(**fields: Any) -> dict[str, Any]:
@@ -511,6 +512,7 @@ async def service() -> Any:
 
 
 JSON = {"content-type": "application/json"}
+SHARD = {"index": 0, "count": 2, "dim": 0, "split": "chunk"}
 
 
 @pytest.mark.anyio
@@ -562,3 +564,20 @@ async def test_the_openapi_document_shows_the_422_shape_with_an_example(
         item = content["schema"]["properties"]["errors"]["items"]
         assert item["required"] == ["loc", "msg", "type"]
         assert "tensors.0.std" in answer["description"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [UNPROCESSABLE_EXAMPLE_REQUEST, {"seed": 1}, {**tensor(), "only": ["w"], "shard": SHARD}],
+)
+async def test_the_client_in_process_answers_the_services_422(
+    service: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    """url="local" refuses a spec with the problem the service answers, word for word."""
+    served = (await service.post("/plan", json=body)).json()
+    with Client("local") as client, pytest.raises(UnprocessableEntityError) as caught:
+        client.plan(body)
+    assert caught.value.status_code == 422
+    assert caught.value.problem == {"detail": served["detail"], "errors": served["errors"]}
+    assert str(caught.value) == f"initserve answered 422: {served['detail']}"

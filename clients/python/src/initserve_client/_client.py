@@ -789,9 +789,13 @@ def _local_prepare(body: dict[str, Any]) -> Any:
     try:
         return prepare(validated_request(body), Settings())
     except SpecError as exc:
-        # Located as the service locates them: a problem with the body as a whole at "body".
+        # The service's 422, word for word (its errors.py): a problem with the body as a whole
+        # located at "body".
         errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
-        raise status_error(422, {"detail": str(exc), "errors": errors}) from None
+        detail = str(SpecError(errors))
+        if exc.omitted:
+            detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+        raise status_error(422, {"detail": detail, "errors": errors}) from None
     except Rejected as exc:
         raise status_error(exc.status, {"title": exc.title, "detail": exc.detail}) from None
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from initserve.delivery import Rejected
 from initserve.problems import problem_response
 from initserve.request_body import parsed_request
+from initserve.routes.generation import PLANNING
 from initserve.spec import SpecError, user_errors
 from initserve.state import service_state
 
@@ -35,20 +36,23 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _as_spec_error(request: Request, exc: RequestValidationError) -> SpecError:
-    """A body FastAPI refused (POST /inspect declares one) described as POST /plan and /init
-    describe theirs: the same bytes through the same parsing (request_body.py), so the same
-    problems in the same words, semantic ones included; a path parameter's problem in the
-    user's terms."""
-    if any(error["loc"][:1] == ("body",) for error in exc.errors()):
-        # Starlette keeps the body FastAPI read; refused, it is parsed again off the loop.
+    """A body FastAPI refused (POST /inspect and /shared-memory/init declare one) described as
+    POST /plan and /init describe theirs: the same bytes through the same parsing
+    (request_body.py), so the same problems in the same words, semantic ones included; a
+    header's or a path parameter's problem in the user's terms."""
+    errors = exc.errors()
+    if any(error["loc"][:1] == ("body",) for error in errors):
+        # Starlette keeps the body FastAPI read; refused, it is parsed again off the loop, its
+        # valid entries planned one request at a time, as the routes plan theirs.
         body = await request.body()
         try:
-            await anyio.to_thread.run_sync(parsed_request, body)
+            await anyio.to_thread.run_sync(parsed_request, body, limiter=PLANNING)
         except SpecError as described:
-            return described
+            others = user_errors(e for e in errors if e["loc"][:1] != ("body",))
+            return SpecError(others + described.errors) if others else described
         except StarletteHTTPException:  # bytes FastAPI decoded and we could not: its errors
             pass
-    return SpecError(user_errors(exc.errors()))
+    return SpecError(user_errors(errors))
 
 
 async def _on_spec_error(request: Request, exc: SpecError) -> JSONResponse:

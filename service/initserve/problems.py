@@ -108,12 +108,12 @@ _FANS = (
 UNPROCESSABLE_EXAMPLE: dict[str, Any] = problem_body(
     422,
     "Unprocessable Content",
-    "seed: Input should be greater than or equal to 0; tensors.0.sdt: unknown field 'sdt' (did"
-    f" you mean 'std'?); tensors.1.shape: {_FANS}",
+    "seed: Input should be greater than or equal to 0, got -1; tensors.0.sdt: unknown field"
+    f" 'sdt' (did you mean 'std'?); tensors.1.shape: {_FANS}",
     [
         {
             "loc": ["seed"],
-            "msg": "Input should be greater than or equal to 0",
+            "msg": "Input should be greater than or equal to 0, got -1",
             "type": "greater_than_equal",
         },
         {

@@ -360,6 +360,23 @@ _UNION_TAGS = (_BIAS_FLAG, _BIAS_INIT)
 _MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
 # pydantic's words for "not an object" speak of dictionaries and attributes; a spec is JSON.
 _NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
+# pydantic's messages that do not say what was given ("Input should be a valid integer").
+_SAYS_WHAT_WAS_GIVEN = frozenset(
+    (
+        "int_type",
+        "int_from_float",
+        "int_parsing",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "finite_number",
+        "string_type",
+        "list_type",
+        "bool_type",
+        *_NOT_AN_OBJECT,
+    )
+)
 
 
 def user_errors(
@@ -394,8 +411,19 @@ def user_errors(
                 )
         elif kind in _NOT_AN_OBJECT:
             message = "Input should be a JSON object"
+        if kind in _SAYS_WHAT_WAS_GIVEN and "input" in error:
+            message += f", got {_short(error['input'])}"
         result.append({"loc": loc, "msg": message, "type": kind})
     return result
+
+
+def _short(value: Any) -> str:
+    """``value`` as JSON would write it, cut to 40 characters: a problem's message is a line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _nearest(word: str, names: Sequence[str], valid: str) -> str:

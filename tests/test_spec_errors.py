@@ -638,3 +638,10 @@ def test_unknown_keys_of_a_large_spec_are_listed_not_searched() -> None:
     assert caught.value.errors[0]["msg"] == (
         f"unknown tensor key 't1x' (the spec produces {listed} and 991 more)"
     )
+
+
+def test_a_route_that_takes_no_spec_shows_no_spec_example() -> None:
+    document = create_app().openapi()
+    answer = document["paths"]["/init/{etag}"]["get"]["responses"]["422"]
+    assert "example" not in answer["content"]["application/problem+json"]
+    assert answer["description"] == "invalid path or header parameter: `errors` names it"

@@ -126,18 +126,16 @@ UNPROCESSABLE_EXAMPLE: dict[str, Any] = problem_body(
 )
 
 
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries: these statuses answer problem+json (a 422 with its
-    example)."""
-    return {
-        status: {
-            "description": _DESCRIPTIONS[status],
-            "content": {
-                PROBLEM_JSON: {
-                    "schema": PROBLEM_SCHEMA,
-                    **({"example": UNPROCESSABLE_EXAMPLE} if status == 422 else {}),
-                }
-            },
-        }
-        for status in statuses
-    }
+def problem_responses(*statuses: int, takes_spec: bool = True) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: these statuses answer problem+json; a 422 of a route that
+    takes a spec with its example, of one that does not (``takes_spec=False``) as a parameter's."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        media: dict[str, Any] = {"schema": PROBLEM_SCHEMA}
+        description = _DESCRIPTIONS[status]
+        if status == 422 and takes_spec:
+            media["example"] = UNPROCESSABLE_EXAMPLE
+        elif status == 422:
+            description = "invalid path or header parameter: `errors` names it"
+        responses[status] = {"description": description, "content": {PROBLEM_JSON: media}}
+    return responses

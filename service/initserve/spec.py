@@ -418,12 +418,26 @@ def user_errors(
 
 
 def _short(value: Any) -> str:
-    """``value`` as JSON would write it, cut to 40 characters: a problem's message is a line."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
+    """``value`` as JSON writes it, cut to 40 characters: a problem's message is a line. Only
+    the start of a list or object is rendered (it may be the whole body of a request)."""
+    text = _json_start(value, depth=3)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_start(value: Any, depth: int) -> str:
+    if isinstance(value, list | dict):
+        if depth == 0:
+            return "[...]" if isinstance(value, list) else "{...}"
+        items = list(value.items())[:4] if isinstance(value, dict) else value[:4]
+        more = ", ..." if len(value) > 4 else ""
+        if isinstance(value, dict):
+            inner = ", ".join(f"{_json_start(k, 0)}: {_json_start(v, depth - 1)}" for k, v in items)
+            return "{" + inner + more + "}"
+        return "[" + ", ".join(_json_start(v, depth - 1) for v in items) + more + "]"
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _nearest(word: str, names: Sequence[str], valid: str) -> str:

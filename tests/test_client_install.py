@@ -87,3 +87,28 @@ initserve_client.Client(sys.argv[1]).download(json.loads(sys.argv[2]), sys.argv[
     spec = golden_spec("bfloat16")
     run_without(["ml_dtypes"], probe, live_server, json.dumps(spec), str(out))
     assert out.read_bytes() == httpx.post(f"{live_server}/init", json=spec, timeout=60).content
+
+
+def test_the_command_line_says_which_package_url_local_needs(tmp_path: Path) -> None:
+    """``initserve-client fetch --url local`` without the engine: one line on stderr naming the
+    package, exit status 2, no traceback and no file."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(golden_spec("float32")))
+    out = tmp_path / "model.safetensors"
+    probe = """
+import sys
+from initserve_client.cli import main
+sys.exit(main(["fetch", sys.argv[1], "-o", sys.argv[2], "--url", "local"]))
+"""
+    code = BLOCK.format(blocked=["initserve"]) + probe
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(spec), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith('initserve-client fetch: url="local" generates in this')
+    assert "pip install initserve" in result.stderr
+    assert not out.exists()

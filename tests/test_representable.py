@@ -341,9 +341,15 @@ def test_all_parameter_problems_of_one_entry_are_reported() -> None:
     entry: dict[str, Any] = {"scheme": "sparse", "sparsity": 1.5, "std": -1.0, "gain": 2.0}
     with pytest.raises(SpecError) as caught:
         initserve.plan(spec("float32", **entry))
-    message = caught.value.errors[0]["msg"]
-    assert "'gain' is not a parameter" in message
-    assert "sparsity must be < 1" in message and "std must be > 0" in message
+    # Each at its own parameter (fields in the order the model declares them).
+    assert [(e["loc"], e["msg"]) for e in caught.value.errors] == [
+        (["tensors", 0, "std"], "std must be > 0.0, got -1.0"),
+        (
+            ["tensors", 0, "gain"],
+            "'gain' is not a parameter of scheme 'sparse' (it takes sparsity, std)",
+        ),
+        (["tensors", 0, "sparsity"], "sparsity must be < 1.0, got 1.5"),
+    ]
 
 
 def test_problems_are_capped_and_the_rest_counted() -> None:

@@ -187,21 +187,14 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from initserve.delivery import Rejected, prepare
-    from initserve.request import InitRequest
+    from initserve.request import validated_request
     from initserve.safetensors_writer import BodyWriter
     from initserve.spec import SpecError
 
     data = read_spec(args.spec)
     try:
-        request = InitRequest.model_validate_json(data)
-        prepared = prepare(request, _settings(max_response_bytes=1 << 62))
-    except ValidationError as exc:
-        raise CommandError(
-            f"{args.spec}: invalid spec: {SpecError.from_validation_error(exc)}"
-        ) from None
+        prepared = prepare(validated_request(data), _settings(max_response_bytes=1 << 62))
     except SpecError as exc:
         raise CommandError(f"{args.spec}: invalid spec: {exc}") from None
     except Rejected as exc:

@@ -7,6 +7,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,7 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from initserve.delivery import Rejected
 from initserve.problems import problem_response
-from initserve.spec import SpecError
+from initserve.request_body import parsed_request
+from initserve.routes.generation import PLANNING
+from initserve.spec import SpecError, user_errors
 from initserve.state import service_state
 
 log = logging.getLogger("initserve")
@@ -29,8 +32,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return await _on_spec_error(request, SpecError(errors))
+    return await _on_spec_error(request, await _as_spec_error(request, exc))
+
+
+async def _as_spec_error(request: Request, exc: RequestValidationError) -> SpecError:
+    """A body FastAPI refused (POST /inspect and /shared-memory/init declare one) described as
+    POST /plan and /init describe theirs: the same bytes through the same parsing
+    (request_body.py), so the same problems in the same words, semantic ones included; a
+    header's or a path parameter's problem in the user's terms."""
+    errors = exc.errors()
+    if any(error["loc"][:1] == ("body",) for error in errors):
+        # Starlette keeps the body FastAPI read; refused, it is parsed again off the loop, its
+        # valid entries planned one request at a time, as the routes plan theirs.
+        body = await request.body()
+        try:
+            await anyio.to_thread.run_sync(parsed_request, body, limiter=PLANNING)
+        except SpecError as described:
+            others = user_errors(e for e in errors if e["loc"][:1] != ("body",))
+            return SpecError(others + described.errors) if others else described
+        except StarletteHTTPException:  # bytes FastAPI decoded and we could not: its errors
+            pass
+    return SpecError(user_errors(errors))
 
 
 async def _on_spec_error(request: Request, exc: SpecError) -> JSONResponse:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import ValidationError
 
 from initserve.draws import (
     BOX_MULLER_MAX_RADIUS,
@@ -26,8 +28,10 @@ from initserve.spec import (
     MAX_REPORTED_ERRORS,
     MAX_TENSOR_BYTES,
     InitParams,
+    LayerSpec,
     Spec,
     SpecError,
+    TensorSpec,
     parse_spec,
     shape_extent,
 )
@@ -238,16 +242,78 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
     """Validate a spec and resolve every tensor; raises SpecError naming every field at fault
     (up to MAX_REPORTED_ERRORS)."""
     spec = parse_spec(spec_data)
+    problems = _Problems()
+    entries = _resolved(
+        enumerate(spec.layers),
+        enumerate(spec.tensors),
+        spec.layout,
+        spec.dtype,
+        spec.seed,
+        problems,
+    )
+    if problems.errors:
+        raise SpecError(problems.errors)
+    return Plan(spec, tuple(entries))
+
+
+def entry_problems(data: Any) -> list[dict[str, Any]]:
+    """What ``plan`` finds wrong in the entries of ``data`` whose own fields are valid, for a spec
+    that failed to validate as a whole (spec.invalid_spec), so that one answer lists every
+    problem. An entry that is invalid itself is already reported, and so is a layout or dtype
+    that is not one: what depends on them is not guessed (an entry's fans need the layout;
+    whether its values fit, the dtype)."""
+    if not isinstance(data, Mapping):
+        return []
+    layout = data.get("layout", "torch")
+    if layout not in ("torch", "jax"):
+        return []
+    dtype = data.get("dtype", "float32")
+    problems = _Problems()
+    _resolved(
+        _valid_entries(data.get("layers"), LayerSpec),
+        _valid_entries(data.get("tensors"), TensorSpec),
+        layout,
+        dtype if isinstance(dtype, str) and dtype in DTYPES else None,
+        None,
+        problems,
+    )
+    return problems.errors
+
+
+_Entry = TypeVar("_Entry", LayerSpec, TensorSpec)
+
+
+def _valid_entries(entries: Any, model: type[_Entry]) -> Iterator[tuple[int, _Entry]]:
+    if not isinstance(entries, list):
+        return
+    for index, entry in enumerate(entries):
+        try:
+            yield index, model.model_validate(entry, from_attributes=True)
+        except ValidationError:
+            continue
+
+
+def _resolved(
+    layers: Iterable[tuple[int, LayerSpec]],
+    tensors: Iterable[tuple[int, TensorSpec]],
+    layout: Layout,
+    spec_dtype: str | None,
+    spec_seed: int | None,
+    problems: _Problems,
+) -> list[TensorPlan]:
+    """Every entry resolved to its tensors' plans, each problem added to ``problems``.
+    ``spec_dtype`` None: the spec's dtype is invalid, and what depends on it is not checked for
+    the entries without their own; ``spec_seed`` None: the spec's seed is invalid, and only the
+    problems are wanted (no plan is made)."""
     entries: list[TensorPlan] = []
     seen: dict[str, tuple[str | int, ...]] = {}
-    problems = _Problems()
 
     def add(
         loc: tuple[str | int, ...],
         key: str,
         shape: tuple[int, ...],
-        dtype_name: str,
-        seed: int,
+        dtype_name: str | None,
+        seed: int | None,
         init: tuple[tuple[str | int, ...], str, Draw | None],
     ) -> None:
         """``loc``: the entry (whose name makes the key); ``init``: where its scheme is given,
@@ -258,31 +324,38 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
             problems.add((*loc, "name"), f"output key {key!r} is produced twice (also by {where})")
             return
         seen[key] = loc
-        if draw is None:
+        if draw is None or dtype_name is None:
             return
         dtype = DTYPES[dtype_name]
         problem = representability_problem(scheme, draw, dtype)
         if problem is not None:
             problems.add((*init_loc, problem[0]), problem[1])
             return
-        entries.append(TensorPlan(key, shape, dtype, draw, stream_for(seed, key), spec.layout))
+        if seed is not None:
+            entries.append(TensorPlan(key, shape, dtype, draw, stream_for(seed, key), layout))
 
-    for index, layer in enumerate(spec.layers):
+    def too_large(
+        loc: tuple[str | int, ...], key: str, shape: tuple[int, ...], dtype: str | None
+    ) -> bool:
+        message = None if dtype is None else unindexable(key, shape, DTYPES[dtype])
+        if message is not None:
+            problems.add((*loc, "shape"), message)
+        return message is not None
+
+    for index, layer in layers:
         if problems.full:
             break
         loc: tuple[str | int, ...] = ("layers", index)
         shape = tuple(layer.shape)
-        too_large = unindexable(f"{layer.name}.weight", shape, DTYPES[layer.dtype or spec.dtype])
-        if too_large is not None:
-            problems.add((*loc, "shape"), too_large)
+        dtype = layer.dtype or spec_dtype
+        if too_large(loc, f"{layer.name}.weight", shape, dtype):
             continue
-        dtype = layer.dtype or spec.dtype
-        seed = spec.seed if layer.seed is None else layer.seed
-        weight = _resolve_at(problems, loc, layer, shape, spec.layout, layer.activation)
+        seed = None if spec_seed is None else layer.seed if layer.seed is not None else spec_seed
+        weight = _resolve_at(problems, loc, layer, shape, layout, layer.activation)
         add(loc, f"{layer.name}.weight", shape, dtype, seed, (loc, layer.scheme, weight))
         if layer.bias is False:
             continue
-        out_features = shape[0] if spec.layout == "torch" else shape[-1]
+        out_features = shape[0] if layout == "torch" else shape[-1]
         bias_shape = (out_features,)
         bias_loc = (*loc, "bias")
         if layer.bias is True:
@@ -294,29 +367,23 @@ def plan(spec_data: Spec | dict[str, Any] | str | bytes) -> Plan:
         bias: Draw | None
         if bias_init.scheme == "torch_default":
             try:
-                bias = torch_default_bias(shape, spec.layout)
+                bias = torch_default_bias(shape, layout)
             except SchemeError as exc:  # the weight has no fan_in
                 problems.add((*bias_loc, exc.field), f"torch_default bias: {exc.message}")
                 bias = None
         else:
-            bias = _resolve_at(
-                problems, bias_loc, bias_init, bias_shape, spec.layout, bias_activation
-            )
+            bias = _resolve_at(problems, bias_loc, bias_init, bias_shape, layout, bias_activation)
         add(loc, f"{layer.name}.bias", bias_shape, dtype, seed, (bias_loc, bias_init.scheme, bias))
 
-    for index, tensor in enumerate(spec.tensors):
+    for index, tensor in tensors:
         if problems.full:
             break
         loc = ("tensors", index)
         shape = tuple(tensor.shape)
-        too_large = unindexable(tensor.name, shape, DTYPES[tensor.dtype or spec.dtype])
-        if too_large is not None:
-            problems.add((*loc, "shape"), too_large)
+        dtype = tensor.dtype or spec_dtype
+        if too_large(loc, tensor.name, shape, dtype):
             continue
-        dtype = tensor.dtype or spec.dtype
-        seed = spec.seed if tensor.seed is None else tensor.seed
-        draw = _resolve_at(problems, loc, tensor, shape, spec.layout, tensor.activation)
+        seed = None if spec_seed is None else tensor.seed if tensor.seed is not None else spec_seed
+        draw = _resolve_at(problems, loc, tensor, shape, layout, tensor.activation)
         add(loc, tensor.name, shape, dtype, seed, (loc, tensor.scheme, draw))
-    if problems.errors:
-        raise SpecError(problems.errors)
-    return Plan(spec, tuple(entries))
+    return entries

@@ -60,9 +60,15 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                     "loc": {
                         "type": "array",
                         "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                        "description": "the field at fault, as the path to it in the request"
+                        ' body (["tensors", 0, "std"]); ["body"] for the body as a whole',
                     },
-                    "msg": {"type": "string"},
-                    "type": {"type": "string"},
+                    "msg": {"type": "string", "description": "what is wrong, and what is valid"},
+                    "type": {
+                        "type": "string",
+                        "description": "the kind of problem (pydantic's error types:"
+                        " missing, extra_forbidden, literal_error, value_error, json_invalid...)",
+                    },
                 },
             },
         },
@@ -78,17 +84,58 @@ _DESCRIPTIONS = {
     413: "over a size limit (body, tensors, response, coupled tensor)",
     415: "body not application/json, or a Content-Encoding the server does not decode",
     416: "range outside the file",
-    422: "invalid spec: `errors` names each field",
+    422: "invalid spec: `errors` lists every problem of the request, field-level (a misspelt or"
+    " missing field, a value out of range) and semantic (a scheme that needs a 2-D tensor), each"
+    " located at its field (`tensors.0.std`); a misspelt name gets the nearest valid one, a JSON"
+    " syntax error its line and column",
     503: "overloaded, warming up or draining; retry after Retry-After seconds",
 }
 
 
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries: these statuses answer problem+json."""
-    return {
-        status: {
-            "description": _DESCRIPTIONS[status],
-            "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
-        }
-        for status in statuses
-    }
+# The 422 the OpenAPI document shows, and the request that gets it (tests/test_spec_errors.py
+# checks that the service answers exactly this).
+UNPROCESSABLE_EXAMPLE_REQUEST: dict[str, Any] = {
+    "seed": -1,
+    "tensors": [
+        {"name": "embed", "shape": [1000, 64], "scheme": "normal", "sdt": 0.02},
+        {"name": "scale", "shape": [64], "scheme": "xavier_uniform"},
+    ],
+}
+_FANS = (
+    "scheme 'xavier_uniform' computes fans, which need a tensor of at least 2 dimensions; got"
+    " [64] (use uniform, normal or constant for 1-D)"
+)
+UNPROCESSABLE_EXAMPLE: dict[str, Any] = problem_body(
+    422,
+    "Unprocessable Content",
+    "seed: Input should be greater than or equal to 0, got -1; tensors.0.sdt: unknown field"
+    f" 'sdt' (did you mean 'std'?); tensors.1.shape: {_FANS}",
+    [
+        {
+            "loc": ["seed"],
+            "msg": "Input should be greater than or equal to 0, got -1",
+            "type": "greater_than_equal",
+        },
+        {
+            "loc": ["tensors", 0, "sdt"],
+            "msg": "unknown field 'sdt' (did you mean 'std'?)",
+            "type": "extra_forbidden",
+        },
+        {"loc": ["tensors", 1, "shape"], "msg": _FANS, "type": "value_error"},
+    ],
+)
+
+
+def problem_responses(*statuses: int, takes_spec: bool = True) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: these statuses answer problem+json; a 422 of a route that
+    takes a spec with its example, of one that does not (``takes_spec=False``) as a parameter's."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        media: dict[str, Any] = {"schema": PROBLEM_SCHEMA}
+        description = _DESCRIPTIONS[status]
+        if status == 422 and takes_spec:
+            media["example"] = UNPROCESSABLE_EXAMPLE
+        elif status == 422:
+            description = "invalid path or header parameter: `errors` names it"
+        responses[status] = {"description": description, "content": {PROBLEM_JSON: media}}
+    return responses

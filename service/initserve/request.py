@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from initserve.spec import MAX_DIM, MAX_RANK, Spec, SpecError
+from initserve.spec import MAX_DIM, MAX_RANK, Spec, SpecError, invalid_spec
 
 # How a dimension of n is split into count parts. "chunk" is torch.chunk's rule, which DTensor,
 # FSDP2 and tensor parallelism use: parts of ceil(n / count), the trailing ones short or empty
@@ -71,6 +71,14 @@ def parse_request(data: Spec | dict[str, Any] | str | bytes) -> Spec:
     service's 422 lists."""
     if isinstance(data, Spec):
         return data
+    return validated_request(data)
+
+
+def validated_request(data: Any) -> InitRequest:
+    """``data`` (a JSON document, or what ``json.loads`` makes of one) validated as a POST /init
+    body; SpecError listing every problem (spec.invalid_spec) otherwise. The one validation of a
+    request: the service's (request_body.py), the command line's and the client's in-process
+    one (url="local") all call it, so each says the same."""
     try:
         if isinstance(data, str | bytes):
             return InitRequest.model_validate_json(data)
@@ -78,7 +86,7 @@ def parse_request(data: Spec | dict[str, Any] | str | bytes) -> Spec:
         # described in the same words in-process and in the service's 422.
         return InitRequest.model_validate(data, from_attributes=True)
     except ValidationError as exc:
-        raise SpecError.from_validation_error(exc) from None
+        raise invalid_spec(data, exc, InitRequest) from None
 
 
 _ONLY: TypeAdapter[list[str]] = TypeAdapter(list[str])
@@ -112,7 +120,8 @@ def selection_arguments(
         try:
             return validate(_plain(value))
         except ValidationError as exc:
-            for error in SpecError.from_validation_error(exc).errors:
+            root = ShardSelection if field == "shard" else None
+            for error in SpecError.from_validation_error(exc, root).errors:
                 errors.append({**error, "loc": [field, *error["loc"]]})
             return None
 

@@ -3,19 +3,19 @@
 FastAPI decodes and validates a declared body parameter on the event loop before the endpoint
 runs: for a 10,000-tensor spec that is ~0.05 s of JSON decoding and ~0.3 s of validation, during
 which /livez and every other stream wait. The routes that take a spec read its raw bytes
-instead and call ``parsed_request`` in their worker thread, which fails exactly as FastAPI
-would (the same errors, so the same 422 problem+json), and ``INIT_REQUEST_BODY`` documents the
-body in the OpenAPI document as FastAPI does for a declared one."""
+instead and call ``parsed_request`` in their worker thread, which fails with the same 422
+problem+json as the declared body of POST /inspect (errors.py), and ``INIT_REQUEST_BODY``
+documents the body in the OpenAPI document as FastAPI does for a declared one."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from fastapi.exceptions import HTTPException, RequestValidationError
-from pydantic import ValidationError
+from fastapi.exceptions import HTTPException
 
-from initserve.request import EXAMPLE_REQUEST, InitRequest
+from initserve.request import EXAMPLE_REQUEST, InitRequest, validated_request
+from initserve.spec import SpecError, json_syntax_error
 
 BODY_EXAMPLES: dict[str, dict[str, Any]] = {
     "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},
@@ -42,31 +42,15 @@ INIT_REQUEST_BODY: dict[str, Any] = {
 
 def parsed_request(body: bytes) -> InitRequest:
     """The request in ``body``, decoded and validated as FastAPI does a declared body (JSON by
-    ``json.loads``, the model validated from attributes), with FastAPI's errors: a 422's
-    locations start with "body". The middleware has already refused a non-empty body that is
-    not ``application/json``."""
+    ``json.loads``, the model validated from attributes); a SpecError (422) listing every
+    problem, located relative to the body, where it is not a valid request. The middleware has
+    already refused a non-empty body that is not ``application/json``."""
     if not body:
-        raise RequestValidationError(
-            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
-        )
+        raise SpecError.single((), "the body is empty; it should be a spec (JSON)", "missing")
     try:
         data = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "json_invalid",
-                    "loc": ("body", exc.pos),
-                    "msg": "JSON decode error",
-                    "input": {},
-                    "ctx": {"error": exc.msg},
-                }
-            ]
-        ) from None
+        raise json_syntax_error(exc) from None
     except Exception:  # as FastAPI: bytes json cannot decode as text, nesting past the stack
         raise HTTPException(400, "There was an error parsing the body") from None
-    try:
-        return InitRequest.model_validate(data, from_attributes=True)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    return validated_request(data)

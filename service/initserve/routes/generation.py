@@ -103,7 +103,10 @@ def planned(body: InitRequest, state: ServiceState) -> Prepared:
     return prepared
 
 
-BY_ETAG_RESPONSES = {**FILE_RESPONSES, **problem_responses(401, 404, 413, 416, 422, 503)}
+BY_ETAG_RESPONSES = {
+    **FILE_RESPONSES,
+    **problem_responses(401, 404, 413, 416, 422, 503, takes_spec=False),
+}
 
 
 @router.get(

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import socket
 import threading
@@ -44,6 +43,7 @@ from initserve_client._exceptions import (
     status_error,
 )
 from initserve_client._requirements import require_array_dtypes, require_engine
+from initserve_client._retry import RetryPolicy as RetryPolicy
 from initserve_client._safetensors import (
     Header,
     check_against_spec,
@@ -117,23 +117,6 @@ Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
 Regions = Mapping[str, Region]  # tensor key -> per dimension [start, stop)
 SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter; a server's Retry-After is honoured."""
-
-    max_retries: int = 6
-    base_seconds: float = 0.25
-    cap_seconds: float = 10.0
-    max_retry_after: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff: float = min(self.cap_seconds, self.base_seconds * 2.0**attempt)
-        backoff *= random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            return max(backoff, min(retry_after, self.max_retry_after))
-        return backoff
 
 
 class _Retry(Exception):
@@ -794,7 +777,7 @@ def _local_prepare(body: dict[str, Any]) -> Any:
     request model, limits and layout as the service, and the same typed errors."""
     try:
         from initserve.delivery import Rejected, prepare
-        from initserve.request import InitRequest
+        from initserve.request import validated_request
         from initserve.settings import Settings
         from initserve.spec import SpecError
     except ImportError as exc:  # pragma: no cover - the client alone, without the engine
@@ -802,15 +785,17 @@ def _local_prepare(body: dict[str, Any]) -> Any:
             'url="local" generates in this process: install the initserve engine beside the'
             " client (pip install initserve)"
         ) from exc
-    from pydantic import ValidationError
 
     try:
-        return prepare(InitRequest.model_validate(body), Settings())
-    except ValidationError as exc:
-        spec_error = SpecError.from_validation_error(exc)
-        raise status_error(422, {"detail": str(spec_error), "errors": spec_error.errors}) from None
+        return prepare(validated_request(body), Settings())
     except SpecError as exc:
-        raise status_error(422, {"detail": str(exc), "errors": exc.errors}) from None
+        # The service's 422, word for word (its errors.py): a problem with the body as a whole
+        # located at "body".
+        errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
+        detail = str(SpecError(errors))
+        if exc.omitted:
+            detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+        raise status_error(422, {"detail": detail, "errors": errors}) from None
     except Rejected as exc:
         raise status_error(exc.status, {"title": exc.title, "detail": exc.detail}) from None
 

@@ -5,11 +5,12 @@ arrays; a file written by ``download`` needs neither)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from initserve_client._exceptions import InitserveError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class MissingDependencyError(InitserveError, ImportError):
@@ -30,6 +31,8 @@ def require_engine() -> None:
 
 
 def bfloat16_dtype() -> np.dtype[Any]:
+    import numpy as np
+
     try:
         import ml_dtypes
     except ImportError as exc:

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm import tqdm
-
-from initserve_client._client import DEFAULT_URL, Client, RetryPolicy
 from initserve_client._exceptions import (
     APIConnectionError,
     BadRequestError,
@@ -26,6 +23,10 @@ from initserve_client._exceptions import (
     UnprocessableEntityError,
 )
 from initserve_client._requirements import MissingDependencyError
+from initserve_client._retry import RetryPolicy
+
+# Nothing heavier than argparse and the exceptions is imported before a command runs (httpx,
+# numpy and tqdm are the command's), so ``initserve-client --help`` answers at once.
 
 USAGE_ERROR = 2  # argparse's status for a bad command line; ours for input the user can fix
 # What the user can fix: their input, the server's address, their install. Any other error of
@@ -54,6 +55,8 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
+            from tqdm import tqdm
+
             self.bar = tqdm(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
                 disable=self.disable, desc="initserve", dynamic_ncols=True,
@@ -68,7 +71,7 @@ class AnnouncedRetries(RetryPolicy):
     """The client's retry policy, saying on stderr before each wait that it is retrying (a
     server that is down would otherwise look like a hang of 10 s or more)."""
 
-    url: str = DEFAULT_URL
+    url: str = ""  # the server's, said in each message
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         seconds = super().delay(attempt, retry_after)
@@ -114,6 +117,8 @@ def shard_argument(text: str) -> tuple[int, int, int]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    from initserve_client._client import Client
+
     spec = read_spec(args.spec)
     with Client(args.url, token=args.token) as client:
         client.retry = AnnouncedRetries(max_retries=args.retries, url=client.url)

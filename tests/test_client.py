@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,13 +152,26 @@ def test_503_is_retried_honouring_retry_after() -> None:
         with httpx.stream("POST", f"{url}/init", json=big, timeout=60) as holding:
             chunks = holding.iter_raw()
             next(chunks)
-            timer = threading.Timer(1.5, holding.close)  # the holder gives up after 1.5 s
-            timer.start()
+
+            def give_up_once_refused() -> None:
+                # The holder lets go only after the server has refused the client once: a
+                # timer would race the client's own start (its imports take seconds on a
+                # loaded machine), and the test would pass without any 503 being retried.
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if rejected in httpx.get(f"{url}/metrics").text:
+                        break
+                    time.sleep(0.05)
+                holding.close()
+
+            rejected = 'initserve_rejections_total{reason="overload_concurrency"} 1.0'
+            holder = threading.Thread(target=give_up_once_refused)
+            holder.start()
             with Client(
                 url, retry=RetryPolicy(max_retries=10, base_seconds=0.01, cap_seconds=0.05)
             ) as client:
                 got = client.fetch_weights(SPEC)
-            timer.join()
+            holder.join()
         assert same(got, initserve.generate(SPEC))
         text = httpx.get(f"{url}/metrics").text
         assert 'initserve_rejections_total{reason="overload_concurrency"}' in text

@@ -82,6 +82,25 @@ _SERVED_RNG: dict[str, dict[str, Any]] = {
 }
 
 
+def _allocated(
+    short: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The tensor torch's random ``func`` would return, allocated with no values: a served draw
+    overwrites them. Not drawing keeps the caller's generator as it was."""
+    given = {k: v for k, v in kwargs.items() if k not in ("generator", "low", "high", "size")}
+    try:
+        if short.endswith("_like"):
+            return torch.empty_like(args[0], **given)
+        if short == "randint":
+            size = kwargs.get("size", next((a for a in args if not isinstance(a, int)), ()))
+            given.setdefault("dtype", torch.int64)  # randint's default
+            return torch.empty(tuple(size), **given)
+        return torch.empty(*args, **given)
+    except (TypeError, RuntimeError):  # a form empty does not take: torch's own call
+        result: torch.Tensor = func(*args, **kwargs)
+        return result
+
+
 def _randint_bounds(
     call: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[float, float] | None:
@@ -213,7 +232,7 @@ class Router:
             if bounds is None:
                 return None
             low, high = bounds
-            result = func(*args, **kwargs)
+            result = _allocated(short, func, args, kwargs)
             drawn = torch.empty(result.shape, dtype=torch.float64, device=result.device)
             self.scratch_draw(drawn, {"scheme": "uniform", "a": low, "b": high}, call)
             with _quiet():
@@ -223,7 +242,7 @@ class Router:
         init = _SERVED_RNG.get(short)
         if init is None:
             return None
-        result = func(*args, **kwargs)
+        result = _allocated(short, func, args, kwargs)
         self.scratch_draw(result, init, call)
         return result
 
@@ -405,6 +424,8 @@ class Writer(Router):
             )
         self.position += 1
         values = self.staged.pop(index, None)
+        if values is None and index in self.scratch:  # never left with what empty held
+            raise RuntimeError(f"{self.program}: no values were fetched for scratch draw {got}")
         if values is not None:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             with _quiet():

@@ -87,7 +87,8 @@ def _allocated(
 ) -> torch.Tensor:
     """The tensor torch's random ``func`` would return, allocated with no values: a served draw
     overwrites them. Not drawing keeps the caller's generator as it was."""
-    given = {k: v for k, v in kwargs.items() if k not in ("generator", "low", "high", "size")}
+    dropped = ("generator", "low", "high", "size") if short == "randint" else ("generator",)
+    given = {k: v for k, v in kwargs.items() if k not in dropped}
     try:
         if short.endswith("_like"):
             return torch.empty_like(args[0], **given)

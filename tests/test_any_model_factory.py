@@ -515,3 +515,37 @@ def test_the_factory_materialises_each_parameter_once() -> None:
           " of parameters")  # fmt: skip
     assert measured["params"] == (8192 * 1024 + 4 * (2048 * 1024 + 2048) + 64 * 1024) * 4
     assert measured["growth"] <= 1.25 * measured["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "world_size"), [("fsdp", 3), ("tp", 2)])
+def test_constructor_and_scratch_draws_are_the_same_on_every_rank(
+    tmp_path: Any, layout: str, world_size: int
+) -> None:
+    """Real torch.distributed (gloo): the factory form on every rank, then sharded, and a model
+    built on meta, sharded (FSDP2 at 3 ranks, TP at 2), then initialised: every rank's
+    full_tensor() is bit-equal to the single-process init, constructor draws and scratch draws
+    (``<tensor>#draw<n>``) included."""
+    import json
+
+    import torch.multiprocessing as mp
+    from torch_models import DRAWN_RULES, DRAWN_SEED, DrawnEverywhere, drawn_digests, run_drawn
+
+    from servers import free_port
+
+    out = tmp_path / "ranks.json"
+    mp.spawn(run_drawn, args=(world_size, free_port(), layout, str(out)), nprocs=world_size,  # type: ignore[attr-defined]
+             join=True)  # fmt: skip
+    ranks = json.loads(out.read_text())
+    factory = drawn_digests(init_module(DrawnEverywhere, DRAWN_SEED, url="local"))
+    with torch.device("meta"):
+        model = DrawnEverywhere()
+    init_module(model, DRAWN_SEED, url="local", rules=DRAWN_RULES)
+    meta = drawn_digests(model)
+    names = {e["name"] for e in spec_from_module(model, DRAWN_SEED, rules=DRAWN_RULES)["tensors"]}
+    assert {"A_log#draw0", "dt_bias#draw0", "wqkv.weight#draw2"} <= names
+    assert factory != meta  # the constructor's randn is served, the rule's draw differs
+    for report in ranks:
+        assert report["factory"] == factory
+        assert report["meta"] == meta
+        assert {"wqkv.weight", "out.weight"} <= set(report["sharded"])

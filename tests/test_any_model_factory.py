@@ -379,19 +379,65 @@ def test_weight_norm_and_spectral_norm_through_the_factory() -> None:
     assert {f"{state}._u#draw0", f"{state}._v#draw0"} <= names
 
 
-def test_a_built_parametrized_model_is_refused_naming_the_parametrization() -> None:
+def test_a_built_parametrized_model_is_served_through_right_inverse() -> None:
+    """Built on meta (and on the CPU): each module's reset_parameters draws into the logical
+    weight, which torch's own right_inverse stores (weight_norm: g = ||v||, exactly as
+    torch.norm_except_dim computes it; spectral_norm: the weight itself); spectral_norm's u and v
+    are served draws, normalised, then torch's 15 power iterations on that weight."""
     with torch.device("meta"):
-        model = Normed()
+        model: Any = Normed()
+    spec = spec_from_module(model, SEED)
+    names = [e["name"] for e in spec["tensors"]]
+    state = "linear.parametrizations.weight.0"
+    assert names == ["conv.bias", "conv.weight", "linear.bias", "linear.weight",
+                     f"{state}._u#draw0", f"{state}._v#draw0"]  # fmt: skip
+    init_module(model, SEED, url="local")
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    conv = model.conv.parametrizations.weight
+    assert type(model.conv).__name__ == "ParametrizedConv1d"  # still parametrized
+    assert torch.equal(conv.original1.detach(), drawn["conv.weight"])  # v: the weight drawn
+    assert torch.equal(conv.original0.detach(), torch.norm_except_dim(drawn["conv.weight"], 2, 0))
+    assert torch.equal(model.conv.bias.detach(), drawn["conv.bias"])
+    linear = model.linear.parametrizations.weight
+    assert torch.equal(linear.original.detach(), drawn["linear.weight"])
+    u, v = (F.normalize(drawn[f"{state}.{k}#draw0"], dim=0, eps=1e-12) for k in ("_u", "_v"))
+    for _ in range(15):  # torch's _SpectralNorm._power_method
+        u = F.normalize(torch.mv(drawn["linear.weight"], v), dim=0, eps=1e-12)
+        v = F.normalize(torch.mv(drawn["linear.weight"].H, u), dim=0, eps=1e-12)
+    assert torch.equal(linear[0]._u, u) and torch.equal(linear[0]._v, v)
+    reference: Any = own_init(Normed)
+    assert_same_distribution(conv.original1, reference.conv.parametrizations.weight.original1,
+                             "v")  # fmt: skip
+    assert_same_distribution(linear.original, reference.linear.parametrizations.weight.original,
+                             "spectral original")  # fmt: skip
+    model.eval()
+    reference.eval()
+    for ours, theirs in ((model, "ours"), (reference, "torch's")):  # sigma(W / sigma) ~ 1
+        sigma = float(torch.linalg.matrix_norm(ours.linear.weight.detach(), 2))
+        assert abs(sigma - 1) < 0.05, (theirs, sigma)
+    on_cpu: Any = Normed()  # built on the CPU: the same program, the same values
+    init_module(on_cpu, SEED, url="local")
+    for (name, ours), theirs in zip(model.state_dict().items(), on_cpu.state_dict().values(),
+                                    strict=True):  # fmt: skip
+        assert torch.equal(ours, theirs), name
+
+
+def test_other_parametrizations_of_a_built_model_are_refused_by_name() -> None:
+    class Symmetric(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.triu() + x.triu(1).transpose(-1, -2)
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", Symmetric())
     with pytest.raises(ModelInitError) as caught:
         init_module(model, SEED, url="local")
     assert caught.value.problems == [
-        "conv.weight is parametrized by _WeightNorm: a model built beforehand cannot store a draw"
-        " through its right_inverse; pass the constructor, init_module(lambda: Model(...), seed,"
-        " ...), whose draws torch's parametrization takes as written",
-        "linear.weight is parametrized by _SpectralNorm: a model built beforehand cannot store a"
-        " draw through its right_inverse; pass the constructor, init_module(lambda: Model(...),"
-        " seed, ...), whose draws torch's parametrization takes as written",
+        "0.weight is parametrized by Symmetric: initserve serves a tensor under one weight_norm"
+        " or spectral_norm; pass the constructor, init_module(lambda: Model(...), seed, ...),"
+        " whose draws torch's parametrization takes as written"
     ]
+    assert type(model[0]).__name__ == "ParametrizedLinear"  # the model left as it was
 
 
 # --- Mamba and Qwen3-Next: Hugging Face's own classes, random values drawn into temporaries ------

@@ -746,6 +746,9 @@ class _Mode(TorchFunctionMode):
             local = router.local_view(name, args) if not kwargs else None
             result = func(*args, **kwargs) if local is None else local
             router.carry(result, args[:1])
+            origin = router.tainted_by(args[:1])
+            if origin is not None:  # a view of torch's random values is still them
+                router.taint(result, origin)
             source = router.alias_of(args[0])
             if source is not None:
                 same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape

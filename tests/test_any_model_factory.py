@@ -349,6 +349,45 @@ def test_a_draw_that_steers_the_constructor_is_refused_with_that_reason() -> Non
             init_module(model, SEED, url="local")
 
 
+class Waiting(nn.Module):
+    """Exponential draws (Tensor.exponential_), in the constructor and in init_weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate = nn.Parameter(torch.empty(3000).exponential_(2.0))
+        self.register_buffer("gaps", torch.empty(3000).exponential_())
+        self.later = nn.Parameter(torch.empty(3000))
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.later.exponential_(0.5).add_(1.0)
+
+
+def test_exponential_draws_are_served_as_the_inverse_cdf_of_a_uniform() -> None:
+    """-log(1 - U) / rate of a served U[0, 1) draw, exact against initserve.generate; the
+    statistics of torch's own exponential_ (5 standard errors)."""
+    model: Any = init_module(Waiting, SEED, url="local")
+    spec = spec_from_module(Waiting, SEED)
+    entries = {e["name"]: e for e in spec["tensors"]}
+    assert {k: entries[k]["scheme"] for k in ("rate", "gaps", "later")} == dict.fromkeys(
+        ("rate", "gaps", "later"), "uniform"
+    )
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    assert torch.equal(model.rate.detach(), torch.log1p(-drawn["rate"]) / -2.0)
+    assert torch.equal(model.gaps, torch.log1p(-drawn["gaps"]) / -1.0)
+    assert torch.equal(model.later.detach(), torch.log1p(-drawn["later"]) / -0.5 + 1.0)
+    reference: Any = own_init(Waiting)
+    with torch.no_grad():
+        reference.init_weights()
+    for name in ("rate", "gaps", "later"):
+        assert_same_distribution(getattr(model, name), getattr(reference, name), name)
+    built: Any = Waiting()  # built beforehand: init_weights' draw served
+    init_module(built, SEED, url="local")
+    later = next(e for e in spec_from_module(built, SEED)["tensors"] if e["name"] == "later")
+    values = torch.from_numpy(initserve.generate({"seed": SEED, "tensors": [later]})["later"])
+    assert torch.equal(built.later.detach(), torch.log1p(-values) / -0.5 + 1.0)
+
+
 class Normed(nn.Module):
     """weight_norm (g = ||v|| per output channel, as Wav2Vec2's positional conv) and
     spectral_norm (random u, v refined by power iteration in its constructor)."""

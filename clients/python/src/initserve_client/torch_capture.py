@@ -729,19 +729,24 @@ class _Mode(TorchFunctionMode):
             a = _arguments(_tensor_normal, args, kwargs)
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
+        if func is torch.Tensor.exponential_ and router.serves_scratch:
+            a = _arguments(_tensor_exponential, args, kwargs)
+            tensor, rate = a["self"], float(a["lambd"])
+            if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
+                return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
+            # Inverse CDF of a served U[0, 1) draw, -log(1 - U) / rate, as in-place writes the
+            # recording sees: the draw is served like any other, the transform runs as written.
+            _uniform(router, tensor, 0.0, 1.0, "Tensor.exponential_")
+            for step, operand in ((torch.Tensor.neg_, ()), (torch.Tensor.log1p_, ()),
+                                  (torch.Tensor.div_, (-rate,))):  # fmt: skip
+                self._in_place(router, step, (tensor, *operand), {}, step.__name__)
+            return tensor
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
             served = router.random(call, func, args, kwargs)
             if served is not None:
                 return served
-            router.refuse(
-                f"{call} uses torch's generator{router.where()}: its values differ between ranks"
-                " and cannot be served by initserve (draw with torch.nn.init or"
-                " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
-            )
-            result = func(*args, **kwargs)
-            router.taint(result, call)
-            return result
+            return self._refused_rng(router, func, args, kwargs, call)
         if name in _ALIASES and args:
             local = router.local_view(name, args) if not kwargs else None
             result = func(*args, **kwargs) if local is None else local
@@ -775,6 +780,25 @@ class _Mode(TorchFunctionMode):
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
         router.carry(result, _tensors(args, kwargs))
+        return result
+
+    @staticmethod
+    def _refused_rng(
+        router: Router,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call: str,
+    ) -> Any:
+        """A draw of torch's generator initserve does not serve: refused, and its values
+        marked, so that the tensor they reach is named."""
+        router.refuse(
+            f"{call} uses torch's generator{router.where()}: its values differ between ranks"
+            " and cannot be served by initserve (draw with torch.nn.init or"
+            " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
+        )
+        result = func(*args, **kwargs)
+        router.taint(result, call)
         return result
 
     @staticmethod
@@ -833,6 +857,10 @@ def _tensor_uniform(self: Any, from_: float = 0, to: float = 1, *, generator: An
 
 def _tensor_normal(self: Any, mean: float = 0, std: float = 1, *, generator: Any = None) -> None:
     """The signature of Tensor.normal_, to bind its arguments."""
+
+
+def _tensor_exponential(self: Any, lambd: float = 1, *, generator: Any = None) -> None:
+    """The signature of Tensor.exponential_, to bind its arguments."""
 
 
 def _tensors(args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:

@@ -364,8 +364,14 @@ class Waiting(nn.Module):
 
 
 def test_exponential_draws_are_served_as_the_inverse_cdf_of_a_uniform() -> None:
-    """-log(1 - U) / rate of a served U[0, 1) draw, exact against initserve.generate; the
-    statistics of torch's own exponential_ (5 standard errors)."""
+    """-log(U) / rate of a served uniform draw U (a U rounded to 0 taken as the smallest
+    positive float), exact against initserve.generate; the statistics of torch's own
+    exponential_ (5 standard errors)."""
+
+    def exponential(uniform: torch.Tensor, rate: float) -> torch.Tensor:
+        info = torch.finfo(uniform.dtype)
+        return torch.log(uniform.clamp(min=info.tiny * info.eps)) / -rate
+
     model: Any = init_module(Waiting, SEED, url="local")
     spec = spec_from_module(Waiting, SEED)
     entries = {e["name"]: e for e in spec["tensors"]}
@@ -373,9 +379,9 @@ def test_exponential_draws_are_served_as_the_inverse_cdf_of_a_uniform() -> None:
         ("rate", "gaps", "later"), "uniform"
     )
     drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
-    assert torch.equal(model.rate.detach(), torch.log1p(-drawn["rate"]) / -2.0)
-    assert torch.equal(model.gaps, torch.log1p(-drawn["gaps"]) / -1.0)
-    assert torch.equal(model.later.detach(), torch.log1p(-drawn["later"]) / -0.5 + 1.0)
+    assert torch.equal(model.rate.detach(), exponential(drawn["rate"], 2.0))
+    assert torch.equal(model.gaps, exponential(drawn["gaps"], 1.0))
+    assert torch.equal(model.later.detach(), exponential(drawn["later"], 0.5) + 1.0)
     reference: Any = own_init(Waiting)
     with torch.no_grad():
         reference.init_weights()
@@ -385,7 +391,16 @@ def test_exponential_draws_are_served_as_the_inverse_cdf_of_a_uniform() -> None:
     init_module(built, SEED, url="local")
     later = next(e for e in spec_from_module(built, SEED)["tensors"] if e["name"] == "later")
     values = torch.from_numpy(initserve.generate({"seed": SEED, "tensors": [later]})["later"])
-    assert torch.equal(built.later.detach(), torch.log1p(-values) / -0.5 + 1.0)
+    assert torch.equal(built.later.detach(), exponential(values, 0.5) + 1.0)
+
+    def half() -> nn.Module:  # float16: a uniform draw rounds to 0 about once in 2**25
+        return nn.ParameterList([nn.Parameter(torch.empty(20000, dtype=torch.float16)
+                                              .exponential_())])  # fmt: skip
+
+    values = init_module(half, SEED, url="local")[0].detach()
+    uniform = initserve.generate(spec_from_module(half, SEED))["0"]
+    assert torch.equal(values, exponential(torch.from_numpy(uniform), 1.0))
+    assert bool(values.isfinite().all())
 
 
 class Normed(nn.Module):

@@ -734,10 +734,14 @@ class _Mode(TorchFunctionMode):
             tensor, rate = a["self"], float(a["lambd"])
             if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
                 return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
-            # Inverse CDF of a served U[0, 1) draw, -log(1 - U) / rate, as in-place writes the
+            # Inverse CDF of a served uniform draw, -log(U) / rate, as in-place writes the
             # recording sees: the draw is served like any other, the transform runs as written.
+            # U lies in (0, 1) in binary64 but rounds to 1 (an exponential 0, allowed) or, in
+            # float16, to 0 (log 0 = -inf): those become the smallest positive value.
             _uniform(router, tensor, 0.0, 1.0, "Tensor.exponential_")
-            for step, operand in ((torch.Tensor.neg_, ()), (torch.Tensor.log1p_, ()),
+            info = torch.finfo(tensor.dtype)
+            for step, operand in ((torch.Tensor.clamp_, (info.tiny * info.eps,)),
+                                  (torch.Tensor.log_, ()),
                                   (torch.Tensor.div_, (-rate,))):  # fmt: skip
                 self._in_place(router, step, (tensor, *operand), {}, step.__name__)
             return tensor

@@ -249,6 +249,11 @@ class Router:
             return None
         result = _allocated(short, func, args, kwargs)
         self.scratch_draw(result, init, call)
+        if init["scheme"] == "uniform" and result.is_floating_point():
+            # torch.rand promises [0, 1); the served draw, computed in binary64 on (0, 1),
+            # rounds to 1.0 about once in 2**25 float32 values: kept below 1, as torch's are.
+            with _quiet():
+                result.clamp_(max=1.0 - torch.finfo(result.dtype).eps / 2)
         return result
 
     def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:

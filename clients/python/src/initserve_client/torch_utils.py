@@ -798,7 +798,10 @@ def spec_from_module(
     random draw initialises, keyed by its canonical qualified name, in its own dtype (unless
     ``dtype`` forces one). JSON-able: it can be inspected, stored or served to another framework.
     Raises ModelInitError listing every problem at once. Nothing of the model is changed.
-    ``module`` may be a zero-argument constructor, as init_module takes it."""
+    ``module`` may be a zero-argument constructor, as init_module takes it. In a model built
+    beforehand a tensor under weight_norm or spectral_norm is named in its logical form
+    (``conv.weight``, as its module's init draws it; init_module stores it through torch's
+    ``right_inverse``), and spectral_norm's u and v as ``<buffer>#draw0``."""
     if _is_factory(module):
         spec = _record_factory(module, seed, rules, init_fn)[2].spec
     else:

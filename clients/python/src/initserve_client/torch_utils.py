@@ -471,6 +471,11 @@ def _unparametrized(module: Any) -> Iterator[_Unparametrized]:
                     " init_module(lambda: Model(...), seed, ...), whose draws torch's"
                     " parametrization takes as written"
                 )
+            elif not originals:  # a parametrized buffer: its originals are buffers
+                problems.append(
+                    f"{qualified} is a buffer parametrized by {kinds[0]}: initserve serves"
+                    " parametrized parameters only"
+                )
             elif any(hasattr(t, "device_mesh") for t in originals.values()):
                 problems.append(
                     f"{qualified} is parametrized by {kinds[0]} and sharded: initserve stores a"

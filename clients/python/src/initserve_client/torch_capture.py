@@ -84,6 +84,12 @@ _SERVED_RNG: dict[str, dict[str, Any]] = {
 _STEERS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
 # Functions whose result holds no values yet.
 _EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+# Allocations shaped like a tensor that take nothing else from it: never a read of its values
+# (torchtitan's fused wqkv init draws q, k, v into ``t.new_empty(...)`` and copies them into t).
+_SHAPED_LIKE = frozenset(
+    {"empty_like", "new_empty", "new_empty_strided", "zeros_like", "ones_like", "full_like",
+     "new_zeros", "new_ones", "new_full"}
+)  # fmt: skip
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 
 _LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
@@ -666,7 +672,7 @@ class _Mode(TorchFunctionMode):
             return result
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
             return self._in_place(router, func, args, kwargs, name)
-        if name not in _METADATA:
+        if name not in _METADATA and name not in _SHAPED_LIKE:
             for arg in _tensors(args, kwargs):
                 alias = router.alias_of(arg)
                 if alias is not None:

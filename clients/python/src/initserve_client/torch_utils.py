@@ -279,11 +279,16 @@ def _placed(
     placed: dict[tuple[int, str, str], Any] = {}
     discarded: set[str] = set()
     tied: dict[str, list[str]] = {}
+    # The stand-ins live as long as the run: tie() drops them from their slots, and the router
+    # knows tensors by id, so a freed stand-in's id given to a fresh tensor (torchtitan's q, k,
+    # v scratch) would make that tensor's draws the discarded stand-in's, skipped.
+    stand_ins: list[Any] = []
     for name, slots in tensors.slots.items():
         for index, (owner, kind, key, qualified) in enumerate(slots):
             tensor = canonical[name]
             if index != owners.get(name, 0):
                 tensor = _stand_in(tensors.get(name))
+                stand_ins.append(tensor)
                 alias = f"{qualified} (tied to {name!r})"
                 names[id(tensor)] = alias
                 of_stand_in[id(tensor)] = name

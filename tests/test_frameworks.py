@@ -259,26 +259,52 @@ def test_torchtitan_ties_are_kept(titan: dict[str, Any]) -> None:
         assert "lm_head.weight" not in entries  # one Parameter, served once
 
 
+# (n_heads, n_kv_heads, head_dim) of the shrunk configs above, for torchtitan's fused layout
+HEADS = {"llama3": (4, 2, 16), "qwen3": (4, 2, 32)}
+
+
+def handing_out(values: list[np.ndarray]) -> Callable[[torch.Tensor], None]:
+    """An init function that fills each tensor it is given with the next of ``values``."""
+    served = iter(values)
+
+    def base_init(tensor: torch.Tensor) -> None:
+        tensor.copy_(torch.from_numpy(next(served)).view(tensor.shape))
+
+    return base_init
+
+
 def test_torchtitan_bits_equal_generate_of_its_spec(titan: dict[str, Any]) -> None:
-    """Each parameter drawn whole is generate's bytes; a fused wqkv holds exactly the values of
-    its three scratch draws (q, k, v drawn into new_empty tensors, concatenated per kv head and
-    copied in): the same multiset, in torchtitan's layout."""
+    """Each parameter drawn whole is generate's bytes. A fused wqkv's q, k and v are drawn into
+    ``new_empty`` scratch tensors, served as ``<wqkv>#draw0..2``, and assembled by torchtitan's
+    own code: its ``_fused_qkv_param_init`` with a base init that hands it the served values
+    gives the wqkv bit for bit (so each draw landed, in order, in torchtitan's layout)."""
+    from torchtitan.models.common.config_utils import _fused_qkv_param_init
+
     expected = initserve.generate(titan["spec"])
     params = dict(titan["forms"]["meta"].named_parameters())
-    scratch: dict[str, list[np.ndarray]] = {}
+    scratch: dict[str, dict[int, np.ndarray]] = {}
     for name, values in expected.items():
         if name in params:
             assert params[name].detach().numpy().tobytes() == values.tobytes(), name
         else:
             target, _, draw = name.partition("#draw")
             assert target in params and draw.isdigit(), name
-            scratch.setdefault(target, []).append(values)
+            scratch.setdefault(target, {})[int(draw)] = values
     fused = titan["name"].startswith(("llama3_fused", "qwen3_fused"))
     assert bool(scratch) == fused
     for target, draws in scratch.items():
-        assert target.endswith("qkv_linear.wqkv.weight") and len(draws) == 3, target
-        ours = np.sort(params[target].detach().numpy().ravel())
-        assert np.array_equal(ours, np.sort(np.concatenate([d.ravel() for d in draws]))), target
+        assert target.endswith("qkv_linear.wqkv.weight") and sorted(draws) == [0, 1, 2], target
+        n_heads, n_kv_heads, head_dim = HEADS[titan["name"].split("_")[0]]
+        assemble = _fused_qkv_param_init(
+            {"weight": handing_out([draws[i] for i in range(3)])},
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+        )["weight"]
+        wqkv = torch.empty_like(params[target])
+        with torch.no_grad():
+            assemble(wqkv)
+        assert torch.equal(params[target], wqkv), target
 
 
 class TiedWithScratch(nn.Module):

@@ -418,13 +418,21 @@ def test_lora_forms_are_bit_identical_and_equal_generate(lora: dict[str, Any]) -
             assert parameter.detach().numpy().tobytes() == expected[name].tobytes(), name
 
 
-def test_lora_init_that_reads_the_base_weights_is_refused_pre_built() -> None:
+def test_dora_is_refused_pre_built_and_served_by_the_factory_form() -> None:
     """DoRA's magnitude is computed from the base weight when get_peft_model builds it: a
-    pre-built model does not show that, so it is refused, naming the factory form."""
+    pre-built model does not show that, so it is refused, naming the factory form; the factory
+    form runs PEFT's code on the served base weights (magnitude = their row norms, as B = 0)."""
     with torch.device("meta"):
         model = peft_model(True, use_dora=True)
     with pytest.raises(ModelInitError, match=r"a LoRA variant\): .*init_module\(lambda: get_peft"):
         spec_from_module(model, SEED)
+    built: Any = init_module(lambda: peft_model(True, use_dora=True), SEED, url="local")
+    adapted = [m for m in built.modules() if len(getattr(m, "lora_magnitude_vector", ()))]
+    assert len(adapted) == 2 * LLAMA["num_hidden_layers"]
+    for module in adapted:
+        magnitude = module.lora_magnitude_vector["default"].weight
+        assert torch.equal(magnitude, torch.linalg.norm(module.base_layer.weight, dim=1))
+        assert not module.lora_B["default"].weight.any()
 
 
 # --- Accelerate: FSDP2 preparation of a meta model, then init_module ---------------------------

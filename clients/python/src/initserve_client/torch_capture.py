@@ -80,16 +80,50 @@ _SERVED_RNG: dict[str, dict[str, Any]] = {
     "randn": {"scheme": "normal", "mean": 0.0, "std": 1.0},
     "randn_like": {"scheme": "normal", "mean": 0.0, "std": 1.0},
 }
+
+
+def _allocated(
+    short: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The tensor torch's random ``func`` would return, allocated with no values: a served draw
+    overwrites them. Not drawing keeps the caller's generator as it was."""
+    dropped = ("generator", "low", "high", "size") if short == "randint" else ("generator",)
+    given = {k: v for k, v in kwargs.items() if k not in dropped}
+    try:
+        if short.endswith("_like"):
+            return torch.empty_like(args[0], **given)
+        if short == "randint":
+            size = kwargs.get("size", next((a for a in args if not isinstance(a, int)), ()))
+            given.setdefault("dtype", torch.int64)  # randint's default
+            return torch.empty(tuple(size), **given)
+        return torch.empty(*args, **given)
+    except (TypeError, RuntimeError):  # a form empty does not take: torch's own call
+        result: torch.Tensor = func(*args, **kwargs)
+        return result
+
+
+def _randint_bounds(
+    call: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[float, float] | None:
+    """(low, high) of torch.randint(low=0, high, size) or randint_like(input, low=0, high);
+    None when they are not plain ints or the range is not exact in float64."""
+    given = [a for a in (args[1:] if call == "randint_like" else args) if isinstance(a, int)]
+    if "high" in kwargs:
+        given = [kwargs.get("low", given[0] if given else 0), kwargs["high"]]
+    low, high = (0, given[0]) if len(given) == 1 else (given[:2] if given else (None, None))
+    if not isinstance(low, int) or not isinstance(high, int) or not 0 < high - low <= 2**53:
+        return None
+    return float(low), float(high)
+
+
 # Functions that turn a tensor's value into Python control flow.
 _STEERS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
 # Functions whose result holds no values yet.
 _EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
-# Allocations shaped like a tensor that take nothing else from it: never a read of its values
-# (torchtitan's fused wqkv init draws q, k, v into ``t.new_empty(...)`` and copies them into t).
-_SHAPED_LIKE = frozenset(
-    {"empty_like", "new_empty", "new_empty_strided", "zeros_like", "ones_like", "full_like",
-     "new_zeros", "new_ones", "new_full"}
-)  # fmt: skip
+# Functions that take a tensor's shape, dtype and device, never its values: not a read.
+_LIKE = _EMPTY | frozenset(
+    {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full"}
+)
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 
 _LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
@@ -191,13 +225,35 @@ class Router:
     def random(
         self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """torch.rand/randn(_like): a scratch draw, served; None when it cannot be. The call
-        itself gives the shape, dtype and device; the values are the served draw's."""
-        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
-        if init is None or not self.serves_scratch:
+        """torch.rand/randn(_like)/randint(_like): a scratch draw, served; None when it cannot
+        be. The call itself gives the shape, dtype and device; the values are the served draw's.
+        randint's integers are the floor of a served uniform(low, high) draw in float64 (exact
+        for ranges up to 2**53), clamped to high - 1 against rounding at the top."""
+        short = call.rsplit(".", 1)[-1]
+        if not self.serves_scratch:
             return None
-        result = func(*args, **kwargs)
+        if short in ("randint", "randint_like"):
+            bounds = _randint_bounds(short, args, kwargs)
+            if bounds is None:
+                return None
+            low, high = bounds
+            result = _allocated(short, func, args, kwargs)
+            drawn = torch.empty(result.shape, dtype=torch.float64, device=result.device)
+            self.scratch_draw(drawn, {"scheme": "uniform", "a": low, "b": high}, call)
+            with _quiet():
+                result.copy_(drawn.floor().clamp_(low, high - 1))
+            self.carry(result, (drawn,))
+            return result
+        init = _SERVED_RNG.get(short)
+        if init is None:
+            return None
+        result = _allocated(short, func, args, kwargs)
         self.scratch_draw(result, init, call)
+        if init["scheme"] == "uniform" and result.is_floating_point():
+            # torch.rand promises [0, 1); the served draw, computed in binary64 on (0, 1),
+            # rounds to 1.0 about once in 2**25 float32 values: kept below 1, as torch's are.
+            with _quiet():
+                result.clamp_(max=1.0 - torch.finfo(result.dtype).eps / 2)
         return result
 
     def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
@@ -227,6 +283,9 @@ class Router:
 
     def refuse(self, message: str) -> None:
         raise NotImplementedError
+
+    def halt(self) -> None:
+        """The code cannot go on (a meta tensor's value steers it): raise what was refused."""
 
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         pass
@@ -313,6 +372,11 @@ class Recorder(Router):
         if message not in self.trace.problems:
             self.trace.problems.append(message)
 
+    def halt(self) -> None:
+        from initserve_client.torch_utils import ModelInitError
+
+        raise ModelInitError(list(self.trace.problems))
+
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         overwrite = call in _OVERWRITES or call.startswith("fill ")
         whole = alias.whole and call != "__setitem__"  # t[index] = v sets part of t
@@ -341,29 +405,51 @@ class Writer(Router):
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
 
+    program = "the model's init code"  # what runs twice, for messages
+
+    def drawn_into(self, tensor: torch.Tensor, index: int, expected: DrawCall) -> str:
+        """The name of the tensor a draw of the second run lands in, to check it against the
+        first run's: the model tensor it is a view of, or for a scratch tensor the one the
+        recording saw its values flow into."""
+        alias = self.alias_of(tensor)
+        if alias is None:
+            return expected.target if index in self.scratch else "?"
+        return alias.name
+
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        """The draw the recording saw at this position: its served values, if it is the last
+        that sets its tensor (an earlier one is dead), copied into the tensor (a sharded
+        tensor's local shard)."""
         alias = self.alias_of(tensor)
         if alias is not None and alias.name in self.skip:
             return
         index = self.position
         expected = self.draws[index] if index < len(self.draws) else None
-        got = DrawCall(alias.name if alias else "?", init, call)
-        if alias is None and expected is not None and index in self.scratch:
-            got = DrawCall(expected.target, init, call)
+        got = DrawCall("?" if expected is None else self.drawn_into(tensor, index, expected),
+                       init, call)  # fmt: skip
         if expected is None or (expected.target, expected.init) != (got.target, got.init):
             raise RuntimeError(
-                f"the model's init code drew {got} on its second run where its first drew"
+                f"{self.program} drew {got} on its second run where its first drew"
                 f" {expected}: it is not deterministic, and initserve cannot route it"
             )
         self.position += 1
         values = self.staged.pop(index, None)
+        if values is None and index in self.scratch:  # never left with what empty held
+            raise RuntimeError(f"{self.program}: no values were fetched for scratch draw {got}")
         if values is not None:
-            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            local = tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+            if index in self.scratch and _is_dtensor(tensor):
+                # A scratch draw is fetched whole on every rank; a scratch DTensor made from a
+                # sharded parameter (empty_like(p), p.new_empty(...)) holds this rank's part.
+                from initserve_client.torch_utils import local_region
+
+                part = tuple(slice(lo, hi) for lo, hi in local_region(tensor))
+                values = values.view(tensor.shape)[part]
             with _quiet():
-                local.copy_(values.view(local.shape))
+                local.copy_(values.reshape(local.shape))
 
     def refuse(self, message: str) -> None:
-        raise RuntimeError(f"the model's init code changed between its two runs: {message}")
+        raise RuntimeError(f"{self.program} changed between its two runs: {message}")
 
     # A DTensor's own indexing redistributes it: ``weight[padding_idx]`` on a Shard(0) weight
     # is a gathered copy, so a write through it (``zeros_(weight[i])``, ``weight[i].fill_(0)``)
@@ -648,23 +734,35 @@ class _Mode(TorchFunctionMode):
             a = _arguments(_tensor_normal, args, kwargs)
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
+        if func is torch.Tensor.exponential_ and router.serves_scratch:
+            a = _arguments(_tensor_exponential, args, kwargs)
+            tensor, rate = a["self"], float(a["lambd"])
+            if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
+                return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
+            # Inverse CDF of a served uniform draw, -log(U) / rate, as in-place writes the
+            # recording sees: the draw is served like any other, the transform runs as written.
+            # U lies in (0, 1) in binary64 but rounds to 1 (an exponential 0, allowed) or, in
+            # float16, to 0 (log 0 = -inf): those become the smallest positive value.
+            _uniform(router, tensor, 0.0, 1.0, "Tensor.exponential_")
+            info = torch.finfo(tensor.dtype)
+            for step, operand in ((torch.Tensor.clamp_, (info.tiny * info.eps,)),
+                                  (torch.Tensor.log_, ()),
+                                  (torch.Tensor.div_, (-rate,))):  # fmt: skip
+                self._in_place(router, step, (tensor, *operand), {}, step.__name__)
+            return tensor
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
             served = router.random(call, func, args, kwargs)
             if served is not None:
                 return served
-            router.refuse(
-                f"{call} uses torch's generator{router.where()}: its values differ between ranks"
-                " and cannot be served by initserve (draw with torch.nn.init or"
-                " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
-            )
-            result = func(*args, **kwargs)
-            router.taint(result, call)
-            return result
+            return self._refused_rng(router, func, args, kwargs, call)
         if name in _ALIASES and args:
             local = router.local_view(name, args) if not kwargs else None
             result = func(*args, **kwargs) if local is None else local
             router.carry(result, args[:1])
+            origin = router.tainted_by(args[:1])
+            if origin is not None:  # a view of torch's random values is still them
+                router.taint(result, origin)
             source = router.alias_of(args[0])
             if source is not None:
                 same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape
@@ -672,7 +770,14 @@ class _Mode(TorchFunctionMode):
             return result
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
             return self._in_place(router, func, args, kwargs, name)
-        if name not in _METADATA and name not in _SHAPED_LIKE:
+        if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
+            router.refuse(
+                f"{name} of a random draw{router.where()}: its value steers the init code, and"
+                " initserve serves draws whose values only flow into the model's tensors"
+            )
+            if any(t.is_meta for t in _tensors(args, kwargs)):
+                router.halt()  # a meta tensor has no value to steer by: nothing after counts
+        if name not in _METADATA and name not in _LIKE:
             for arg in _tensors(args, kwargs):
                 alias = router.alias_of(arg)
                 if alias is not None:
@@ -683,12 +788,26 @@ class _Mode(TorchFunctionMode):
         origin = router.tainted_by(_tensors(args, kwargs))
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
-        if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
-            router.refuse(
-                f"{name} of a random draw{router.where()}: its value steers the init code, and"
-                " initserve serves draws whose values only flow into the model's tensors"
-            )
         router.carry(result, _tensors(args, kwargs))
+        return result
+
+    @staticmethod
+    def _refused_rng(
+        router: Router,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call: str,
+    ) -> Any:
+        """A draw of torch's generator initserve does not serve: refused, and its values
+        marked, so that the tensor they reach is named."""
+        router.refuse(
+            f"{call} uses torch's generator{router.where()}: its values differ between ranks"
+            " and cannot be served by initserve (draw with torch.nn.init or"
+            " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
+        )
+        result = func(*args, **kwargs)
+        router.taint(result, call)
         return result
 
     @staticmethod
@@ -747,6 +866,10 @@ def _tensor_uniform(self: Any, from_: float = 0, to: float = 1, *, generator: An
 
 def _tensor_normal(self: Any, mean: float = 0, std: float = 1, *, generator: Any = None) -> None:
     """The signature of Tensor.normal_, to bind its arguments."""
+
+
+def _tensor_exponential(self: Any, lambd: float = 1, *, generator: Any = None) -> None:
+    """The signature of Tensor.exponential_, to bind its arguments."""
 
 
 def _tensors(args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:

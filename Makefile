@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # after `make run` adds the dev extra, `make run` after `make test` installs nothing.
 RUNTIME := $(VENV)/.runtime-stamp
 DEV := $(VENV)/.dev-stamp
-SOURCES := pyproject.toml setup.py clients/python/pyproject.toml $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
+SOURCES := pyproject.toml setup.py clients/python/pyproject.toml requirements-torchtitan.txt $(wildcard service/initserve/kernels/*.c service/initserve/kernels/*.h)
 
 .PHONY: install install-runtime run test test-fast lint bench load soak clean
 
@@ -22,8 +22,10 @@ $(RUNTIME): $(SOURCES) | $(PY)
 	$(PY) -m pip install -e . -e clients/python
 	touch $(RUNTIME)
 
+# torchtitan's model code without its trainer's ~40 dependencies: see requirements-torchtitan.txt.
 $(DEV): $(SOURCES) | $(PY)
 	$(PY) -m pip install -e '.[dev]' -e clients/python
+	$(PY) -m pip install --no-deps -r requirements-torchtitan.txt
 	touch $(RUNTIME) $(DEV)
 
 install-runtime: $(RUNTIME)

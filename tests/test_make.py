@@ -45,8 +45,10 @@ def test_run_installs_the_runtime_alone_with_progress(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["test", "test-fast", "lint"])
 def test_development_targets_install_the_dev_extra(target: str, tmp_path: Path) -> None:
-    (install,) = installs(dry_run(target, tmp_path / "venv"))
+    install, titan = installs(dry_run(target, tmp_path / "venv"))
     assert "-m pip install -e '.[dev]' -e clients/python" in install, install
+    # torchtitan's model code, pinned, without its trainer's dependencies (the file says why)
+    assert titan.endswith("-m pip install --no-deps -r requirements-torchtitan.txt"), titan
 
 
 def test_test_after_run_adds_the_dev_extra_and_run_after_test_installs_nothing(
@@ -54,7 +56,7 @@ def test_test_after_run_adds_the_dev_extra_and_run_after_test_installs_nothing(
 ) -> None:
     after_run = existing_venv(tmp_path, ".runtime-stamp")
     assert installs(dry_run("run", after_run)) == []
-    (install,) = installs(dry_run("test", after_run))
+    install, _ = installs(dry_run("test", after_run))
     assert "'.[dev]'" in install
     commands = dry_run("test", after_run)
     assert any(".dev-stamp" in line and ".runtime-stamp" in line for line in commands), commands

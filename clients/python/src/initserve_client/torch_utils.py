@@ -204,6 +204,56 @@ def _run_own_init(
         router.context.append("spectral_norm's u and v")
         _parametrization_state(module)
         router.context.pop()
+        _peft_adapters_init(module, router)
+
+
+def _peft_adapters_init(module: Any, router: Any) -> None:
+    """PEFT's ``get_peft_model`` initialises each LoRA adapter as it injects it, after the base
+    model's init: A and B are built as ``nn.Linear`` (their ``reset_parameters``), then
+    ``reset_lora_parameters`` draws A (kaiming_uniform a=sqrt(5), or N(0, 1/r) for
+    "gaussian") and zeroes B, so the adapter is a no-op at init. A pre-built model does not
+    show that constructor, and the base model's init (Hugging Face's ``_init_weights``) reaches
+    the adapters' Linears too: it is run again here, last, as ``get_peft_model`` ran it. Only the
+    plain LoRA inits are served so; the rest (PiSSA, OLoRA, DoRA, LoftQ, other tuners, adapters
+    with no config) are refused, naming the factory form, which runs PEFT's own code."""
+    if "peft" not in sys.modules:  # no PEFT model is built without it
+        return
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    configs: dict[str, Any] = {}
+    for child in module.modules():
+        found = getattr(child, "peft_config", None)
+        if isinstance(found, dict):  # PeftModel's and its LoraModel's: the same configs
+            configs.update(found)
+    factory = (
+        "its adapters are initialised by get_peft_model as it builds them: pass the"
+        " constructor, init_module(lambda: get_peft_model(model, config), seed), which runs"
+        " PEFT's own code"
+    )
+    for name, layer in module.named_modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        if not isinstance(layer, LoraLayer) or len(layer.lora_embedding_A):
+            router.refuse(f"{name!r} is a PEFT {type(layer).__name__}: {factory}")
+            continue
+        for adapter in layer.lora_A:
+            config = configs.get(adapter)
+            init = getattr(config, "init_lora_weights", None)
+            plain = init is True or init is False or str(init).lower() == "gaussian"
+            if config is None or not plain or adapter in layer.lora_variant:
+                router.refuse(
+                    f"{name!r}: PEFT adapter {adapter!r} (init_lora_weights={init!r}"
+                    f"{', a LoRA variant' if adapter in layer.lora_variant else ''}): {factory}"
+                )
+                continue
+            router.context.append(f"PEFT's LoRA init of {name!r} ({adapter!r})")
+            lora: Any = layer  # typed by PEFT as an nn.Module: its ModuleDicts read as Tensors
+            lora.lora_A[adapter].reset_parameters()
+            lora.lora_B[adapter].reset_parameters()
+            if init is not False:
+                lora.reset_lora_parameters(adapter, init)
+            router.context.pop()
 
 
 def _model_level_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
@@ -286,11 +336,16 @@ def _placed(
     placed: dict[tuple[int, str, str], Any] = {}
     discarded: set[str] = set()
     tied: dict[str, list[str]] = {}
+    # The stand-ins live as long as the run: tie() drops them from their slots, and the router
+    # knows tensors by id, so a freed stand-in's id given to a fresh tensor (torchtitan's q, k,
+    # v scratch) would make that tensor's draws the discarded stand-in's, skipped.
+    stand_ins: list[Any] = []
     for name, slots in tensors.slots.items():
         for index, (owner, kind, key, qualified) in enumerate(slots):
             tensor = canonical[name]
             if index != owners.get(name, 0):
                 tensor = _stand_in(tensors.get(name))
+                stand_ins.append(tensor)
                 alias = f"{qualified} (tied to {name!r})"
                 names[id(tensor)] = alias
                 of_stand_in[id(tensor)] = name

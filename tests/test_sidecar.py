@@ -209,6 +209,9 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
     same(held, expected)  # the client closed: the mapping lives with the arrays
     held["w"][:5] = 0  # and is the caller's to write
     assert held["w"][5:].tobytes() == expected["w"][5:].tobytes()
+    # Over the socket into fresh memory, its pages populated ahead of the receive: the same.
+    with Client(uds=path, token=TOKEN) as http:
+        same(http.fetch_weights(PIECES_SPEC), expected)
 
 
 def test_a_kept_registration_is_used_again_at_once(sidecar: tuple[str, Path]) -> None:

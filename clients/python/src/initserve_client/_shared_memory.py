@@ -264,3 +264,44 @@ def placed_region(
             ):
                 return address, offset
     return None
+
+
+MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
+# Fresh memory is populated this far ahead of a receive, a piece at a time.
+AHEAD_PIECE_BYTES = 32 << 20
+
+
+class PopulateAhead:
+    """Fresh private memory that a download is about to fill (``buffer``), populated piece by
+    piece in order by the workers while the socket is read into it: the pages are taken and
+    zeroed off the receiving thread, where a spare CPU does it, instead of one fault per page
+    inside ``recv_into`` (issue 24). A write-populate never changes a byte of a page that is
+    there already, so it may run beside the receive, behind or ahead of it. Each piece holds
+    the buffer, so no piece runs on memory that was let go; ``stop`` drops those not begun."""
+
+    def __init__(self, buffer: npt.NDArray[np.uint8]) -> None:
+        workers = _workers()
+        self.pieces: list[Future[int]] = [
+            workers.submit(_populate_piece, buffer[at : at + AHEAD_PIECE_BYTES])
+            for at in range(0, buffer.nbytes, AHEAD_PIECE_BYTES)
+        ]
+
+    def stop(self) -> None:
+        for piece in self.pieces:
+            piece.cancel()
+        self.pieces = []
+
+
+def _populate_piece(piece: npt.NDArray[np.uint8]) -> int:
+    """0, or the errno (a kernel before 5.14 says EINVAL: the receive faults the pages in)."""
+    if _libc.madvise(piece.ctypes.data, piece.nbytes, MADV_POPULATE_WRITE) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def populate_ahead(buffer: npt.NDArray[np.uint8]) -> PopulateAhead | None:
+    """Populating ``buffer`` ahead of its receive, where it is more than one piece and there
+    is more than one CPU to do it on."""
+    if buffer.nbytes <= AHEAD_PIECE_BYTES or len(os.sched_getaffinity(0)) < 2:
+        return None
+    return PopulateAhead(buffer)

@@ -50,14 +50,29 @@ MADV_POPULATE_WRITE = 23  # the server's populate before issue 24
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-def seconds_of(action: Callable[[], object]) -> float:
-    """Seconds ``action`` takes, its result let go only after the clock stops (freeing 1 GiB
-    is not part of making it)."""
+# Minor page faults of the server process (its pid, once started) and of this one, per row.
+SERVER: list[int] = []
+FAULTS: dict[str, list[tuple[int, int]]] = {}
+
+
+def minor_faults(pid: int) -> int:
+    """Field 10 of /proc/<pid>/stat (minflt), counted over every thread of the process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7])
+
+
+def timed(row: dict[str, float], label: str, action: Callable[[], object]) -> None:
+    """Seconds ``action`` takes into ``row[label]``, and the page faults it took here and in the
+    server into FAULTS (a count of work, which other load on the machine does not change). The
+    result is let go only after the clock stops (freeing 1 GiB is not part of making it)."""
+    here, there = minor_faults(os.getpid()), minor_faults(SERVER[0])
     start = time.perf_counter()
     result = action()
-    seconds = time.perf_counter() - start
+    row[label] = time.perf_counter() - start
+    FAULTS.setdefault(label, []).append(
+        (minor_faults(os.getpid()) - here, minor_faults(SERVER[0]) - there)
+    )
     del result
-    return seconds
 
 
 def sealed_memfd() -> int:
@@ -76,12 +91,14 @@ def generation_sum(url: str) -> float:
 
 def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
     row: dict[str, float] = {}
-    row["initserve.generate, fresh memory"] = seconds_of(lambda: initserve.generate(GIB_SPEC))
+    timed(row, "initserve.generate, fresh memory", lambda: initserve.generate(GIB_SPEC))
     tensor = plan(parse_request(GIB_SPEC)).tensors[0]
     touched = np.ones(tensor.shape, dtype=np.float32)
     whole = tuple((0, n) for n in tensor.shape)
-    row["engine into a touched array (generation alone)"] = seconds_of(
-        lambda: TensorSource(tensor).region(whole, out=touched)
+    timed(
+        row,
+        "engine into a touched array (generation alone)",
+        lambda: TensorSource(tensor).region(whole, out=touched),
     )
 
     def first_touch() -> None:
@@ -89,15 +106,17 @@ def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
         np.frombuffer(mapping, dtype=np.uint8)[:: mmap.PAGESIZE] = 1
         mapping.close()
 
-    row["fresh anonymous 1 GiB, first touch, one thread"] = seconds_of(first_touch)
+    timed(row, "fresh anonymous 1 GiB, first touch, one thread", first_touch)
 
     # The region before issue 24: fallocate, then a second pass for the page tables.
     fd = sealed_memfd()
-    row["before: posix_fallocate"] = seconds_of(lambda: os.posix_fallocate(fd, 0, GIB))
+    timed(row, "before: posix_fallocate", lambda: os.posix_fallocate(fd, 0, GIB))
     flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
     old: list[mmap.mmap] = []
-    row["before: mmap MAP_POPULATE (GIL held)"] = seconds_of(
-        lambda: old.append(mmap.mmap(fd, GIB, flags=flags))
+    timed(
+        row,
+        "before: mmap MAP_POPULATE (GIL held)",
+        lambda: old.append(mmap.mmap(fd, GIB, flags=flags)),
     )
     old[0].close()
 
@@ -112,22 +131,22 @@ def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
             del view
         mapping.close()
 
-    row["server before: MADV_POPULATE_WRITE, one thread"] = seconds_of(
-        lambda: server_populate(False)
-    )
-    row["server now: populate() (read-populate, pieces)"] = seconds_of(
-        lambda: server_populate(True)
-    )
+    timed(row, "server before: MADV_POPULATE_WRITE, one thread", lambda: server_populate(False))
+    timed(row, "server now: populate() (read-populate, pieces)", lambda: server_populate(True))
     os.close(fd)
 
     fd = sealed_memfd()
     new: list[mmap.mmap] = []
-    row["now: fallocate + read-populate, pieces overlapped"] = seconds_of(
-        lambda: new.append(_allocated_mapping(fd, GIB))
+    timed(
+        row,
+        "now: one write-populate, pieces over the CPUs",
+        lambda: new.append(_allocated_mapping(fd, GIB)),
     )
     registered: list[tuple[socket.socket, str]] = []
-    row["registration round trip (server maps + populates)"] = seconds_of(
-        lambda: registered.append(register(f"{uds}.regions", fd, None))
+    timed(
+        row,
+        "registration round trip (server maps + populates)",
+        lambda: registered.append(register(f"{uds}.regions", fd, None)),
     )
     connection, region_id = registered[0]
     before = generation_sum(url)
@@ -137,18 +156,22 @@ def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
         "X-Initserve-Shm-Size": str(GIB),
     }
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds)), timeout=120) as http:
-        row["POST /shared-memory/init round trip"] = seconds_of(
+        timed(
+            row,
+            "POST /shared-memory/init round trip",
             lambda: http.post(
                 "http://local/shared-memory/init", json=GIB_SPEC, headers=headers
-            ).raise_for_status()
+            ).raise_for_status(),
         )
     row["  of which the server's generation into the region"] = generation_sum(url) - before
     connection.close()
     new[0].close()
     os.close(fd)
 
-    row["fetch_weights over shared memory, fresh (whole call)"] = seconds_of(
-        lambda: client.fetch_weights(GIB_SPEC)
+    timed(
+        row,
+        "fetch_weights over shared memory, fresh (whole call)",
+        lambda: client.fetch_weights(GIB_SPEC),
     )
     return row
 
@@ -158,19 +181,32 @@ def main() -> None:
         uds = Path(scratch) / "initserve.sock"
         with uds_server(uds, allow_shared_memory="true", max_response_bytes=str(2 << 30)) as (
             url,
-            _,
+            server,
         ):
+            SERVER.append(server.pid)
             client = Client(uds=uds, shared_memory=True)
             client.fetch_weights(SMALL_SPEC)  # asks once whether shared memory is on
             rounds = [one_round(url, uds, client) for _ in range(REPEATS)]
             client.close()
-    print(f"1 GiB uniform float32, medians of {REPEATS} rounds (seconds, each round: all rows)")
+    print(
+        f"1 GiB uniform float32, medians of {REPEATS} rounds (each round runs every row);"
+        " minor page faults (median) here and in the server"
+    )
     anchor = statistics.median(r["initserve.generate, fresh memory"] for r in rounds)
+    print("| phase | seconds | each round | generate/this | faults here | faults in server |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for label in rounds[0]:
         values = [r[label] for r in rounds]
         median = statistics.median(values)
         each = " ".join(f"{v:.3f}" for v in values)
-        print(f"{label:55s} {median:6.3f}  ({each})  generate/this {anchor / median:5.2f}x")
+        faults = FAULTS.get(label)
+        counts = (
+            "| - | - |"
+            if faults is None
+            else f"| {statistics.median(f[0] for f in faults):.0f}"
+            f" | {statistics.median(f[1] for f in faults):.0f} |"
+        )
+        print(f"| {label} | {median:.3f} | {each} | {anchor / median:.2f}x {counts}")
 
 
 if __name__ == "__main__":

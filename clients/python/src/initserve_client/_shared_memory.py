@@ -1,10 +1,10 @@
 """The client's side of shared-memory delivery (the server's: initserve/shared_memory.py).
 
-A region is a memfd this process creates: its pages allocated at once (``posix_fallocate``, so
-the server's writes allocate nothing), sealed so that it can neither shrink nor grow (so the
-server may map it without risking SIGBUS), and mapped here. It is registered with the server by
-passing the descriptor over the registration socket (SCM_RIGHTS); the registration lasts while
-its connection is open. The server generates straight into the region.
+A region is a memfd this process creates: its pages allocated at once (a write-populate of its
+mapping here, so the server's writes allocate nothing), sealed so that it can neither shrink nor
+grow (so the server may map it without risking SIGBUS), and mapped here. It is registered with
+the server by passing the descriptor over the registration socket (SCM_RIGHTS); the registration
+lasts while its connection is open. The server generates straight into the region.
 
 Every region this process maps is remembered by its address while its mapping lives, so that
 arrays which are views of one (what ``fetch_weights`` returned, parameters placed in one) are
@@ -26,7 +26,7 @@ import socket
 import threading
 import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,25 +129,22 @@ def unregister(address: int, path: str) -> None:
         entry[0].close()
 
 
-MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
-# Allocated and mapped in pieces of this many bytes: the page tables of one piece are filled by
-# another thread while the next piece is allocated (fallocate holds the file's lock, page-table
-# fills do not), and on several CPUs at once.
+MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
+# Allocated in pieces of this many bytes, spread over the CPUs: tmpfs takes and zeroes each page
+# at its first fault, per page, on whichever CPU faults it.
 POPULATE_PIECE_BYTES = 64 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _populate_workers: ThreadPoolExecutor | None = None
 
 
-def _populate(address: int, size: int) -> None:
-    """This process's page tables for [address, address + size) filled now (ctypes lets go of
-    the GIL). A read-populate: on a shared memfd mapping it maps the pages writable, and the
-    kernel maps up to 16 neighbours per fault (fault-around), where a write-populate or
-    MAP_POPULATE takes one fault per page (0.56 s against 0.84 s and 1.75 s per GiB, here).
-    OSError where the kernel cannot (before Linux 5.14: EINVAL)."""
-    if _libc.madvise(address, size, MADV_POPULATE_READ) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
+def _populate_write(address: int, size: int) -> int:
+    """0 once every page of [address, address + size) is allocated, zeroed and mapped writable
+    here (ctypes lets go of the GIL); else the errno (before Linux 5.14: EINVAL; ENOMEM where
+    memory is short)."""
+    if _libc.madvise(address, size, MADV_POPULATE_WRITE) != 0:
+        return ctypes.get_errno()
+    return 0
 
 
 def _workers() -> ThreadPoolExecutor:
@@ -163,31 +160,30 @@ def _allocated_mapping(fd: int, size: int) -> mmap.mmap:
     """The memfd mapped here with every page allocated (the server refuses a region with holes:
     its writes must take no memory of their own) and already in this process's page tables.
 
-    Each piece is allocated with posix_fallocate (which says ENOMEM/ENOSPC where memory is
-    short, where a fault would call the OOM killer), then its page tables filled by the
-    workers while the next piece is allocated. Not fallocate then MAP_POPULATE over the whole:
-    that walks every page once more, one fault per page, holding the GIL (issue 24: 0.6 s +
-    0.9 s of a fresh 1 GiB region's 2.5 s, here). A kernel without MADV_POPULATE_READ gets
-    MAP_POPULATE."""
+    One pass: a write-populate of the mapping itself, in pieces over the CPUs, takes, zeroes and
+    maps each page. Not posix_fallocate then MAP_POPULATE (issue 24, bench/profile_sidecar.py):
+    tmpfs's fallocate only reserves the pages, on one CPU under the file's lock (0.8 s per GiB
+    here), and leaves them to be zeroed at the first fault, which MAP_POPULATE then takes page by
+    page (no fault-around on pages not yet zeroed) holding the GIL (1.3 s). A kernel without
+    MADV_POPULATE_WRITE gets those two passes."""
     mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
     address = int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
-    workers = _workers()
-    filled: list[Future[None]] = []
-    try:
-        for at in range(0, size, POPULATE_PIECE_BYTES):
-            count = min(POPULATE_PIECE_BYTES, size - at)
-            os.posix_fallocate(fd, at, count)
-            filled.append(workers.submit(_populate, address + at, count))
-    except BaseException:
-        wait(filled)  # no worker left on a mapping about to go
-        mapping.close()
-        raise
-    problems = [exc for exc in (piece.exception() for piece in filled) if exc is not None]
-    if not problems:
+    pieces = [
+        (address + at, min(POPULATE_PIECE_BYTES, size - at))
+        for at in range(0, size, POPULATE_PIECE_BYTES)
+    ]
+    if len(pieces) > 1 and len(os.sched_getaffinity(0)) > 1:
+        errors = set(_workers().map(lambda piece: _populate_write(*piece), pieces))
+    else:
+        errors = {_populate_write(*piece) for piece in pieces}
+    errors.discard(0)
+    if not errors:
         return mapping
     mapping.close()
-    if not all(isinstance(exc, OSError) and exc.errno == errno.EINVAL for exc in problems):
-        raise problems[0]
+    if errors != {errno.EINVAL}:
+        error = min(errors)
+        raise OSError(error, f"allocating a {size}-byte shared-memory region: {os.strerror(error)}")
+    os.posix_fallocate(fd, 0, size)
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
 
 
@@ -266,7 +262,6 @@ def placed_region(
     return None
 
 
-MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
 # Fresh memory is populated this far ahead of a receive, a piece at a time.
 AHEAD_PIECE_BYTES = 32 << 20
 
@@ -294,9 +289,7 @@ class PopulateAhead:
 
 def _populate_piece(piece: npt.NDArray[np.uint8]) -> int:
     """0, or the errno (a kernel before 5.14 says EINVAL: the receive faults the pages in)."""
-    if _libc.madvise(piece.ctypes.data, piece.nbytes, MADV_POPULATE_WRITE) != 0:
-        return ctypes.get_errno()
-    return 0
+    return _populate_write(int(piece.ctypes.data), piece.nbytes)
 
 
 def populate_ahead(buffer: npt.NDArray[np.uint8]) -> PopulateAhead | None:

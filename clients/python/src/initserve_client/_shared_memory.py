@@ -162,9 +162,9 @@ def _allocated_mapping(fd: int, size: int) -> mmap.mmap:
 
     One pass: a write-populate of the mapping itself, in pieces over the CPUs, takes, zeroes and
     maps each page. Not posix_fallocate then MAP_POPULATE (issue 24, bench/profile_sidecar.py):
-    tmpfs's fallocate only reserves the pages, on one CPU under the file's lock (0.8 s per GiB
+    tmpfs's fallocate only reserves the pages, on one CPU under the file's lock (0.7 s per GiB
     here), and leaves them to be zeroed at the first fault, which MAP_POPULATE then takes page by
-    page (no fault-around on pages not yet zeroed) holding the GIL (1.3 s). A kernel without
+    page (no fault-around on pages not yet zeroed) holding the GIL (1.1 s). A kernel without
     MADV_POPULATE_WRITE gets those two passes."""
     mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
     address = int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)

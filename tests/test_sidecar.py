@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+import initserve
 from initserve_client import AuthenticationError, Client
 from initserve_client._shared_memory import SharedRegion
 
@@ -169,6 +170,65 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
         shm.fetch_into(SPEC, placed)
         same(placed, expected)
         assert not staging.data.any()
+
+
+# Over the pieces a region is allocated and mapped in (64 MiB), the last one partial.
+PIECES_SPEC = {
+    "seed": 11,
+    "tensors": [
+        {"name": "w", "shape": [(80 << 20) // 4 + 3], "scheme": "uniform"},
+        {"name": "b", "shape": [1001], "scheme": "normal", "dtype": "bfloat16"},
+    ],
+}
+
+
+def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_client(
+    sidecar: tuple[str, Path],
+) -> None:
+    """What fetch_weights returns over shared memory are views of a region of their own: the
+    engine's bytes, every page allocated (no hole for the server to fill), still readable after
+    the client is closed, and never written by a later call that is not given them."""
+    _, path = sidecar
+    expected = initserve.generate(PIECES_SPEC)
+    other = {**PIECES_SPEC, "seed": 12}
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        held = shm.fetch_weights(PIECES_SPEC)
+        assert shm._registration  # shared memory, not a fallback
+        fd = _live_fd_of(held["w"])
+        size = os.fstat(fd).st_size
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == size  # allocated to the last page
+        same(held, expected)
+        later = shm.fetch_weights(other)  # a region of its own, not the held one
+        assert not np.shares_memory(later["w"], held["w"])
+        own = {key: np.zeros_like(values) for key, values in later.items()}
+        shm.fetch_into(other, own)  # through the staging region, never the held arrays
+        same(own, initserve.generate(other))
+        same(held, expected)
+    del later, own
+    gc.collect()
+    same(held, expected)  # the client closed: the mapping lives with the arrays
+    held["w"][:5] = 0  # and is the caller's to write
+    assert held["w"][5:].tobytes() == expected["w"][5:].tobytes()
+    # Over the socket into fresh memory, its pages populated ahead of the receive: the same.
+    with Client(uds=path, token=TOKEN) as http:
+        same(http.fetch_weights(PIECES_SPEC), expected)
+
+
+def test_a_kept_registration_is_used_again_at_once(sidecar: tuple[str, Path]) -> None:
+    """The registration of a region written again is the one kept (the same id), asked of the
+    socket without waiting: Python waits out a socket's timeout before a MSG_DONTWAIT recv, which
+    made each reuse 30 s and then a new registration."""
+    from initserve_client._shared_memory import _REGISTERED
+
+    _, path = sidecar
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        arrays = shm.allocate(SPEC)
+        shm.fetch_into(SPEC, arrays)
+        kept = {key: value for key, value in _REGISTERED.items() if key[1] == f"{path}.regions"}
+        shm.fetch_into(SPEC, arrays)
+        again = {key: value for key, value in _REGISTERED.items() if key[1] == f"{path}.regions"}
+        assert kept and again == kept
+        same(arrays, initserve.generate(SPEC))
 
 
 def test_the_server_maps_each_region_once_and_lets_it_go_with_the_client(

@@ -33,6 +33,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -229,17 +230,44 @@ class Region:
             self.fd = -1
 
 
-MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
+MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+# The page tables of a large region are filled in pieces of this many bytes, on several threads:
+# a page-table fill is per page and per CPU, and the client waits for the registration's answer.
+POPULATE_PIECE_BYTES = 64 << 20
+# Threads that fill page tables (registrations are rare; the engine's own pool is left alone).
+POPULATE_THREADS = min(8, len(os.sched_getaffinity(0)))
+_populate_workers: ThreadPoolExecutor | None = None
+_populate_lock = threading.Lock()
 
 
 def populate(mapping: mmap.mmap) -> None:
     """Fills the mapping's page tables once, now, not one fault per page at each write. Through
     ctypes, which lets go of the GIL: Python's mmap(MAP_POPULATE) holds it for the whole
-    populate (1.3 s per GiB here), stalling the event loop. A kernel without
-    MADV_POPULATE_WRITE leaves the pages to fault on first write."""
+    populate, stalling the event loop. A read-populate: on a shared memfd mapping it maps the
+    client's pages writable (nothing is allocated: the client allocated every one) and the
+    kernel maps up to 16 neighbours per fault, where a write-populate takes a fault per page
+    (issue 24: 0.56 s against 0.84 s per GiB, here). In pieces over a few threads. A kernel
+    without MADV_POPULATE_READ leaves the pages to fault on first write."""
+    global _populate_workers
     view = np.frombuffer(mapping, dtype=np.uint8)
-    _libc.madvise(view.ctypes.data, view.nbytes, MADV_POPULATE_WRITE)
+    address, size = int(view.ctypes.data), view.nbytes
+    pieces = [
+        (address + at, min(POPULATE_PIECE_BYTES, size - at))
+        for at in range(0, size, POPULATE_PIECE_BYTES)
+    ]
+    if POPULATE_THREADS < 2 or len(pieces) < 2:
+        for piece in pieces:
+            _libc.madvise(*piece, MADV_POPULATE_READ)
+        return
+    with _populate_lock:
+        if _populate_workers is None:
+            _populate_workers = ThreadPoolExecutor(
+                POPULATE_THREADS, thread_name_prefix="initserve-pages"
+            )
+        workers = _populate_workers
+    for _ in workers.map(lambda piece: _libc.madvise(*piece, MADV_POPULATE_READ), pieces):
+        pass
 
 
 class RegionRegistry:

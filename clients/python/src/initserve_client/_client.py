@@ -57,9 +57,11 @@ from initserve_client._safetensors import (
 )
 from initserve_client._safetensors import Region as Region
 from initserve_client._shared_memory import (
+    PopulateAhead,
     RegistrationRefused,
     SharedRegion,
     placed_region,
+    populate_ahead,
     registration,
     unregister,
 )
@@ -221,6 +223,7 @@ class _Receiver:
     # decoded, and a range of it would count the coded bytes, so it is never resumed.
     encoded: bool = False
     _begins: list[int] = field(default_factory=list)  # data offset of each entry (targets)
+    _ahead: PopulateAhead | None = None  # the fresh buffer's pages, taken ahead of the receive
 
     def request_headers(self) -> dict[str, str]:
         # Identity asked for: a proxy is not invited to compress what is random bytes anyway.
@@ -285,6 +288,7 @@ class _Receiver:
         )
 
     def reset(self) -> None:
+        self._stop_ahead()
         self.position, self.etag, self.total, self.header = 0, None, None, None
         self.head, self.buffer = bytearray(), None
 
@@ -386,8 +390,15 @@ class _Receiver:
                 )
         else:
             self.buffer = fresh_buffer(header.data_bytes)
+            self._ahead = populate_ahead(self.buffer)
+
+    def _stop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
 
     def finish(self) -> None:
+        self._stop_ahead()
         if self.header is None or self.position != self.header.total_bytes:
             raise _Retry(
                 APIConnectionError(f"the stream ended at byte {self.position} of {self.total}")

@@ -1,10 +1,10 @@
 """The client's side of shared-memory delivery (the server's: initserve/shared_memory.py).
 
-A region is a memfd this process creates: its pages allocated at once (``posix_fallocate``, so
-the server's writes allocate nothing), sealed so that it can neither shrink nor grow (so the
-server may map it without risking SIGBUS), and mapped here. It is registered with the server by
-passing the descriptor over the registration socket (SCM_RIGHTS); the registration lasts while
-its connection is open. The server generates straight into the region.
+A region is a memfd this process creates: its pages allocated at once (a write-populate of its
+mapping here, so the server's writes allocate nothing), sealed so that it can neither shrink nor
+grow (so the server may map it without risking SIGBUS), and mapped here. It is registered with
+the server by passing the descriptor over the registration socket (SCM_RIGHTS); the registration
+lasts while its connection is open. The server generates straight into the region.
 
 Every region this process maps is remembered by its address while its mapping lives, so that
 arrays which are views of one (what ``fetch_weights`` returned, parameters placed in one) are
@@ -14,14 +14,19 @@ written in place by a later ``fetch_into``: no copy at all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import json
 import mmap
 import os
+import select
 import socket
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +105,15 @@ def registration(address: int, path: str, token: str | None) -> str:
 def _open(connection: socket.socket) -> bool:
     """Whether the server still holds the registration on ``connection``: it sends nothing after
     its answer, so a readable end of stream (or an error) means it closed it, and with it
-    forgot the region (a restarted server knows none of the old ids)."""
+    forgot the region (a restarted server knows none of the old ids).
+
+    Asked of poll with no wait first: the connection carries a timeout, and Python waits that
+    long for a socket with a timeout to become readable before it calls recv, MSG_DONTWAIT or
+    not (30 s for every reuse of a kept registration, which then looked closed)."""
+    poller = select.poll()
+    poller.register(connection, select.POLLIN)
+    if not poller.poll(0):
+        return True  # nothing to read: still held
     try:
         return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
     except BlockingIOError:
@@ -116,6 +129,64 @@ def unregister(address: int, path: str) -> None:
         entry[0].close()
 
 
+MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
+# Allocated in pieces of this many bytes, spread over the CPUs: tmpfs takes and zeroes each page
+# at its first fault, per page, on whichever CPU faults it.
+POPULATE_PIECE_BYTES = 64 << 20
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_populate_workers: ThreadPoolExecutor | None = None
+
+
+def _populate_write(address: int, size: int) -> int:
+    """0 once every page of [address, address + size) is allocated, zeroed and mapped writable
+    here (ctypes lets go of the GIL); else the errno (before Linux 5.14: EINVAL; ENOMEM where
+    memory is short)."""
+    if _libc.madvise(address, size, MADV_POPULATE_WRITE) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _populate_workers
+    with _LOCK:
+        if _populate_workers is None:
+            threads = min(8, len(os.sched_getaffinity(0)))
+            _populate_workers = ThreadPoolExecutor(threads, thread_name_prefix="initserve-pages")
+        return _populate_workers
+
+
+def _allocated_mapping(fd: int, size: int) -> mmap.mmap:
+    """The memfd mapped here with every page allocated (the server refuses a region with holes:
+    its writes must take no memory of their own) and already in this process's page tables.
+
+    One pass: a write-populate of the mapping itself, in pieces over the CPUs, takes, zeroes and
+    maps each page. Not posix_fallocate then MAP_POPULATE (issue 24, bench/profile_sidecar.py):
+    tmpfs's fallocate only reserves the pages, on one CPU under the file's lock (0.7 s per GiB
+    here), and leaves them to be zeroed at the first fault, which MAP_POPULATE then takes page by
+    page (no fault-around on pages not yet zeroed) holding the GIL (1.1 s). A kernel without
+    MADV_POPULATE_WRITE gets those two passes."""
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    address = int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
+    pieces = [
+        (address + at, min(POPULATE_PIECE_BYTES, size - at))
+        for at in range(0, size, POPULATE_PIECE_BYTES)
+    ]
+    if len(pieces) > 1 and len(os.sched_getaffinity(0)) > 1:
+        errors = set(_workers().map(lambda piece: _populate_write(*piece), pieces))
+    else:
+        errors = {_populate_write(*piece) for piece in pieces}
+    errors.discard(0)
+    if not errors:
+        return mapping
+    mapping.close()
+    if errors != {errno.EINVAL}:
+        error = min(errors)
+        raise OSError(error, f"allocating a {size}-byte shared-memory region: {os.strerror(error)}")
+    os.posix_fallocate(fd, 0, size)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+
+
 class SharedRegion:
     """``size`` bytes of shared memory of this process, ready to be registered."""
 
@@ -126,13 +197,10 @@ class SharedRegion:
         fd = os.memfd_create("initserve-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
             fcntl.fcntl(
                 fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
             )
-            # MAP_POPULATE: the page tables filled in one call, not one fault per page.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mapping = mmap.mmap(fd, size, flags=flags)
+            mapping = _allocated_mapping(fd, size)
         except BaseException:
             os.close(fd)
             raise
@@ -192,3 +260,41 @@ def placed_region(
             ):
                 return address, offset
     return None
+
+
+# Fresh memory is populated this far ahead of a receive, a piece at a time.
+AHEAD_PIECE_BYTES = 32 << 20
+
+
+class PopulateAhead:
+    """Fresh private memory that a download is about to fill (``buffer``), populated piece by
+    piece in order by the workers while the socket is read into it: the pages are taken and
+    zeroed off the receiving thread, where a spare CPU does it, instead of one fault per page
+    inside ``recv_into`` (issue 24). A write-populate never changes a byte of a page that is
+    there already, so it may run beside the receive, behind or ahead of it. Each piece holds
+    the buffer, so no piece runs on memory that was let go; ``stop`` drops those not begun."""
+
+    def __init__(self, buffer: npt.NDArray[np.uint8]) -> None:
+        workers = _workers()
+        self.pieces: list[Future[int]] = [
+            workers.submit(_populate_piece, buffer[at : at + AHEAD_PIECE_BYTES])
+            for at in range(0, buffer.nbytes, AHEAD_PIECE_BYTES)
+        ]
+
+    def stop(self) -> None:
+        for piece in self.pieces:
+            piece.cancel()
+        self.pieces = []
+
+
+def _populate_piece(piece: npt.NDArray[np.uint8]) -> int:
+    """0, or the errno (a kernel before 5.14 says EINVAL: the receive faults the pages in)."""
+    return _populate_write(int(piece.ctypes.data), piece.nbytes)
+
+
+def populate_ahead(buffer: npt.NDArray[np.uint8]) -> PopulateAhead | None:
+    """Populating ``buffer`` ahead of its receive, where it is more than one piece and there
+    is more than one CPU to do it on."""
+    if buffer.nbytes <= AHEAD_PIECE_BYTES or len(os.sched_getaffinity(0)) < 2:
+        return None
+    return PopulateAhead(buffer)

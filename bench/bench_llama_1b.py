@@ -7,7 +7,9 @@
 * initserve through a real sidecar (``initserve serve --uds``, shared memory allowed), the
   client's ``Client(uds=..., shared_memory=True)``: the server generates into the parameters'
   shared-memory pages;
-* the same sidecar over HTTP on TCP, for reference.
+* the same sidecar over HTTP on TCP, for reference;
+* the factory form, ``init_module(lambda: LlamaForCausalLM(config), seed, url="local")``
+  (the constructor recorded on meta, then run on the CPU with every draw served), for reference.
 
 The config: hidden 2048, 16 layers, vocab 32000, intermediate 5632 (TinyLlama's MLP width),
 32 heads, untied embeddings, float32: 0.95 B parameters, 3.8 GB. Each case runs in a fresh
@@ -59,6 +61,8 @@ elif kind == "tcp":
 start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 if kind == "anchor":
     model = LlamaForCausalLM(config)
+elif kind == "factory":
+    model = init_module(lambda: LlamaForCausalLM(config), seed=0, url="local")
 else:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -92,6 +96,7 @@ LABELS = {
     "local": "initserve: meta + init_module, in-process (url='local')",
     "shm": "initserve: meta + init_module, sidecar shared memory",
     "tcp": "initserve: meta + init_module, sidecar HTTP over TCP",
+    "factory": "initserve: init_module(lambda: LlamaForCausalLM(config)), in-process",
 }
 TARGETS = {"local": 0.35, "shm": 0.5}
 
@@ -122,7 +127,7 @@ def main() -> None:
         with uds_server(Path(uds), **settings) as (tcp, server):
             for _ in range(REPEATS):  # interleaved, so that drift in the machine hits every case
                 for kind, target in (("baseline", ""), ("anchor", ""), ("local", ""),
-                                     ("shm", uds), ("tcp", tcp)):  # fmt: skip
+                                     ("shm", uds), ("tcp", tcp), ("factory", "")):  # fmt: skip
                     rows.setdefault(kind, []).append(run_case(kind, target, server.pid))
     anchor = statistics.median(r["seconds"] for r in rows["anchor"])
     anchor_cpu = statistics.median(r["cpu"] + r["server_cpu"] for r in rows["anchor"])

@@ -50,3 +50,27 @@ def test_local_and_server_build_the_same_bytes(case: str, live_server: str) -> N
         assert tensor.dtype == theirs[key].dtype, key
         bits = tensor.detach().reshape(-1).view(torch.uint8)  # bit-equal: -0.0 and NaNs too
         assert torch.equal(bits, theirs[key].detach().reshape(-1).view(torch.uint8)), key
+
+
+def test_new_cpu_parameters_are_generated_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No served draw of nanoGPT goes through the scratch copy (the bytes are checked above)."""
+    from initserve_client import torch_utils
+
+    copied: list[str] = []
+    written: list[str] = []
+    generate_into = torch_utils._OnDemand.generate_into
+    generate = torch_utils._OnDemand._generate
+
+    def into(self: Any, name: str, view: Any) -> None:
+        written.append(name)
+        generate_into(self, name, view)
+
+    def through_scratch(self: Any, name: str) -> Any:
+        copied.append(name)
+        return generate(self, name)
+
+    monkeypatch.setattr(torch_utils._OnDemand, "generate_into", into)
+    monkeypatch.setattr(torch_utils._OnDemand, "_generate", through_scratch)
+    model: Any = init_module(PATTERNS["nanogpt"], SEED, url="local")
+    assert copied == [] and "transformer.h.0.attn.c_attn.weight" in written, written
+    assert float(model.transformer.h[0].attn.c_attn.weight.detach().std()) > 0.01

@@ -648,6 +648,8 @@ def _build(
         }
         ruled = {name: functools.partial(_as_tensor, arrays[name]) for name in recording.ruled}
     writer = FactoryWriter(recording.draws, staged)
+    if isinstance(staged, _OnDemand):
+        writer = _in_place_writer(recording.draws, staged)
     with torch.device(device or "cpu"), routed(writer), registrations(writer):
         model = factory()
         _model_level_init(model, init_fn, writer)
@@ -659,15 +661,31 @@ def _build(
     return model
 
 
+def _in_place_writer(draws: list[Any], staged: _OnDemand) -> Any:
+    """A FactoryWriter that generates a served draw straight into the tensor drawn into when it
+    is a CPU array of the draw's dtype and size (a new parameter, as a constructor's are): no
+    scratch and no copy. Anything else (another device, a strided view) is copied as before."""
+    from initserve_client.torch_factory import FactoryWriter
+
+    class InPlaceWriter(FactoryWriter):
+        def draw(self, tensor: Any, init: dict[str, Any], call: str) -> None:
+            target = staged.take_in_place(self.position, tensor)
+            super().draw(tensor, init, call)  # its checks; nothing is staged for this draw now
+            if target is not None:
+                staged.generate_into(*target)
+
+    return InPlaceWriter(draws, staged)
+
+
 class _OnDemand(dict[int, Any]):
     """The factory form's served draws with ``url="local"``: each generated when the building
-    run takes it (``pop``, as FactoryWriter does), into one scratch buffer the size of the
-    largest, which the writer copies into the new tensor at once. The build then holds its
-    model and one tensor more, not a second copy of the model (a 1 B-parameter Llama: 1.07x its
-    bytes at peak instead of 2x), and the scratch's pages are taken once, not per tensor."""
+    run reaches it, straight into the tensor drawn into (_in_place_writer) or, where it cannot
+    be, into one scratch buffer the size of the largest, which the writer copies into the
+    tensor at once (``pop``, as FactoryWriter does). The build then holds its model and at most
+    one tensor more, never a second copy of the model fetched beforehand (a 1 B-parameter
+    Llama: 2x its bytes at peak before)."""
 
     def __init__(self, client: Any, spec: dict[str, Any], recording: _Recording) -> None:
-        import numpy as np
 
         from initserve_client._safetensors import numpy_dtype
 
@@ -677,21 +695,42 @@ class _OnDemand(dict[int, Any]):
         self.dtypes = {n: numpy_dtype(DTYPE_NAMES[e["dtype"]]) for n, e in self.entries.items()}
         # Each draw the writer will ask for, by its index: the tensor it gives the values of.
         self.names = {recording.final[n]: n for n in self.entries if n not in recording.ruled}
-        largest = max(
+        self.largest = max(
             (_numel(e["shape"]) * self.dtypes[n].itemsize for n, e in self.entries.items()),
             default=0,
         )
-        self.scratch = np.empty(largest, dtype=np.uint8)
+        self.scratch: Any = None  # taken when a draw is first copied, not written in place
 
     def values_of(self, name: str) -> Callable[[], Any]:
         return lambda: self._generate(name)
 
+    def take_in_place(self, index: int, tensor: Any) -> tuple[str, Any] | None:
+        """(name, a numpy view of ``tensor``) when draw ``index`` can be generated straight into
+        it; it is then no longer staged."""
+        name = self.names.get(index)
+        if name is None:
+            return None
+        view = _numpy_view(tensor)
+        if view is None or view.dtype != self.dtypes[name]:
+            return None
+        if view.size != _numel(self.entries[name]["shape"]):
+            return None
+        del self.names[index]
+        return name, view.reshape(self.entries[name]["shape"])
+
+    def generate_into(self, name: str, view: Any) -> None:
+        # A spec of this tensor alone: the same name gives the same stream, so the same values.
+        self.client.fetch_into({**self.spec, "tensors": [self.entries[name]]}, {name: view})
+
     def _generate(self, name: str) -> Any:
+        import numpy as np
+
+        if self.scratch is None:
+            self.scratch = np.empty(self.largest, dtype=np.uint8)
         entry = self.entries[name]
         size = _numel(entry["shape"]) * self.dtypes[name].itemsize
         view = self.scratch[:size].view(self.dtypes[name]).reshape(entry["shape"])
-        # A spec of this tensor alone: the same name gives the same stream, so the same values.
-        self.client.fetch_into({**self.spec, "tensors": [entry]}, {name: view})
+        self.generate_into(name, view)
         return _as_tensor(view)
 
     def pop(self, index: int, default: Any = None) -> Any:

@@ -11,6 +11,7 @@ the whole; only their cost is that of the whole tensor (bounded by the service's
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -218,6 +219,43 @@ class TensorSource:
             self._values(runs.starts(first, stop), runs.run_len, piece)
         return target.reshape(out_shape)
 
+    def pieces(self, region: Region, out: npt.NDArray[Any]) -> Iterator[cpu.Piece] | None:
+        """The work of ``region(region, out=out)`` as pieces of at most PIECE_ELEMENTS elements
+        for cpu.fill_pieces, made lazily (each piece's run starts as it is taken); None where
+        the region is not kernel work written straight into ``out`` (a tensor computed whole,
+        a constant, eye or dirac, a dtype the kernels round into, the GPU backend, an empty
+        region): the caller then calls ``region`` itself."""
+        tensor = self.tensor
+        draw = tensor.draw
+        out_size = math.prod(hi - lo for lo, hi in region)
+        if (
+            self.backend != "cpu"
+            or draw.kernel is None
+            or draw.whole_tensor
+            or out_size == 0
+            or out.dtype != _kernel_dtype(tensor)
+            or out.dtype != tensor.dtype.numpy
+            or out.size != out_size
+            or not out.flags.c_contiguous
+            or len(region) != len(tensor.shape)
+            or any(not 0 <= lo <= hi <= n for (lo, hi), n in zip(region, tensor.shape, strict=True))
+        ):
+            return None
+        return self._pieces(draw.kernel, region_runs(tensor.shape, region), out.reshape(-1))
+
+    def _pieces(
+        self, kernel: int, runs: RegionRuns, flat_out: npt.NDArray[Any]
+    ) -> Iterator[cpu.Piece]:
+        draw, stream = self.tensor.draw, self.tensor.stream
+        for first in range(0, runs.count, RUNS_BATCH):
+            stop = min(first + RUNS_BATCH, runs.count)
+            target = flat_out[first * runs.run_len : stop * runs.run_len]
+            for piece_runs, piece_len, at in _batches(
+                runs.starts(first, stop), runs.run_len, PIECE_ELEMENTS
+            ):
+                n = len(piece_runs) * piece_len
+                yield kernel, draw.params, stream, piece_runs, piece_len, target[at : at + n]
+
     def runs(
         self,
         run_starts: npt.NDArray[np.uint64],
@@ -363,6 +401,28 @@ class TensorSource:
 
     def _round(self, master: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
         return master.astype(_kernel_dtype(self.tensor)).astype(self.tensor.dtype.numpy, copy=False)
+
+
+# Elements per piece when the kernel work of many regions is shared out (fill_regions): small
+# enough that the threads end together however the machine schedules them (1/500 of a 1 B
+# parameter model), large enough that a piece's call and hand-over cost nothing beside it.
+PIECE_ELEMENTS = 1 << 21
+
+
+def fill_regions(parts: Iterable[tuple[TensorSource, Region, npt.NDArray[Any]]]) -> None:
+    """Each source's region generated into its ``out``, as ``source.region(region, out=out)``
+    does, byte for byte: the kernel work of every part cut into pieces that all the CPU
+    backend's threads take from one queue (cpu.fill_pieces), so that no thread idles at the end
+    of each tensor while another finishes its half. What is not such work (tensors computed
+    whole, constants, eye, dirac, half-precision outs) is done first, by ``region``."""
+    queued: list[Iterator[cpu.Piece]] = []
+    for source, region, out in parts:
+        pieces = source.pieces(region, out)
+        if pieces is None:
+            source.region(region, out=out)
+        else:
+            queued.append(pieces)
+    cpu.fill_pieces(itertools.chain.from_iterable(queued))
 
 
 def split_bounds(length: int, index: int, count: int, split: str) -> tuple[int, int]:

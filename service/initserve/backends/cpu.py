@@ -10,7 +10,10 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -181,6 +184,69 @@ def fill_runs(
     futures = [_workers().submit(call, *job) for job in jobs[1:]]
     try:
         call(*jobs[0])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def fill_runs_here(
+    dist: int,
+    params: tuple[float, ...],
+    stream: StreamId,
+    run_starts: npt.NDArray[np.uint64],
+    run_len: int,
+    out: npt.NDArray[np.floating],
+) -> None:
+    """fill_runs in the calling thread alone: one piece of work that fill_pieces hands out."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
+    if out.dtype == np.float64:
+        fill = _lib.is_fill_runs_f64
+    elif out.dtype == np.float32:
+        fill = _lib.is_fill_runs_f32
+    else:
+        raise TypeError(f"the kernels write float32 or float64, not {out.dtype}")
+    n_runs = len(run_starts)
+    if n_runs == 0 or run_len == 0:
+        return
+    if not out.flags.c_contiguous or out.size != n_runs * run_len:
+        raise ValueError(f"out must be a C-contiguous array of {n_runs * run_len} elements")
+    starts = np.ascontiguousarray(run_starts, dtype=np.uint64)
+    param_array = (ctypes.c_double * 8)(*params)
+    fill(dist, param_array, stream.seed, stream.name0, stream.name1, starts.ctypes.data, n_runs,
+         run_len, out.ctypes.data)  # fmt: skip
+
+
+# One piece of fill_pieces' work: fill_runs_here's arguments.
+Piece = tuple[int, tuple[float, ...], StreamId, npt.NDArray[np.uint64], int, npt.NDArray[Any]]
+
+
+def fill_pieces(pieces: Iterable[Piece]) -> None:
+    """Every piece filled, each by whichever thread is free (the calling thread and the pool's,
+    ``set_threads`` of them in all) taking the next from one queue. Where fill_runs splits one
+    fill in equal parts and waits for the slowest, here a thread that the machine holds back
+    (a loaded host) delays one small piece, not every tensor; and the pieces of many tensors
+    are taken in one go, with no wait at each tensor's end. ``pieces`` is read lazily, under a
+    lock: a generator may make each piece's run starts as it is taken."""
+    queue = iter(pieces)
+    lock = threading.Lock()
+    stop = threading.Event()  # a piece failed: the other threads take no more
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    return
+                fill_runs_here(*piece)
+        except BaseException:
+            stop.set()
+            raise
+
+    futures = [_workers().submit(work) for _ in range(_threads - 1)]
+    try:
+        work()
     finally:
         for future in futures:
             future.result()

@@ -283,15 +283,70 @@ def test_the_factory_takes_rules_and_init_fn() -> None:
     assert float(model.layer1[0].bn1.weight.detach().min()) == 1.0
 
 
-def test_a_draw_of_torchs_generator_in_the_constructor_is_refused_before_anything() -> None:
-    class Drawn(nn.Module):
+class Drawn(nn.Module):
+    """Draws of torch's own generator in a constructor, as ViTs, VQ codebooks and hand-written
+    models make them: served under the name of the tensor they flow into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, 65, 48) * 0.02)  # ViT's position embedding
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 48))
+        self.register_buffer("noise", torch.randn(3000) * 0.5)  # a fixed random buffer
+        self.codebook = nn.Parameter(F.normalize(torch.randint(0, 5, (600, 8)).float(), dim=-1))
+        self.gate = nn.Parameter(torch.rand(40, 60) + torch.randn_like(torch.zeros(40, 60)))
+        self.table = nn.Parameter(torch.empty(50, 48).normal_(0, 0.1))
+        self.fc = nn.Linear(48, 48)
+
+
+def test_draws_of_torchs_generator_in_the_constructor_are_served() -> None:
+    """Each value is what the spec says: the served draw (exact bits of initserve.generate of its
+    ``<tensor>#draw<n>`` entry) with the constructor's own arithmetic after it; and the model's
+    statistics are those of torch's own constructor (5 standard errors, >= 2,000 elements)."""
+    model: Any = init_module(Drawn, SEED, url="local")
+    spec = spec_from_module(Drawn, SEED)
+    entries = {e["name"]: e for e in spec["tensors"]}
+    assert entries["codebook#draw0"] == {"name": "codebook#draw0", "shape": [600, 8],
+                                         "dtype": "float64", "scheme": "uniform", "a": 0.0,
+                                         "b": 5.0}  # fmt: skip
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    assert torch.equal(model.pos_embed.detach(), drawn["pos_embed#draw0"] * 0.02)
+    assert torch.equal(model.cls_token.detach(), drawn["cls_token#draw0"])
+    assert torch.equal(model.noise, drawn["noise#draw0"] * 0.5)
+    integers = drawn["codebook#draw0"].floor().clamp(0, 4).long()
+    assert torch.equal(model.codebook.detach(), F.normalize(integers.float(), dim=-1))
+    assert torch.equal(model.gate.detach(), drawn["gate#draw0"] + drawn["gate#draw1"])
+    assert torch.equal(model.table.detach(), drawn["table"])  # drawn in place: the Parameter's
+    assert entries["table"]["std"] == 0.1
+    again: Any = init_module(Drawn, SEED, url="local")  # every run, every rank: the same bits
+    for (name, ours), theirs in zip(model.state_dict().items(), again.state_dict().values(),
+                                    strict=True):  # fmt: skip
+        assert torch.equal(ours, theirs), name
+    reference: Any = own_init(Drawn)
+    for name in ("pos_embed", "noise", "gate", "table", "fc.weight"):
+        assert_same_distribution(model.get_parameter(name) if name != "noise" else model.noise,
+                                 reference.get_parameter(name) if name != "noise"
+                                 else reference.noise, name)  # fmt: skip
+    counts = [int((integers == k).sum()) for k in range(5)]  # randint's 5 values, each ~960
+    assert min(counts) > 800 and max(counts) < 1120, counts
+
+
+def test_a_draw_that_steers_the_constructor_is_refused_with_that_reason() -> None:
+    class Steered(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc = nn.Linear(4, 4)
-            self.codebook = nn.Parameter(F.normalize(torch.randint(0, 5, (8, 4)).float(), dim=-1))
+            depth = int(torch.randint(1, 4, ()))  # a random draw deciding the model's shape
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth))
 
-    with pytest.raises(ModelInitError, match="randint uses torch's generator"):
-        init_module(Drawn, SEED, url="local")
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+            if torch.rand(()) > 0.5:  # a random draw steering the code
+                nn.init.ones_(self.w)
+
+    for model, call in ((Steered, "__int__"), (Branching, "__bool__")):
+        with pytest.raises(ModelInitError, match=f"{call} of a random draw.*steers"):
+            init_module(model, SEED, url="local")
 
 
 class Normed(nn.Module):

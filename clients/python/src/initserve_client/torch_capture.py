@@ -80,6 +80,22 @@ _SERVED_RNG: dict[str, dict[str, Any]] = {
     "randn": {"scheme": "normal", "mean": 0.0, "std": 1.0},
     "randn_like": {"scheme": "normal", "mean": 0.0, "std": 1.0},
 }
+
+
+def _randint_bounds(
+    call: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[float, float] | None:
+    """(low, high) of torch.randint(low=0, high, size) or randint_like(input, low=0, high);
+    None when they are not plain ints or the range is not exact in float64."""
+    given = [a for a in (args[1:] if call == "randint_like" else args) if isinstance(a, int)]
+    if "high" in kwargs:
+        given = [kwargs.get("low", given[0] if given else 0), kwargs["high"]]
+    low, high = (0, given[0]) if len(given) == 1 else (given[:2] if given else (None, None))
+    if not isinstance(low, int) or not isinstance(high, int) or not 0 < high - low <= 2**53:
+        return None
+    return float(low), float(high)
+
+
 # Functions that turn a tensor's value into Python control flow.
 _STEERS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
 # Functions whose result holds no values yet.
@@ -185,10 +201,27 @@ class Router:
     def random(
         self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """torch.rand/randn(_like): a scratch draw, served; None when it cannot be. The call
-        itself gives the shape, dtype and device; the values are the served draw's."""
-        init = _SERVED_RNG.get(call.rsplit(".", 1)[-1])
-        if init is None or not self.serves_scratch:
+        """torch.rand/randn(_like)/randint(_like): a scratch draw, served; None when it cannot
+        be. The call itself gives the shape, dtype and device; the values are the served draw's.
+        randint's integers are the floor of a served uniform(low, high) draw in float64 (exact
+        for ranges up to 2**53), clamped to high - 1 against rounding at the top."""
+        short = call.rsplit(".", 1)[-1]
+        if not self.serves_scratch:
+            return None
+        if short in ("randint", "randint_like"):
+            bounds = _randint_bounds(short, args, kwargs)
+            if bounds is None:
+                return None
+            low, high = bounds
+            result = func(*args, **kwargs)
+            drawn = torch.empty(result.shape, dtype=torch.float64, device=result.device)
+            self.scratch_draw(drawn, {"scheme": "uniform", "a": low, "b": high}, call)
+            with _quiet():
+                result.copy_(drawn.floor().clamp_(low, high - 1))
+            self.carry(result, (drawn,))
+            return result
+        init = _SERVED_RNG.get(short)
+        if init is None:
             return None
         result = func(*args, **kwargs)
         self.scratch_draw(result, init, call)
@@ -221,6 +254,9 @@ class Router:
 
     def refuse(self, message: str) -> None:
         raise NotImplementedError
+
+    def halt(self) -> None:
+        """The code cannot go on (a meta tensor's value steers it): raise what was refused."""
 
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         pass
@@ -307,6 +343,11 @@ class Recorder(Router):
         if message not in self.trace.problems:
             self.trace.problems.append(message)
 
+    def halt(self) -> None:
+        from initserve_client.torch_utils import ModelInitError
+
+        raise ModelInitError(list(self.trace.problems))
+
     def write(self, alias: Alias, call: str, value: float | None = None) -> None:
         overwrite = call in _OVERWRITES or call.startswith("fill ")
         whole = alias.whole and call != "__setitem__"  # t[index] = v sets part of t
@@ -335,18 +376,31 @@ class Writer(Router):
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
 
+    program = "the model's init code"  # what runs twice, for messages
+
+    def drawn_into(self, tensor: torch.Tensor, index: int, expected: DrawCall) -> str:
+        """The name of the tensor a draw of the second run lands in, to check it against the
+        first run's: the model tensor it is a view of, or for a scratch tensor the one the
+        recording saw its values flow into."""
+        alias = self.alias_of(tensor)
+        if alias is None:
+            return expected.target if index in self.scratch else "?"
+        return alias.name
+
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        """The draw the recording saw at this position: its served values, if it is the last
+        that sets its tensor (an earlier one is dead), copied into the tensor (a sharded
+        tensor's local shard)."""
         alias = self.alias_of(tensor)
         if alias is not None and alias.name in self.skip:
             return
         index = self.position
         expected = self.draws[index] if index < len(self.draws) else None
-        got = DrawCall(alias.name if alias else "?", init, call)
-        if alias is None and expected is not None and index in self.scratch:
-            got = DrawCall(expected.target, init, call)
+        got = DrawCall("?" if expected is None else self.drawn_into(tensor, index, expected),
+                       init, call)  # fmt: skip
         if expected is None or (expected.target, expected.init) != (got.target, got.init):
             raise RuntimeError(
-                f"the model's init code drew {got} on its second run where its first drew"
+                f"{self.program} drew {got} on its second run where its first drew"
                 f" {expected}: it is not deterministic, and initserve cannot route it"
             )
         self.position += 1
@@ -357,7 +411,7 @@ class Writer(Router):
                 local.copy_(values.view(local.shape))
 
     def refuse(self, message: str) -> None:
-        raise RuntimeError(f"the model's init code changed between its two runs: {message}")
+        raise RuntimeError(f"{self.program} changed between its two runs: {message}")
 
     # A DTensor's own indexing redistributes it: ``weight[padding_idx]`` on a Shard(0) weight
     # is a gathered copy, so a write through it (``zeros_(weight[i])``, ``weight[i].fill_(0)``)
@@ -666,6 +720,13 @@ class _Mode(TorchFunctionMode):
             return result
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
             return self._in_place(router, func, args, kwargs, name)
+        if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
+            router.refuse(
+                f"{name} of a random draw{router.where()}: its value steers the init code, and"
+                " initserve serves draws whose values only flow into the model's tensors"
+            )
+            if any(t.is_meta for t in _tensors(args, kwargs)):
+                router.halt()  # a meta tensor has no value to steer by: nothing after counts
         if name not in _METADATA:
             for arg in _tensors(args, kwargs):
                 alias = router.alias_of(arg)
@@ -677,11 +738,6 @@ class _Mode(TorchFunctionMode):
         origin = router.tainted_by(_tensors(args, kwargs))
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
-        if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
-            router.refuse(
-                f"{name} of a random draw{router.where()}: its value steers the init code, and"
-                " initserve serves draws whose values only flow into the model's tensors"
-            )
         router.carry(result, _tensors(args, kwargs))
         return result
 

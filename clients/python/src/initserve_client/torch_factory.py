@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from initserve_client.torch_capture import Alias, DrawCall, Event, Recorder, Router, Trace
+from initserve_client.torch_capture import Alias, DrawCall, Event, Recorder, Trace, Writer
 
 Factory = Callable[[], Any]
 
@@ -107,34 +107,21 @@ class FactoryRecorder(Recorder):
         self._flows[id(tensor)] = self._storage_flows[_storage(tensor)] = frozenset({index})
 
 
-class FactoryWriter(Router):
-    """The building run: the recorded draws, served by position (``staged``: index -> values)."""
+class FactoryWriter(Writer):
+    """The building run: the recorded draws, served by position (``staged``: index -> values).
+    The tensors the second run builds are new objects with no names yet: a draw is the one the
+    recording saw at its position, its tensor the one that draw ended in."""
+
+    program = "the constructor"
 
     def __init__(self, draws: list[DrawCall], staged: dict[int, torch.Tensor]) -> None:
-        super().__init__({})
-        self.draws, self.staged, self.position = draws, staged, 0
+        super().__init__({}, frozenset(), draws, staged)
 
     def register(self, tensor: torch.Tensor) -> None:
         pass
 
-    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
-        index = self.position
-        expected = self.draws[index] if index < len(self.draws) else None
-        if expected is None or expected.init != init:
-            raise RuntimeError(
-                f"the constructor drew {init} ({call}) on its second run where its first drew"
-                f" {expected}: it is not deterministic, and initserve cannot route it"
-            )
-        self.position += 1
-        values = self.staged.pop(index, None)
-        if values is not None:
-            from initserve_client.torch_capture import _quiet
-
-            with _quiet():
-                tensor.copy_(values.view(tensor.shape))
-
-    def refuse(self, message: str) -> None:
-        raise RuntimeError(f"the constructor changed between its two runs: {message}")
+    def drawn_into(self, tensor: torch.Tensor, index: int, expected: DrawCall) -> str:
+        return expected.target
 
 
 @contextmanager

@@ -343,6 +343,8 @@ def _record(
         recorder = Recorder(placed.names, frozenset(ruled), placed.discarded)
         try:
             _run_own_init(module, init_fn, recorder, placed.tie)
+        except ModelInitError:
+            raise  # the recording stopped at a refusal (a random draw steering the code)
         except Exception as exc:  # the init code itself failed: one more problem, named
             recorder.refuse(f"the init code raised {type(exc).__name__}: {exc}{recorder.where()}")
     _clear_hf_flags(module)

@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ WIDTH_LISTS = {"hidden_sizes", "embed_dims", "dims", "conv_dim", "channels", "wi
 DEPTH_LISTS = {"depths", "num_layers_per_stage", "blocks_per_stage", "stage_depths"}
 
 
-def _shrunk_value(key: str, value: Any) -> Any:  # noqa: C901, PLR0911, PLR0912
+def _shrunk_value(key: str, value: Any) -> Any:
     """The small value for one config attribute, or ``value`` when it is not shrunk."""
     if isinstance(value, bool) or not isinstance(value, int | list):
         return value
@@ -192,7 +193,7 @@ def configs(model_type: str) -> list[tuple[str, Any]]:
     for label, overrides in (("shrunk", full), ("mild", mild)):
         try:
             out.append((label, cls(**overrides)))
-        except Exception:  # noqa: BLE001, S112 - the config's own checks refuse this shrink
+        except Exception:
             continue
     out.append(("default", default))
     return out
@@ -203,7 +204,7 @@ def model_class(model_type: str) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     name = MODEL_MAPPING_NAMES[model_type]
-    return getattr(transformers, name[0] if isinstance(name, tuple) else name)
+    return getattr(transformers, name if isinstance(name, str) else name[0])
 
 
 # --- the comparison ------------------------------------------------------------------------------
@@ -240,7 +241,9 @@ def spread_problem(served: Any, oracle: Any, other: Any) -> str | None:
     if not bool(torch.isfinite(ours).all()):
         return "non-finite values"
     if n == 1:
-        bound = 20 * max(abs(float(theirs[0])), abs(float(pair[0])), abs(float(theirs[0] - pair[0])))
+        bound = 20 * max(
+            abs(float(theirs[0])), abs(float(pair[0])), abs(float(theirs[0] - pair[0]))
+        )
         value = abs(float(ours[0]))
         return None if value <= bound + 1e-12 else f"value {value:.4g} > 20x the oracle's"
     reference = torch.cat([theirs, pair]) if n < 16 else theirs
@@ -276,9 +279,9 @@ def compare(served: Any, oracle: Any, other: Any) -> Verdict:
 
     verdict = Verdict()
     problems = verdict.problems
-    ours = dict(served.named_parameters())
-    theirs = dict(oracle.named_parameters())
-    pair = dict(other.named_parameters())
+    ours, theirs, pair = (
+        {n: p.detach() for n, p in m.named_parameters()} for m in (served, oracle, other)
+    )
     if set(ours) != set(theirs):
         problems.append(f"parameter names differ: {sorted(set(ours) ^ set(theirs))[:6]}")
     if _ties(served) != _ties(oracle):
@@ -369,14 +372,14 @@ def run_one(model_type: str) -> Outcome:
     try:
         cls = model_class(model_type)
         candidates = configs(model_type)
-    except Exception as error:  # noqa: BLE001 - no oracle: the class or its config is missing
+    except Exception as error:
         return Outcome(model_type, "SKIP-BUILD", _cause(error))
     chosen = None
     failures: list[str] = []
     for label, config in candidates:
         try:
-            size = _numel_on_meta(lambda config=config: cls(config))
-        except Exception as error:  # noqa: BLE001 - this config does not build
+            size = _numel_on_meta(partial(cls, config))
+        except Exception as error:
             failures.append(f"{label}: {_cause(error)}"[:300])
             continue
         if size > MAX_PARAMETERS:
@@ -385,7 +388,9 @@ def run_one(model_type: str) -> Outcome:
         chosen = (label, config, size)
         break
     if chosen is None:
-        return Outcome(model_type, "SKIP-BUILD", " || ".join(failures), seconds=time.perf_counter() - start)
+        return Outcome(
+            model_type, "SKIP-BUILD", " || ".join(failures), seconds=time.perf_counter() - start
+        )
     label, config, size = chosen
 
     def build() -> Any:
@@ -396,14 +401,14 @@ def run_one(model_type: str) -> Outcome:
         for seed in ORACLE_SEEDS:
             torch.manual_seed(seed)
             oracles.append(build().eval())
-    except Exception as error:  # noqa: BLE001 - it builds on meta, not on the CPU
+    except Exception as error:
         return Outcome(model_type, "SKIP-BUILD", f"on the CPU: {_cause(error)}", label, size)
     try:
         served = init_module(build, seed=SERVED_SEED, url="local").eval()
     except ModelInitError as error:
         cause = " | ".join(error.problems)[:600]
         return Outcome(model_type, "REFUSED", cause, label, size, time.perf_counter() - start)
-    except Exception as error:  # noqa: BLE001 - any other exception is a crash of initserve
+    except Exception as error:
         where = traceback.extract_tb(error.__traceback__)[-1]
         detail = f"{_cause(error)} [at {Path(where.filename).name}:{where.lineno}]"
         return Outcome(model_type, "CRASH", detail, label, size, time.perf_counter() - start)
@@ -424,7 +429,7 @@ def _child(model_type: str, connection: Any) -> None:
     torch.set_num_threads(1)
     try:
         outcome = run_one(model_type)
-    except BaseException as error:  # noqa: BLE001 - the harness itself failed: reported as such
+    except BaseException as error:
         outcome = Outcome(model_type, "HARNESS", _cause(error))
     connection.send(outcome)
     connection.close()
@@ -457,7 +462,9 @@ def sweep(model_types: list[str], jobs: int, limit_s: float) -> list[Outcome]:
                     outcome = None
                 process.join(5)
             elif not process.is_alive():
-                outcome = Outcome(model_type, "CRASH", f"the process died (exit {process.exitcode})")
+                outcome = Outcome(
+                    model_type, "CRASH", f"the process died (exit {process.exitcode})"
+                )
             elif time.perf_counter() - started > limit_s:
                 process.kill()
                 process.join()
@@ -465,7 +472,9 @@ def sweep(model_types: list[str], jobs: int, limit_s: float) -> list[Outcome]:
             else:
                 continue
             if outcome is None:
-                outcome = Outcome(model_type, "CRASH", f"the process died (exit {process.exitcode})")
+                outcome = Outcome(
+                    model_type, "CRASH", f"the process died (exit {process.exitcode})"
+                )
             if process.is_alive():
                 process.kill()
             del running[model_type]
@@ -528,9 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     outcomes = sweep(model_types, args.jobs, args.time_limit)
     report = table(outcomes, time.perf_counter() - start, args.jobs)
     print(report)
-    if not args.only and args.every == 1 and not args.limit:
-        Path(args.out).write_text(report)
-    elif args.out != str(RESULTS):
+    if (not args.only and args.every == 1 and not args.limit) or args.out != str(RESULTS):
         Path(args.out).write_text(report)
 
 

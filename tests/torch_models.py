@@ -179,3 +179,91 @@ def parallelize(model: TitanLlama, layout: str, world_size: int) -> None:
 
 def depth_std(layer_id: int) -> float:
     return 0.02 / math.sqrt(2 * (layer_id + 1))
+
+
+class DrawnEverywhere(nn.Module):
+    """Draws of torch's generator in the constructor (a ViT-style ``randn * 0.02`` position
+    table) and into scratch tensors in ``init_weights`` (Qwen3-Next's ``A_log`` from
+    ``empty_like(p).uniform_().log_()``, torchtitan's fused ``wqkv`` from three ``new_empty``
+    draws, Mamba's ``dt`` from ``rand`` -> exp -> clamp -> inverse softplus), written so that
+    torch runs them on DTensors too (scratch tensors made from the parameters)."""
+
+    def __init__(self, dim: int = 32, heads_dim: int = 48) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(3 * heads_dim, dim) * 0.02)
+        self.A_log = nn.Parameter(torch.empty(3 * heads_dim))
+        self.dt_bias = nn.Parameter(torch.empty(3 * heads_dim))
+        self.wqkv = nn.Linear(dim, 3 * heads_dim, bias=False)
+        self.out = nn.Linear(3 * heads_dim, dim)
+        self.heads_dim = heads_dim
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log_())
+            dt = torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001))
+            dt = torch.exp(dt + math.log(0.001)).clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            weight = self.wqkv.weight
+            q, k, v = (weight.new_empty(self.heads_dim, weight.shape[1]).normal_(0, 0.02)
+                       for _ in range(3))  # fmt: skip
+            weight.copy_(torch.cat([q, k, v]))
+
+
+DRAWN_SEED = 11
+DRAWN_RULES = {"pos": {"scheme": "normal", "std": 0.02}}  # built on meta, its randn is gone
+
+
+def drawn_digests(model: nn.Module) -> dict[str, str]:
+    import hashlib
+
+    return {
+        name: hashlib.sha256(
+            (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().tobytes()
+        ).hexdigest()
+        for name, p in model.named_parameters()
+    }
+
+
+def run_drawn(rank: int, world_size: int, store_port: int, layout: str, out_path: str) -> None:
+    """One rank: the factory form built on every rank then sharded, and the model built on meta,
+    sharded, then initialised; ``layout`` is "fsdp" (FSDP2) or "tp" (wqkv colwise, out rowwise).
+    Rank 0 writes every rank's full_tensor() digests."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from initserve_client import init_module
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{store_port}", rank=rank, world_size=world_size
+    )
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def shard(model: nn.Module) -> None:
+        if layout == "fsdp":
+            fully_shard(model, mesh=mesh)
+        else:
+            parallelize_module(model, mesh, {"wqkv": ColwiseParallel(), "out": RowwiseParallel()})
+
+    built = init_module(DrawnEverywhere, DRAWN_SEED, url="local")
+    shard(built)
+    with torch.device("meta"):
+        model = DrawnEverywhere()
+    shard(model)
+    init_module(model, DRAWN_SEED, url="local", rules=DRAWN_RULES)
+    sharded = [n for n, p in model.named_parameters() if hasattr(p, "device_mesh")]
+    report = {"factory": drawn_digests(built), "meta": drawn_digests(model), "sharded": sharded}
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, report)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -82,6 +82,26 @@ _SERVED_RNG: dict[str, dict[str, Any]] = {
 }
 
 
+def _allocated(
+    short: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The tensor torch's random ``func`` would return, allocated with no values: a served draw
+    overwrites them. Not drawing keeps the caller's generator as it was."""
+    dropped = ("generator", "low", "high", "size") if short == "randint" else ("generator",)
+    given = {k: v for k, v in kwargs.items() if k not in dropped}
+    try:
+        if short.endswith("_like"):
+            return torch.empty_like(args[0], **given)
+        if short == "randint":
+            size = kwargs.get("size", next((a for a in args if not isinstance(a, int)), ()))
+            given.setdefault("dtype", torch.int64)  # randint's default
+            return torch.empty(tuple(size), **given)
+        return torch.empty(*args, **given)
+    except (TypeError, RuntimeError):  # a form empty does not take: torch's own call
+        result: torch.Tensor = func(*args, **kwargs)
+        return result
+
+
 def _randint_bounds(
     call: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[float, float] | None:
@@ -100,6 +120,10 @@ def _randint_bounds(
 _STEERS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
 # Functions whose result holds no values yet.
 _EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+# Functions that take a tensor's shape, dtype and device, never its values: not a read.
+_LIKE = _EMPTY | frozenset(
+    {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full"}
+)
 _IN_PLACE_EXTRA = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 
 _LOCK = threading.Lock()  # the patches are process-wide: one routed init at a time
@@ -213,7 +237,7 @@ class Router:
             if bounds is None:
                 return None
             low, high = bounds
-            result = func(*args, **kwargs)
+            result = _allocated(short, func, args, kwargs)
             drawn = torch.empty(result.shape, dtype=torch.float64, device=result.device)
             self.scratch_draw(drawn, {"scheme": "uniform", "a": low, "b": high}, call)
             with _quiet():
@@ -223,7 +247,7 @@ class Router:
         init = _SERVED_RNG.get(short)
         if init is None:
             return None
-        result = func(*args, **kwargs)
+        result = _allocated(short, func, args, kwargs)
         self.scratch_draw(result, init, call)
         return result
 
@@ -405,10 +429,19 @@ class Writer(Router):
             )
         self.position += 1
         values = self.staged.pop(index, None)
+        if values is None and index in self.scratch:  # never left with what empty held
+            raise RuntimeError(f"{self.program}: no values were fetched for scratch draw {got}")
         if values is not None:
-            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            local = tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+            if index in self.scratch and _is_dtensor(tensor):
+                # A scratch draw is fetched whole on every rank; a scratch DTensor made from a
+                # sharded parameter (empty_like(p), p.new_empty(...)) holds this rank's part.
+                from initserve_client.torch_utils import local_region
+
+                part = tuple(slice(lo, hi) for lo, hi in local_region(tensor))
+                values = values.view(tensor.shape)[part]
             with _quiet():
-                local.copy_(values.view(local.shape))
+                local.copy_(values.reshape(local.shape))
 
     def refuse(self, message: str) -> None:
         raise RuntimeError(f"{self.program} changed between its two runs: {message}")
@@ -727,7 +760,7 @@ class _Mode(TorchFunctionMode):
             )
             if any(t.is_meta for t in _tensors(args, kwargs)):
                 router.halt()  # a meta tensor has no value to steer by: nothing after counts
-        if name not in _METADATA:
+        if name not in _METADATA and name not in _LIKE:
             for arg in _tensors(args, kwargs):
                 alias = router.alias_of(arg)
                 if alias is not None:

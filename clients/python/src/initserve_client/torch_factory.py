@@ -114,8 +114,13 @@ class FactoryWriter(Writer):
 
     program = "the constructor"
 
-    def __init__(self, draws: list[DrawCall], staged: dict[int, torch.Tensor]) -> None:
-        super().__init__({}, frozenset(), draws, staged)
+    def __init__(
+        self,
+        draws: list[DrawCall],
+        staged: dict[int, torch.Tensor],
+        scratch: frozenset[int] = frozenset(),
+    ) -> None:
+        super().__init__({}, frozenset(), draws, staged, scratch)
 
     def register(self, tensor: torch.Tensor) -> None:
         pass

@@ -236,8 +236,11 @@ class _Recording:
     ruled: dict[str, dict[str, Any]]
     owners: Mapping[str, int]  # each tied Parameter's owning slot
     scratch: set[str]  # names of the draws into scratch tensors (``<tensor>#draw<n>``)
+    # names whose served draw is the last thing the code does to them (nothing reads or writes
+    # them after it): the factory form fetches these straight into the built model
+    settled: set[str] = field(default_factory=set)
     # Draws into a model tensor that the code reads and then overwrites: name -> the tensor.
-    through: dict[str, str]
+    through: dict[str, str] = field(default_factory=dict)
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -464,6 +467,7 @@ def _conclude(
     final: dict[str, int] = {}
     fills: dict[str, dict[str, Any]] = {}
     direct: set[str] = set()
+    settled: set[str] = set()
     on_meta = tensors.on_meta()
     passing: list[tuple[str, int]] = []  # draws read and overwritten: (tensor, draw index)
     for name in tensors.names():
@@ -487,6 +491,8 @@ def _conclude(
             final[name] = events[last].draw
             if not any(e.kind == "write" or e.kind == "read" for e in events[:last]):
                 direct.add(name)  # nothing before the last draw is read: written before the run
+            if last == len(events) - 1:
+                settled.add(name)
         elif kills and events[kills[-1]].value is not None and name in tensors.params:
             # A parameter the init code fills (norms' ones, biases' zeros): in the spec, so that
             # it describes the whole model, but never fetched.
@@ -565,7 +571,9 @@ def _conclude(
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
-    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch, through)
+    return _Recording(
+        spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled, through
+    )
 
 
 def _is_factory(module: Any) -> bool:
@@ -640,26 +648,41 @@ def _build(
 
     _, _, recording = _record_factory(factory, seed, rules, init_fn)
     fetched = [e for e in recording.spec["tensors"] if e["name"] not in recording.filled]
-    spec = {**recording.spec, "tensors": fetched}
+    # What the code uses after its draw (scaled, copied, a scratch draw) is fetched before the
+    # build and copied in as the draw happens; what it never touches again (most weights) and
+    # what a rule sets are fetched after it, straight into the built model: the parameters are
+    # materialised once, not once as fetched arrays and again as the model.
+    into_model = recording.settled | set(recording.ruled)
+    first = [e for e in fetched if e["name"] not in into_model]
     arrays = {
-        e["name"]: np.empty(e["shape"], dtype=numpy_dtype(DTYPE_NAMES[e["dtype"]])) for e in fetched
+        e["name"]: np.empty(e["shape"], dtype=numpy_dtype(DTYPE_NAMES[e["dtype"]])) for e in first
     }
     if arrays:
-        active.fetch_into(spec, arrays)
-    staged = {
-        recording.final[name]: _as_tensor(values)
-        for name, values in arrays.items()
-        if name not in recording.ruled
-    }
-    writer = FactoryWriter(recording.draws, staged)
+        active.fetch_into({**recording.spec, "tensors": first}, arrays)
+    staged = {recording.final[name]: _as_tensor(values) for name, values in arrays.items()}
+    del arrays
+    scratch = frozenset(recording.final[n] for n in recording.scratch)
+    writer = FactoryWriter(recording.draws, staged, scratch)
     with torch.device(device or "cpu"), routed(writer), registrations(writer):
         model = factory()
         _model_level_init(model, init_fn, writer)
     _clear_hf_flags(model)
     built = _Tensors.of(model)
-    with torch.no_grad():  # a rule's values replace whatever the code did to the tensor
-        for name in recording.ruled:
-            built.get(name).copy_(_as_tensor(arrays[name]).view(built.get(name).shape))
+    last = [e for e in fetched if e["name"] in into_model]
+    targets: dict[str, Any] = {}
+    copies: dict[str, Any] = {}  # not a CPU contiguous tensor: fetched, then copied
+    for entry in last:
+        view = _numpy_view(built.get(entry["name"]))
+        if view is None or view.dtype != numpy_dtype(DTYPE_NAMES[entry["dtype"]]):
+            view = copies[entry["name"]] = np.empty(
+                entry["shape"], dtype=numpy_dtype(DTYPE_NAMES[entry["dtype"]])
+            )
+        targets[entry["name"]] = view
+    if targets:
+        active.fetch_into({**recording.spec, "tensors": last}, targets)
+    with torch.no_grad():
+        for name, values in copies.items():
+            built.get(name).copy_(_as_tensor(values).view(built.get(name).shape))
     return model
 
 

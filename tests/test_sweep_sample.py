@@ -153,3 +153,24 @@ def test_a_draw_read_and_set_again_is_served_in_both_forms() -> None:
     assert torch.equal(built.A_log, meta.A_log) and torch.equal(built.dt_bias, meta.dt_bias)
     names = [e["name"] for e in spec_from_module(ForgetGate, 3, init_fn=init_fn)["tensors"]]
     assert names == ["dt_bias#draw0", "A_log#draw0"]
+
+
+class NormedConv(nn.Module):
+    """Hugging Face's Encodec and Bark: the init draws into a weight_norm'ed conv's computed
+    weight, a temporary torch drops; the parameters keep what the constructor gave them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 32, 5))
+        nn.init.kaiming_normal_(self.conv.weight)  # reaches nothing: weight is computed
+
+
+def test_a_draw_into_a_temporary_that_reaches_nothing_is_served_and_dropped() -> None:
+    oracles = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        oracles.append(NormedConv())
+    built = init_module(NormedConv, 3, url="local")
+    assert compare(built, *oracles).problems == []
+    names = [e["name"] for e in spec_from_module(NormedConv, 3)["tensors"]]
+    assert "unreached#draw0" in names

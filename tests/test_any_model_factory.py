@@ -330,6 +330,21 @@ def test_draws_of_torchs_generator_in_the_constructor_are_served() -> None:
     assert min(counts) > 800 and max(counts) < 1120, counts
 
 
+def test_a_served_rand_stays_below_one_as_torchs_does() -> None:
+    """torch.rand promises [0, 1): -log(1 - rand) is finite. The served draw rounds to 1.0 in
+    float32 about once in 2**25 values (seed 16 holds one in its first 2**20): kept below 1."""
+
+    def build() -> nn.Module:
+        return nn.ParameterList([nn.Parameter(-torch.log(1 - torch.rand(2**20)))])
+
+    uniform = initserve.generate(spec_from_module(build, 16))["0#draw0"]
+    assert int((uniform == 1).sum()) == 1  # the draw as served holds a 1.0
+    values = init_module(build, 16, url="local")[0].detach()
+    assert bool(values.isfinite().all())
+    below_one = np.minimum(uniform, np.float32(1 - 2**-24))
+    assert torch.equal(values, -torch.log(1 - torch.from_numpy(below_one)))
+
+
 def test_a_draw_that_steers_the_constructor_is_refused_with_that_reason() -> None:
     class Steered(nn.Module):
         def __init__(self) -> None:
@@ -347,6 +362,60 @@ def test_a_draw_that_steers_the_constructor_is_refused_with_that_reason() -> Non
     for model, call in ((Steered, "__int__"), (Branching, "__bool__")):
         with pytest.raises(ModelInitError, match=f"{call} of a random draw.*steers"):
             init_module(model, SEED, url="local")
+
+
+class Waiting(nn.Module):
+    """Exponential draws (Tensor.exponential_), in the constructor and in init_weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate = nn.Parameter(torch.empty(3000).exponential_(2.0))
+        self.register_buffer("gaps", torch.empty(3000).exponential_())
+        self.later = nn.Parameter(torch.empty(3000))
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.later.exponential_(0.5).add_(1.0)
+
+
+def test_exponential_draws_are_served_as_the_inverse_cdf_of_a_uniform() -> None:
+    """-log(U) / rate of a served uniform draw U (a U rounded to 0 taken as the smallest
+    positive float), exact against initserve.generate; the statistics of torch's own
+    exponential_ (5 standard errors)."""
+
+    def exponential(uniform: torch.Tensor, rate: float) -> torch.Tensor:
+        info = torch.finfo(uniform.dtype)
+        return torch.log(uniform.clamp(min=info.tiny * info.eps)) / -rate
+
+    model: Any = init_module(Waiting, SEED, url="local")
+    spec = spec_from_module(Waiting, SEED)
+    entries = {e["name"]: e for e in spec["tensors"]}
+    assert {k: entries[k]["scheme"] for k in ("rate", "gaps", "later")} == dict.fromkeys(
+        ("rate", "gaps", "later"), "uniform"
+    )
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    assert torch.equal(model.rate.detach(), exponential(drawn["rate"], 2.0))
+    assert torch.equal(model.gaps, exponential(drawn["gaps"], 1.0))
+    assert torch.equal(model.later.detach(), exponential(drawn["later"], 0.5) + 1.0)
+    reference: Any = own_init(Waiting)
+    with torch.no_grad():
+        reference.init_weights()
+    for name in ("rate", "gaps", "later"):
+        assert_same_distribution(getattr(model, name), getattr(reference, name), name)
+    built: Any = Waiting()  # built beforehand: init_weights' draw served
+    init_module(built, SEED, url="local")
+    later = next(e for e in spec_from_module(built, SEED)["tensors"] if e["name"] == "later")
+    values = torch.from_numpy(initserve.generate({"seed": SEED, "tensors": [later]})["later"])
+    assert torch.equal(built.later.detach(), exponential(values, 0.5) + 1.0)
+
+    def half() -> nn.Module:  # float16: a uniform draw rounds to 0 about once in 2**25
+        return nn.ParameterList([nn.Parameter(torch.empty(20000, dtype=torch.float16)
+                                              .exponential_())])  # fmt: skip
+
+    values = init_module(half, SEED, url="local")[0].detach()
+    uniform = initserve.generate(spec_from_module(half, SEED))["0"]
+    assert torch.equal(values, exponential(torch.from_numpy(uniform), 1.0))
+    assert bool(values.isfinite().all())
 
 
 class Normed(nn.Module):
@@ -379,19 +448,65 @@ def test_weight_norm_and_spectral_norm_through_the_factory() -> None:
     assert {f"{state}._u#draw0", f"{state}._v#draw0"} <= names
 
 
-def test_a_built_parametrized_model_is_refused_naming_the_parametrization() -> None:
+def test_a_built_parametrized_model_is_served_through_right_inverse() -> None:
+    """Built on meta (and on the CPU): each module's reset_parameters draws into the logical
+    weight, which torch's own right_inverse stores (weight_norm: g = ||v||, exactly as
+    torch.norm_except_dim computes it; spectral_norm: the weight itself); spectral_norm's u and v
+    are served draws, normalised, then torch's 15 power iterations on that weight."""
     with torch.device("meta"):
-        model = Normed()
+        model: Any = Normed()
+    spec = spec_from_module(model, SEED)
+    names = [e["name"] for e in spec["tensors"]]
+    state = "linear.parametrizations.weight.0"
+    assert names == ["conv.bias", "conv.weight", "linear.bias", "linear.weight",
+                     f"{state}._u#draw0", f"{state}._v#draw0"]  # fmt: skip
+    init_module(model, SEED, url="local")
+    drawn = {k: torch.from_numpy(v) for k, v in initserve.generate(spec).items()}
+    conv = model.conv.parametrizations.weight
+    assert type(model.conv).__name__ == "ParametrizedConv1d"  # still parametrized
+    assert torch.equal(conv.original1.detach(), drawn["conv.weight"])  # v: the weight drawn
+    assert torch.equal(conv.original0.detach(), torch.norm_except_dim(drawn["conv.weight"], 2, 0))
+    assert torch.equal(model.conv.bias.detach(), drawn["conv.bias"])
+    linear = model.linear.parametrizations.weight
+    assert torch.equal(linear.original.detach(), drawn["linear.weight"])
+    u, v = (F.normalize(drawn[f"{state}.{k}#draw0"], dim=0, eps=1e-12) for k in ("_u", "_v"))
+    for _ in range(15):  # torch's _SpectralNorm._power_method
+        u = F.normalize(torch.mv(drawn["linear.weight"], v), dim=0, eps=1e-12)
+        v = F.normalize(torch.mv(drawn["linear.weight"].H, u), dim=0, eps=1e-12)
+    assert torch.equal(linear[0]._u, u) and torch.equal(linear[0]._v, v)
+    reference: Any = own_init(Normed)
+    assert_same_distribution(conv.original1, reference.conv.parametrizations.weight.original1,
+                             "v")  # fmt: skip
+    assert_same_distribution(linear.original, reference.linear.parametrizations.weight.original,
+                             "spectral original")  # fmt: skip
+    model.eval()
+    reference.eval()
+    for ours, theirs in ((model, "ours"), (reference, "torch's")):  # sigma(W / sigma) ~ 1
+        sigma = float(torch.linalg.matrix_norm(ours.linear.weight.detach(), 2))
+        assert abs(sigma - 1) < 0.05, (theirs, sigma)
+    on_cpu: Any = Normed()  # built on the CPU: the same program, the same values
+    init_module(on_cpu, SEED, url="local")
+    for (name, ours), theirs in zip(model.state_dict().items(), on_cpu.state_dict().values(),
+                                    strict=True):  # fmt: skip
+        assert torch.equal(ours, theirs), name
+
+
+def test_other_parametrizations_of_a_built_model_are_refused_by_name() -> None:
+    class Symmetric(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.triu() + x.triu(1).transpose(-1, -2)
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", Symmetric())
     with pytest.raises(ModelInitError) as caught:
         init_module(model, SEED, url="local")
     assert caught.value.problems == [
-        "conv.weight is parametrized by _WeightNorm: a model built beforehand cannot store a draw"
-        " through its right_inverse; pass the constructor, init_module(lambda: Model(...), seed,"
-        " ...), whose draws torch's parametrization takes as written",
-        "linear.weight is parametrized by _SpectralNorm: a model built beforehand cannot store a"
-        " draw through its right_inverse; pass the constructor, init_module(lambda: Model(...),"
-        " seed, ...), whose draws torch's parametrization takes as written",
+        "0.weight is parametrized by Symmetric: initserve serves a tensor under one weight_norm"
+        " or spectral_norm; pass the constructor, init_module(lambda: Model(...), seed, ...),"
+        " whose draws torch's parametrization takes as written"
     ]
+    assert type(model[0]).__name__ == "ParametrizedLinear"  # the model left as it was
 
 
 # --- Mamba and Qwen3-Next: Hugging Face's own classes, random values drawn into temporaries ------

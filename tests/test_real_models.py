@@ -272,7 +272,7 @@ class Hostile(nn.Module):
 
     def init_weights(self) -> None:
         with torch.no_grad():
-            self.copied.copy_(torch.randint(0, 3, (4, 4)).float())
+            self.copied.copy_(torch.randperm(16).view(4, 4).float())  # randint would be served
             self.dropped.fill_(1.0).bernoulli_(0.5)
             self.partial[:3].normal_(0, 0.02)
             self.partial[3:].zero_()
@@ -284,8 +284,8 @@ def test_every_problem_is_named_at_once_and_nothing_is_touched() -> None:
         init_module(model, seed=1, url="http://127.0.0.1:9")  # no request is made
     problems = caught.value.problems
     text = "\n".join(problems)
-    assert "randint uses torch's generator" in text
-    assert "'copied': copy_ writes values from torch.randint" in text  # the parameter, named
+    assert "randperm uses torch's generator" in text
+    assert "'copied': copy_ writes values from torch.randperm" in text  # the parameter, named
     assert "bernoulli_ uses torch's generator" in text
     assert "draws into part of 'partial'" in text
     assert "parameter 'bare' [3]: no init code initialises it" in text

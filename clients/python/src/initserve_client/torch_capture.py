@@ -251,6 +251,11 @@ class Router:
             return None
         result = _allocated(short, func, args, kwargs)
         self.scratch_draw(result, init, call)
+        if init["scheme"] == "uniform" and result.is_floating_point():
+            # torch.rand promises [0, 1); the served draw, computed in binary64 on (0, 1),
+            # rounds to 1.0 about once in 2**25 float32 values: kept below 1, as torch's are.
+            with _quiet():
+                result.clamp_(max=1.0 - torch.finfo(result.dtype).eps / 2)
         return result
 
     def _normal(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -747,23 +752,35 @@ class _Mode(TorchFunctionMode):
             a = _arguments(_tensor_normal, args, kwargs)
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
+        if func is torch.Tensor.exponential_ and router.serves_scratch:
+            a = _arguments(_tensor_exponential, args, kwargs)
+            tensor, rate = a["self"], float(a["lambd"])
+            if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
+                return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
+            # Inverse CDF of a served uniform draw, -log(U) / rate, as in-place writes the
+            # recording sees: the draw is served like any other, the transform runs as written.
+            # U lies in (0, 1) in binary64 but rounds to 1 (an exponential 0, allowed) or, in
+            # float16, to 0 (log 0 = -inf): those become the smallest positive value.
+            _uniform(router, tensor, 0.0, 1.0, "Tensor.exponential_")
+            info = torch.finfo(tensor.dtype)
+            for step, operand in ((torch.Tensor.clamp_, (info.tiny * info.eps,)),
+                                  (torch.Tensor.log_, ()),
+                                  (torch.Tensor.div_, (-rate,))):  # fmt: skip
+                self._in_place(router, step, (tensor, *operand), {}, step.__name__)
+            return tensor
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
             served = router.random(call, func, args, kwargs)
             if served is not None:
                 return served
-            router.refuse(
-                f"{call} uses torch's generator{router.where()}: its values differ between ranks"
-                " and cannot be served by initserve (draw with torch.nn.init or"
-                " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
-            )
-            result = func(*args, **kwargs)
-            router.taint(result, call)
-            return result
+            return self._refused_rng(router, func, args, kwargs, call)
         if name in _ALIASES and args:
             local = router.local_view(name, args) if not kwargs else None
             result = func(*args, **kwargs) if local is None else local
             router.carry(result, args[:1])
+            origin = router.tainted_by(args[:1])
+            if origin is not None:  # a view of torch's random values is still them
+                router.taint(result, origin)
             source = router.alias_of(args[0])
             if source is not None:
                 same_shape = isinstance(result, torch.Tensor) and result.shape == args[0].shape
@@ -790,6 +807,25 @@ class _Mode(TorchFunctionMode):
         if origin is not None:  # randn(...) * 0.02 is still torch's randomness
             router.taint(result, origin)
         router.carry(result, _tensors(args, kwargs))
+        return result
+
+    @staticmethod
+    def _refused_rng(
+        router: Router,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call: str,
+    ) -> Any:
+        """A draw of torch's generator initserve does not serve: refused, and its values
+        marked, so that the tensor they reach is named."""
+        router.refuse(
+            f"{call} uses torch's generator{router.where()}: its values differ between ranks"
+            " and cannot be served by initserve (draw with torch.nn.init or"
+            " Tensor.normal_/uniform_ on the parameter itself, or give the tensor a rule)"
+        )
+        result = func(*args, **kwargs)
+        router.taint(result, call)
         return result
 
     @staticmethod
@@ -848,6 +884,10 @@ def _tensor_uniform(self: Any, from_: float = 0, to: float = 1, *, generator: An
 
 def _tensor_normal(self: Any, mean: float = 0, std: float = 1, *, generator: Any = None) -> None:
     """The signature of Tensor.normal_, to bind its arguments."""
+
+
+def _tensor_exponential(self: Any, lambd: float = 1, *, generator: Any = None) -> None:
+    """The signature of Tensor.exponential_, to bind its arguments."""
 
 
 def _tensors(args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:

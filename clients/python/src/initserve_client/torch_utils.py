@@ -201,6 +201,9 @@ def _run_own_init(
         elif callable(getattr(module, "init_weights", None)):
             router.context.append(f"{type(module).__name__}.init_weights")
             module.init_weights()
+        router.context.append("spectral_norm's u and v")
+        _parametrization_state(module)
+        router.context.pop()
 
 
 def _model_level_init(module: Any, init_fn: InitFn | None, router: Any) -> None:
@@ -239,6 +242,7 @@ class _Recording:
     # names whose served draw is the last thing the code does to them (nothing reads or writes
     # them after it): the factory form fetches these straight into the built model
     settled: set[str] = field(default_factory=set)
+    determined: set[str] = field(default_factory=set)  # names the init code sets (draw or write)
     # Draws into a model tensor that the code reads and then overwrites: name -> the tensor.
     through: dict[str, str] = field(default_factory=dict)
 
@@ -405,22 +409,132 @@ def _refuse_lazy(module: Any) -> None:
         raise ModelInitError(problems)
 
 
-def _refuse_parametrized(module: Any) -> None:
-    """A parametrized tensor (weight_norm's g and v, spectral_norm's u and v) is computed from its
-    originals on each access: a built model's reset_parameters draws into that computed copy, and
-    only torch's assignment through ``right_inverse`` stores it. The factory form runs the
-    constructor, which draws before the parametrization is registered, as written."""
-    problems = [
-        f"{f'{name}.' if name else ''}{tensor} is parametrized by"
-        f" {', '.join(type(p).__name__ for p in child.parametrizations[tensor])}: a model built"
-        " beforehand cannot store a draw through its right_inverse; pass the constructor,"
-        " init_module(lambda: Model(...), seed, ...), whose draws torch's parametrization takes"
-        " as written"
-        for name, child in module.named_modules()
-        for tensor in getattr(getattr(child, "parametrizations", None), "keys", list)()
-    ]
+_SERVED_PARAMETRIZATIONS = ("_WeightNorm", "_SpectralNorm")  # torch.nn.utils.parametrizations
+
+
+@dataclass
+class _Logical:
+    """One parametrized tensor of a built model, held in its logical form while the init runs."""
+
+    owner: Any
+    tensor: str  # its attribute name on the owner (``weight``)
+    parametrizations: Any  # the owner's ParametrizationList for it
+    originals: dict[str, Any]  # ``original`` or ``original0``, ``original1``, ... as registered
+    qualified: str  # the logical tensor's name in the spec (``conv.weight``)
+
+
+@dataclass
+class _Unparametrized:
+    logical: list[_Logical]
+
+    def store(self, determined: set[str]) -> None:
+        """Each logical tensor the init code set, stored as torch's own assignment stores it:
+        through the parametrization's ``right_inverse`` (weight_norm: g = ||v|| by torch's
+        norm_except_dim, v = the weight; spectral_norm: the weight itself)."""
+        from torch import nn
+
+        for item in self.logical:
+            value = item.owner._parameters[item.tensor]
+            if item.qualified not in determined or value.is_meta:
+                continue
+            for key, original in list(item.originals.items()):
+                if original.is_meta:  # the model was on meta: its originals become real here
+                    real = nn.Parameter(value.new_empty(original.shape, dtype=original.dtype),
+                                        requires_grad=original.requires_grad)  # fmt: skip
+                    item.originals[key] = real
+            item.parametrizations._parameters.update(item.originals)
+            item.parametrizations.right_inverse(value.detach())
+
+
+@contextmanager
+def _unparametrized(module: Any) -> Iterator[_Unparametrized]:
+    """While the block runs, each parametrized tensor (weight_norm, spectral_norm) is a plain
+    Parameter in its logical form, under its logical name: the modules' reset_parameters draw
+    into it as they did before the parametrization was registered, and a parametrization's own
+    state (spectral_norm's u and v) stays in the model, to be computed from it. The originals
+    are hidden meanwhile. Others are refused, naming the parametrization."""
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    problems: list[str] = []
+    found: list[_Logical] = []
+    for prefix, owner in module.named_modules():
+        if not parametrize.is_parametrized(owner):
+            continue
+        for tensor, chain in owner.parametrizations.items():
+            qualified = f"{prefix}.{tensor}" if prefix else tensor
+            kinds = [type(p).__name__ for p in chain]
+            originals = dict(chain._parameters)
+            if len(kinds) != 1 or kinds[0] not in _SERVED_PARAMETRIZATIONS:
+                problems.append(
+                    f"{qualified} is parametrized by {', '.join(kinds)}: initserve serves a"
+                    " tensor under one weight_norm or spectral_norm; pass the constructor,"
+                    " init_module(lambda: Model(...), seed, ...), whose draws torch's"
+                    " parametrization takes as written"
+                )
+            elif not originals:  # a parametrized buffer: its originals are buffers
+                problems.append(
+                    f"{qualified} is a buffer parametrized by {kinds[0]}: initserve serves"
+                    " parametrized parameters only"
+                )
+            elif any(hasattr(t, "device_mesh") for t in originals.values()):
+                problems.append(
+                    f"{qualified} is parametrized by {kinds[0]} and sharded: initserve stores a"
+                    " parametrized tensor through right_inverse on unsharded tensors only"
+                )
+            else:
+                found.append(_Logical(owner, tensor, chain, originals, qualified))
     if problems:
         raise ModelInitError(problems)
+    classes: dict[int, tuple[Any, type]] = {}
+    try:
+        for item in found:
+            with torch.no_grad():
+                if any(t.is_meta for t in item.originals.values()):
+                    value = torch.empty_like(getattr(item.owner, item.tensor), device="meta")
+                elif type(item.parametrizations[0]).__name__ == "_SpectralNorm":
+                    value = item.originals["original"].detach().clone()  # right_inverse: itself
+                else:
+                    value = getattr(item.owner, item.tensor).detach().clone()
+            requires_grad = any(t.requires_grad for t in item.originals.values())
+            classes.setdefault(id(item.owner), (item.owner, type(item.owner)))
+            item.parametrizations._parameters.clear()
+            item.owner.__class__ = classes[id(item.owner)][1].__bases__[0]  # no property
+            item.owner._parameters[item.tensor] = nn.Parameter(value, requires_grad=requires_grad)
+        yield _Unparametrized(found)
+    finally:
+        for item in found:
+            item.owner._parameters.pop(item.tensor, None)
+            if not item.parametrizations._parameters:
+                item.parametrizations._parameters.update(item.originals)
+        for owner, cls in classes.values():
+            owner.__class__ = cls
+
+
+def _parametrization_state(module: Any) -> None:
+    """spectral_norm's random state, as its constructor computes it from the weight it is
+    registered on (here the logical weight, as the init left it): u and v drawn from N(0, 1),
+    normalised, then 15 power iterations."""
+    import torch
+    from torch.nn import functional as F
+
+    for owner in module.modules():
+        chains = owner._modules.get("parametrizations")
+        if chains is None:
+            continue
+        for tensor, chain in chains.items():
+            state = chain[0]
+            if "_u" not in state._buffers or tensor not in owner._parameters:
+                continue  # not one held in its logical form, or a 1-D weight (no u, v)
+            with torch.no_grad():
+                weight_mat = state._reshape_weight_to_matrix(owner._parameters[tensor])
+                h, w = weight_mat.size()
+                u = weight_mat.new_empty(h).normal_(0, 1)
+                v = weight_mat.new_empty(w).normal_(0, 1)
+                state._u.copy_(F.normalize(u, dim=0, eps=state.eps))
+                state._v.copy_(F.normalize(v, dim=0, eps=state.eps))
+                state._power_method(weight_mat, 15)
 
 
 def _dtype_name(tensor: Any) -> str | None:
@@ -439,7 +553,6 @@ def _analyse(
     """``owners``: each tied Parameter's owning slot, when the program that built the model is
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
-    _refuse_parametrized(module)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
     problems = []
     if owners is None and not _hf_roots(module):
@@ -468,6 +581,7 @@ def _conclude(
     fills: dict[str, dict[str, Any]] = {}
     direct: set[str] = set()
     settled: set[str] = set()
+    determined: set[str] = set(ruled)
     on_meta = tensors.on_meta()
     passing: list[tuple[str, int]] = []  # draws read and overwritten: (tensor, draw index)
     for name in tensors.names():
@@ -501,6 +615,8 @@ def _conclude(
             if fills[name]["scheme"] == "constant":
                 fills[name]["val"] = value
         initialised = bool(kills)
+        if initialised:
+            determined.add(name)
         tensor = tensors.get(name)
         if name in tensors.params and not initialised and tensor.numel() and name not in kept:
             problems.append(
@@ -569,9 +685,8 @@ def _conclude(
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
-    return _Recording(
-        spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled, through
-    )
+    return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled,
+                      determined, through)  # fmt: skip
 
 
 def _is_factory(module: Any) -> bool:
@@ -696,12 +811,17 @@ def spec_from_module(
     random draw initialises, keyed by its canonical qualified name, in its own dtype (unless
     ``dtype`` forces one). JSON-able: it can be inspected, stored or served to another framework.
     Raises ModelInitError listing every problem at once. Nothing of the model is changed.
-    ``module`` may be a zero-argument constructor, as init_module takes it."""
+    ``module`` may be a zero-argument constructor, as init_module takes it. In a model built
+    beforehand a tensor under weight_norm or spectral_norm is named in its logical form
+    (``conv.weight``, as its module's init draws it; init_module stores it through torch's
+    ``right_inverse``), and spectral_norm's u and v as ``<buffer>#draw0``."""
     if _is_factory(module):
         spec = _record_factory(module, seed, rules, init_fn)[2].spec
     else:
-        tensors = _Tensors.of(module)
-        spec = _analyse(module, seed, tensors, init_fn, _rule_inits(module, tensors, rules)).spec
+        with _unparametrized(module):
+            tensors = _Tensors.of(module)
+            ruled = _rule_inits(module, tensors, rules)
+            spec = _analyse(module, seed, tensors, init_fn, ruled).spec
     if dtype is not None:
         for entry in spec["tensors"]:
             entry["dtype"] = dtype
@@ -791,12 +911,7 @@ def init_module(
     device mesh's device type for DTensors, else CPU). Every problem is found before anything is
     materialised or written, and raised at once as ModelInitError.
     """
-    import numpy as np
-    import torch
-
     from initserve_client._client import Client
-    from initserve_client._safetensors import numpy_dtype
-    from initserve_client.torch_capture import Writer
 
     if _is_factory(module):
         own = Client(url, **options) if client is None else None
@@ -805,6 +920,31 @@ def init_module(
         finally:
             if own is not None:
                 own.close()
+    with _unparametrized(module) as swapped:
+        recording = _init_built(module, seed, rules, init_fn, url, client, device, options)
+        swapped.store(recording.determined)
+    return module
+
+
+def _init_built(
+    module: Any,
+    seed: int,
+    rules: Rules | None,
+    init_fn: InitFn | None,
+    url: str | None,
+    client: Any,
+    device: Any,
+    options: dict[str, Any],
+) -> _Recording:
+    """init_module on a model built beforehand (its parametrized tensors in their logical
+    form): the recording it ran by."""
+    import numpy as np
+    import torch
+
+    from initserve_client._client import Client
+    from initserve_client._safetensors import numpy_dtype
+    from initserve_client.torch_capture import Writer
+
     tensors = _Tensors.of(module)
     ruled = _rule_inits(module, tensors, rules)
     recording = _analyse(module, seed, tensors, init_fn, ruled)
@@ -866,7 +1006,7 @@ def init_module(
         writer = Writer(placed.names, skip, recording.draws, staged, scratch)
         _run_own_init(module, init_fn, writer, placed.tie)
     _clear_hf_flags(module)
-    return module
+    return recording
 
 
 def _as_tensor(array: Any) -> Any:

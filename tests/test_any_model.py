@@ -214,7 +214,7 @@ def test_scratch_draws_are_served_and_the_code_after_them_runs_as_written() -> N
         assert_same_distribution(getattr(model, name), getattr(reference, name), name)
 
 
-def test_a_draw_that_steers_the_code_or_reaches_nothing_is_refused() -> None:
+def test_a_draw_that_steers_the_code_is_refused_one_that_reaches_nothing_is_not() -> None:
     class Steering(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -232,7 +232,7 @@ def test_a_draw_that_steers_the_code_or_reaches_nothing_is_refused() -> None:
         spec_from_module(Steering(), SEED)
     text = "\n".join(caught.value.problems)
     assert "item of a random draw (in Steering.init_weights): its value steers" in text
-    assert "torch.randn draws into a scratch tensor whose values reach no parameter" in text
+    assert len(caught.value.problems) == 1  # the unused torch.randn(5) is served, as drawn
 
 
 def test_mamba_dt_and_a_log_through_its_own_init() -> None:

@@ -244,6 +244,8 @@ class Router:
                 result.copy_(drawn.floor().clamp_(low, high - 1))
             self.carry(result, (drawn,))
             return result
+        if short == "normal":
+            return self._normal(call, args, kwargs)
         init = _SERVED_RNG.get(short)
         if init is None:
             return None
@@ -254,6 +256,22 @@ class Router:
             # rounds to 1.0 about once in 2**25 float32 values: kept below 1, as torch's are.
             with _quiet():
                 result.clamp_(max=1.0 - torch.finfo(result.dtype).eps / 2)
+        return result
+
+    def _normal(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """torch.normal(mean, std, size) with numbers for mean and std (DiffLlama's lambdas,
+        IDEFICS, PI0): a served normal draw; None for the forms that take tensors."""
+        named = ("mean", "std", "size")
+        given = dict(zip(named, args, strict=False)) | {k: kwargs[k] for k in named if k in kwargs}
+        mean, std, size = given.get("mean"), given.get("std", 1.0), given.get("size")
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (mean, std))
+        if not numbers or size is None or not isinstance(std, int | float) or not std > 0:
+            return None
+        assert isinstance(mean, int | float)
+        options = ("dtype", "device", "layout", "pin_memory", "requires_grad")
+        result = torch.empty(tuple(size), **{k: v for k, v in kwargs.items() if k in options})
+        self.scratch_draw(result, {"scheme": "normal", "mean": float(mean), "std": float(std)},
+                          call)  # fmt: skip
         return result
 
     def scratch_draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:

@@ -293,6 +293,8 @@ class _Recording:
     # them after it): the factory form fetches these straight into the built model
     settled: set[str] = field(default_factory=set)
     determined: set[str] = field(default_factory=set)  # names the init code sets (draw or write)
+    # Draws into a model tensor that the code reads and then overwrites: name -> the tensor.
+    through: dict[str, str] = field(default_factory=dict)
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -636,6 +638,7 @@ def _conclude(
     settled: set[str] = set()
     determined: set[str] = set(ruled)
     on_meta = tensors.on_meta()
+    passing: list[tuple[str, int]] = []  # draws read and overwritten: (tensor, draw index)
     for name in tensors.names():
         if name in run.orphaned:
             continue  # the init tied its slot to another tensor: nothing holds it any more
@@ -644,21 +647,19 @@ def _conclude(
             continue
         events = trace.events.get(name, [])
         # Events after which the values no longer depend on the past: a draw, a fill, a copy.
-        # Only the last one's draw is served; an earlier draw is dead, unless something reads it.
+        # The last one's draw is served; an earlier draw is dead, unless something reads it.
         kills = [i for i, e in enumerate(events) if e.determines]
         for here, after in itertools.pairwise(kills):
-            reads = [e.call for e in events[here:after] if e.kind == "read"]
-            if events[here].kind == "draw" and reads:
-                problems.append(
-                    f"{name!r}: the init code reads the values of {events[here].call}"
-                    f" ({reads[0]}) and then sets {name!r} again with {events[after].call};"
-                    " initserve serves the last draw only (give the tensor a rule)"
-                )
+            if events[here].kind == "draw" and any(e.kind == "read" for e in events[here:after]):
+                # Drawn, read, then set again from what was read (Mamba-style dt_bias:
+                # uniform_, exp, inverse softplus, copy_; A_log: uniform_, log, copy_): the
+                # draw is served under its own name, by position, and the rest runs as written.
+                passing.append((name, events[here].draw))
         if kills and events[kills[-1]].kind == "draw":
             last = kills[-1]
             final[name] = events[last].draw
-            if not any(e.kind == "write" for e in events[:last]):
-                direct.add(name)
+            if not any(e.kind == "write" or e.kind == "read" for e in events[:last]):
+                direct.add(name)  # nothing before the last draw is read: written before the run
             if last == len(events) - 1:
                 settled.add(name)
         elif kills and events[kills[-1]].value is not None and name in tensors.params:
@@ -715,12 +716,10 @@ def _conclude(
     for index, (shape, dtype) in sorted(trace.scratch.items()):
         into = trace.flows_into.get(index)
         if into is None or into in run.orphaned:
-            problems.append(
-                f"{trace.draws[index].call} draws into a scratch tensor whose values reach no"
-                " parameter or buffer of the model: initserve serves a scratch draw under the"
-                " name of the tensor it flows into"
-            )
-            continue
+            # Its values reach no tensor of the model (torch draws into a weight_norm'ed
+            # conv's computed weight and drops it: HF's Encodec, Bark): served all the same,
+            # under its place among such draws, so that the code runs as written.
+            into = "unreached"
         # The tensor it flows into, and its place among the scratch draws flowing there.
         name = f"{into}#draw{ordinal.setdefault(into, 0)}"
         ordinal[into] += 1
@@ -728,12 +727,21 @@ def _conclude(
         scratch.add(name)
         entries.append({"name": name, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
                         **trace.draws[index].init})  # fmt: skip
+    through: dict[str, str] = {}
+    for into, index in passing:
+        name = f"{into}#draw{ordinal.setdefault(into, 0)}"
+        ordinal[into] += 1
+        final[name] = index
+        through[name] = into
+        tensor = tensors.get(into)
+        entries.append({"name": name, "shape": list(tensor.shape), "dtype": _dtype_name(tensor),
+                        **trace.draws[index].init})  # fmt: skip
     if problems:
         raise ModelInitError(problems)
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
     return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled,
-                      determined)  # fmt: skip
+                      determined, through)  # fmt: skip
 
 
 def _is_factory(module: Any) -> bool:
@@ -1002,7 +1010,7 @@ def _init_built(
     regions = {
         e["name"]: [(0, n) for n in e["shape"]]
         if e["name"] in recording.scratch
-        else local_region(tensors.get(e["name"]))
+        else local_region(tensors.get(recording.through.get(e["name"], e["name"])))
         for e in fetched
     }  # a scratch draw is whole on every rank, as the code computes from it
     own_client = Client(url, **options) if client is None else None
@@ -1020,7 +1028,8 @@ def _init_built(
         later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
         for entry in spec["tensors"]:
             name = entry["name"]
-            local = None if name in recording.scratch else _local(tensors.get(name))
+            unheld = name in recording.scratch or name in recording.through  # no home of its own
+            local = None if unheld else _local(tensors.get(name))
             view = _numpy_view(local) if name in recording.direct else None
             if name in homes and view is not None and local is tensors.get(name):
                 with torch.no_grad():  # the parameter's storage becomes its home

@@ -50,6 +50,9 @@ class FactoryRecorder(Recorder):
         self.empty_storages: set[int] = set()  # storages allocated with no values
         self.registered: set[str] = set()
         self._storage_flows: dict[int, frozenset[int]] = {}  # a Parameter wraps its storage
+        # Every draw's (shape, dtype): a draw into a Parameter the model does not keep (a
+        # temporary module's weight, a weight replaced by its transpose) becomes a scratch draw.
+        self.drawn: dict[int, tuple[list[int], torch.dtype]] = {}
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -96,7 +99,16 @@ class FactoryRecorder(Recorder):
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         fresh = super().alias_of(tensor) is None and _storage(tensor) not in self._by_storage
         if not (fresh and _covers_storage(tensor) and tensor.is_floating_point()):
+            before = len(self.trace.draws)
             super().draw(tensor, init, call)
+            if len(self.trace.draws) > before and self.trace.draws[-1].target:
+                # A draw into a registered tensor: its values flow on like a scratch draw's
+                # (nn.Parameter(nn.Linear(n, n).weight * 2)), in case the model drops it.
+                index = len(self.trace.draws) - 1
+                self.drawn[index] = (list(tensor.shape), tensor.dtype)
+                flows = self._flows.get(id(tensor), frozenset()) | {index}
+                self._flows[id(tensor)] = self._storage_flows[_storage(tensor)] = flows
+                self._keep.append(tensor)
             return
         # A fresh tensor: a Parameter's data, to be registered, or a scratch tensor whose values
         # flow into one (torch.empty(n).uniform_(a, b).log_() copied into A_log).
@@ -182,12 +194,22 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
         canonical[n]: list(e) for n, e in trace.events.items() if n in canonical
     }
     # A fresh tensor drawn into and then registered is the model's; one never registered is
-    # scratch, served under the name of what its values flow into.
+    # scratch, served under the name of what its values flow into. So is a draw into a tensor
+    # registered and then dropped (a temporary module's weight, a weight replaced by its
+    # transpose, the original right_inverse replaced) whose values flow into the model:
+    # nothing of the model holds it, and without values of its own what is computed from it
+    # would be torch.empty's memory. One whose values reach nothing (nanoGPT's embedding
+    # weight, replaced by the head's in a tie) is dead: not fetched.
     scratch = {
         i: meta
         for i, meta in trace.scratch.items()
         if trace.draws[i].target not in recorder.registered
     }
+    for i, draw in enumerate(trace.draws):
+        shape = recorder.drawn.get(i) or trace.scratch.get(i)
+        dropped = draw.target.startswith("#") and draw.target not in canonical
+        if dropped and shape is not None and trace.flows_into.get(i) in canonical:
+            scratch[i] = shape
     draws = [
         replace(d, target="" if i in scratch else canonical.get(d.target, d.target))
         for i, d in enumerate(trace.draws)

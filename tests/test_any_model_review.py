@@ -283,13 +283,6 @@ class CustomParametrized(nn.Module):
         parametrize.register_parametrization(self.lin, "weight", Scale())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a draw into a Parameter that is then dropped (a temporary module's weight, a weight"
-    " replaced by its transpose, right_inverse's new original) is neither staged nor scratch:"
-    " FactoryWriter.draw leaves torch.empty's memory (1e19, nan) and what is computed from it"
-    " reaches the model with no error",
-)
 @pytest.mark.parametrize(
     "build",
     [TimesTwo, Cloned, Transposed, Concatenated, ToBuffer, CustomParametrized],
@@ -308,19 +301,25 @@ class TwoGenerators(nn.Module):
         self.register_buffer("b", torch.randn(3000, generator=torch.Generator().manual_seed(1)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_allocated drops generator=: a draw from an explicitly seeded generator (the same on"
-    " every rank) is served as an unrelated stream; a and b, equal in torch, differ",
-)
-def test_a_seeded_generator_is_run_as_written_or_refused() -> None:
-    try:
-        model: Any = init_module(TwoGenerators, SEED, url="local")
-    except ModelInitError as refused:
-        assert "generator" in str(refused)
-        return
-    reference: Any = own_init(TwoGenerators)
-    assert torch.equal(model.a, reference.a) and torch.equal(model.b, reference.b)
+def test_a_seeded_generator_is_refused_never_served_another_stream() -> None:
+    """initserve cannot give an explicit generator's values, so every way of drawing with one
+    (torch.randn, Tensor.normal_, torch.nn.init) is refused by name, in both forms."""
+
+    class Seeded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(N, N)
+            nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(1))
+
+    def seeded_normal(model: nn.Module) -> None:
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+
+    for build in (TwoGenerators, Seeded):
+        with pytest.raises(ModelInitError, match=re.escape("explicit generator=")):
+            init_module(build, SEED, url="local")
+    with pytest.raises(ModelInitError, match=re.escape("Tensor.normal_ draws from an explicit")):
+        init_module(nn.Linear(N, N), SEED, url="local", init_fn=seeded_normal)
 
 
 def wav2vec2() -> nn.Module:
@@ -433,11 +432,6 @@ class Alternating(nn.Module):
             nn.init.normal_(self.lin.weight)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Writer.draw raises a bare RuntimeError ('not deterministic') when the second run draws"
-    " what the first did not: not a ModelInitError",
-)
 def test_a_constructor_that_changes_between_runs_is_a_model_init_error() -> None:
     Alternating.calls = 0
     with pytest.raises(ModelInitError, match="not deterministic"):

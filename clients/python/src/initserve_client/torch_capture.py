@@ -293,6 +293,18 @@ class Router:
     def where(self) -> str:
         return f" (in {self.context[-1]})" if self.context else ""
 
+    def seeded(self, generator: Any, call: str) -> None:
+        """A draw given its own ``generator=``: initserve cannot give that generator's values
+        (its streams are keyed by name), and serving another stream in its place would silently
+        break what the generator promised (the same values wherever it is seeded alike)."""
+        if generator is not None:
+            self.refuse(
+                f"{call} draws from an explicit generator={self.where()}: initserve serves"
+                " every draw from its own streams, by name, and cannot give that generator's"
+                " values; drop generator= to have the draw served, or set the tensor yourself"
+                " after init_module"
+            )
+
     # -- events ----------------------------------------------------------------------------------
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
@@ -446,14 +458,18 @@ class Writer(Router):
         got = DrawCall("?" if expected is None else self.drawn_into(tensor, index, expected),
                        init, call)  # fmt: skip
         if expected is None or (expected.target, expected.init) != (got.target, got.init):
-            raise RuntimeError(
-                f"{self.program} drew {got} on its second run where its first drew"
-                f" {expected}: it is not deterministic, and initserve cannot route it"
-            )
+            from initserve_client.torch_utils import ModelInitError
+
+            raise ModelInitError(
+                [f"{self.program} drew {got} on its second run where its first drew"
+                 f" {expected}: it is not deterministic, and initserve cannot route it"]
+            )  # fmt: skip
         self.position += 1
         values = self.staged.pop(index, None)
         if values is None and index in self.scratch:  # never left with what empty held
-            raise RuntimeError(f"{self.program}: no values were fetched for scratch draw {got}")
+            from initserve_client.torch_utils import ModelInitError
+
+            raise ModelInitError([f"{self.program}: no values were fetched for scratch draw {got}"])
         if values is not None:
             local = tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
             if index in self.scratch and _is_dtensor(tensor):
@@ -467,7 +483,9 @@ class Writer(Router):
                 local.copy_(values.reshape(local.shape))
 
     def refuse(self, message: str) -> None:
-        raise RuntimeError(f"{self.program} changed between its two runs: {message}")
+        from initserve_client.torch_utils import ModelInitError
+
+        raise ModelInitError([f"{self.program} changed between its two runs: {message}"])
 
     # A DTensor's own indexing redistributes it: ``weight[padding_idx]`` on a Shard(0) weight
     # is a gathered copy, so a write through it (``zeros_(weight[i])``, ``weight[i].fill_(0)``)
@@ -659,11 +677,13 @@ def _router() -> Router:
 
 
 def _no_grad_uniform_(tensor: torch.Tensor, a: float, b: float, generator: Any = None) -> Any:
+    _router().seeded(generator, "torch.nn.init.uniform_")
     _uniform(_router(), tensor, a, b, "torch.nn.init.uniform_")
     return tensor
 
 
 def _no_grad_normal_(tensor: torch.Tensor, mean: float, std: float, generator: Any = None) -> Any:
+    _router().seeded(generator, "torch.nn.init.normal_")
     _normal(_router(), tensor, mean, std, "torch.nn.init.normal_")
     return tensor
 
@@ -671,6 +691,7 @@ def _no_grad_normal_(tensor: torch.Tensor, mean: float, std: float, generator: A
 def _no_grad_trunc_normal_(
     tensor: torch.Tensor, mean: float, std: float, a: float, b: float, generator: Any = None
 ) -> Any:
+    _router().seeded(generator, "torch.nn.init.trunc_normal_")
     _trunc_normal(_router(), tensor, mean, std, a, b, "torch.nn.init.trunc_normal_")
     return tensor
 
@@ -680,6 +701,7 @@ def _orthogonal_(tensor: torch.Tensor, gain: float = 1, generator: Any = None) -
         raise ValueError("Only tensors with 2 or more dimensions are supported")  # as torch
     if tensor.numel() == 0:
         return tensor
+    _router().seeded(generator, "torch.nn.init.orthogonal_")
     _router().draw(
         tensor, {"scheme": "orthogonal", "gain": float(gain)}, "torch.nn.init.orthogonal_"
     )
@@ -694,6 +716,7 @@ def _sparse_(
     if tensor.numel() == 0:
         return tensor
     init = {"scheme": "sparse", "sparsity": float(sparsity), "std": float(std)}
+    _router().seeded(generator, "torch.nn.init.sparse_")
     _router().draw(tensor, init, "torch.nn.init.sparse_")
     return tensor
 
@@ -735,6 +758,7 @@ class _Mode(TorchFunctionMode):
             bound = _SIGNATURES[name].bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
+            router.seeded(a.get("generator"), f"torch.nn.init.{name}")
             if name == "uniform_":
                 _uniform(router, a["tensor"], a["a"], a["b"], "torch.nn.init.uniform_")
             elif name == "normal_":
@@ -746,14 +770,17 @@ class _Mode(TorchFunctionMode):
             return a["tensor"]
         if func is torch.Tensor.uniform_:
             a = _arguments(_tensor_uniform, args, kwargs)
+            router.seeded(a["generator"], "Tensor.uniform_")
             _uniform(router, a["self"], a["from_"], a["to"], "Tensor.uniform_")
             return args[0]
         if func is torch.Tensor.normal_:
             a = _arguments(_tensor_normal, args, kwargs)
+            router.seeded(a["generator"], "Tensor.normal_")
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
         if func is torch.Tensor.exponential_ and router.serves_scratch:
             a = _arguments(_tensor_exponential, args, kwargs)
+            router.seeded(a["generator"], "Tensor.exponential_")
             tensor, rate = a["self"], float(a["lambd"])
             if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
                 return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
@@ -770,6 +797,13 @@ class _Mode(TorchFunctionMode):
             return tensor
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
+            if kwargs.get("generator") is not None:
+                router.seeded(kwargs["generator"], call)
+                try:  # refused: its shape, no values, so that the recording goes on
+                    return _allocated(name, func, args, kwargs)
+                except Exception:  # a form with no shape to give: stop at the refusal
+                    router.halt()
+                    raise
             served = router.random(call, func, args, kwargs)
             if served is not None:
                 return served

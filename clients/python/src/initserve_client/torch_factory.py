@@ -53,6 +53,12 @@ class FactoryRecorder(Recorder):
         # Every draw's (shape, dtype): a draw into a Parameter the model does not keep (a
         # temporary module's weight, a weight replaced by its transpose) becomes a scratch draw.
         self.drawn: dict[int, tuple[list[int], torch.dtype]] = {}
+        # Storages that two registered tensors share, or that one registers only part of
+        # (q, k, v as slices of one drawn tensor; a head tied to an embedding's first rows):
+        # the constructor computes their values as it runs again, from its draws, served as
+        # scratch draws of the storage.
+        self.partial: set[str] = set()
+        self._registered: dict[int, set[int]] = {}  # storage -> ids of the tensors registered
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -73,6 +79,10 @@ class FactoryRecorder(Recorder):
         """A module registered ``tensor`` as a parameter or buffer: if it holds scratch draws
         (``nn.Parameter(torch.log(A))``), their values flow into it."""
         name = self._provisional(tensor)
+        holders = self._registered.setdefault(_storage(tensor), set())
+        holders.add(id(tensor))
+        if len(holders) > 1 or not _covers_storage(tensor):
+            self.partial.add(name)
         alias = Alias(name, True)
         self._aliases[id(tensor)] = alias
         self.registered.add(name)
@@ -183,6 +193,21 @@ def _hf_initialises_on_meta() -> Iterator[None]:
         utils.get_torch_context_manager_or_global_device = original
 
 
+def computed_by_the_constructor(trace: Trace, recorder: FactoryRecorder, model: Any) -> set[str]:
+    """The parameters whose storage two registered tensors share or one registers only part
+    of, when the constructor sets that storage (draws into it, fills it, or computes it): as it
+    runs again it gives them their values, the served draws among them."""
+    kept: set[str] = set()
+    for name, tensor in model.named_parameters():
+        alias = recorder.alias_of(tensor)
+        if alias is None or alias.name not in recorder.partial:
+            continue
+        events = trace.events.get(alias.name, [])
+        if _storage(tensor) not in recorder.empty_storages or any(e.determines for e in events):
+            kept.add(name)
+    return kept
+
+
 def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
     """The trace under the built model's canonical names."""
     canonical: dict[str, str] = {}
@@ -191,7 +216,9 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
         if alias is not None and alias.name not in canonical:
             canonical[alias.name] = name
     events: dict[str, list[Event]] = {
-        canonical[n]: list(e) for n, e in trace.events.items() if n in canonical
+        canonical[n]: list(e)
+        for n, e in trace.events.items()
+        if n in canonical and n not in recorder.partial
     }
     # A fresh tensor drawn into and then registered is the model's; one never registered is
     # scratch, served under the name of what its values flow into. So is a draw into a tensor
@@ -210,6 +237,9 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
         dropped = draw.target.startswith("#") and draw.target not in canonical
         if dropped and shape is not None and trace.flows_into.get(i) in canonical:
             scratch[i] = shape
+        elif draw.target in recorder.partial and shape is not None:
+            scratch[i] = shape  # a shared storage's draw: the constructor slices it again
+            trace.flows_into.setdefault(i, draw.target)  # else named by its storage's holder
     draws = [
         replace(d, target="" if i in scratch else canonical.get(d.target, d.target))
         for i, d in enumerate(trace.draws)

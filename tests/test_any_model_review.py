@@ -210,10 +210,24 @@ class ReinitV(nn.Module):
         nn.init.normal_(self.conv.parametrizations.weight.original1, std=0.5)
 
 
-def test_a_weight_norm_v_drawn_again_is_refused_not_served_a_wrong_g() -> None:
-    """g depends on the first draw, which the replay would not serve: refused by name."""
-    with pytest.raises(ModelInitError, match=re.escape("reads the values of torch.nn.init")):
-        init_module(ReinitV, SEED, url="local")
+def test_a_weight_norm_v_drawn_again_keeps_g_of_the_first_draw() -> None:
+    """g = ||the first draw|| (computed by weight_norm as the constructor runs again, from the
+    served kaiming draw), v the second draw: as torch has them, both draws served."""
+    model: Any = init_module(ReinitV, SEED, url="local")
+    drawn = drawn_of(ReinitV)
+    state = model.conv.parametrizations.weight
+    first = drawn["conv.parametrizations.weight.original0#draw0"]
+    g = torch.norm_except_dim(first, 2, 0)  # as _WeightNorm.right_inverse computes it
+    assert torch.equal(state.original0.detach(), g)
+    assert torch.equal(
+        state.original1.detach(), drawn["conv.parametrizations.weight.original1#draw0"]
+    )
+    reference: Any = own_init(ReinitV)
+    theirs = reference.conv.parametrizations.weight
+    assert_same_distribution(state.original1.detach(), theirs.original1.detach(), "v")
+    assert (
+        abs(float(state.original0.detach().mean()) - float(theirs.original0.detach().mean())) < 0.02
+    )
 
 
 def test_reverse_tie_after_a_draw_on_the_discarded_embedding() -> None:
@@ -396,12 +410,6 @@ class SliceTied(nn.Module):
         self.head.weight = nn.Parameter(self.embed.weight[:50])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch_factory names a storage once (its first registered Parameter): parameters that"
-    " are views of part of a drawn tensor get no events and are refused as 'no init code"
-    " initialises it' (k, v; head.weight), with a rule suggested, though the constructor does",
-)
 @pytest.mark.parametrize("build", [FusedInPlace, SliceTied], ids=["fused_qkv", "slice_tie"])
 def test_parameters_that_are_slices_of_a_drawn_tensor(build: Callable[[], nn.Module]) -> None:
     model: Any = init_module(build, SEED, url="local")
@@ -438,24 +446,19 @@ def test_a_constructor_that_changes_between_runs_is_a_model_init_error() -> None
         init_module(Alternating, SEED, url="local")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pre-built model: _Tensors.of keys tensors by object, so head.weight (a view of"
-    " embed.weight's rows) is recorded as its own tensor and served the Linear's kaiming draw,"
-    " written on the CPU over embed.weight's first 50 rows (std 0.072 instead of 1.0), and on"
-    " meta to_empty gives it a storage of its own (the tie is lost); no error either way",
-)
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_a_built_models_tie_to_a_slice(device: str) -> None:
+def test_a_built_models_tie_to_a_slice_is_refused(device: str) -> None:
+    """A model built beforehand: head.weight is a view of embed.weight's rows, which its
+    modules' inits would both write (served over the embedding's rows on the CPU; on meta,
+    to_empty gives it a storage of its own). Which init gives the values is the constructor's
+    business: refused by name, pointing to the factory form (which serves it, see
+    test_parameters_that_are_slices_of_a_drawn_tensor)."""
     with torch.device(device):
         model: Any = SliceTied()
-    init_module(model, SEED, url="local")
-    reference: Any = own_init(SliceTied)
-    assert model.head.weight.untyped_storage().data_ptr() == (
-        model.embed.weight.untyped_storage().data_ptr()
-    )
-    assert torch.equal(model.head.weight, model.embed.weight[:50])
-    assert_same_distribution(model.embed.weight, reference.embed.weight.detach(), "embed")
+    with pytest.raises(ModelInitError, match=re.escape("['embed.weight', 'head.weight'] share")):
+        init_module(model, SEED, url="local")
+    with pytest.raises(ModelInitError, match=re.escape("init_module(lambda: Model(...)")):
+        spec_from_module(model, SEED)
 
 
 class WeightNormed(nn.Module):

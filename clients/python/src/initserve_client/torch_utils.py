@@ -597,6 +597,31 @@ def _dtype_name(tensor: Any) -> str | None:
     return name if name in DTYPE_NAMES else None
 
 
+def _refuse_shared_storage(tensors: _Tensors) -> None:
+    """A parameter that shares its storage with another tensor of the model without being it (a
+    head tied to an embedding's first rows, q, k, v as slices of one fused tensor): a model built
+    beforehand says neither which init its values come from nor, on the meta device, that the
+    storage is shared (to_empty gives each its own). Refused, naming the constructor form,
+    which sees the program that made the view."""
+    import torch
+
+    holders: dict[int, list[str]] = {}
+    for name in tensors.names():
+        tensor = tensors.get(name)
+        if hasattr(tensor, "device_mesh") or not isinstance(tensor, torch.Tensor):
+            continue
+        holders.setdefault(tensor.untyped_storage()._cdata, []).append(name)
+    problems = [
+        f"parameters {names} share one storage (a view of part of another tensor, such as a"
+        " tie to a slice): a model built beforehand does not say which init gives their"
+        " values; pass the constructor instead, init_module(lambda: Model(...), seed, ...)"
+        for names in holders.values()
+        if len(names) > 1 and any(n in tensors.params for n in names)
+    ]
+    if problems:
+        raise ModelInitError(problems)
+
+
 def _analyse(
     module: Any,
     seed: int,
@@ -608,6 +633,7 @@ def _analyse(
     """``owners``: each tied Parameter's owning slot, when the program that built the model is
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
+    _refuse_shared_storage(tensors)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
     problems = []
     if owners is None and not _hf_roots(module):
@@ -762,6 +788,7 @@ def _record_factory(
         FactoryRecorder,
         _hf_initialises_on_meta,
         _storage,
+        computed_by_the_constructor,
         registrations,
         renamed,
     )
@@ -788,10 +815,12 @@ def _record_factory(
     _clear_hf_flags(model)
     _refuse_lazy(model)
     tensors = _Tensors.of(model)
+    shared = computed_by_the_constructor(recorder.trace, recorder, model)
     trace = renamed(recorder.trace, recorder, model)
     problems: list[str] = []
     kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
     kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
+    kept |= shared
     ruled = _rule_inits(model, tensors, rules)
     run = _Run(reassigned=[], orphaned=set(), tied={})
     recording = _conclude(seed, tensors, trace, run, ruled, problems, kept, {})

@@ -190,17 +190,18 @@ def _run_own_init(
         roots = _hf_roots(module) if init_fn is None else []
         if not roots:
             tie()
-        if init_fn is not None:
-            router.context.append("init_fn")
-            init_fn(module)
-        elif roots:
-            router.context.append("Hugging Face _init_weights")
-            for root in roots:
-                _clear_hf_flags(root)
-                root.initialize_weights()
-        elif callable(getattr(module, "init_weights", None)):
-            router.context.append(f"{type(module).__name__}.init_weights")
-            module.init_weights()
+        with _computed_again(module):
+            if init_fn is not None:
+                router.context.append("init_fn")
+                init_fn(module)
+            elif roots:
+                router.context.append("Hugging Face _init_weights")
+                for root in roots:
+                    _clear_hf_flags(root)
+                    root.initialize_weights()
+            elif callable(getattr(module, "init_weights", None)):
+                router.context.append(f"{type(module).__name__}.init_weights")
+                module.init_weights()
         router.context.append("spectral_norm's u and v")
         _parametrization_state(module)
         router.context.pop()
@@ -404,7 +405,8 @@ def _record(
 
     stand_ins = {name: _stand_in(tensors.get(name)) for name in tensors.names()}
     with _placed(tensors, stand_ins, owners, restore_all=True) as placed:
-        recorder = Recorder(placed.names, frozenset(ruled), placed.discarded)
+        names = {**_originals_named(module), **placed.names}
+        recorder = Recorder(names, frozenset(ruled), placed.discarded)
         try:
             _run_own_init(module, init_fn, recorder, placed.tie)
         except ModelInitError:
@@ -465,6 +467,7 @@ def _refuse_lazy(module: Any) -> None:
 
 
 _SERVED_PARAMETRIZATIONS = ("_WeightNorm", "_SpectralNorm")  # torch.nn.utils.parametrizations
+_PARAMETRIZATION_NAMES = {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm"}
 
 
 @dataclass
@@ -499,6 +502,72 @@ class _Unparametrized:
                     item.originals[key] = real
             item.parametrizations._parameters.update(item.originals)
             item.parametrizations.right_inverse(value.detach())
+
+
+# The parametrized tensors held in their logical form now, with their owners' classes (the
+# parametrized class torch made, whose base has no property for the tensor).
+_HELD: list[tuple[list[_Logical], dict[int, tuple[Any, type]]]] = []
+
+
+def _held_in(module: Any) -> list[tuple[_Logical, type]]:
+    inside = {id(m) for m in module.modules()}
+    return [
+        (item, classes[id(item.owner)][1])
+        for found, classes in _HELD
+        for item in found
+        if id(item.owner) in inside
+    ]
+
+
+def _original_name(item: _Logical, key: str) -> str:
+    prefix = item.qualified[: -len(item.tensor)]
+    return f"{prefix}parametrizations.{item.tensor}.{key}"
+
+
+def _originals_named(module: Any) -> dict[int, str]:
+    """The hidden originals of the logical tensors (weight_norm's g and v), by id: the model-level
+    init sees them (as torch has them), and a draw or write into one is refused."""
+    return {
+        id(original): _original_name(item, key)
+        for item, _ in _held_in(module)
+        for key, original in item.originals.items()
+    }
+
+
+def _writes_into_originals(module: Any, trace: Any) -> list[str]:
+    problems = []
+    for item, _ in _held_in(module):
+        kind = _PARAMETRIZATION_NAMES.get(type(item.parametrizations[0]).__name__, "?")
+        for key in item.originals:
+            name = _original_name(item, key)
+            calls = [e.call for e in trace.events.get(name, []) if e.kind in ("draw", "write")]
+            if calls:
+                problems.append(
+                    f"{name!r}, an original of {kind}, is written by {calls[0]} in the model's"
+                    f" init: initserve holds {item.qualified!r} in its logical form and stores it"
+                    f" through {kind}'s right_inverse, which would overwrite that write; set"
+                    f" {item.qualified!r} instead, or pass the constructor,"
+                    " init_module(lambda: Model(...), seed, init_fn=...), which runs it as written"
+                )
+    return problems
+
+
+@contextmanager
+def _computed_again(module: Any) -> Iterator[None]:
+    """The model-level init sees each parametrized tensor as torch has it by then: computed from
+    its originals on each access, so a draw into it (Hugging Face's ``normal_`` on a weight_norm'ed
+    conv's weight) lands in a temporary and is lost, as in torch, and the originals are there to
+    be read. The logical tensor stays the one the modules' reset_parameters drew."""
+    held = _held_in(module)
+    for item, parametrized in held:
+        item.parametrizations._parameters.update(item.originals)
+        item.owner.__class__ = parametrized
+    try:
+        yield
+    finally:
+        for item, parametrized in held:
+            item.parametrizations._parameters.clear()
+            item.owner.__class__ = parametrized.__bases__[0]
 
 
 @contextmanager
@@ -557,8 +626,11 @@ def _unparametrized(module: Any) -> Iterator[_Unparametrized]:
             item.parametrizations._parameters.clear()
             item.owner.__class__ = classes[id(item.owner)][1].__bases__[0]  # no property
             item.owner._parameters[item.tensor] = nn.Parameter(value, requires_grad=requires_grad)
+        _HELD.append((found, classes))
         yield _Unparametrized(found)
     finally:
+        if _HELD and _HELD[-1][0] is found:
+            _HELD.pop()
         for item in found:
             item.owner._parameters.pop(item.tensor, None)
             if not item.parametrizations._parameters:
@@ -638,6 +710,7 @@ def _analyse(
     problems = []
     if owners is None and not _hf_roots(module):
         problems += _ambiguous_ties(trace, run, tensors)
+    problems += _writes_into_originals(module, trace)
     # A model built on a real device holds the values its constructor gave: what no init code
     # touches keeps them (a CLIP logit_scale, a constant set in __init__).
     kept = {n for n, t in tensors.params.items() if not t.is_meta}

@@ -190,7 +190,7 @@ def _run_own_init(
         roots = _hf_roots(module) if init_fn is None else []
         if not roots:
             tie()
-        with _computed_again(module):
+        with _computed_again(module, router):
             if init_fn is not None:
                 router.context.append("init_fn")
                 init_fn(module)
@@ -405,8 +405,7 @@ def _record(
 
     stand_ins = {name: _stand_in(tensors.get(name)) for name in tensors.names()}
     with _placed(tensors, stand_ins, owners, restore_all=True) as placed:
-        names = {**_originals_named(module), **placed.names}
-        recorder = Recorder(names, frozenset(ruled), placed.discarded)
+        recorder = Recorder(placed.names, frozenset(ruled), placed.discarded)
         try:
             _run_own_init(module, init_fn, recorder, placed.tie)
         except ModelInitError:
@@ -524,50 +523,77 @@ def _original_name(item: _Logical, key: str) -> str:
     return f"{prefix}parametrizations.{item.tensor}.{key}"
 
 
-def _originals_named(module: Any) -> dict[int, str]:
-    """The hidden originals of the logical tensors (weight_norm's g and v), by id: the model-level
-    init sees them (as torch has them), and a draw or write into one is refused."""
-    return {
-        id(original): _original_name(item, key)
-        for item, _ in _held_in(module)
-        for key, original in item.originals.items()
-    }
-
-
 def _writes_into_originals(module: Any, trace: Any) -> list[str]:
     problems = []
     for item, _ in _held_in(module):
         kind = _PARAMETRIZATION_NAMES.get(type(item.parametrizations[0]).__name__, "?")
         for key in item.originals:
             name = _original_name(item, key)
-            calls = [e.call for e in trace.events.get(name, []) if e.kind in ("draw", "write")]
+            calls = [(e.kind, e.call) for e in trace.events.get(name, [])]
             if calls:
                 problems.append(
-                    f"{name!r}, an original of {kind}, is written by {calls[0]} in the model's"
-                    f" init: initserve holds {item.qualified!r} in its logical form and stores it"
-                    f" through {kind}'s right_inverse, which would overwrite that write; set"
-                    f" {item.qualified!r} instead, or pass the constructor,"
+                    f"{name!r}, an original of {kind}, is {calls[0][0]} by {calls[0][1]} in the"
+                    f" model's init: initserve holds {item.qualified!r} in its logical form"
+                    f" meanwhile and stores it through {kind}'s right_inverse afterwards, so the"
+                    " original's values are not there to use; set"
+                    f" {item.qualified!r} in reset_parameters, or pass the constructor,"
                     " init_module(lambda: Model(...), seed, init_fn=...), which runs it as written"
                 )
     return problems
 
 
+_COMPUTED: dict[tuple[type, str], type] = {}  # (owner's base class, tensor) -> its stand-in
+
+
+def _computed_class(base: type, tensor: str) -> type:
+    """``base`` with ``tensor`` a property that computes a fresh tensor on each access, as a
+    parametrized module's does: what is written into it is lost."""
+    key = (base, tensor)
+    if key not in _COMPUTED:
+
+        def computed(owner: Any) -> Any:
+            import torch
+
+            from initserve_client.torch_capture import _quiet
+
+            held = owner.__dict__["_initserve_held"][tensor]
+            with _quiet():  # not the model's tensor: a draw into it reaches nothing
+                return torch.zeros(held.shape, dtype=held.dtype, device=held.device)
+
+        _COMPUTED[key] = type(base.__name__, (base,), {tensor: property(computed)})
+    return _COMPUTED[key]
+
+
 @contextmanager
-def _computed_again(module: Any) -> Iterator[None]:
-    """The model-level init sees each parametrized tensor as torch has it by then: computed from
-    its originals on each access, so a draw into it (Hugging Face's ``normal_`` on a weight_norm'ed
-    conv's weight) lands in a temporary and is lost, as in torch, and the originals are there to
-    be read. The logical tensor stays the one the modules' reset_parameters drew."""
+def _computed_again(module: Any, router: Any) -> Iterator[None]:
+    """The model-level init (Hugging Face's, ``init_fn``) sees each parametrized tensor as torch
+    has it by then: computed on each access, so a draw into it (Hugging Face's ``normal_`` on a
+    weight_norm'ed conv's weight) lands in a temporary and is lost, as in torch; and
+    ``parameters()`` gives the originals, not the logical tensor. The originals are meta stand-ins
+    under their own names meanwhile (their values wait for right_inverse): a draw into one, a
+    write or a read is refused by name (``_writes_into_originals``). The logical tensor stays the
+    one the modules' reset_parameters drew."""
+    from initserve_client.torch_capture import Alias
+
     held = _held_in(module)
-    for item, parametrized in held:
-        item.parametrizations._parameters.update(item.originals)
-        item.owner.__class__ = parametrized
+    saved: list[tuple[_Logical, Any]] = []
+    for item, _ in held:
+        logical = item.owner._parameters.pop(item.tensor)
+        saved.append((item, logical))
+        item.owner.__dict__.setdefault("_initserve_held", {})[item.tensor] = logical
+        for key, original in item.originals.items():
+            stand_in = _stand_in(original)
+            router.add_alias(stand_in, Alias(_original_name(item, key), True), True)
+            item.parametrizations._parameters[key] = stand_in
+        item.owner.__class__ = _computed_class(type(item.owner), item.tensor)
     try:
         yield
     finally:
-        for item, parametrized in held:
+        for item, logical in reversed(saved):
+            item.owner.__class__ = type(item.owner).__bases__[0]
             item.parametrizations._parameters.clear()
-            item.owner.__class__ = parametrized.__bases__[0]
+            item.owner._parameters[item.tensor] = logical
+            item.owner.__dict__.pop("_initserve_held", None)
 
 
 @contextmanager

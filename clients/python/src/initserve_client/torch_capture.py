@@ -60,7 +60,7 @@ _ALIASES = frozenset(
     }
 )  # fmt: skip
 # In-place functions that set every value they cover, whatever was there.
-_OVERWRITES = frozenset({"fill_", "zero_", "copy_", "torch.nn.init.constant_"})
+_OVERWRITES = frozenset({"fill_", "zero_", "copy_", "torch.nn.init.constant_", "Tensor.data ="})
 # Of those, the ones that keep the whole tensor (when the shape is unchanged).
 _WHOLE_ALIASES = frozenset({"__get__", "detach", "view", "view_as", "reshape", "reshape_as",
                             "flatten", "contiguous", "to_local"})  # fmt: skip
@@ -822,6 +822,10 @@ class _Mode(TorchFunctionMode):
             return result
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
             return self._in_place(router, func, args, kwargs, name)
+        if name == "__set__" and len(args) == 2 and isinstance(args[1], torch.Tensor):
+            # ``p.data = x``: p now holds x's values (x's storage), a whole overwrite whose
+            # values come from x, as copy_ would give them: x's draws flow into p.
+            return self._in_place(router, func, args, kwargs, "Tensor.data =")
         if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
             router.refuse(
                 f"{name} of a random draw{router.where()}: its value steers the init code, and"

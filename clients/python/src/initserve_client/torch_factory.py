@@ -59,6 +59,7 @@ class FactoryRecorder(Recorder):
         # scratch draws of the storage.
         self.partial: set[str] = set()
         self._registered: dict[int, set[int]] = {}  # storage -> ids of the tensors registered
+        self.storage_of: dict[str, int] = {}  # provisional name -> the storage it was given for
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -72,6 +73,7 @@ class FactoryRecorder(Recorder):
         key = _storage(tensor)
         if key not in self._by_storage:
             self._by_storage[key] = f"#{len(self._by_storage)}"
+            self.storage_of[self._by_storage[key]] = key
         self._keep.append(tensor)
         return self._by_storage[key]
 
@@ -116,8 +118,13 @@ class FactoryRecorder(Recorder):
                 # (nn.Parameter(nn.Linear(n, n).weight * 2)), in case the model drops it.
                 index = len(self.trace.draws) - 1
                 self.drawn[index] = (list(tensor.shape), tensor.dtype)
-                flows = self._flows.get(id(tensor), frozenset()) | {index}
-                self._flows[id(tensor)] = self._storage_flows[_storage(tensor)] = flows
+                # A draw sets every value of the tensor: what it held before flows no further.
+                self._flows[id(tensor)] = frozenset({index})
+                key = _storage(tensor)
+                if _covers_storage(tensor):
+                    self._storage_flows[key] = frozenset({index})
+                else:
+                    self._storage_flows[key] = self._storage_flows.get(key, frozenset()) | {index}
                 self._keep.append(tensor)
             return
         # A fresh tensor: a Parameter's data, to be registered, or a scratch tensor whose values
@@ -206,6 +213,26 @@ def computed_by_the_constructor(trace: Trace, recorder: FactoryRecorder, model: 
         if _storage(tensor) not in recorder.empty_storages or any(e.determines for e in events):
             kept.add(name)
     return kept
+
+
+def swapped_storages(trace: Trace, recorder: FactoryRecorder, model: Any) -> list[str]:
+    """Tensors whose storage the constructor replaced by a call the recording does not see
+    (``Tensor.set_``): their values are not those the recording followed. Refused."""
+    problems = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        alias = recorder.alias_of(tensor)
+        if alias is None or recorder.storage_of.get(alias.name, _storage(tensor)) == _storage(
+            tensor
+        ):
+            continue
+        if any(e.call == "Tensor.data =" for e in trace.events.get(alias.name, [])):
+            continue  # seen: its values are followed
+        problems.append(
+            f"{name!r}: the constructor replaced its storage with a call initserve does not see"
+            " (Tensor.set_), so which values it holds is not known; assign a new nn.Parameter"
+            " or copy_ the values in instead"
+        )
+    return problems
 
 
 def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:

@@ -890,6 +890,7 @@ def _record_factory(
         computed_by_the_constructor,
         registrations,
         renamed,
+        swapped_storages,
     )
 
     recorder = FactoryRecorder()
@@ -916,7 +917,7 @@ def _record_factory(
     tensors = _Tensors.of(model)
     shared = computed_by_the_constructor(recorder.trace, recorder, model)
     trace = renamed(recorder.trace, recorder, model)
-    problems: list[str] = []
+    problems: list[str] = swapped_storages(recorder.trace, recorder, model)
     kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
     kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
     kept |= shared

@@ -705,3 +705,22 @@ def test_a_storage_replaced_by_set_is_refused() -> None:
 
     with pytest.raises(ModelInitError, match=r"'lin.weight': the constructor replaced its storage"):
         init_module(SetStorage, SEED, url="local")
+
+
+def test_a_dropped_draw_reaching_the_model_unseen_is_refused_not_garbage() -> None:
+    """Values that leave torch (numpy) are not followed: the dropped temporary's draw was not
+    fetched, so the buffer would hold torch.empty's memory; it is refused instead."""
+
+    class ThroughNumpy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            temporary = nn.Linear(8, 8)
+            self.register_buffer("b", torch.empty(8, 8))
+            with torch.no_grad():
+                if not temporary.weight.is_meta:  # the recording runs on meta: no numpy there
+                    self.b.copy_(torch.from_numpy(temporary.weight.detach().numpy().copy()))
+                else:
+                    self.b.copy_(torch.zeros(8, 8))
+
+    with pytest.raises(ModelInitError, match=r"'b': values the constructor drew into a tensor"):
+        init_module(ThroughNumpy, SEED, url="local")

@@ -60,6 +60,7 @@ class FactoryRecorder(Recorder):
         self.partial: set[str] = set()
         self._registered: dict[int, set[int]] = {}  # storage -> ids of the tensors registered
         self.storage_of: dict[str, int] = {}  # provisional name -> the storage it was given for
+        self.dead: set[int] = set()  # draws into a tensor the model drops, reaching nothing
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -148,11 +149,24 @@ class FactoryWriter(Writer):
         draws: list[DrawCall],
         staged: dict[int, torch.Tensor],
         scratch: frozenset[int] = frozenset(),
+        dead: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__({}, frozenset(), draws, staged, scratch)
+        self.dead = dead
 
     def register(self, tensor: torch.Tensor) -> None:
         pass
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        super().draw(tensor, init, call)
+        if self.position - 1 in self.dead and tensor.is_floating_point():
+            # A draw into a tensor the model drops, whose values the recording saw reach
+            # nothing: not fetched. NaN, not torch.empty's memory, so that a path the recording
+            # did not follow shows in the built model (and is refused there).
+            from initserve_client.torch_capture import _quiet
+
+            with _quiet():
+                tensor.fill_(float("nan"))
 
     def drawn_into(self, tensor: torch.Tensor, index: int, expected: DrawCall) -> str:
         return expected.target
@@ -264,6 +278,8 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
         dropped = draw.target.startswith("#") and draw.target not in canonical
         if dropped and shape is not None and trace.flows_into.get(i) in canonical:
             scratch[i] = shape
+        elif dropped and shape is not None:
+            recorder.dead.add(i)
         elif draw.target in recorder.partial and shape is not None:
             scratch[i] = shape  # a shared storage's draw: the constructor slices it again
             trace.flows_into.setdefault(i, draw.target)  # else named by its storage's holder

@@ -296,6 +296,7 @@ class _Recording:
     determined: set[str] = field(default_factory=set)  # names the init code sets (draw or write)
     # Draws into a model tensor that the code reads and then overwrites: name -> the tensor.
     through: dict[str, str] = field(default_factory=dict)
+    dead: frozenset[int] = frozenset()  # the factory's draws into dropped tensors reaching nothing
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -924,6 +925,7 @@ def _record_factory(
     ruled = _rule_inits(model, tensors, rules)
     run = _Run(reassigned=[], orphaned=set(), tied={})
     recording = _conclude(seed, tensors, trace, run, ruled, problems, kept, {})
+    recording.dead = frozenset(recorder.dead)
     return model, tensors, recording
 
 
@@ -959,12 +961,26 @@ def _build(
     staged = {recording.final[name]: _as_tensor(values) for name, values in arrays.items()}
     del arrays
     scratch = frozenset(recording.final[n] for n in recording.scratch)
-    writer = FactoryWriter(recording.draws, staged, scratch)
+    writer = FactoryWriter(recording.draws, staged, scratch, recording.dead)
     with torch.device(device or "cpu"), routed(writer), registrations(writer):
         model = factory()
         _model_level_init(model, init_fn, writer)
     _clear_hf_flags(model)
     built = _Tensors.of(model)
+    if recording.dead:  # a dropped tensor's unfetched draw (NaN) reached the model unseen
+        reached = [
+            name
+            for name in built.names()
+            if name not in into_model
+            and built.get(name).is_floating_point()
+            and bool(built.get(name).detach().isnan().any())
+        ]
+        if reached:
+            raise ModelInitError(
+                [f"{name!r}: values the constructor drew into a tensor it then dropped reach"
+                 " it by a path initserve does not follow (they were not fetched); copy_ them"
+                 " in, or assign the tensor as a new nn.Parameter" for name in reached]
+            )  # fmt: skip
     last = [e for e in fetched if e["name"] in into_model]
     targets: dict[str, Any] = {}
     copies: dict[str, Any] = {}  # not a CPU contiguous tensor: fetched, then copied

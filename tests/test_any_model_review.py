@@ -636,12 +636,6 @@ def test_a_discarded_parameters_scratch_draw_through_the_factory() -> None:
     assert_as_torchs_own(model, own_init(ScratchTied))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pre-built model's tied stand-in leaks into the spec: an entry named"
-    " \"b.weight (tied to 'a.weight')#draw0\" (fetched, never used), where spec_from_module"
-    " promises canonical names",
-)
 def test_a_built_models_spec_names_only_its_canonical_tensors() -> None:
     model: Any = ScratchTied()
     names = {e["name"].split("#")[0] for e in spec_from_module(model, SEED)["tensors"]}

@@ -166,6 +166,7 @@ class Trace:
     # dtype), and the model tensor each one's values first flow into.
     scratch: dict[int, tuple[list[int], torch.dtype]] = field(default_factory=dict)
     flows_into: dict[int, str] = field(default_factory=dict)
+    flows_all: dict[int, set[str]] = field(default_factory=dict)  # every tensor each reaches
 
     def note(self, name: str, event: Event) -> None:
         self.events.setdefault(name, []).append(event)
@@ -372,6 +373,7 @@ class Recorder(Router):
     def flow(self, alias: Alias, draws: frozenset[int]) -> None:
         for index in draws:
             self.trace.flows_into.setdefault(index, alias.name)
+            self.trace.flows_all.setdefault(index, set()).add(alias.name)
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -430,10 +432,12 @@ class Writer(Router):
         draws: list[DrawCall],
         staged: dict[int, torch.Tensor],
         scratch: frozenset[int] = frozenset(),
+        dead: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__(names, skip)
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
+        self.dead = dead  # scratch draws whose values reach nothing the model keeps: not fetched
 
     program = "the model's init code"  # what runs twice, for messages
 
@@ -443,7 +447,7 @@ class Writer(Router):
         recording saw its values flow into."""
         alias = self.alias_of(tensor)
         if alias is None:
-            return expected.target if index in self.scratch else "?"
+            return expected.target if index in self.scratch | self.dead else "?"
         return alias.name
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:

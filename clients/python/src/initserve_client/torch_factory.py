@@ -151,8 +151,7 @@ class FactoryWriter(Writer):
         scratch: frozenset[int] = frozenset(),
         dead: frozenset[int] = frozenset(),
     ) -> None:
-        super().__init__({}, frozenset(), draws, staged, scratch)
-        self.dead = dead
+        super().__init__({}, frozenset(), draws, staged, scratch, dead)
 
     def register(self, tensor: torch.Tensor) -> None:
         pass

@@ -838,9 +838,17 @@ def _conclude(
             continue
         entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype, **init})
     scratch: set[str] = set()
+    dead: set[int] = set()
     ordinal: dict[str, int] = {}
     for index, (shape, dtype) in sorted(trace.scratch.items()):
         into = trace.flows_into.get(index)
+        reached = trace.flows_all.get(index, set())
+        if into is not None and reached and not reached & set(tensors.names()):
+            # It reaches only a tied weight's discarded stand-in (its module's own Parameter,
+            # which the tie dropped): dead in torch too. Not fetched; the write into the
+            # stand-in is skipped as the replay runs.
+            dead.add(index)
+            continue
         if into is None or into in run.orphaned:
             # Its values reach no tensor of the model (torch draws into a weight_norm'ed
             # conv's computed weight and drops it: HF's Encodec, Bark): served all the same,
@@ -867,7 +875,7 @@ def _conclude(
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
     return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled,
-                      determined, through)  # fmt: skip
+                      determined, through, frozenset(dead))  # fmt: skip
 
 
 def _is_factory(module: Any) -> bool:
@@ -925,7 +933,7 @@ def _record_factory(
     ruled = _rule_inits(model, tensors, rules)
     run = _Run(reassigned=[], orphaned=set(), tied={})
     recording = _conclude(seed, tensors, trace, run, ruled, problems, kept, {})
-    recording.dead = frozenset(recorder.dead)
+    recording.dead = frozenset(recorder.dead) | recording.dead
     return model, tensors, recording
 
 
@@ -1203,7 +1211,7 @@ def _init_built(
     with _placed(tensors, real, recording.owners, restore_all=False) as placed:
         skip = frozenset(recording.ruled) | placed.discarded
         scratch = frozenset(recording.final[n] for n in recording.scratch)
-        writer = Writer(placed.names, skip, recording.draws, staged, scratch)
+        writer = Writer(placed.names, skip, recording.draws, staged, scratch, recording.dead)
         _run_own_init(module, init_fn, writer, placed.tie)
     _clear_hf_flags(module)
     return recording

@@ -488,12 +488,6 @@ def fill_two_rows(model: Any) -> None:
         model[0].weight.index_fill_(0, torch.tensor([1, 40]), 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the recording runs index_fill_ on a meta stand-in with the code's CPU index: torch"
-    " raises (index on cpu, self on meta) and an ordinary CPU model is refused with that"
-    " RuntimeError's text, which names a device the user never chose",
-)
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_index_fill_with_a_cpu_index(device: str) -> None:
     with torch.device(device):

@@ -222,6 +222,7 @@ class Router:
     # Whether this pass serves torch.rand/randn(_like) as scratch draws (recording and writing
     # a built model do; the base refuses them).
     serves_scratch = False
+    on_stand_ins = False
 
     def random(
         self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -342,6 +343,7 @@ class Recorder(Router):
     """The first run: writes down the draws, the writes and reads, and every problem."""
 
     serves_scratch = True
+    on_stand_ins = True  # the model's tensors are meta stand-ins
 
     def __init__(
         self,
@@ -756,6 +758,8 @@ class _Mode(TorchFunctionMode):
         if getattr(_QUIET, "on", False):
             return func(*args, **kwargs)
         router = _router()
+        if router.on_stand_ins:
+            args, kwargs = _indices_on_meta(args, kwargs)
         name = getattr(func, "__name__", "")
         module = getattr(func, "__module__", None) or ""
         if name in _HOOKED and module.startswith(("torch.nn.init", "transformers")):
@@ -902,6 +906,34 @@ class _Mode(TorchFunctionMode):
         if router.local_write(call, args, kwargs):
             return target
         return func(*args, **kwargs)
+
+
+def _indices_on_meta(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The recording runs the code on meta stand-ins: an index or mask the code made on the CPU
+    (``weight.index_fill_(0, torch.tensor([1, 40]), 0)``) goes to meta with them, as it goes
+    with the real tensor's device in torch. Integer and boolean tensors only: they hold no
+    draws, so nothing the recording follows is lost."""
+    tensors = list(_tensors(args, kwargs))
+    if not any(t.is_meta for t in tensors):
+        return args, kwargs
+
+    def moved(value: Any) -> Any:
+        if (
+            isinstance(value, torch.Tensor)
+            and not value.is_meta
+            and value.dim() > 0
+            and not (value.is_floating_point() or value.is_complex())
+            and not _is_dtensor(value)
+        ):
+            with _quiet():
+                return value.to("meta")
+        if isinstance(value, list | tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(moved(v) for v in value)
+        return value
+
+    return tuple(moved(a) for a in args), {k: moved(v) for k, v in kwargs.items()}
 
 
 def _fill_value(call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:

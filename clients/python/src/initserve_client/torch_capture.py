@@ -440,6 +440,7 @@ class Writer(Router):
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
         self.dead = dead  # scratch draws whose values reach nothing the model keeps: not fetched
+        self._local_views: set[int] = set()  # this rank's parts of views of sharded tensors
 
     program = "the model's init code"  # what runs twice, for messages
 
@@ -512,10 +513,18 @@ class Writer(Router):
         else:
             return None
         local: torch.Tensor = tensor.to_local()[_local_index(tensor, index, call)]
+        self._local_views.add(id(local))
+        self._keep.append(local)
         return local
 
     def local_write(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         tensor = args[0] if args else None
+        if id(tensor) in self._local_views and any(
+            t.numel() > 1 for t in _tensors(args[1:], kwargs)
+        ):
+            # This rank's part of the view is not the shape of the code's tensor of values (on
+            # a rank that holds none of the rows it is empty): the same refusal on every rank.
+            raise _unsupported(call, "a tensor of values into a view of it (only numbers)")
         if not isinstance(tensor, torch.Tensor) or not _is_dtensor(tensor):
             return False
         if self.alias_of(tensor) is None:
@@ -529,6 +538,17 @@ class Writer(Router):
                 raise _unsupported(call, "a tensor of values (only one value)")
             local[_local_index(tensor, args[1], call)] = value
             return True
+        if call == "masked_fill_":
+            mask, value = (*args[1:], *kwargs.values())[:2]
+            if _is_dtensor(mask) or not isinstance(mask, torch.Tensor):
+                return False
+            if mask.shape != tensor.shape or (
+                isinstance(value, torch.Tensor) and value.numel() != 1
+            ):
+                raise _unsupported(call, "a mask not of the tensor's shape, or a tensor of values")
+            part = tuple(slice(lo, hi) for lo, hi in local_region_of(tensor))
+            local.masked_fill_(mask[part].to(local.device), value)
+            return True
         if call == "index_fill_":
             dim, index, value = (*args[1:], *kwargs.values())[:3]
             dim = _dim(dim, tensor)
@@ -536,6 +556,12 @@ class Writer(Router):
             local.index_fill_(dim, local_index, value)
             return True
         return False
+
+
+def local_region_of(tensor: Any) -> list[tuple[int, int]]:
+    from initserve_client.torch_utils import local_region
+
+    return local_region(tensor)
 
 
 def _is_dtensor(tensor: Any) -> bool:

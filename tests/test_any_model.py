@@ -292,3 +292,53 @@ def test_qwen3_next_a_log_through_the_factory() -> None:
     drawn = initserve.generate({"seed": SEED, "tensors": [spec_entry]})[last]
     assert torch.equal(a_log, torch.from_numpy(drawn).log())
     assert float(a_log.exp().min()) >= 0.01 * 0.999 and float(a_log.exp().max()) <= 16.0
+
+
+# --- parametrized tensors under the model-level init: computed, as torch has them ---------------
+
+
+class BothNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectral = nn.utils.parametrizations.spectral_norm(nn.Linear(64, 64))
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(64, 64))
+
+
+def write_computed_weights(model: Any) -> None:
+    """A draw into a parametrized module's weight writes a tensor computed on access: a no-op in
+    torch (the originals keep reset_parameters' kaiming draw, std 1/sqrt(3 * 64) = 0.072)."""
+    nn.init.normal_(model.spectral.weight, std=0.02)
+    nn.init.normal_(model.normed.weight, std=0.02)
+    nn.init.zeros_(model.spectral.bias)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_an_init_fn_writing_a_parametrized_weight_changes_nothing_as_in_torch(device: str) -> None:
+    with torch.device(device):
+        model: Any = BothNorms()
+    init_module(model, SEED, url="local", init_fn=write_computed_weights)
+    torch.manual_seed(0)
+    reference: Any = BothNorms()
+    with torch.no_grad():
+        write_computed_weights(reference)
+    ours = model.spectral.parametrizations.weight.original.detach()
+    theirs = reference.spectral.parametrizations.weight.original.detach()
+    assert_same_distribution(ours, theirs, "spectral original")
+    ours = model.normed.parametrizations.weight.original1.detach()
+    theirs = reference.normed.parametrizations.weight.original1.detach()
+    assert_same_distribution(ours, theirs, "weight_norm v")
+    assert torch.equal(model.spectral.bias.detach(), torch.zeros(64))
+    assert abs(float(model.spectral.parametrizations.weight[0]._u.norm()) - 1) < 1e-5
+
+
+def test_an_init_fn_drawing_into_every_parameter_of_a_weight_normed_model_is_refused() -> None:
+    """In torch ``parameters()`` gives weight_norm's g and v, drawn into directly (g no longer
+    ||v||); a built model holds the logical weight meanwhile: refused by name, not served a
+    g = ||v|| that torch would not have."""
+
+    def every_parameter(model: nn.Module) -> None:
+        for parameter in model.parameters():
+            nn.init.normal_(parameter, std=0.02)
+
+    with pytest.raises(ModelInitError, match="an original of weight_norm"):
+        init_module(BothNorms(), SEED, url="local", init_fn=every_parameter)

@@ -664,3 +664,63 @@ def test_constructor_and_scratch_draws_are_the_same_on_every_rank(
         assert report["factory"] == factory
         assert report["meta"] == meta
         assert {"wqkv.weight", "out.weight"} <= set(report["sharded"])
+
+
+# --- storage swaps: ``p.data = x`` followed, Tensor.set_ refused ---------------------------------
+
+
+class DataFromATemporary(nn.Module):
+    """A weight given another (temporary) module's drawn values through ``.data =``."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        temporary = nn.Linear(64, 64)
+        nn.init.normal_(temporary.weight, std=0.5)
+        self.lin.weight.data = temporary.weight.data * 1.0 if scaled else temporary.weight.data
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["computed", "same_storage"])
+def test_data_assigned_from_a_temporary_draw_is_served(scaled: bool) -> None:
+    """It was torch.empty's memory (std 4.7e21) or zeros, silently."""
+    model: Any = init_module(lambda: DataFromATemporary(scaled), SEED, url="local")
+    torch.manual_seed(0)
+    reference = DataFromATemporary(scaled)
+    assert_same_distribution(model.lin.weight.detach(), reference.lin.weight.detach(), "weight")
+    drawn = initserve.generate(spec_from_module(lambda: DataFromATemporary(scaled), SEED))
+    assert torch.equal(model.lin.weight.detach(), torch.from_numpy(drawn["lin.weight#draw0"]))
+
+
+def test_a_storage_replaced_by_set_is_refused() -> None:
+    """Tensor.set_ is not seen by torch's function modes: which values it brings is unknown."""
+
+    class SetStorage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+            temporary = nn.Linear(64, 64)
+            nn.init.normal_(temporary.weight, std=0.5)
+            with torch.no_grad():
+                self.lin.weight.set_(temporary.weight.detach())
+
+    with pytest.raises(ModelInitError, match=r"'lin.weight': the constructor replaced its storage"):
+        init_module(SetStorage, SEED, url="local")
+
+
+def test_a_dropped_draw_reaching_the_model_unseen_is_refused_not_garbage() -> None:
+    """Values that leave torch (numpy) are not followed: the dropped temporary's draw was not
+    fetched, so the buffer would hold torch.empty's memory; it is refused instead."""
+
+    class ThroughNumpy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            temporary = nn.Linear(8, 8)
+            self.register_buffer("b", torch.empty(8, 8))
+            with torch.no_grad():
+                if not temporary.weight.is_meta:  # the recording runs on meta: no numpy there
+                    self.b.copy_(torch.from_numpy(temporary.weight.detach().numpy().copy()))
+                else:
+                    self.b.copy_(torch.zeros(8, 8))
+
+    with pytest.raises(ModelInitError, match=r"'b': values the constructor drew into a tensor"):
+        init_module(ThroughNumpy, SEED, url="local")

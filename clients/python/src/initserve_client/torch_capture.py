@@ -60,7 +60,7 @@ _ALIASES = frozenset(
     }
 )  # fmt: skip
 # In-place functions that set every value they cover, whatever was there.
-_OVERWRITES = frozenset({"fill_", "zero_", "copy_", "torch.nn.init.constant_"})
+_OVERWRITES = frozenset({"fill_", "zero_", "copy_", "torch.nn.init.constant_", "Tensor.data ="})
 # Of those, the ones that keep the whole tensor (when the shape is unchanged).
 _WHOLE_ALIASES = frozenset({"__get__", "detach", "view", "view_as", "reshape", "reshape_as",
                             "flatten", "contiguous", "to_local"})  # fmt: skip
@@ -166,6 +166,7 @@ class Trace:
     # dtype), and the model tensor each one's values first flow into.
     scratch: dict[int, tuple[list[int], torch.dtype]] = field(default_factory=dict)
     flows_into: dict[int, str] = field(default_factory=dict)
+    flows_all: dict[int, set[str]] = field(default_factory=dict)  # every tensor each reaches
 
     def note(self, name: str, event: Event) -> None:
         self.events.setdefault(name, []).append(event)
@@ -221,6 +222,7 @@ class Router:
     # Whether this pass serves torch.rand/randn(_like) as scratch draws (recording and writing
     # a built model do; the base refuses them).
     serves_scratch = False
+    on_stand_ins = False
 
     def random(
         self, call: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -293,6 +295,18 @@ class Router:
     def where(self) -> str:
         return f" (in {self.context[-1]})" if self.context else ""
 
+    def seeded(self, generator: Any, call: str) -> None:
+        """A draw given its own ``generator=``: initserve cannot give that generator's values
+        (its streams are keyed by name), and serving another stream in its place would silently
+        break what the generator promised (the same values wherever it is seeded alike)."""
+        if generator is not None:
+            self.refuse(
+                f"{call} draws from an explicit generator={self.where()}: initserve serves"
+                " every draw from its own streams, by name, and cannot give that generator's"
+                " values; drop generator= to have the draw served, or set the tensor yourself"
+                " after init_module"
+            )
+
     # -- events ----------------------------------------------------------------------------------
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
@@ -329,6 +343,7 @@ class Recorder(Router):
     """The first run: writes down the draws, the writes and reads, and every problem."""
 
     serves_scratch = True
+    on_stand_ins = True  # the model's tensors are meta stand-ins
 
     def __init__(
         self,
@@ -360,6 +375,7 @@ class Recorder(Router):
     def flow(self, alias: Alias, draws: frozenset[int]) -> None:
         for index in draws:
             self.trace.flows_into.setdefault(index, alias.name)
+            self.trace.flows_all.setdefault(index, set()).add(alias.name)
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         alias = self.alias_of(tensor)
@@ -418,10 +434,13 @@ class Writer(Router):
         draws: list[DrawCall],
         staged: dict[int, torch.Tensor],
         scratch: frozenset[int] = frozenset(),
+        dead: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__(names, skip)
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
+        self.dead = dead  # scratch draws whose values reach nothing the model keeps: not fetched
+        self._local_views: set[int] = set()  # this rank's parts of views of sharded tensors
 
     program = "the model's init code"  # what runs twice, for messages
 
@@ -431,7 +450,7 @@ class Writer(Router):
         recording saw its values flow into."""
         alias = self.alias_of(tensor)
         if alias is None:
-            return expected.target if index in self.scratch else "?"
+            return expected.target if index in self.scratch | self.dead else "?"
         return alias.name
 
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
@@ -446,14 +465,18 @@ class Writer(Router):
         got = DrawCall("?" if expected is None else self.drawn_into(tensor, index, expected),
                        init, call)  # fmt: skip
         if expected is None or (expected.target, expected.init) != (got.target, got.init):
-            raise RuntimeError(
-                f"{self.program} drew {got} on its second run where its first drew"
-                f" {expected}: it is not deterministic, and initserve cannot route it"
-            )
+            from initserve_client.torch_utils import ModelInitError
+
+            raise ModelInitError(
+                [f"{self.program} drew {got} on its second run where its first drew"
+                 f" {expected}: it is not deterministic, and initserve cannot route it"]
+            )  # fmt: skip
         self.position += 1
         values = self.staged.pop(index, None)
         if values is None and index in self.scratch:  # never left with what empty held
-            raise RuntimeError(f"{self.program}: no values were fetched for scratch draw {got}")
+            from initserve_client.torch_utils import ModelInitError
+
+            raise ModelInitError([f"{self.program}: no values were fetched for scratch draw {got}"])
         if values is not None:
             local = tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
             if index in self.scratch and _is_dtensor(tensor):
@@ -467,7 +490,9 @@ class Writer(Router):
                 local.copy_(values.reshape(local.shape))
 
     def refuse(self, message: str) -> None:
-        raise RuntimeError(f"{self.program} changed between its two runs: {message}")
+        from initserve_client.torch_utils import ModelInitError
+
+        raise ModelInitError([f"{self.program} changed between its two runs: {message}"])
 
     # A DTensor's own indexing redistributes it: ``weight[padding_idx]`` on a Shard(0) weight
     # is a gathered copy, so a write through it (``zeros_(weight[i])``, ``weight[i].fill_(0)``)
@@ -488,10 +513,18 @@ class Writer(Router):
         else:
             return None
         local: torch.Tensor = tensor.to_local()[_local_index(tensor, index, call)]
+        self._local_views.add(id(local))
+        self._keep.append(local)
         return local
 
     def local_write(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         tensor = args[0] if args else None
+        if id(tensor) in self._local_views and any(
+            t.numel() > 1 for t in _tensors(args[1:], kwargs)
+        ):
+            # This rank's part of the view is not the shape of the code's tensor of values (on
+            # a rank that holds none of the rows it is empty): the same refusal on every rank.
+            raise _unsupported(call, "a tensor of values into a view of it (only numbers)")
         if not isinstance(tensor, torch.Tensor) or not _is_dtensor(tensor):
             return False
         if self.alias_of(tensor) is None:
@@ -505,6 +538,17 @@ class Writer(Router):
                 raise _unsupported(call, "a tensor of values (only one value)")
             local[_local_index(tensor, args[1], call)] = value
             return True
+        if call == "masked_fill_":
+            mask, value = (*args[1:], *kwargs.values())[:2]
+            if _is_dtensor(mask) or not isinstance(mask, torch.Tensor):
+                return False
+            if mask.shape != tensor.shape or (
+                isinstance(value, torch.Tensor) and value.numel() != 1
+            ):
+                raise _unsupported(call, "a mask not of the tensor's shape, or a tensor of values")
+            part = tuple(slice(lo, hi) for lo, hi in local_region_of(tensor))
+            local.masked_fill_(mask[part].to(local.device), value)
+            return True
         if call == "index_fill_":
             dim, index, value = (*args[1:], *kwargs.values())[:3]
             dim = _dim(dim, tensor)
@@ -512,6 +556,12 @@ class Writer(Router):
             local.index_fill_(dim, local_index, value)
             return True
         return False
+
+
+def local_region_of(tensor: Any) -> list[tuple[int, int]]:
+    from initserve_client.torch_utils import local_region
+
+    return local_region(tensor)
 
 
 def _is_dtensor(tensor: Any) -> bool:
@@ -659,11 +709,13 @@ def _router() -> Router:
 
 
 def _no_grad_uniform_(tensor: torch.Tensor, a: float, b: float, generator: Any = None) -> Any:
+    _router().seeded(generator, "torch.nn.init.uniform_")
     _uniform(_router(), tensor, a, b, "torch.nn.init.uniform_")
     return tensor
 
 
 def _no_grad_normal_(tensor: torch.Tensor, mean: float, std: float, generator: Any = None) -> Any:
+    _router().seeded(generator, "torch.nn.init.normal_")
     _normal(_router(), tensor, mean, std, "torch.nn.init.normal_")
     return tensor
 
@@ -671,6 +723,7 @@ def _no_grad_normal_(tensor: torch.Tensor, mean: float, std: float, generator: A
 def _no_grad_trunc_normal_(
     tensor: torch.Tensor, mean: float, std: float, a: float, b: float, generator: Any = None
 ) -> Any:
+    _router().seeded(generator, "torch.nn.init.trunc_normal_")
     _trunc_normal(_router(), tensor, mean, std, a, b, "torch.nn.init.trunc_normal_")
     return tensor
 
@@ -680,6 +733,7 @@ def _orthogonal_(tensor: torch.Tensor, gain: float = 1, generator: Any = None) -
         raise ValueError("Only tensors with 2 or more dimensions are supported")  # as torch
     if tensor.numel() == 0:
         return tensor
+    _router().seeded(generator, "torch.nn.init.orthogonal_")
     _router().draw(
         tensor, {"scheme": "orthogonal", "gain": float(gain)}, "torch.nn.init.orthogonal_"
     )
@@ -694,6 +748,7 @@ def _sparse_(
     if tensor.numel() == 0:
         return tensor
     init = {"scheme": "sparse", "sparsity": float(sparsity), "std": float(std)}
+    _router().seeded(generator, "torch.nn.init.sparse_")
     _router().draw(tensor, init, "torch.nn.init.sparse_")
     return tensor
 
@@ -729,12 +784,15 @@ class _Mode(TorchFunctionMode):
         if getattr(_QUIET, "on", False):
             return func(*args, **kwargs)
         router = _router()
+        if router.on_stand_ins:
+            args, kwargs = _indices_on_meta(args, kwargs)
         name = getattr(func, "__name__", "")
         module = getattr(func, "__module__", None) or ""
         if name in _HOOKED and module.startswith(("torch.nn.init", "transformers")):
             bound = _SIGNATURES[name].bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
+            router.seeded(a.get("generator"), f"torch.nn.init.{name}")
             if name == "uniform_":
                 _uniform(router, a["tensor"], a["a"], a["b"], "torch.nn.init.uniform_")
             elif name == "normal_":
@@ -746,14 +804,17 @@ class _Mode(TorchFunctionMode):
             return a["tensor"]
         if func is torch.Tensor.uniform_:
             a = _arguments(_tensor_uniform, args, kwargs)
+            router.seeded(a["generator"], "Tensor.uniform_")
             _uniform(router, a["self"], a["from_"], a["to"], "Tensor.uniform_")
             return args[0]
         if func is torch.Tensor.normal_:
             a = _arguments(_tensor_normal, args, kwargs)
+            router.seeded(a["generator"], "Tensor.normal_")
             _normal(router, a["self"], a["mean"], a["std"], "Tensor.normal_")
             return args[0]
         if func is torch.Tensor.exponential_ and router.serves_scratch:
             a = _arguments(_tensor_exponential, args, kwargs)
+            router.seeded(a["generator"], "Tensor.exponential_")
             tensor, rate = a["self"], float(a["lambd"])
             if not (rate > 0 and math.isfinite(rate)) or not tensor.is_floating_point():
                 return self._refused_rng(router, func, args, kwargs, "Tensor.exponential_")
@@ -770,6 +831,13 @@ class _Mode(TorchFunctionMode):
             return tensor
         if name in _TORCH_RNG:
             call = f"{module + '.' if module else ''}{name}"
+            if kwargs.get("generator") is not None:
+                router.seeded(kwargs["generator"], call)
+                try:  # refused: its shape, no values, so that the recording goes on
+                    return _allocated(name, func, args, kwargs)
+                except Exception:  # a form with no shape to give: stop at the refusal
+                    router.halt()
+                    raise
             served = router.random(call, func, args, kwargs)
             if served is not None:
                 return served
@@ -788,6 +856,10 @@ class _Mode(TorchFunctionMode):
             return result
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_EXTRA:
             return self._in_place(router, func, args, kwargs, name)
+        if name == "__set__" and len(args) == 2 and isinstance(args[1], torch.Tensor):
+            # ``p.data = x``: p now holds x's values (x's storage), a whole overwrite whose
+            # values come from x, as copy_ would give them: x's draws flow into p.
+            return self._in_place(router, func, args, kwargs, "Tensor.data =")
         if name in _STEERS and router.flows_of(_tensors(args, kwargs)):
             router.refuse(
                 f"{name} of a random draw{router.where()}: its value steers the init code, and"
@@ -860,6 +932,34 @@ class _Mode(TorchFunctionMode):
         if router.local_write(call, args, kwargs):
             return target
         return func(*args, **kwargs)
+
+
+def _indices_on_meta(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The recording runs the code on meta stand-ins: an index or mask the code made on the CPU
+    (``weight.index_fill_(0, torch.tensor([1, 40]), 0)``) goes to meta with them, as it goes
+    with the real tensor's device in torch. Integer and boolean tensors only: they hold no
+    draws, so nothing the recording follows is lost."""
+    tensors = list(_tensors(args, kwargs))
+    if not any(t.is_meta for t in tensors):
+        return args, kwargs
+
+    def moved(value: Any) -> Any:
+        if (
+            isinstance(value, torch.Tensor)
+            and not value.is_meta
+            and value.dim() > 0
+            and not (value.is_floating_point() or value.is_complex())
+            and not _is_dtensor(value)
+        ):
+            with _quiet():
+                return value.to("meta")
+        if isinstance(value, list | tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(moved(v) for v in value)
+        return value
+
+    return tuple(moved(a) for a in args), {k: moved(v) for k, v in kwargs.items()}
 
 
 def _fill_value(call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:

@@ -50,6 +50,17 @@ class FactoryRecorder(Recorder):
         self.empty_storages: set[int] = set()  # storages allocated with no values
         self.registered: set[str] = set()
         self._storage_flows: dict[int, frozenset[int]] = {}  # a Parameter wraps its storage
+        # Every draw's (shape, dtype): a draw into a Parameter the model does not keep (a
+        # temporary module's weight, a weight replaced by its transpose) becomes a scratch draw.
+        self.drawn: dict[int, tuple[list[int], torch.dtype]] = {}
+        # Storages that two registered tensors share, or that one registers only part of
+        # (q, k, v as slices of one drawn tensor; a head tied to an embedding's first rows):
+        # the constructor computes their values as it runs again, from its draws, served as
+        # scratch draws of the storage.
+        self.partial: set[str] = set()
+        self._registered: dict[int, set[int]] = {}  # storage -> ids of the tensors registered
+        self.storage_of: dict[str, int] = {}  # provisional name -> the storage it was given for
+        self.dead: set[int] = set()  # draws into a tensor the model drops, reaching nothing
 
     def alias_of(self, tensor: Any) -> Alias | None:
         alias = super().alias_of(tensor)
@@ -63,6 +74,7 @@ class FactoryRecorder(Recorder):
         key = _storage(tensor)
         if key not in self._by_storage:
             self._by_storage[key] = f"#{len(self._by_storage)}"
+            self.storage_of[self._by_storage[key]] = key
         self._keep.append(tensor)
         return self._by_storage[key]
 
@@ -70,6 +82,10 @@ class FactoryRecorder(Recorder):
         """A module registered ``tensor`` as a parameter or buffer: if it holds scratch draws
         (``nn.Parameter(torch.log(A))``), their values flow into it."""
         name = self._provisional(tensor)
+        holders = self._registered.setdefault(_storage(tensor), set())
+        holders.add(id(tensor))
+        if len(holders) > 1 or not _covers_storage(tensor):
+            self.partial.add(name)
         alias = Alias(name, True)
         self._aliases[id(tensor)] = alias
         self.registered.add(name)
@@ -96,7 +112,21 @@ class FactoryRecorder(Recorder):
     def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
         fresh = super().alias_of(tensor) is None and _storage(tensor) not in self._by_storage
         if not (fresh and _covers_storage(tensor) and tensor.is_floating_point()):
+            before = len(self.trace.draws)
             super().draw(tensor, init, call)
+            if len(self.trace.draws) > before and self.trace.draws[-1].target:
+                # A draw into a registered tensor: its values flow on like a scratch draw's
+                # (nn.Parameter(nn.Linear(n, n).weight * 2)), in case the model drops it.
+                index = len(self.trace.draws) - 1
+                self.drawn[index] = (list(tensor.shape), tensor.dtype)
+                # A draw sets every value of the tensor: what it held before flows no further.
+                self._flows[id(tensor)] = frozenset({index})
+                key = _storage(tensor)
+                if _covers_storage(tensor):
+                    self._storage_flows[key] = frozenset({index})
+                else:
+                    self._storage_flows[key] = self._storage_flows.get(key, frozenset()) | {index}
+                self._keep.append(tensor)
             return
         # A fresh tensor: a Parameter's data, to be registered, or a scratch tensor whose values
         # flow into one (torch.empty(n).uniform_(a, b).log_() copied into A_log).
@@ -119,11 +149,23 @@ class FactoryWriter(Writer):
         draws: list[DrawCall],
         staged: dict[int, torch.Tensor],
         scratch: frozenset[int] = frozenset(),
+        dead: frozenset[int] = frozenset(),
     ) -> None:
-        super().__init__({}, frozenset(), draws, staged, scratch)
+        super().__init__({}, frozenset(), draws, staged, scratch, dead)
 
     def register(self, tensor: torch.Tensor) -> None:
         pass
+
+    def draw(self, tensor: torch.Tensor, init: dict[str, Any], call: str) -> None:
+        super().draw(tensor, init, call)
+        if self.position - 1 in self.dead and tensor.is_floating_point():
+            # A draw into a tensor the model drops, whose values the recording saw reach
+            # nothing: not fetched. NaN, not torch.empty's memory, so that a path the recording
+            # did not follow shows in the built model (and is refused there).
+            from initserve_client.torch_capture import _quiet
+
+            with _quiet():
+                tensor.fill_(float("nan"))
 
     def drawn_into(self, tensor: torch.Tensor, index: int, expected: DrawCall) -> str:
         return expected.target
@@ -171,6 +213,41 @@ def _hf_initialises_on_meta() -> Iterator[None]:
         utils.get_torch_context_manager_or_global_device = original
 
 
+def computed_by_the_constructor(trace: Trace, recorder: FactoryRecorder, model: Any) -> set[str]:
+    """The parameters whose storage two registered tensors share or one registers only part
+    of, when the constructor sets that storage (draws into it, fills it, or computes it): as it
+    runs again it gives them their values, the served draws among them."""
+    kept: set[str] = set()
+    for name, tensor in model.named_parameters():
+        alias = recorder.alias_of(tensor)
+        if alias is None or alias.name not in recorder.partial:
+            continue
+        events = trace.events.get(alias.name, [])
+        if _storage(tensor) not in recorder.empty_storages or any(e.determines for e in events):
+            kept.add(name)
+    return kept
+
+
+def swapped_storages(trace: Trace, recorder: FactoryRecorder, model: Any) -> list[str]:
+    """Tensors whose storage the constructor replaced by a call the recording does not see
+    (``Tensor.set_``): their values are not those the recording followed. Refused."""
+    problems = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        alias = recorder.alias_of(tensor)
+        if alias is None or recorder.storage_of.get(alias.name, _storage(tensor)) == _storage(
+            tensor
+        ):
+            continue
+        if any(e.call == "Tensor.data =" for e in trace.events.get(alias.name, [])):
+            continue  # seen: its values are followed
+        problems.append(
+            f"{name!r}: the constructor replaced its storage with a call initserve does not see"
+            " (Tensor.set_), so which values it holds is not known; assign a new nn.Parameter"
+            " or copy_ the values in instead"
+        )
+    return problems
+
+
 def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
     """The trace under the built model's canonical names."""
     canonical: dict[str, str] = {}
@@ -179,15 +256,32 @@ def renamed(trace: Trace, recorder: FactoryRecorder, model: Any) -> Trace:
         if alias is not None and alias.name not in canonical:
             canonical[alias.name] = name
     events: dict[str, list[Event]] = {
-        canonical[n]: list(e) for n, e in trace.events.items() if n in canonical
+        canonical[n]: list(e)
+        for n, e in trace.events.items()
+        if n in canonical and n not in recorder.partial
     }
     # A fresh tensor drawn into and then registered is the model's; one never registered is
-    # scratch, served under the name of what its values flow into.
+    # scratch, served under the name of what its values flow into. So is a draw into a tensor
+    # registered and then dropped (a temporary module's weight, a weight replaced by its
+    # transpose, the original right_inverse replaced) whose values flow into the model:
+    # nothing of the model holds it, and without values of its own what is computed from it
+    # would be torch.empty's memory. One whose values reach nothing (nanoGPT's embedding
+    # weight, replaced by the head's in a tie) is dead: not fetched.
     scratch = {
         i: meta
         for i, meta in trace.scratch.items()
         if trace.draws[i].target not in recorder.registered
     }
+    for i, draw in enumerate(trace.draws):
+        shape = recorder.drawn.get(i) or trace.scratch.get(i)
+        dropped = draw.target.startswith("#") and draw.target not in canonical
+        if dropped and shape is not None and trace.flows_into.get(i) in canonical:
+            scratch[i] = shape
+        elif dropped and shape is not None:
+            recorder.dead.add(i)
+        elif draw.target in recorder.partial and shape is not None:
+            scratch[i] = shape  # a shared storage's draw: the constructor slices it again
+            trace.flows_into.setdefault(i, draw.target)  # else named by its storage's holder
     draws = [
         replace(d, target="" if i in scratch else canonical.get(d.target, d.target))
         for i, d in enumerate(trace.draws)

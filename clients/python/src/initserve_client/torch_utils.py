@@ -190,17 +190,18 @@ def _run_own_init(
         roots = _hf_roots(module) if init_fn is None else []
         if not roots:
             tie()
-        if init_fn is not None:
-            router.context.append("init_fn")
-            init_fn(module)
-        elif roots:
-            router.context.append("Hugging Face _init_weights")
-            for root in roots:
-                _clear_hf_flags(root)
-                root.initialize_weights()
-        elif callable(getattr(module, "init_weights", None)):
-            router.context.append(f"{type(module).__name__}.init_weights")
-            module.init_weights()
+        with _computed_again(module, router):
+            if init_fn is not None:
+                router.context.append("init_fn")
+                init_fn(module)
+            elif roots:
+                router.context.append("Hugging Face _init_weights")
+                for root in roots:
+                    _clear_hf_flags(root)
+                    root.initialize_weights()
+            elif callable(getattr(module, "init_weights", None)):
+                router.context.append(f"{type(module).__name__}.init_weights")
+                module.init_weights()
         router.context.append("spectral_norm's u and v")
         _parametrization_state(module)
         router.context.pop()
@@ -295,6 +296,7 @@ class _Recording:
     determined: set[str] = field(default_factory=set)  # names the init code sets (draw or write)
     # Draws into a model tensor that the code reads and then overwrites: name -> the tensor.
     through: dict[str, str] = field(default_factory=dict)
+    dead: frozenset[int] = frozenset()  # the factory's draws into dropped tensors reaching nothing
 
 
 def _stand_in(tensor: Any) -> Any:
@@ -465,6 +467,7 @@ def _refuse_lazy(module: Any) -> None:
 
 
 _SERVED_PARAMETRIZATIONS = ("_WeightNorm", "_SpectralNorm")  # torch.nn.utils.parametrizations
+_PARAMETRIZATION_NAMES = {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm"}
 
 
 @dataclass
@@ -499,6 +502,99 @@ class _Unparametrized:
                     item.originals[key] = real
             item.parametrizations._parameters.update(item.originals)
             item.parametrizations.right_inverse(value.detach())
+
+
+# The parametrized tensors held in their logical form now, with their owners' classes (the
+# parametrized class torch made, whose base has no property for the tensor).
+_HELD: list[tuple[list[_Logical], dict[int, tuple[Any, type]]]] = []
+
+
+def _held_in(module: Any) -> list[tuple[_Logical, type]]:
+    inside = {id(m) for m in module.modules()}
+    return [
+        (item, classes[id(item.owner)][1])
+        for found, classes in _HELD
+        for item in found
+        if id(item.owner) in inside
+    ]
+
+
+def _original_name(item: _Logical, key: str) -> str:
+    prefix = item.qualified[: -len(item.tensor)]
+    return f"{prefix}parametrizations.{item.tensor}.{key}"
+
+
+def _writes_into_originals(module: Any, trace: Any) -> list[str]:
+    problems = []
+    for item, _ in _held_in(module):
+        kind = _PARAMETRIZATION_NAMES.get(type(item.parametrizations[0]).__name__, "?")
+        for key in item.originals:
+            name = _original_name(item, key)
+            calls = [(e.kind, e.call) for e in trace.events.get(name, [])]
+            if calls:
+                problems.append(
+                    f"{name!r}, an original of {kind}, is {calls[0][0]} by {calls[0][1]} in the"
+                    f" model's init: initserve holds {item.qualified!r} in its logical form"
+                    f" meanwhile and stores it through {kind}'s right_inverse afterwards, so the"
+                    " original's values are not there to use; set"
+                    f" {item.qualified!r} in reset_parameters, or pass the constructor,"
+                    " init_module(lambda: Model(...), seed, init_fn=...), which runs it as written"
+                )
+    return problems
+
+
+_COMPUTED: dict[tuple[type, str], type] = {}  # (owner's base class, tensor) -> its stand-in
+
+
+def _computed_class(base: type, tensor: str) -> type:
+    """``base`` with ``tensor`` a property that computes a fresh tensor on each access, as a
+    parametrized module's does: what is written into it is lost."""
+    key = (base, tensor)
+    if key not in _COMPUTED:
+
+        def computed(owner: Any) -> Any:
+            import torch
+
+            from initserve_client.torch_capture import _quiet
+
+            held = owner.__dict__["_initserve_held"][tensor]
+            with _quiet():  # not the model's tensor: a draw into it reaches nothing
+                return torch.zeros(held.shape, dtype=held.dtype, device=held.device)
+
+        _COMPUTED[key] = type(base.__name__, (base,), {tensor: property(computed)})
+    return _COMPUTED[key]
+
+
+@contextmanager
+def _computed_again(module: Any, router: Any) -> Iterator[None]:
+    """The model-level init (Hugging Face's, ``init_fn``) sees each parametrized tensor as torch
+    has it by then: computed on each access, so a draw into it (Hugging Face's ``normal_`` on a
+    weight_norm'ed conv's weight) lands in a temporary and is lost, as in torch; and
+    ``parameters()`` gives the originals, not the logical tensor. The originals are meta stand-ins
+    under their own names meanwhile (their values wait for right_inverse): a draw into one, a
+    write or a read is refused by name (``_writes_into_originals``). The logical tensor stays the
+    one the modules' reset_parameters drew."""
+    from initserve_client.torch_capture import Alias
+
+    held = _held_in(module)
+    saved: list[tuple[_Logical, Any]] = []
+    for item, _ in held:
+        logical = item.owner._parameters.pop(item.tensor)
+        saved.append((item, logical))
+        item.owner.__dict__.setdefault("_initserve_held", {})[item.tensor] = logical
+        for key, original in item.originals.items():
+            stand_in = _stand_in(original)
+            router.add_alias(stand_in, Alias(_original_name(item, key), True), True)
+            item.parametrizations._parameters[key] = stand_in
+        item.owner.__class__ = _computed_class(type(item.owner), item.tensor)
+    try:
+        yield
+    finally:
+        for item, logical in reversed(saved):
+            item.owner.__class__ = type(item.owner).__bases__[0]
+            item.parametrizations._parameters.clear()
+            item.owner._parameters[item.tensor] = logical
+            item.owner.__dict__.pop("_initserve_held", None)
 
 
 @contextmanager
@@ -557,8 +653,11 @@ def _unparametrized(module: Any) -> Iterator[_Unparametrized]:
             item.parametrizations._parameters.clear()
             item.owner.__class__ = classes[id(item.owner)][1].__bases__[0]  # no property
             item.owner._parameters[item.tensor] = nn.Parameter(value, requires_grad=requires_grad)
+        _HELD.append((found, classes))
         yield _Unparametrized(found)
     finally:
+        if _HELD and _HELD[-1][0] is found:
+            _HELD.pop()
         for item in found:
             item.owner._parameters.pop(item.tensor, None)
             if not item.parametrizations._parameters:
@@ -597,6 +696,31 @@ def _dtype_name(tensor: Any) -> str | None:
     return name if name in DTYPE_NAMES else None
 
 
+def _refuse_shared_storage(tensors: _Tensors) -> None:
+    """A parameter that shares its storage with another tensor of the model without being it (a
+    head tied to an embedding's first rows, q, k, v as slices of one fused tensor): a model built
+    beforehand says neither which init its values come from nor, on the meta device, that the
+    storage is shared (to_empty gives each its own). Refused, naming the constructor form,
+    which sees the program that made the view."""
+    import torch
+
+    holders: dict[int, list[str]] = {}
+    for name in tensors.names():
+        tensor = tensors.get(name)
+        if hasattr(tensor, "device_mesh") or not isinstance(tensor, torch.Tensor):
+            continue
+        holders.setdefault(tensor.untyped_storage()._cdata, []).append(name)
+    problems = [
+        f"parameters {names} share one storage (a view of part of another tensor, such as a"
+        " tie to a slice): a model built beforehand does not say which init gives their"
+        " values; pass the constructor instead, init_module(lambda: Model(...), seed, ...)"
+        for names in holders.values()
+        if len(names) > 1 and any(n in tensors.params for n in names)
+    ]
+    if problems:
+        raise ModelInitError(problems)
+
+
 def _analyse(
     module: Any,
     seed: int,
@@ -608,10 +732,12 @@ def _analyse(
     """``owners``: each tied Parameter's owning slot, when the program that built the model is
     known (its constructor was recorded, or Hugging Face's tie direction); None when not."""
     _refuse_lazy(module)
+    _refuse_shared_storage(tensors)
     trace, run = _record(module, tensors, init_fn, ruled, owners or {})
     problems = []
     if owners is None and not _hf_roots(module):
         problems += _ambiguous_ties(trace, run, tensors)
+    problems += _writes_into_originals(module, trace)
     # A model built on a real device holds the values its constructor gave: what no init code
     # touches keeps them (a CLIP logit_scale, a constant set in __init__).
     kept = {n for n, t in tensors.params.items() if not t.is_meta}
@@ -712,9 +838,17 @@ def _conclude(
             continue
         entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype, **init})
     scratch: set[str] = set()
+    dead: set[int] = set()
     ordinal: dict[str, int] = {}
     for index, (shape, dtype) in sorted(trace.scratch.items()):
         into = trace.flows_into.get(index)
+        reached = trace.flows_all.get(index, set())
+        if into is not None and reached and not reached & set(tensors.names()):
+            # It reaches only a tied weight's discarded stand-in (its module's own Parameter,
+            # which the tie dropped): dead in torch too. Not fetched; the write into the
+            # stand-in is skipped as the replay runs.
+            dead.add(index)
+            continue
         if into is None or into in run.orphaned:
             # Its values reach no tensor of the model (torch draws into a weight_norm'ed
             # conv's computed weight and drops it: HF's Encodec, Bark): served all the same,
@@ -741,7 +875,7 @@ def _conclude(
     spec = {"seed": seed, "tensors": entries}
     filled = set(fills) - set(ruled)
     return _Recording(spec, trace.draws, final, filled, direct, ruled, owners, scratch, settled,
-                      determined, through)  # fmt: skip
+                      determined, through, frozenset(dead))  # fmt: skip
 
 
 def _is_factory(module: Any) -> bool:
@@ -762,8 +896,10 @@ def _record_factory(
         FactoryRecorder,
         _hf_initialises_on_meta,
         _storage,
+        computed_by_the_constructor,
         registrations,
         renamed,
+        swapped_storages,
     )
 
     recorder = FactoryRecorder()
@@ -788,13 +924,16 @@ def _record_factory(
     _clear_hf_flags(model)
     _refuse_lazy(model)
     tensors = _Tensors.of(model)
+    shared = computed_by_the_constructor(recorder.trace, recorder, model)
     trace = renamed(recorder.trace, recorder, model)
-    problems: list[str] = []
+    problems: list[str] = swapped_storages(recorder.trace, recorder, model)
     kept = {n for n, t in tensors.params.items() if _storage(t) not in recorder.empty_storages}
     kept |= set(tensors.buffers)  # computed by the constructor as it runs again for real
+    kept |= shared
     ruled = _rule_inits(model, tensors, rules)
     run = _Run(reassigned=[], orphaned=set(), tied={})
     recording = _conclude(seed, tensors, trace, run, ruled, problems, kept, {})
+    recording.dead = frozenset(recorder.dead) | recording.dead
     return model, tensors, recording
 
 
@@ -830,12 +969,26 @@ def _build(
     staged = {recording.final[name]: _as_tensor(values) for name, values in arrays.items()}
     del arrays
     scratch = frozenset(recording.final[n] for n in recording.scratch)
-    writer = FactoryWriter(recording.draws, staged, scratch)
+    writer = FactoryWriter(recording.draws, staged, scratch, recording.dead)
     with torch.device(device or "cpu"), routed(writer), registrations(writer):
         model = factory()
         _model_level_init(model, init_fn, writer)
     _clear_hf_flags(model)
     built = _Tensors.of(model)
+    if recording.dead:  # a dropped tensor's unfetched draw (NaN) reached the model unseen
+        reached = [
+            name
+            for name in built.names()
+            if name not in into_model
+            and built.get(name).is_floating_point()
+            and bool(built.get(name).detach().isnan().any())
+        ]
+        if reached:
+            raise ModelInitError(
+                [f"{name!r}: values the constructor drew into a tensor it then dropped reach"
+                 " it by a path initserve does not follow (they were not fetched); copy_ them"
+                 " in, or assign the tensor as a new nn.Parameter" for name in reached]
+            )  # fmt: skip
     last = [e for e in fetched if e["name"] in into_model]
     targets: dict[str, Any] = {}
     copies: dict[str, Any] = {}  # not a CPU contiguous tensor: fetched, then copied
@@ -1065,7 +1218,7 @@ def _init_built(
     with _placed(tensors, real, recording.owners, restore_all=False) as placed:
         skip = frozenset(recording.ruled) | placed.discarded
         scratch = frozenset(recording.final[n] for n in recording.scratch)
-        writer = Writer(placed.names, skip, recording.draws, staged, scratch)
+        writer = Writer(placed.names, skip, recording.draws, staged, scratch, recording.dead)
         _run_own_init(module, init_fn, writer, placed.tie)
     _clear_hf_flags(module)
     return recording

@@ -440,7 +440,10 @@ class Writer(Router):
         self.draws, self.staged, self.position = draws, staged, 0
         self.scratch = scratch
         self.dead = dead  # scratch draws whose values reach nothing the model keeps: not fetched
-        self._local_views: set[int] = set()  # this rank's parts of views of sharded tensors
+        # This rank's part of a view of a sharded tensor (id -> the view's full shape and the
+        # index of that part within it): an in-place op with a tensor of values on the view
+        # takes the same part of those values.
+        self._parts: dict[int, tuple[tuple[int, ...], tuple[Any, ...] | None]] = {}
 
     program = "the model's init code"  # what runs twice, for messages
 
@@ -501,6 +504,15 @@ class Writer(Router):
 
     def local_view(self, call: str, args: tuple[Any, ...]) -> torch.Tensor | None:
         tensor = args[0]
+        if isinstance(tensor, torch.Tensor) and id(tensor) in self._parts:
+            # A view of this rank's part of a view: its index would be of the part, not of the
+            # view the code means (w[10:40][0] is not this rank's first row of them).
+            if call not in ("detach", "contiguous") or len(args) > 1:
+                raise _unsupported(call, "a view of a view of part of it")
+            same: torch.Tensor = getattr(tensor, call)()
+            self._parts[id(same)] = self._parts[id(tensor)]
+            self._keep.append(same)
+            return same
         if not _is_dtensor(tensor) or self.alias_of(tensor) is None:
             return None
         if call == "__getitem__":
@@ -512,19 +524,17 @@ class Writer(Router):
             index = (*(slice(None),) * _dim(args[1], tensor), slice(start, start + int(args[3])))
         else:
             return None
-        local: torch.Tensor = tensor.to_local()[_local_index(tensor, index, call)]
-        self._local_views.add(id(local))
-        self._keep.append(local)
+        local_index, shape, part = _local_index(tensor, index, call, with_part=True)
+        local: torch.Tensor = tensor.to_local()[local_index]
+        if _sharded(tensor):
+            self._parts[id(local)] = (shape, part)
+            self._keep.append(local)
         return local
 
     def local_write(self, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         tensor = args[0] if args else None
-        if id(tensor) in self._local_views and any(
-            t.numel() > 1 for t in _tensors(args[1:], kwargs)
-        ):
-            # This rank's part of the view is not the shape of the code's tensor of values (on
-            # a rank that holds none of the rows it is empty): the same refusal on every rank.
-            raise _unsupported(call, "a tensor of values into a view of it (only numbers)")
+        if isinstance(tensor, torch.Tensor) and id(tensor) in self._parts:
+            return self._write_part(tensor, call, args, kwargs)
         if not isinstance(tensor, torch.Tensor) or not _is_dtensor(tensor):
             return False
         if self.alias_of(tensor) is None:
@@ -538,24 +548,52 @@ class Writer(Router):
                 raise _unsupported(call, "a tensor of values (only one value)")
             local[_local_index(tensor, args[1], call)] = value
             return True
-        if call == "masked_fill_":
-            mask, value = (*args[1:], *kwargs.values())[:2]
-            if _is_dtensor(mask) or not isinstance(mask, torch.Tensor):
-                return False
-            if mask.shape != tensor.shape or (
-                isinstance(value, torch.Tensor) and value.numel() != 1
-            ):
-                raise _unsupported(call, "a mask not of the tensor's shape, or a tensor of values")
-            part = tuple(slice(lo, hi) for lo, hi in local_region_of(tensor))
-            local.masked_fill_(mask[part].to(local.device), value)
-            return True
         if call == "index_fill_":
             dim, index, value = (*args[1:], *kwargs.values())[:3]
             dim = _dim(dim, tensor)
             local_index = _local_index(tensor, (*(slice(None),) * dim, index), call)[dim]
             local.index_fill_(dim, local_index, value)
             return True
+        if call == "masked_fill_":
+            mask, value = (*args[1:], *kwargs.values())[:2]
+            if _is_dtensor(value):
+                value = value.full_tensor() if value.numel() == 1 else None
+            if not isinstance(mask, torch.Tensor) or _is_dtensor(mask):
+                return False  # a DTensor mask: torch's own sharded masked_fill_
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise _unsupported(call, "a tensor of values (only one value)")
+            # The code's mask covers the full tensor (broadcast to it, as torch would): this
+            # rank's rows, columns, ... of it.
+            full = mask.to(local.device).expand(tensor.shape)
+            mine = tuple(slice(lo, hi) for lo, hi in local_region_of(tensor))
+            local.masked_fill_(full[mine], value)
+            return True
         return False
+
+    def _write_part(
+        self, local: torch.Tensor, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bool:
+        """``call`` on this rank's part of a view of a sharded tensor: each tensor of values
+        (copy_'s source, add_'s other) is the whole view's, broadcast as torch would; this
+        rank's part of it is taken. Other calls with tensors are refused by name."""
+        shape, part = self._parts[id(local)]
+        values = list(_tensors(args[1:], kwargs))
+        if not values or all(v.numel() == 1 and not _is_dtensor(v) for v in values):
+            return False  # fill_(0), mul_(0.5), a scalar tensor: the same on any part
+        if call not in _ELEMENTWISE or any(_is_dtensor(v) for v in values):
+            raise _unsupported(call, "a tensor of values on a view of part of it")
+        if part is None:  # this rank holds nothing of the view: nothing to write
+            return True
+
+        def mine(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                return value.to(local.device).expand(shape)[part]
+            return value
+
+        func = getattr(torch.Tensor, call)
+        with _quiet():
+            func(local, *(mine(a) for a in args[1:]), **{k: mine(v) for k, v in kwargs.items()})
+        return True
 
 
 def local_region_of(tensor: Any) -> list[tuple[int, int]]:
@@ -566,6 +604,20 @@ def local_region_of(tensor: Any) -> list[tuple[int, int]]:
 
 def _is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and hasattr(tensor, "device_mesh")
+
+
+def _sharded(tensor: Any) -> bool:
+    """Whether a DTensor is split between ranks (the same answer on every rank)."""
+    return any(p.is_shard() for p in tensor.placements)
+
+
+# In-place calls whose tensors of values line up with the tensor written, element by element.
+_ELEMENTWISE = frozenset(
+    {
+        "copy_", "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__",
+        "__itruediv__", "lerp_", "addcmul_", "addcdiv_", "clamp_", "clamp_min_", "clamp_max_",
+    }
+)  # fmt: skip
 
 
 def _dim(dim: Any, tensor: torch.Tensor) -> int:
@@ -582,10 +634,11 @@ def _unsupported(call: str, what: str) -> Exception:
     )  # fmt: skip
 
 
-def _local_index(tensor: Any, index: Any, call: str) -> tuple[Any, ...]:
+def _local_index(tensor: Any, index: Any, call: str, with_part: bool = False) -> Any:
     """``index`` (of the full tensor) as an index of this rank's local shard: what it selects
     of the rows, columns, ... this rank holds. An int this rank does not hold selects nothing
-    (an empty slice, so a write through it does nothing)."""
+    (an empty slice, so a write through it does nothing). ``with_part``: also the shape of
+    the full view and the index of this rank's part within it (None: it holds nothing)."""
     from initserve_client.torch_utils import local_region
 
     region = local_region(tensor)
@@ -595,10 +648,16 @@ def _local_index(tensor: Any, index: Any, call: str) -> tuple[Any, ...]:
         rest = len(region) - (len(items) - 1 - sum(item is None for item in items))
         items = (*items[:at], *(slice(None),) * rest, *items[at + 1 :])
     out: list[Any] = []
+    # The full view's dims and, for each, which of its positions this rank holds.
+    shape: list[int] = []
+    part: list[Any] = []
+    holds = True
     dim = 0
     for item in items:
         if item is None:
             out.append(None)
+            shape.append(1)
+            part.append(slice(None))
             continue
         if dim >= len(region):
             raise _unsupported(call, f"index {index!r}")
@@ -609,20 +668,37 @@ def _local_index(tensor: Any, index: Any, call: str) -> tuple[Any, ...]:
         ):
             position = int(item) % size
             out.append(position - lo if lo <= position < hi else slice(0, 0))
+            holds = holds and lo <= position < hi
         elif isinstance(item, slice):
             picked = range(size)[item]
             if picked.step < 0:
                 raise _unsupported(call, "a slice with a negative step")
-            held = picked[_first_at_least(picked, lo) : _first_at_least(picked, hi)]
+            first, last = _first_at_least(picked, lo), _first_at_least(picked, hi)
+            held = picked[first:last]
             out.append(slice(held.start - lo, held.stop - lo, held.step) if held else slice(0, 0))
+            shape.append(len(picked))
+            part.append(slice(first, last))
         elif isinstance(item, list | torch.Tensor):
             values = torch.as_tensor(item, device="cpu")
             if values.dtype == torch.bool:
+                # A mask covers values.ndim dims; this rank's rows of it, in row-major order
+                # one run of the selected elements (the dims after the first held whole).
+                covered = region[dim + 1 : dim + values.ndim]
+                if any(
+                    (a, b) != (0, n) for (a, b), n in zip(covered, values.shape[1:], strict=True)
+                ):
+                    raise _unsupported(call, "a mask over a sharded dimension after its first")
                 out.append(values[lo:hi].to(tensor.device))
+                shape.append(int(values.sum()))
+                part.append(slice(int(values[:lo].sum()), int(values[:hi].sum())))
+                dim += values.ndim
+                continue
             elif values.ndim == 1 and not values.is_floating_point():
                 values = values % size
-                mine = values[(values >= lo) & (values < hi)] - lo
-                out.append(mine.to(tensor.device))
+                inside = (values >= lo) & (values < hi)
+                out.append((values[inside] - lo).to(tensor.device))
+                shape.append(len(values))
+                part.append(inside.nonzero().flatten())
             else:
                 raise _unsupported(call, f"an index tensor of shape {list(values.shape)}")
         else:
@@ -630,7 +706,12 @@ def _local_index(tensor: Any, index: Any, call: str) -> tuple[Any, ...]:
         dim += 1
     if sum(isinstance(item, torch.Tensor) for item in out) > 1:
         raise _unsupported(call, "index tensors on more than one dimension")
-    return tuple(out)
+    if not with_part:
+        return tuple(out)
+    for d in range(dim, len(region)):  # the dims the index leaves whole
+        shape.append(tensor.shape[d])
+        part.append(slice(*region[d]))
+    return tuple(out), shape, (tuple(part) if holds else None)
 
 
 def _first_at_least(picked: range, bound: int) -> int:

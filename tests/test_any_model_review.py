@@ -551,7 +551,7 @@ INDEXING: dict[str, Callable[[Any], None]] = {
 }
 
 
-def sharded_rank(rank: int, world_size: int, port: int, case: str, out: str) -> None:
+def sharded_rank(rank: int, world_size: int, store: str, case: str, out: str) -> None:
     """One rank: the embedding fully_shard'ed (Shard(0)), ``INDEXING[case]`` as init_fn."""
     import json
 
@@ -559,9 +559,7 @@ def sharded_rank(rank: int, world_size: int, port: int, case: str, out: str) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     with torch.device("meta"):
         model: Any = nn.Sequential(nn.Embedding(N, 32))
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
@@ -582,15 +580,14 @@ def sharded_rank(rank: int, world_size: int, port: int, case: str, out: str) -> 
 
 def run_sharded(case: str, tmp_path: Any) -> tuple[list[Any], Any]:
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # The ranks meet in a file store of this test's own: a port probed free and closed again
+    # can be taken (by any process's connection) before rank 0 binds it, on a shared machine.
+    store = tmp_path / "store"
     out = tmp_path / "ranks.json"
-    mp.spawn(sharded_rank, args=(2, port, case, str(out)), nprocs=2, join=True)  # type: ignore[attr-defined]
+    mp.spawn(sharded_rank, args=(2, str(store), case, str(out)), nprocs=2, join=True)  # type: ignore[attr-defined]
     with torch.device("meta"):
         single: Any = nn.Sequential(nn.Embedding(N, 32))
     init_module(single, SEED, url="local", init_fn=INDEXING[case])

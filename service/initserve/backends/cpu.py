@@ -117,6 +117,18 @@ def select_isa(isa: str) -> None:
         raise ValueError(f"isa must be one of {supported_isas()} on this CPU, got {isa!r}")
 
 
+def _kernel(dist: int, out: npt.NDArray[np.floating]) -> Any:
+    """The C fill for ``out``'s dtype, once ``dist`` is known to be a distribution code."""
+    if dist not in DISTRIBUTIONS:
+        # The kernels would read any other code as a request for raw words (a debugging path).
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
+    if out.dtype == np.float64:
+        return _lib.is_fill_runs_f64
+    if out.dtype == np.float32:
+        return _lib.is_fill_runs_f32
+    raise TypeError(f"the kernels write float32 or float64, not {out.dtype}")
+
+
 def fill_runs(
     dist: int,
     params: tuple[float, ...],
@@ -126,15 +138,7 @@ def fill_runs(
     out: npt.NDArray[np.floating],
 ) -> None:
     """Fill ``out`` (float32 or float64, C-contiguous, ``len(run_starts) * run_len`` elements)."""
-    if dist not in DISTRIBUTIONS:
-        # The kernels would read any other code as a request for raw words (a debugging path).
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
-    if out.dtype == np.float64:
-        fill = _lib.is_fill_runs_f64
-    elif out.dtype == np.float32:
-        fill = _lib.is_fill_runs_f32
-    else:
-        raise TypeError(f"the kernels write float32 or float64, not {out.dtype}")
+    fill = _kernel(dist, out)
     n_runs = len(run_starts)
     if n_runs == 0 or run_len == 0:
         return
@@ -198,14 +202,7 @@ def fill_runs_here(
     out: npt.NDArray[np.floating],
 ) -> None:
     """fill_runs in the calling thread alone: one piece of work that fill_pieces hands out."""
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS} (initserve_math.h), got {dist}")
-    if out.dtype == np.float64:
-        fill = _lib.is_fill_runs_f64
-    elif out.dtype == np.float32:
-        fill = _lib.is_fill_runs_f32
-    else:
-        raise TypeError(f"the kernels write float32 or float64, not {out.dtype}")
+    fill = _kernel(dist, out)
     n_runs = len(run_starts)
     if n_runs == 0 or run_len == 0:
         return

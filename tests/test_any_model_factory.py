@@ -701,7 +701,7 @@ def test_a_storage_replaced_by_set_is_refused() -> None:
             temporary = nn.Linear(64, 64)
             nn.init.normal_(temporary.weight, std=0.5)
             with torch.no_grad():
-                self.lin.weight.set_(temporary.weight.detach())
+                self.lin.weight.set_(temporary.weight.detach())  # type: ignore[call-overload]
 
     with pytest.raises(ModelInitError, match=r"'lin.weight': the constructor replaced its storage"):
         init_module(SetStorage, SEED, url="local")
@@ -715,6 +715,7 @@ def test_a_dropped_draw_reaching_the_model_unseen_is_refused_not_garbage() -> No
         def __init__(self) -> None:
             super().__init__()
             temporary = nn.Linear(8, 8)
+            self.b: torch.Tensor
             self.register_buffer("b", torch.empty(8, 8))
             with torch.no_grad():
                 if not temporary.weight.is_meta:  # the recording runs on meta: no numpy there

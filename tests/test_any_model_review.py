@@ -575,6 +575,9 @@ def sharded_rank(rank: int, world_size: int, store: str, case: str, out: str) ->
     if rank == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
+    # Both ranks past their last use of the group before either tears it down: without it gloo
+    # aborted a rank at exit now and then ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -587,7 +590,15 @@ def run_sharded(case: str, tmp_path: Any) -> tuple[list[Any], Any]:
     # can be taken (by any process's connection) before rank 0 binds it, on a shared machine.
     store = tmp_path / "store"
     out = tmp_path / "ranks.json"
-    mp.spawn(sharded_rank, args=(2, str(store), case, str(out)), nprocs=2, join=True)  # type: ignore[attr-defined]
+    try:
+        mp.spawn(sharded_rank, args=(2, str(store), case, str(out)), nprocs=2, join=True)  # type: ignore[attr-defined]
+    except mp.ProcessExitedException:  # type: ignore[attr-defined]
+        # Rank 0 writes the file only after every rank's result is gathered: a rank that died
+        # after that died in gloo's teardown (now and then "terminate called without an active
+        # exception", about 1 run in 100 here), not in init_module, and the results stand.
+        # Any death before the gather leaves no file and fails the test.
+        if not out.exists():
+            raise
     with torch.device("meta"):
         single: Any = nn.Sequential(nn.Embedding(N, 32))
     init_module(single, SEED, url="local", init_fn=INDEXING[case])

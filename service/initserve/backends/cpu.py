@@ -137,34 +137,25 @@ def fill_runs(
     run_len: int,
     out: npt.NDArray[np.floating],
 ) -> None:
-    """Fill ``out`` (float32 or float64, C-contiguous, ``len(run_starts) * run_len`` elements)."""
-    fill = _kernel(dist, out)
+    """Fill ``out`` (float32 or float64, C-contiguous, ``len(run_starts) * run_len`` elements),
+    split over the pool's threads when it is large enough to pay for them."""
+    _kernel(dist, out)  # checked here, before any thread starts
     n_runs = len(run_starts)
     if n_runs == 0 or run_len == 0:
         return
     assert out.flags.c_contiguous and out.size == n_runs * run_len
     run_starts = np.ascontiguousarray(run_starts, dtype=np.uint64)
-    param_array = (ctypes.c_double * 8)(*params)
+    flat = out.reshape(-1)
 
     def call(first_run: int, runs: int, start_offset: int, length: int) -> None:
         # Either a slice of the runs, or (one run) a slice of that run.
         if runs == 1:
             starts = np.array([int(run_starts[first_run]) + start_offset], dtype=np.uint64)
-            target = out.reshape(-1)[first_run * run_len + start_offset :]
+            begin = first_run * run_len + start_offset
         else:
             starts = run_starts[first_run : first_run + runs]
-            target = out.reshape(-1)[first_run * run_len :]
-        fill(
-            dist,
-            param_array,
-            stream.seed,
-            stream.name0,
-            stream.name1,
-            starts.ctypes.data,
-            runs,
-            length,
-            target.ctypes.data,
-        )
+            begin = first_run * run_len
+        fill_runs_here(dist, params, stream, starts, length, flat[begin : begin + runs * length])
 
     total = n_runs * run_len
     parts = min(_threads, max(1, total // _MIN_ELEMENTS_PER_THREAD))

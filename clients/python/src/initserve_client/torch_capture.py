@@ -565,7 +565,9 @@ class Writer(Router):
             # The code's mask covers the full tensor (broadcast to it, as torch would): this
             # rank's rows, columns, ... of it.
             full = mask.to(local.device).expand(tensor.shape)
-            mine = tuple(slice(lo, hi) for lo, hi in local_region_of(tensor))
+            from initserve_client.torch_utils import local_region
+
+            mine = tuple(slice(lo, hi) for lo, hi in local_region(tensor))
             local.masked_fill_(full[mine], value)
             return True
         return False
@@ -594,12 +596,6 @@ class Writer(Router):
         with _quiet():
             func(local, *(mine(a) for a in args[1:]), **{k: mine(v) for k, v in kwargs.items()})
         return True
-
-
-def local_region_of(tensor: Any) -> list[tuple[int, int]]:
-    from initserve_client.torch_utils import local_region
-
-    return local_region(tensor)
 
 
 def _is_dtensor(tensor: Any) -> bool:

@@ -1007,13 +1007,6 @@ def _build(
     return model
 
 
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
 def spec_from_module(
     module: Any,
     seed: int,

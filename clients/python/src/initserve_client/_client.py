@@ -65,7 +65,8 @@ from initserve_client._shared_memory import (
     registration,
     unregister,
 )
-from initserve_client.spec import Spec
+from initserve_client.spec import SpecLike as SpecLike
+from initserve_client.spec import spec_dict
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The Host the requests name when they go over a Unix socket (the socket is the address).
@@ -117,7 +118,6 @@ class _AsyncTransport(httpx.AsyncHTTPTransport):
 
 Shard = tuple[int, int, int]  # (index, count, dim), split as torch.chunk splits
 Regions = Mapping[str, Region]  # tensor key -> per dimension [start, stop)
-SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
 Progress = Callable[[int, int], None]
 
 
@@ -447,7 +447,7 @@ class _Base:
         shard: Shard | None,
         regions: Regions | None = None,
     ) -> dict[str, Any]:
-        body = dict(_spec_dict(spec))
+        body = dict(spec_dict(spec))
         if only is not None:
             body["only"] = list(only)
         if shard is not None:
@@ -595,15 +595,6 @@ class _Base:
             "shared_memory": self.shared_memory,
             "deadline": self.deadline,
         }
-
-
-def _spec_dict(spec: SpecLike) -> dict[str, Any]:
-    """A plain dict, or the typed builder (initserve_client.Spec) turned into one."""
-    if isinstance(spec, Spec):
-        return spec.to_dict()
-    if not isinstance(spec, dict):
-        raise TypeError(f"a spec is a dict or an initserve_client.Spec, not {type(spec).__name__}")
-    return spec
 
 
 def _data_layout(expected: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[int, int]]:
@@ -1091,7 +1082,7 @@ class Client(_Base):
         """The tensors of ``spec``, or the ``only`` keys, or this rank's ``shard`` (split as
         ``torch.chunk`` splits), or each key of ``regions`` as its hyper-rectangle."""
         body = self._body(spec, only, shard, regions)
-        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        expected = expected_entries(spec_dict(spec), only, shard, regions)
         require_array_dtypes(expected)
         with self._call():
             tensors = self._fetch_weights(body, expected, progress)
@@ -1115,16 +1106,19 @@ class Client(_Base):
         return receiver.tensors()
 
     def allocate(
-        self, spec: SpecLike, *, regions: Regions | None = None
+        self, spec: SpecLike, *, regions: Regions | None = None, shared_only: bool = False
     ) -> dict[str, npt.NDArray[Any]]:
         """Empty arrays for ``spec``'s tensors (or ``regions``), placed where this client's
         ``fetch_into`` fills them with no copy: in one shared-memory region when the client uses
-        shared memory (the server generates straight into them), else ordinary memory."""
-        expected = expected_entries(_spec_dict(spec), None, None, regions)
+        shared memory (the server generates straight into them), else ordinary memory, or with
+        ``shared_only`` nothing at all (``{}``: the caller's own arrays are as good)."""
+        expected = expected_entries(spec_dict(spec), None, None, regions)
         layout = _data_layout(expected)
         with self._call():
             shared = _data_bytes(layout) > 0 and self._uses_shared_memory()
         if not shared:
+            if shared_only:
+                return {}
             return {key: np.empty(shape, dtype=numpy_dtype(code)) for key, code, shape in expected}
         data = SharedRegion(_data_bytes(layout)).data
         return {
@@ -1143,7 +1137,7 @@ class Client(_Base):
         """Stream the tensors straight into the caller's preallocated arrays (keyed like the
         spec's output; C-contiguous, of the spec's dtypes and shapes): no intermediate copy.
         With ``regions``, only those keys, each array of its region's shape."""
-        expected = expected_entries(_spec_dict(spec), None, None, regions)
+        expected = expected_entries(spec_dict(spec), None, None, regions)
         targets = self._targets(expected, arrays)
         body = self._body(spec, None, None, regions)
         if self.local:  # generated straight into the targets, as the engine can: no bytes at all
@@ -1184,7 +1178,7 @@ class Client(_Base):
         progress: Progress | None = None,
     ) -> Header:
         """Write the safetensors file to ``path`` atomically (a crash leaves no half file)."""
-        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        expected = expected_entries(spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
         with self._call():
             return self._download_file(self._body(spec, only, shard, regions), receiver, Path(path))
@@ -1362,7 +1356,7 @@ class AsyncClient(_Base):
         if self._in_sync_twin():
             await self._sync_twin("fetch_into", spec, arrays, regions=regions, progress=progress)
             return
-        expected = expected_entries(_spec_dict(spec), None, None, regions)
+        expected = expected_entries(spec_dict(spec), None, None, regions)
         receiver = _Receiver(expected, targets=self._targets(expected, arrays), progress=progress)
         with self._call():
             await self._download(self._body(spec, None, None, regions), receiver)
@@ -1383,7 +1377,7 @@ class AsyncClient(_Base):
                 "download", spec, path, only=only, shard=shard, regions=regions, progress=progress
             )
             return header
-        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        expected = expected_entries(spec_dict(spec), only, shard, regions)
         receiver = _Receiver(expected, progress=progress)
         with self._call(), _atomic_file(Path(path)) as f:
             receiver.file = f
@@ -1409,7 +1403,7 @@ class AsyncClient(_Base):
                 as_torch=as_torch, progress=progress,
             )  # fmt: skip
             return tensors
-        expected = expected_entries(_spec_dict(spec), only, shard, regions)
+        expected = expected_entries(spec_dict(spec), only, shard, regions)
         require_array_dtypes(expected)
         receiver = _Receiver(expected, progress=progress)
         with self._call():

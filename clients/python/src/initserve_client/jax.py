@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from initserve_client._client import Client, SpecLike, _spec_dict
+from initserve_client._client import Client
 from initserve_client._safetensors import DTYPE_NAMES, Region, expected_entries, numpy_dtype
 from initserve_client.jax_initializers import (
     Found,
@@ -45,6 +45,7 @@ from initserve_client.jax_initializers import (
     capture,
     flax_default,
 )
+from initserve_client.spec import SpecLike, spec_dict
 
 Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 Shardings = Sharding | Mapping[str, Sharding]
@@ -131,7 +132,7 @@ def host_requests(
     """The ``regions`` of each ``POST /init`` that ``fetch_arrays`` makes for the ``devices``
     (default: each sharding's addressable devices, i.e. this host's). Checks every sharding
     first; nothing is fetched."""
-    entries = expected_entries(_spec_dict(spec), None, None)
+    entries = expected_entries(spec_dict(spec), None, None)
     per_tensor: dict[str, list[Block]] = {}
     for key, _, shape in entries:
         sharding = _sharding_for(key, shardings)
@@ -173,7 +174,7 @@ def fetch_arrays(
     hold, replicas once, in one request (see ``host_requests``); ``client`` (or ``url`` and
     ``Client`` options) says where from, ``url="local"`` generating in this process."""
     requests = host_requests(spec, shardings)
-    entries = expected_entries(_spec_dict(spec), None, None)
+    entries = expected_entries(spec_dict(spec), None, None)
     dtypes = {key: numpy_dtype(code) for key, code, _ in entries}
     pieces: dict[str, list[tuple[Block, npt.NDArray[Any]]]] = {key: [] for key, _, _ in entries}
     active = client if client is not None else Client(url, **options)

@@ -65,3 +65,15 @@ class Spec:
             "layers": [layer.to_dict() for layer in self.layers],
             "tensors": [tensor.to_dict() for tensor in self.tensors],
         }
+
+
+SpecLike = dict[str, Any] | Spec  # a plain dict or the typed builder
+
+
+def spec_dict(spec: SpecLike) -> dict[str, Any]:
+    """A plain dict, or the typed builder (initserve_client.Spec) turned into one."""
+    if isinstance(spec, Spec):
+        return spec.to_dict()
+    if not isinstance(spec, dict):
+        raise TypeError(f"a spec is a dict or an initserve_client.Spec, not {type(spec).__name__}")
+    return spec

@@ -1175,8 +1175,8 @@ def _init_built(
         if tensors.on_meta():
             tensors = _materialise(module, tensors, device)
             # Fresh parameters may live where the server writes with no copy (shared memory).
-            if isinstance(active, Client) and spec["tensors"] and active._uses_shared_memory():
-                homes = active.allocate(spec, regions=regions)
+            if spec["tensors"]:
+                homes = active.allocate(spec, regions=regions, shared_only=True)
         arrays: dict[str, Any] = {}
         later: dict[str, Any] = {}  # fetched into a buffer: not a CPU view, or written mid-run
         for entry in spec["tensors"]:

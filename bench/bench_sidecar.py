@@ -58,7 +58,7 @@ def gpt2_spec() -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from initserve_client.torch_utils import spec_from_module
+    from initserve_client.torch_init import spec_from_module
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())

@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers  # noqa: F401 - imported once, before the children fork
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    import initserve_client.torch_utils  # noqa: F401
+    import initserve_client.torch_init  # noqa: F401
 
     torch.set_num_threads(1)
     model_types = list(MODEL_MAPPING_NAMES)

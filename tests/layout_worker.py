@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch_models import TitanLlama, parallelize
 
 from initserve_client import Client, init_module
-from initserve_client.torch_utils import local_region
+from initserve_client.torch_init import local_region
 
 
 class CountingTransport(httpx.HTTPTransport):

@@ -182,7 +182,7 @@ def scenario_refusals(url: str) -> dict[str, Any]:
     from test_jax_arrays import _counting_client
 
     from initserve_client.jax import init_nnx, spec_from_nnx
-    from initserve_client.jax_initializers import Initializer, UnservableInitializer
+    from initserve_client.jax.initializers import Initializer, UnservableInitializer
 
     init = nnx.initializers
 

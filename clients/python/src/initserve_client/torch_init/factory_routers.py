@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from initserve_client.torch_capture import Alias, DrawCall, Event, Recorder, Trace, Writer
+from initserve_client.torch_init.recorder import Recorder
+from initserve_client.torch_init.routing import Alias, DrawCall, Event, Trace, _quiet
+from initserve_client.torch_init.writer import Writer
 
 Factory = Callable[[], Any]
 
@@ -162,8 +164,6 @@ class FactoryWriter(Writer):
             # A draw into a tensor the model drops, whose values the recording saw reach
             # nothing: not fetched. NaN, not torch.empty's memory, so that a path the recording
             # did not follow shows in the built model (and is refused there).
-            from initserve_client.torch_capture import _quiet
-
             with _quiet():
                 tensor.fill_(float("nan"))
 

@@ -4,8 +4,9 @@
   blocks its devices hold, in one request, and builds the sharded arrays from them.
 - ``nnx``: ``spec_from_nnx(factory, seed)`` and ``init_nnx(factory, seed)``: a Flax NNX model's
   initializers as a spec (``layout: "jax"``), and the model built with every parameter served.
-- ``initializers``: which ``jax.nn.initializers`` function a constructor called, read from the
-  trace, and the catalogue scheme that draws it.
+- ``initializers``: which ``jax.nn.initializers`` function an initializer is, the catalogue
+  scheme that draws it, and Flax's defaults for a model already built.
+- ``initializer_trace``: a constructor traced, and the initializer that built each parameter.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Which JAX initializer built each parameter of a Flax NNX model, as an initserve spec entry.
 
-``capture(factory)`` runs a model's constructor under ``nnx.eval_shape`` (nothing is allocated)
-while a profile hook watches for the initializers of ``jax.nn.initializers`` (which
-``flax.nnx.initializers`` re-exports): each call's closure arguments (``stddev``, ``scale``,
-``mode``, ``in_axis``, ...) and the shape it was called with are recorded against the array it
-returns, and each ``nnx.Variable`` created from that array (through ``with_partitioning``'s
-metadata, and ``LinearGeneral``'s reshape of its flattened kernel) is mapped to it. So whatever
-initializer the code named, the constructor's own argument, a subclass's, or Flax's default,
-is the one served; a parameter whose value came from anything else (computed from a draw, or
-drawn inside ``nnx.vmap``/``nnx.scan``, whose outputs are new arrays) is known to be unknown.
+``identify`` tells which initializer of ``jax.nn.initializers`` (which ``flax.nnx.initializers``
+re-exports) a function is, from its code object and its closure's arguments (``stddev``,
+``scale``, ``mode``, ``in_axis``, ...); initializer_trace.py records the ones a constructor calls.
 
 ``Initializer.entry`` turns one into the catalogue's terms (service/initserve/schemes.py,
 ``layout: "jax"``, whose fans are jax's ``in_axis=-2, out_axis=-1``), or refuses, naming the
@@ -24,10 +18,9 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import CodeType, FrameType
+from types import CodeType
 from typing import Any
 
 import jax
@@ -154,6 +147,14 @@ def _axes(axes: Any, rank: int) -> tuple[int, ...]:
     return tuple(axis % rank for axis in given)
 
 
+def _layout_axes(rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The (in, out, batch) axes of a weight of ``rank`` dimensions as the service reads it in
+    ``layout: "jax"``: ``[*receptive field, in, out]``, jax's ``in_axis=-2, out_axis=-1`` (in
+    ``layout: "torch"`` it is ``[out, in, *receptive field]``). The out axis holds an orthogonal
+    matrix's columns."""
+    return (rank - 2,), (rank - 1,), ()
+
+
 def _fans(init: Initializer) -> tuple[float, float]:
     """jax.nn.initializers._compute_fans on the shape the initializer was called with."""
     shape, rank = init.call_shape, len(init.call_shape)
@@ -180,7 +181,7 @@ def _variance_scaling(init: Initializer, shape: tuple[int, ...]) -> dict[str, An
     rank = len(init.call_shape)
     jax_fans = rank >= 2 and [
         _axes(init.arguments[name], rank) for name in ("in_axis", "out_axis", "batch_axis")
-    ] == [(rank - 2,), (rank - 1,), ()]
+    ] == list(_layout_axes(rank))
     if jax_fans and init.call_shape == shape and mode != "fan_geo_avg":
         # The service computes these fans from the shape (layout "jax"), in binary64.
         if scale == 1.0 and mode == "fan_in" and distribution != "normal":
@@ -220,7 +221,8 @@ def _orthogonal(init: Initializer, shape: tuple[int, ...]) -> dict[str, Any]:
     column_axis = init.arguments["column_axis"]
     if rank < 2 or len(shape) < 2:
         raise _Refused("needs a tensor of at least 2 dimensions")
-    if column_axis % rank != rank - 1 or init.call_shape[-1] != shape[-1]:
+    _, columns, _ = _layout_axes(rank)
+    if (column_axis % rank,) != columns or init.call_shape[-1] != shape[-1]:
         raise _Refused(
             f"puts the orthogonal columns on axis {column_axis} of {list(init.call_shape)}:"
             " the catalogue's orthogonal puts them on the last axis of the parameter"
@@ -255,126 +257,6 @@ def identify(function: Any, call_shape: tuple[int, ...]) -> Initializer | None:
     cells = function.__closure__ or ()
     arguments = {n: c.cell_contents for n, c in zip(code.co_freevars, cells, strict=True)}
     return Initializer(_KINDS[code], arguments, call_shape)
-
-
-# --- the factory form: the constructor traced -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unknown:
-    """Why a parameter built by the factory has no initializer to serve."""
-
-    reason: str
-
-
-Found = dict[tuple[Any, ...], "Initializer | Unknown"]
-
-
-class _Recorder:
-    """A profile hook (sys.setprofile: this thread only, nothing of the user's patched) that
-    records each initializer call's result, each reshape of one, and each Variable built from
-    one."""
-
-    def __init__(self) -> None:
-        self.results: dict[int, tuple[Any, Initializer]] = {}  # id(array) -> (array, init)
-        self.pending: dict[int, Any] = {}  # id(frame) -> the call's Initializer, or its source
-        self.variables: dict[int, tuple[Any, Initializer | None]] = {}
-        self.uses: dict[int, int] = {}  # id(Initializer) -> Variables built from its result
-        from flax import nnx
-
-        self.variable_init = nnx.Variable.__init__.__code__
-
-    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
-        if event == "call":
-            code = frame.f_code
-            kind = _KINDS.get(code)
-            if kind is not None:
-                local = frame.f_locals
-                shape = tuple(int(n) for n in local["shape"])
-                arguments = {name: local[name] for name in code.co_freevars}
-                self.pending[id(frame)] = Initializer(kind, arguments, shape)
-            elif code is _RESHAPE:
-                source = self.results.get(id(frame.f_locals["a"]))
-                if source is not None and frame.f_locals.get("order", "C") == "C":
-                    self.pending[id(frame)] = source[1]
-            elif code is self.variable_init:
-                local = frame.f_locals
-                value = local["value"]
-                value = getattr(value, "raw_value", value)  # with_partitioning's metadata
-                found = self.results.get(id(value))
-                init = found[1] if found is not None else None
-                self.variables[id(local["self"])] = (local["self"], init)
-                if init is not None:
-                    self.uses[id(init)] = self.uses.get(id(init), 0) + 1
-        elif event == "return":
-            init = self.pending.pop(id(frame), None)
-            if init is not None and arg is not None:
-                self.results[id(arg)] = (arg, init)
-
-    def initializers(self, params: list[tuple[tuple[Any, ...], Any]]) -> Found:
-        """The initializer of each of the model's parameters (path, Variable), or why none."""
-        found: Found = {}
-        claimed = set()
-        for path, variable in params:
-            _, init = self.variables.get(id(variable), (None, None))
-            if init is None:
-                found[path] = Unknown(
-                    "its value is not what an initializer of jax.nn.initializers returned (the"
-                    " constructor computed it, or an initializer of its own did)"
-                )
-            elif self.uses[id(init)] > 1:
-                found[path] = Unknown(
-                    f"it starts from the same array as {self.uses[id(init)] - 1} other"
-                    f" parameter(s) ({init}), which initserve would draw independently"
-                )
-            else:
-                found[path] = init
-            claimed.add(id(variable))
-        lost = [init for key, (_, init) in self.variables.items() if init and key not in claimed]
-        if lost:
-            # Variables built from initializers that are not in the model: built inside a
-            # transform (nnx.vmap, nnx.scan, ...), whose outputs are new Variables of new arrays.
-            for path, why in found.items():
-                if isinstance(why, Unknown) and "not what" in why.reason:
-                    found[path] = Unknown(
-                        f"{why.reason}; {len(lost)} parameters were drawn by initializers"
-                        " inside a transform (nnx.vmap, nnx.scan, ...), which makes new arrays"
-                        f" of them (the first: {lost[0]}), and initserve does not follow them"
-                    )
-        return found
-
-
-def capture(factory: Callable[[], Any]) -> tuple[Any, Found]:
-    """The abstract model ``nnx.eval_shape(factory)`` and, for each ``nnx.Param`` (by path),
-    the initializer that built it or why there is none."""
-    from flax import nnx
-
-    recorder = _Recorder()
-    found: Found = {}
-
-    def hook(frame: FrameType, event: Any, arg: Any) -> None:
-        recorder(frame, event, arg)
-        if previous is not None:  # a profiler of the caller's keeps seeing every call
-            previous(frame, event, arg)
-
-    def traced() -> Any:
-        # Only the constructor is watched: every Python call under a profile hook costs, and
-        # nnx.eval_shape's own work around it has nothing to record.
-        sys.setprofile(hook)
-        try:
-            model = factory()
-        finally:
-            sys.setprofile(previous)
-        params = [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
-        found.update(recorder.initializers(params))
-        return model
-
-    previous = sys.getprofile()
-    abstract = nnx.eval_shape(traced)
-    return abstract, found
-
-
-# --- a model already built: its constructor's defaults ------------------------------------------
 
 
 def flax_default(module: Any, name: str, shape: tuple[int, ...]) -> Initializer | None:

@@ -4,7 +4,7 @@
 ``torch_init`` does for PyTorch: keys are the state's paths (``layers.0.linear.kernel``), shapes
 and dtypes come from the model traced under ``nnx.eval_shape`` (nothing is allocated), and
 without a rule a parameter gets the initializer its constructor called for it, read from the
-trace (``initializers``): a ``kernel_init=``, ``bias_init=``, ``embedding_init=`` or
+trace (``initializer_trace``): a ``kernel_init=``, ``bias_init=``, ``embedding_init=`` or
 ``scale_init=`` given to a module, or Flax's default where none was. One the catalogue cannot
 draw is refused by name. A model already built (concrete or abstract) does not record its
 initializers: there each parameter gets its Flax module's default (a subclass its base's), and a
@@ -25,14 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSha
 from initserve_client._client import Client
 from initserve_client._safetensors import DTYPE_NAMES
 from initserve_client.jax.arrays import fetch_arrays
-from initserve_client.jax.initializers import (
-    Found,
-    Initializer,
-    Unknown,
-    UnservableInitializer,
-    capture,
-    flax_default,
-)
+from initserve_client.jax.initializer_trace import Found, Unknown, capture
+from initserve_client.jax.initializers import Initializer, UnservableInitializer, flax_default
 
 Rules = Mapping[Any, Mapping[str, Any]]  # a glob on the parameter path, or a module type
 

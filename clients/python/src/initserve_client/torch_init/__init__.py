@@ -15,7 +15,7 @@ collective is needed.
 
 Rules override the model's init for chosen parameters (see rules.py).
 
-One module per idea; the walk of ``init_module(model)``:
+One module per idea:
 
 - ``api``: the public entry points, ``init_module`` and ``spec_from_module``.
 - ``tensors``: the model's parameters and buffers by canonical name, stand-ins, host views.
@@ -29,6 +29,11 @@ One module per idea; the walk of ``init_module(model)``:
 - ``placement``: DTensor placement: local regions and indexes of the local shard.
 - ``routing``, ``recorder``, ``writer``, ``factory_routers``: what receives the code's draws.
 - ``mode``, ``nn_init``: the TorchFunctionMode and torch.nn.init's patches that route them.
+
+``init_module(model)`` on a model built beforehand walks: api -> parametrizations (logical
+form) -> replay -> tensors, rules -> recording (Recorder over ties' stand-ins, own_init under
+mode.routed) -> placement (each rank's region) -> the client's plan, allocate and fetch_into ->
+replay again (Writer, own_init under mode.routed) -> parametrizations (stored back).
 
 Importing this package does not import torch: the modules that do are imported as a run starts.
 """

@@ -13,7 +13,7 @@ import pytest
 from fastapi.responses import JSONResponse
 
 from initserve.app import create_app
-from initserve.delivery import dry_run_answer, prepare
+from initserve.preparation import dry_run_answer, prepare
 from initserve.request import InitRequest
 from initserve.routes.generation import PLANNING, PlanAnswer
 from initserve.schemes import SCHEMES

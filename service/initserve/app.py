@@ -2,7 +2,8 @@
 
 The lifespan warms the generator up before /readyz turns 200. The state lives on
 ``app.state.service`` (state.py); the endpoints are in routes/, the response building in
-responses.py, the error handlers in errors.py, the ASGI middleware in middleware.py.
+responses.py, the exception handlers in exception_handlers.py (the exceptions themselves in
+exceptions.py), the ASGI middleware in middleware.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from fastapi import APIRouter, FastAPI
 
 import initserve
 from initserve.backends import cpu
-from initserve.errors import install_error_handlers
+from initserve.exception_handlers import install_exception_handlers
+from initserve.exceptions import GPUUnavailable
 from initserve.middleware import (
     BearerAuthMiddleware,
     BodySizeLimitMiddleware,
@@ -87,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_token:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, count=metrics.count)
-    install_error_handlers(app)
+    install_exception_handlers(app)
     add_routes(app, *ROUTERS, shared_memory_router(settings, registry))
     return app
 
@@ -125,9 +127,9 @@ def choose_backend(settings: Settings) -> str:
     try:
         gpu.configure_memory_pool(settings.gpu_memory_limit_bytes)
         name = gpu.device_name()
-    except gpu.GPUUnavailable as exc:
+    except GPUUnavailable as exc:
         if settings.backend == "gpu":
-            raise gpu.GPUUnavailable(f"INITSERVE_BACKEND=gpu, but {exc}") from exc
+            raise GPUUnavailable(f"INITSERVE_BACKEND=gpu, but {exc}") from exc
         log.info("backend auto: no usable GPU (%s); using the CPU", exc)
         return "cpu"
     log.info("backend %s: GPU %s", settings.backend, name)

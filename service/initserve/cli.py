@@ -187,10 +187,10 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from initserve.delivery import Rejected, prepare
+    from initserve.exceptions import Rejected, SpecError
+    from initserve.preparation import prepare
     from initserve.request import validated_request
     from initserve.safetensors_writer import BodyWriter
-    from initserve.spec import SpecError
 
     data = read_spec(args.spec)
     try:
@@ -215,7 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from initserve.diagnostics import format_table, inspect_json, plot, report
-    from initserve.spec import SpecError
+    from initserve.exceptions import SpecError
 
     spec = read_spec(args.spec).decode()
     try:

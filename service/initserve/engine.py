@@ -22,9 +22,10 @@ import numpy.typing as npt
 
 from initserve.backends import cpu
 from initserve.draws import KERNEL_NORMAL, Constant, Dirac, Eye, Normal, Orthogonal, Sparse
+from initserve.exceptions import SpecError
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.request import InitRequest, parse_request, selection_arguments
-from initserve.spec import Spec, SpecError
+from initserve.spec import Spec
 from initserve.stream import SPARSE_RANK_SUFFIX, stream_for
 
 Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)

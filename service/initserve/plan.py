@@ -23,14 +23,13 @@ from initserve.draws import (
     TruncNormal,
     Uniform,
 )
-from initserve.schemes import Layout, SchemeError, resolve, torch_default_bias
+from initserve.exceptions import MAX_REPORTED_ERRORS, SchemeError, SpecError
+from initserve.schemes import Layout, resolve, torch_default_bias
 from initserve.spec import (
-    MAX_REPORTED_ERRORS,
     MAX_TENSOR_BYTES,
     InitParams,
     LayerSpec,
     Spec,
-    SpecError,
     TensorSpec,
     parse_spec,
     shape_extent,

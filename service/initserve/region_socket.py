@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from initserve.exceptions import RegistrationProblem
 from initserve.middleware import token_digest, token_matches
-from initserve.shared_memory import RegionProblem, RegionRegistry
+from initserve.shared_memory import RegionRegistry
 from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 log = logging.getLogger("initserve")
@@ -125,7 +126,7 @@ class RegistrationServer:
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
-                raise RegionProblem.one(
+                raise RegistrationProblem.one(
                     422,
                     "Unprocessable Content",
                     "message",
@@ -136,7 +137,7 @@ class RegistrationServer:
                 token = payload.get("token")
                 presented = token.encode() if isinstance(token, str) else b""
                 if not token_matches(presented, self.expected):
-                    raise RegionProblem.one(
+                    raise RegistrationProblem.one(
                         401,
                         "Unauthorized",
                         "token",
@@ -144,7 +145,7 @@ class RegistrationServer:
                         "unauthorized",
                     )
             if flags & socket.MSG_CTRUNC or len(fds) != 1:
-                raise RegionProblem.one(
+                raise RegistrationProblem.one(
                     422,
                     "Unprocessable Content",
                     "fd",
@@ -153,7 +154,7 @@ class RegistrationServer:
                     "shm_fds",
                 )
             region = self.registry.register(fds[0])
-        except RegionProblem as problem:
+        except RegistrationProblem as problem:
             return problem.answer()
         return {"region": region.id, "size": region.size}
 

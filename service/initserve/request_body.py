@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi.exceptions import HTTPException
 
+from initserve.exceptions import SpecError
 from initserve.request import EXAMPLE_REQUEST, InitRequest, validated_request
-from initserve.spec import SpecError, json_syntax_error
+from initserve.spec import json_syntax_error
 
 BODY_EXAMPLES: dict[str, dict[str, Any]] = {
     "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},

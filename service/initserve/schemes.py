@@ -32,6 +32,7 @@ from initserve.draws import (
     TruncNormal,
     Uniform,
 )
+from initserve.exceptions import SchemeError
 
 Layout = Literal["torch", "jax"]
 
@@ -79,15 +80,6 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 # stddev of a standard normal truncated to (-2, 2): JAX's variance_scaling divides by it so the
 # truncated draw has the variance asked for.
 TRUNCATED_STD_2 = 0.87962566103423978
-
-
-class SchemeError(ValueError):
-    """A scheme cannot be applied as asked; ``field`` names the offending spec field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,10 @@ import numpy.typing as npt
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
-from initserve.delivery import Prepared, Rejected, prepare
 from initserve.draws import Constant
 from initserve.engine import TensorSource
+from initserve.exceptions import RegistrationProblem, Rejected, registration_error
+from initserve.preparation import Prepared, prepare
 from initserve.problems import problem_responses
 from initserve.request import InitRequest
 from initserve.responses import OCTET_STREAM, file_headers
@@ -90,43 +91,15 @@ def filesystem_type(fd: int) -> int:
     return int(info.f_type) & 0xFFFFFFFF
 
 
-@dataclass
-class RegionProblem(Exception):
-    """Why a region cannot be registered: every problem found, at once."""
-
-    status: int
-    title: str
-    errors: list[dict[str, Any]]
-
-    @classmethod
-    def one(cls, status: int, title: str, field: str, message: str, kind: str) -> RegionProblem:
-        return cls(status, title, [_error(field, message, kind)])
-
-    @property
-    def detail(self) -> str:
-        return "; ".join(e["msg"] for e in self.errors)
-
-    def answer(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "title": self.title,
-            "detail": self.detail,
-            "errors": self.errors,
-        }
-
-
-def _error(field: str, message: str, kind: str) -> dict[str, Any]:
-    return {"loc": ["region", field], "msg": message, "type": kind}
-
-
 def examine(fd: int, max_bytes: int) -> int:
-    """The region's size, once every check has passed; RegionProblem naming all that failed."""
+    """The region's size, once every check has passed; RegistrationProblem naming all that
+    failed."""
     try:
         info = os.fstat(fd)
         fs_type = filesystem_type(fd)
         access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
-        raise RegionProblem.one(
+        raise RegistrationProblem.one(
             422,
             "Unprocessable Content",
             "fd",
@@ -134,7 +107,7 @@ def examine(fd: int, max_bytes: int) -> int:
             "shm_invalid",
         ) from None
     if info.st_uid != owner_uid():
-        raise RegionProblem.one(
+        raise RegistrationProblem.one(
             403,
             "Forbidden",
             "owner",
@@ -143,7 +116,7 @@ def examine(fd: int, max_bytes: int) -> int:
             "shm_foreign",
         )
     if not stat.S_ISREG(info.st_mode) or fs_type != TMPFS_MAGIC:
-        raise RegionProblem.one(
+        raise RegistrationProblem.one(
             422,
             "Unprocessable Content",
             "fd",
@@ -154,7 +127,9 @@ def examine(fd: int, max_bytes: int) -> int:
     errors = []
     if access != os.O_RDWR:
         errors.append(
-            _error("fd", "the descriptor is not open for reading and writing", "shm_mode")
+            registration_error(
+                "fd", "the descriptor is not open for reading and writing", "shm_mode"
+            )
         )
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -162,7 +137,7 @@ def examine(fd: int, max_bytes: int) -> int:
         seals = fcntl.F_SEAL_SEAL  # a file that cannot carry seals: as unsealed
     if not seals & fcntl.F_SEAL_SHRINK:
         errors.append(
-            _error(
+            registration_error(
                 "seals",
                 "not sealed against shrinking: create it with memfd_create(MFD_ALLOW_SEALING)"
                 " and add F_SEAL_SHRINK, so that no truncation can fault the server's writes",
@@ -170,12 +145,12 @@ def examine(fd: int, max_bytes: int) -> int:
             )
         )
     if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
-        errors.append(_error("seals", "sealed against writing", "shm_write_sealed"))
+        errors.append(registration_error("seals", "sealed against writing", "shm_write_sealed"))
     if info.st_size == 0:
-        errors.append(_error("size", "the region is empty", "shm_empty"))
+        errors.append(registration_error("size", "the region is empty", "shm_empty"))
     elif info.st_size > max_bytes:
         errors.append(
-            _error(
+            registration_error(
                 "size",
                 f"{info.st_size} bytes, more than this server writes into one region"
                 f" ({max_bytes}, INITSERVE_MAX_RESPONSE_BYTES)",
@@ -184,7 +159,7 @@ def examine(fd: int, max_bytes: int) -> int:
         )
     elif info.st_blocks * 512 < info.st_size:  # tmpfs counts the pages it holds, holes not
         errors.append(
-            _error(
+            registration_error(
                 "pages",
                 "the region has pages that are not allocated: posix_fallocate it before"
                 " registering, so that the server's writes take no memory of their own",
@@ -192,7 +167,7 @@ def examine(fd: int, max_bytes: int) -> int:
             )
         )
     if errors:
-        raise RegionProblem(422, "Unprocessable Content", errors)
+        raise RegistrationProblem(422, "Unprocessable Content", errors)
     return info.st_size
 
 
@@ -283,7 +258,7 @@ class RegionRegistry:
         size = examine(fd, self.max_bytes)
         with self.lock:
             if len(self.regions) >= self.limit:
-                raise RegionProblem.one(
+                raise RegistrationProblem.one(
                     429,
                     "Too Many Requests",
                     "count",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from initserve.exceptions import GPUUnavailable
 from initserve.stream import StreamId
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -27,10 +28,6 @@ NVRTC_OPTIONS = (
     "--ftz=false",
 )
 THREADS = 256
-
-
-class GPUUnavailable(RuntimeError):
-    pass
 
 
 def cuda_source() -> str:

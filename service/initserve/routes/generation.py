@@ -15,7 +15,7 @@ import anyio
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse, Response
 
-from initserve.delivery import Prepared, dry_run_answer, prepare
+from initserve.preparation import Prepared, dry_run_answer, prepare
 from initserve.problems import problem_response, problem_responses
 from initserve.request import InitRequest
 from initserve.request_body import BODY_EXAMPLES, INIT_REQUEST_BODY, parsed_request

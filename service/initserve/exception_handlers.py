@@ -13,17 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from initserve.delivery import Rejected
+from initserve.exceptions import Rejected, SpecError
 from initserve.problems import problem_response
 from initserve.request_body import parsed_request
 from initserve.routes.generation import PLANNING
-from initserve.spec import SpecError, user_errors
+from initserve.spec import user_errors
 from initserve.state import service_state
 
 log = logging.getLogger("initserve")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(SpecError, _on_spec_error)  # type: ignore[arg-type]
     app.add_exception_handler(Rejected, _on_rejected)  # type: ignore[arg-type]

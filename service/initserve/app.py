@@ -27,9 +27,9 @@ from initserve.middleware import (
     RequestMetricsMiddleware,
 )
 from initserve.region_socket import RegistrationServer
-from initserve.routes import ROUTERS
+from initserve.routes import ROUTERS, shared_memory
 from initserve.settings import Settings
-from initserve.shared_memory import RegionRegistry, registration_path, shared_memory_router
+from initserve.shared_regions import SharedRegionRegistry, registration_path
 from initserve.state import ServiceState
 
 log = logging.getLogger("initserve")
@@ -90,11 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, count=metrics.count)
     install_exception_handlers(app)
-    add_routes(app, *ROUTERS, shared_memory_router(settings, registry))
+    add_routes(app, *ROUTERS, shared_memory.router_for(settings, registry))
     return app
 
 
-def shared_memory_registry(settings: Settings, state: ServiceState) -> RegionRegistry | None:
+def shared_memory_registry(settings: Settings, state: ServiceState) -> SharedRegionRegistry | None:
     """The registry of clients' regions, where shared memory is allowed and there is a Unix
     socket to register them on (README: Shared memory); None otherwise."""
     if not settings.allow_shared_memory:
@@ -105,7 +105,7 @@ def shared_memory_registry(settings: Settings, state: ServiceState) -> RegionReg
             " regions are registered on it, so shared memory stays off"
         )
         return None
-    registry = RegionRegistry(settings.max_shared_memory_regions, settings.max_response_bytes)
+    registry = SharedRegionRegistry(settings.max_shared_memory_regions, settings.max_response_bytes)
     state.metrics.shared_memory_regions.set_function(lambda: len(registry.regions))
     return registry
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from initserve.exceptions import RegistrationProblem
 from initserve.middleware import token_digest, token_matches
-from initserve.shared_memory import RegionRegistry
+from initserve.shared_regions import SharedRegionRegistry
 from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 log = logging.getLogger("initserve")
@@ -39,7 +39,9 @@ REGISTER_SECONDS = 10.0
 class RegistrationServer:
     """Accepts registrations for ``registry`` on ``path`` until ``stop()``."""
 
-    def __init__(self, path: str, mode: int, registry: RegionRegistry, token: str | None) -> None:
+    def __init__(
+        self, path: str, mode: int, registry: SharedRegionRegistry, token: str | None
+    ) -> None:
         self.path, self.registry = path, registry
         self.expected = None if token is None else token_digest(token)
         self.listener = bind_unix(path, mode, socket.SOCK_SEQPACKET)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from initserve.exceptions import Rejected, SpecError
 from initserve.problems import problem_response
 from initserve.request_body import parsed_request
-from initserve.routes.generation import PLANNING
+from initserve.routes.generation import PREPARING
 from initserve.spec import user_errors
 from initserve.state import service_state
 
@@ -46,7 +46,7 @@ async def _as_spec_error(request: Request, exc: RequestValidationError) -> SpecE
         # valid entries planned one request at a time, as the routes plan theirs.
         body = await request.body()
         try:
-            await anyio.to_thread.run_sync(parsed_request, body, limiter=PLANNING)
+            await anyio.to_thread.run_sync(parsed_request, body, limiter=PREPARING)
         except SpecError as described:
             others = user_errors(e for e in errors if e["loc"][:1] != ("body",))
             return SpecError(others + described.errors) if others else described

@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve.draws import Constant, Dirac, Eye, Normal, Orthogonal, Sparse, TruncNormal, Uniform
-from initserve.engine import TensorSource, matrix_view
+from initserve.engine import TensorSource
+from initserve.layout import matrix_view, weight_axes
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.schemes import calculate_gain, fans
 
@@ -76,7 +77,7 @@ def theoretical(tensor: TensorPlan) -> tuple[float | None, float | None]:
         mean, std = draw.mean, draw.std
         return _truncated_std(std, (draw.a - mean) / std, (draw.b - mean) / std), None
     if isinstance(draw, Orthogonal):
-        rows, cols = matrix_view(tensor)
+        rows, cols = matrix_view(tensor.shape, tensor.layout)
         return draw.gain / math.sqrt(max(rows, cols)), None
     if isinstance(draw, Sparse):
         rows = tensor.shape[0]
@@ -224,9 +225,8 @@ def _chain(planned: Plan) -> list[tuple[TensorPlan, str]]:
 def _matrix(weights: npt.NDArray[Any], tensor: TensorPlan) -> npt.NDArray[np.float64]:
     """The weight as [out, fan_in]."""
     w = weights.astype(np.float64)
-    if tensor.layout == "torch":
-        return w.reshape(tensor.shape[0], -1)
-    return np.moveaxis(w, -1, 0).reshape(tensor.shape[-1], -1)
+    out = weight_axes(tensor.layout).out
+    return np.moveaxis(w, out, 0).reshape(tensor.shape[out], -1)
 
 
 def propagate(

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from initserve.backends import cpu
 from initserve.draws import KERNEL_NORMAL, Constant, Dirac, Eye, Normal, Orthogonal, Sparse
 from initserve.exceptions import SpecError
+from initserve.layout import matrix_view, weight_axes
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.request import InitRequest, parse_request, selection_arguments
 from initserve.spec import Spec
@@ -117,14 +118,6 @@ def _batches(
         yield runs[i : i + per_piece], run_len, i * run_len
 
 
-def matrix_view(tensor: TensorPlan) -> tuple[int, int]:
-    """(rows, cols) of the matrix an orthogonal tensor is (docs/ALGORITHM.md, 4.1): torch
-    layout rows = dim 0, jax layout cols = the last dimension; the rest folds into the other."""
-    shape = tensor.shape
-    rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
-    return rows, tensor.numel // rows
-
-
 # Sparse's per-column ranking (a stable argsort of every column, then the zeros put in) costs,
 # measured on the CPU backend, about as much per element as this many flops of the QR per
 # log2(rows): 2048 x 2048 sparse takes as long as 4 * 2048 * 1024^2 / 1.4 flops of orthogonal.
@@ -140,7 +133,7 @@ def coupled_flops(tensor: TensorPlan) -> int:
     if tensor.numel == 0:
         return 0
     if isinstance(draw, Orthogonal):
-        rows, cols = matrix_view(tensor)
+        rows, cols = matrix_view(tensor.shape, tensor.layout)
         m, n = max(rows, cols), min(rows, cols)
         return 4 * m * n * n
     if isinstance(draw, Sparse):
@@ -348,12 +341,9 @@ class TensorSource:
             return diagonal
         if isinstance(draw, Dirac):
             groups = draw.groups
-            if self.tensor.layout == "torch":
-                out_index, in_index, kernel = index[0], index[1], index[2:]
-                kernel_sizes, out_dim = shape[2:], shape[0]
-            else:
-                out_index, in_index, kernel = index[-1], index[-2], index[:-2]
-                kernel_sizes, out_dim = shape[:-2], shape[-1]
+            axes = weight_axes(self.tensor.layout)
+            out_index, in_index, kernel = index[axes.out], index[axes.inputs], index[axes.kernel]
+            kernel_sizes, out_dim = shape[axes.kernel], shape[axes.out]
             out_per_group = out_dim // groups
             hit = (out_index % out_per_group) == in_index
             for position, size in zip(kernel, kernel_sizes, strict=True):
@@ -373,7 +363,7 @@ class TensorSource:
 
     def _orthogonal(self, draw: Orthogonal) -> npt.NDArray[Any]:
         tensor = self.tensor
-        rows, cols = matrix_view(tensor)
+        rows, cols = matrix_view(tensor.shape, tensor.layout)
         gaussian = self._normal_master(1.0).reshape(rows, cols)
         if rows >= cols:
             # Column-major storage of the rows x cols matrix is its transpose in C order.

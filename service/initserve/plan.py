@@ -24,7 +24,8 @@ from initserve.draws import (
     Uniform,
 )
 from initserve.exceptions import MAX_REPORTED_ERRORS, SchemeError, SpecError
-from initserve.schemes import Layout, resolve, torch_default_bias
+from initserve.layout import LAYOUTS, Layout, out_features
+from initserve.schemes import resolve, torch_default_bias
 from initserve.spec import (
     MAX_TENSOR_BYTES,
     InitParams,
@@ -264,7 +265,7 @@ def entry_problems(data: Any) -> list[dict[str, Any]]:
     if not isinstance(data, Mapping):
         return []
     layout = data.get("layout", "torch")
-    if layout not in ("torch", "jax"):
+    if layout not in LAYOUTS:
         return []
     dtype = data.get("dtype", "float32")
     problems = _Problems()
@@ -354,8 +355,7 @@ def _resolved(
         add(loc, f"{layer.name}.weight", shape, dtype, seed, (loc, layer.scheme, weight))
         if layer.bias is False:
             continue
-        out_features = shape[0] if layout == "torch" else shape[-1]
-        bias_shape = (out_features,)
+        bias_shape = (out_features(shape, layout),)
         bias_loc = (*loc, "bias")
         if layer.bias is True:
             bias_init, bias_activation = InitParams(scheme="zeros"), None

@@ -30,6 +30,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from initserve.exceptions import MAX_REPORTED_ERRORS
 from initserve.exceptions import SpecError as SpecError  # initserve_client imports it from here
+from initserve.layout import Layout
 from initserve.schemes import (
     PARAM_NAMES,
     SCHEMES,
@@ -250,7 +251,7 @@ class Spec(BaseModel):
 
     seed: Seed
     dtype: DType = "float32"
-    layout: Literal["torch", "jax"] = "torch"
+    layout: Layout = "torch"
     layers: list[LayerSpec] = Field(default_factory=list)
     tensors: list[TensorSpec] = Field(default_factory=list)
 

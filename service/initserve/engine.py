@@ -118,28 +118,13 @@ def _batches(
         yield runs[i : i + per_piece], run_len, i * run_len
 
 
-# Sparse's per-column ranking (a stable argsort of every column, then the zeros put in) costs,
-# measured on the CPU backend, about as much per element as this many flops of the QR per
-# log2(rows): 2048 x 2048 sparse takes as long as 4 * 2048 * 1024^2 / 1.4 flops of orthogonal.
-SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS = 128
-
-
 def coupled_flops(tensor: TensorPlan) -> int:
     """The work of computing a coupled tensor whole, in estimated floating-point operations
-    (INITSERVE_MAX_COUPLED_FLOPS): 4 m n^2 for the Householder QR of an m x n matrix (m >= n)
-    and forming its Q; 128 log2(rows) per element for sparse; 0 for every other draw, whose
-    cost is that of the elements asked for."""
-    draw = tensor.draw
+    (INITSERVE_MAX_COUPLED_FLOPS; Draw.coupled_flops): 0 for an empty tensor and for every draw
+    whose cost is that of the elements asked for."""
     if tensor.numel == 0:
         return 0
-    if isinstance(draw, Orthogonal):
-        rows, cols = matrix_view(tensor.shape, tensor.layout)
-        m, n = max(rows, cols), min(rows, cols)
-        return 4 * m * n * n
-    if isinstance(draw, Sparse):
-        log2_rows = max(1, (tensor.shape[0] - 1).bit_length())
-        return SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS * log2_rows * tensor.numel
-    return 0
+    return tensor.draw.coupled_flops(tensor.shape, tensor.layout)
 
 
 def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from initserve.draws import Constant
 from initserve.engine import RUNS_BATCH, Region, RegionRuns, TensorSource, region_runs
 from initserve.plan import TensorPlan
 
@@ -139,8 +138,7 @@ class BodyWriter:
         file_map = self.file_map
         base = len(file_map.header)
         for part, (begin, end) in zip(file_map.parts, file_map.offsets, strict=True):
-            draw = part.tensor.draw
-            if draw.kernel is not None or isinstance(draw, Constant):
+            if part.tensor.draw.fills_in_place:
                 out = data[begin:end].view(part.tensor.dtype.numpy)
                 TensorSource(part.tensor, self.backend).region(part.region, out=out)
                 continue

@@ -34,6 +34,10 @@ from initserve.state import ServiceState
 
 log = logging.getLogger("initserve")
 
+# Elements per distribution at warm-up: enough that a fill is split over threads (twice the
+# CPU backend's smallest share of one), so that the pool starts before the first request.
+WARM_UP_ELEMENTS = 1 << 17
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -142,10 +146,10 @@ def warm_up(backend: str) -> None:
         {
             "seed": 0,
             "tensors": [
-                {"name": "u", "shape": [1 << 17], "scheme": "uniform"},
-                {"name": "n", "shape": [1 << 17], "scheme": "normal"},
-                {"name": "t", "shape": [1 << 17], "scheme": "trunc_normal"},
-                {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},
+                {"name": "u", "shape": [WARM_UP_ELEMENTS], "scheme": "uniform"},
+                {"name": "n", "shape": [WARM_UP_ELEMENTS], "scheme": "normal"},
+                {"name": "t", "shape": [WARM_UP_ELEMENTS], "scheme": "trunc_normal"},
+                {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},  # the QR's code path
             ],
         },
         backend=backend,

@@ -20,6 +20,10 @@ from initserve.layout import matrix_view
 
 # Distribution codes of the kernels (IS_DIST_* in initserve_math.h).
 KERNEL_UNIFORM, KERNEL_NORMAL, KERNEL_TRUNC_NORMAL = 0, 1, 2
+# The kernels' parameter block: ``params[]`` of initserve_math.h, shared between Python and the
+# C and CUDA kernels, is this many doubles, the most any draw has (trunc_normal's eight); a draw
+# with fewer leaves the rest 0.
+KERNEL_PARAMS = 8
 
 # The largest |z| Box-Muller can produce: the radius sqrt(-2 log u) at the smallest u the
 # generator draws, unit(0) = 2^-33, times |cos| = 1 (reached: the angle word 0 gives cos = 1

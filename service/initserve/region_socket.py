@@ -31,7 +31,13 @@ from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 log = logging.getLogger("initserve")
 
-MESSAGE_BYTES = 4096
+MESSAGE_BYTES = 4096  # a registration is a short JSON object; larger is not one
+# Descriptors taken from one message: one is expected; a few more are received (and closed)
+# so that the refusal says how many came, and MSG_CTRUNC marks any beyond them.
+MAX_FDS_RECEIVED = 4
+# Connections the kernel queues before the one serving thread accepts them: enough for every
+# rank of a large node registering at the same moment (each is accepted in microseconds).
+LISTEN_BACKLOG = 64
 # A connection that has not registered within this is closed (it holds no region, only a slot).
 REGISTER_SECONDS = 10.0
 
@@ -46,7 +52,7 @@ class RegistrationServer:
         self.expected = None if token is None else token_digest(token)
         self.listener = bind_unix(path, mode, socket.SOCK_SEQPACKET)
         self.identity = socket_identity(path)
-        self.listener.listen(64)
+        self.listener.listen(LISTEN_BACKLOG)
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
@@ -103,7 +109,7 @@ class RegistrationServer:
 
     def _register(self, connection: socket.socket) -> None:
         try:
-            message, fds, flags, _ = socket.recv_fds(connection, MESSAGE_BYTES, 4)
+            message, fds, flags, _ = socket.recv_fds(connection, MESSAGE_BYTES, MAX_FDS_RECEIVED)
         except BlockingIOError:
             return
         try:

@@ -39,7 +39,11 @@ from initserve.exceptions import RegistrationProblem, registration_error
 
 # The registration socket is the HTTP socket's path with this suffix (README: Shared memory).
 REGISTRATION_SUFFIX = ".regions"
+# A region's id is this many random bytes, in hex: 128 bits, not guessable (a client that has
+# not registered a region cannot name it).
+REGION_ID_BYTES = 16
 
+STAT_BLOCK_BYTES = 512  # the unit of st_blocks (POSIX), whatever the filesystem's block size
 TMPFS_MAGIC = 0x01021994  # memfd and /dev/shm files (linux/magic.h)
 F_SEAL_FUTURE_WRITE = 0x0010  # linux/fcntl.h; not in Python's fcntl module
 
@@ -56,6 +60,8 @@ def owner_uid() -> int:
 
 class _StatFs(ctypes.Structure):
     # struct statfs begins with f_type (__fsword_t, a long on Linux); the rest is not read.
+    # Room for the rest: as much as the whole struct takes on 64-bit Linux (120 bytes), so that
+    # fstatfs never writes past it.
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
 
 
@@ -136,7 +142,7 @@ def examine(fd: int, max_bytes: int) -> int:
                 "shm_too_large",
             )
         )
-    elif info.st_blocks * 512 < info.st_size:  # tmpfs counts the pages it holds, holes not
+    elif info.st_blocks * STAT_BLOCK_BYTES < info.st_size:  # tmpfs counts pages held, not holes
         errors.append(
             registration_error(
                 "pages",
@@ -248,7 +254,7 @@ class SharedRegionRegistry:
             mapping = mmap.mmap(
                 fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
-            region = SharedRegion(secrets.token_hex(16), size, mapping, os.dup(fd))
+            region = SharedRegion(secrets.token_hex(REGION_ID_BYTES), size, mapping, os.dup(fd))
             self.regions[region.id] = region
         populate(mapping)  # outside the lock: it takes a while for a large region
         return region

@@ -39,6 +39,10 @@ from initserve.state import service_state
 REGION_HEADER = "x-initserve-shm-region"
 OFFSET_HEADER = "x-initserve-shm-offset"
 SIZE_HEADER = "x-initserve-shm-size"
+# 2^64 - 1 has 20 digits: a longer offset or size is past any region, and is refused unread.
+MAX_DIGITS = 20
+# How much of a header's value a problem repeats back.
+ECHOED_CHARS = 40
 
 
 def _invalid(header: str, message: str, status: int = 422, reason: str = "shm_invalid") -> Rejected:
@@ -56,8 +60,10 @@ def _integer(value: str | None, header: str, default: int | None) -> int | None:
         return default
     # ASCII digits only: str.isdigit() also accepts '²' and other scripts' digits, which int()
     # refuses or reads as a number the client did not write.
-    if not (value.isascii() and value.isdigit()) or len(value) > 20:
-        raise _invalid(header, f"must be a non-negative decimal integer, not {value[:40]!r}")
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS:
+        raise _invalid(
+            header, f"must be a non-negative decimal integer, not {value[:ECHOED_CHARS]!r}"
+        )
     return int(value)
 
 
@@ -158,8 +164,8 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
             if region is None:
                 raise _invalid(
                     REGION_HEADER,
-                    f"no registered region {str(region_id)[:40]!r}: register a memfd on the"
-                    f" socket <INITSERVE_UDS>{REGISTRATION_SUFFIX} first",
+                    f"no registered region {str(region_id)[:ECHOED_CHARS]!r}: register a memfd"
+                    f" on the socket <INITSERVE_UDS>{REGISTRATION_SUFFIX} first",
                     404,
                     "shm_unknown",
                 )

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import initserve
-from initserve.engine import coupled_flops, selected_parts
+from initserve.engine import coupled_flops
 from initserve.exceptions import RangeNotSatisfiable, Rejected
 from initserve.plan import ALGORITHM_VERSION, Plan, canonical_json, plan
 from initserve.request import InitRequest
 from initserve.safetensors_writer import FileMap, Part, map_file
+from initserve.selection import selected_parts
 from initserve.settings import Settings
 
 IMMUTABLE = "public, max-age=31536000, immutable"

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from initserve.engine import RUNS_BATCH, Region, RegionRuns, TensorSource, region_runs
+from initserve.engine import RUNS_BATCH, TensorSource
 from initserve.plan import TensorPlan
+from initserve.tensor_regions import Region, RegionRuns, region_runs
 
 ALIGNMENT = 8
 

@@ -3,7 +3,7 @@
 * InitserveError: the base; ``except InitserveError`` catches every one of them.
   + SpecError (a ValueError): a spec that cannot be served, with every problem found (422).
   + SchemeError (a ValueError): a scheme that cannot be applied to a tensor as asked; planning
-    turns it into one of a SpecError's problems, so it never leaves the service itself.
+    turns it into one of a SpecError's problems, so only direct callers of schemes.py see it.
   + Rejected: a valid request refused for a reason the client can act on: a limit (413), a
     byte range (416), overload (503), shared memory that is off or a region that does not fit.
     - RangeNotSatisfiable: a ``Range`` header past the end of the file; the route answers 416.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import curl_post, uvicorn_server
 
-from initserve.delivery import prepare
+from initserve.preparation import prepare
 from initserve.request import InitRequest
 from initserve.safetensors_writer import BodyWriter
 from initserve.settings import Settings

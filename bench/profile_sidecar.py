@@ -38,7 +38,7 @@ import initserve
 from initserve.engine import TensorSource
 from initserve.plan import plan
 from initserve.request import parse_request
-from initserve.shared_memory import _libc, populate
+from initserve.shared_regions import _libc, populate
 from initserve_client import Client
 from initserve_client._shared_memory import _allocated_mapping, register
 

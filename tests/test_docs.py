@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import initserve
-from initserve.engine import split_bounds
 from initserve.settings import Settings
+from initserve.tensor_regions import split_bounds
 from initserve_client import fetch_weights
 
 REPO = Path(__file__).resolve().parent.parent

@@ -142,7 +142,7 @@ def test_backend_gpu_without_a_gpu_fails_at_start_up() -> None:
     except Exception:
         pass
     from initserve.app import create_app
-    from initserve.backends.gpu import GPUUnavailable
+    from initserve.exceptions import GPUUnavailable
     from initserve.settings import Settings
 
     with pytest.raises(GPUUnavailable, match="INITSERVE_BACKEND=gpu"):

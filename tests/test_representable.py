@@ -17,9 +17,9 @@ import initserve
 from initserve import SpecError
 from initserve.backends import cpu
 from initserve.draws import BOX_MULLER_MAX_RADIUS
+from initserve.exceptions import MAX_REPORTED_ERRORS
 from initserve.plan import DTYPES
 from initserve.schemes import calculate_gain
-from initserve.spec import MAX_REPORTED_ERRORS
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 

@@ -13,9 +13,9 @@ import pytest
 from fastapi.responses import JSONResponse
 
 from initserve.app import create_app
-from initserve.delivery import dry_run_answer, prepare
+from initserve.preparation import dry_run_answer, prepare
 from initserve.request import InitRequest
-from initserve.routes.generation import PLANNING, PlanAnswer
+from initserve.routes.generation import PREPARING, DryRunAnswer
 from initserve.schemes import SCHEMES
 from initserve.settings import Settings
 
@@ -126,7 +126,7 @@ def test_the_openapi_document_shows_the_body_as_a_declared_one() -> None:
 
 
 @pytest.mark.parametrize(
-    "count", [1, PlanAnswer.TENSORS_PER_RENDER, 2 * PlanAnswer.TENSORS_PER_RENDER + 1]
+    "count", [1, DryRunAnswer.TENSORS_PER_RENDER, 2 * DryRunAnswer.TENSORS_PER_RENDER + 1]
 )
 def test_a_plan_rendered_in_batches_is_the_bytes_json_response_renders(count: int) -> None:
     """/plan's answer is rendered a batch of tensors at a time, so that the event loop gets the
@@ -139,7 +139,7 @@ def test_a_plan_rendered_in_batches_is_the_bytes_json_response_renders(count: in
     }
     answer = dry_run_answer(prepare(InitRequest.model_validate(spec), Settings()))
     assert len(answer["tensors"]) == count
-    assert PlanAnswer(answer).body == JSONResponse(answer).body
+    assert DryRunAnswer(answer).body == JSONResponse(answer).body
 
 
 @pytest.mark.anyio
@@ -177,7 +177,7 @@ async def test_requests_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatc
                 for seed in (1, 2, 3):
                     group.start_soon(planned_request, seed)
                 with anyio.fail_after(10):
-                    while PLANNING.statistics().tasks_waiting < 2:
+                    while PREPARING.statistics().tasks_waiting < 2:
                         await anyio.sleep(0.01)
                 assert (await http.get("/livez")).status_code == 200
                 release.set()

@@ -28,8 +28,8 @@ from safetensors.numpy import load
 import initserve
 from initserve import connections
 from initserve.app import create_app
-from initserve.delivery import prepare
 from initserve.plan import canonical_json
+from initserve.preparation import prepare
 from initserve.request import InitRequest
 from initserve.settings import Settings
 from initserve.state import KEPT_BYTES_PER_SPEC_CHAR, EtagCache

@@ -24,14 +24,15 @@ from safetensors.numpy import load
 import initserve
 import initserve_client
 from initserve.app import create_app
-from initserve.delivery import Rejected, prepare
 from initserve.engine import RUNS_BATCH, TensorSource, coupled_flops
+from initserve.exceptions import Rejected, SpecError
 from initserve.plan import plan
+from initserve.preparation import prepare
 from initserve.request import InitRequest, parse_request
 from initserve.safetensors_writer import BodyWriter, Part, map_file
 from initserve.schemes import calculate_gain
 from initserve.settings import Settings
-from initserve.spec import MAX_TENSOR_BYTES, SpecError
+from initserve.spec import MAX_TENSOR_BYTES
 from initserve.stream import stream_for
 
 JSON = {"content-type": "application/json"}

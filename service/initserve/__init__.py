@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from initserve.engine import TensorSource, generate, shard_region
+    from initserve.engine import TensorSource, generate
+    from initserve.exceptions import SpecError
     from initserve.plan import ALGORITHM_VERSION, Plan, TensorPlan, plan
     from initserve.schemes import CATALOGUE, catalogue_json
-    from initserve.spec import Spec, SpecError, parse_spec
+    from initserve.spec import Spec, parse_spec
+    from initserve.tensor_regions import shard_region
 
 # Each public name -> the module that defines it.
 _HOMES = {
@@ -33,11 +35,11 @@ _HOMES = {
     "CATALOGUE": "initserve.schemes",
     "catalogue_json": "initserve.schemes",
     "Spec": "initserve.spec",
-    "SpecError": "initserve.spec",
+    "SpecError": "initserve.exceptions",
     "parse_spec": "initserve.spec",
     "TensorSource": "initserve.engine",
     "generate": "initserve.engine",
-    "shard_region": "initserve.engine",
+    "shard_region": "initserve.tensor_regions",
 }
 
 

@@ -2,7 +2,8 @@
 
 The lifespan warms the generator up before /readyz turns 200. The state lives on
 ``app.state.service`` (state.py); the endpoints are in routes/, the response building in
-responses.py, the error handlers in errors.py, the ASGI middleware in middleware.py.
+responses.py, the exception handlers in exception_handlers.py (the exceptions themselves in
+exceptions.py), the ASGI middleware in middleware.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from fastapi import APIRouter, FastAPI
 
 import initserve
 from initserve.backends import cpu
-from initserve.errors import install_error_handlers
+from initserve.exception_handlers import install_exception_handlers
+from initserve.exceptions import GPUUnavailable
 from initserve.middleware import (
     BearerAuthMiddleware,
     BodySizeLimitMiddleware,
@@ -25,12 +27,16 @@ from initserve.middleware import (
     RequestMetricsMiddleware,
 )
 from initserve.region_socket import RegistrationServer
-from initserve.routes import ROUTERS
+from initserve.routes import ROUTERS, shared_memory
 from initserve.settings import Settings
-from initserve.shared_memory import RegionRegistry, registration_path, shared_memory_router
+from initserve.shared_regions import SharedRegionRegistry, registration_path
 from initserve.state import ServiceState
 
 log = logging.getLogger("initserve")
+
+# Elements per distribution at warm-up: enough that a fill is split over threads (twice the
+# CPU backend's smallest share of one), so that the pool starts before the first request.
+WARM_UP_ELEMENTS = 1 << 17
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -87,12 +93,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_token:
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token, on_reject=metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, count=metrics.count)
-    install_error_handlers(app)
-    add_routes(app, *ROUTERS, shared_memory_router(settings, registry))
+    install_exception_handlers(app)
+    add_routes(app, *ROUTERS, shared_memory.router_for(settings, registry))
     return app
 
 
-def shared_memory_registry(settings: Settings, state: ServiceState) -> RegionRegistry | None:
+def shared_memory_registry(settings: Settings, state: ServiceState) -> SharedRegionRegistry | None:
     """The registry of clients' regions, where shared memory is allowed and there is a Unix
     socket to register them on (README: Shared memory); None otherwise."""
     if not settings.allow_shared_memory:
@@ -103,7 +109,7 @@ def shared_memory_registry(settings: Settings, state: ServiceState) -> RegionReg
             " regions are registered on it, so shared memory stays off"
         )
         return None
-    registry = RegionRegistry(settings.max_shared_memory_regions, settings.max_response_bytes)
+    registry = SharedRegionRegistry(settings.max_shared_memory_regions, settings.max_response_bytes)
     state.metrics.shared_memory_regions.set_function(lambda: len(registry.regions))
     return registry
 
@@ -125,9 +131,9 @@ def choose_backend(settings: Settings) -> str:
     try:
         gpu.configure_memory_pool(settings.gpu_memory_limit_bytes)
         name = gpu.device_name()
-    except gpu.GPUUnavailable as exc:
+    except GPUUnavailable as exc:
         if settings.backend == "gpu":
-            raise gpu.GPUUnavailable(f"INITSERVE_BACKEND=gpu, but {exc}") from exc
+            raise GPUUnavailable(f"INITSERVE_BACKEND=gpu, but {exc}") from exc
         log.info("backend auto: no usable GPU (%s); using the CPU", exc)
         return "cpu"
     log.info("backend %s: GPU %s", settings.backend, name)
@@ -140,10 +146,10 @@ def warm_up(backend: str) -> None:
         {
             "seed": 0,
             "tensors": [
-                {"name": "u", "shape": [1 << 17], "scheme": "uniform"},
-                {"name": "n", "shape": [1 << 17], "scheme": "normal"},
-                {"name": "t", "shape": [1 << 17], "scheme": "trunc_normal"},
-                {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},
+                {"name": "u", "shape": [WARM_UP_ELEMENTS], "scheme": "uniform"},
+                {"name": "n", "shape": [WARM_UP_ELEMENTS], "scheme": "normal"},
+                {"name": "t", "shape": [WARM_UP_ELEMENTS], "scheme": "trunc_normal"},
+                {"name": "q", "shape": [16, 16], "scheme": "orthogonal"},  # the QR's code path
             ],
         },
         backend=backend,

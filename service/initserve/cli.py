@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from initserve.settings import Settings
 
 USAGE_ERROR = 2  # argparse's status for a bad command line; ours for bad input too
+# `initserve generate` writes the file in pieces of this size: the service's default chunk
+# (INITSERVE_CHUNK_BYTES), so that a file of any size takes bounded memory.
+FILE_CHUNK_BYTES = 4 << 20
 
 
 class CommandError(Exception):
@@ -187,13 +190,14 @@ def _listeners(settings: Settings, config: Any) -> list[socket.socket]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from initserve.delivery import Rejected, prepare
+    from initserve.exceptions import Rejected, SpecError
+    from initserve.preparation import prepare
     from initserve.request import validated_request
     from initserve.safetensors_writer import BodyWriter
-    from initserve.spec import SpecError
 
     data = read_spec(args.spec)
     try:
+        # A file written here has no response to bound: no size limit but the disk's.
         prepared = prepare(validated_request(data), _settings(max_response_bytes=1 << 62))
     except SpecError as exc:
         raise CommandError(f"{args.spec}: invalid spec: {exc}") from None
@@ -201,7 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.spec}: {exc.title}: {exc.detail}") from None
     try:
         with open(args.output, "wb") as out:
-            for chunk in BodyWriter(prepared.file_map, 4 << 20).chunks():
+            for chunk in BodyWriter(prepared.file_map, FILE_CHUNK_BYTES).chunks():
                 out.write(chunk)
     except OSError as exc:
         raise CommandError(f"{args.output}: cannot write it: {exc.strerror}") from None
@@ -215,7 +219,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from initserve.diagnostics import format_table, inspect_json, plot, report
-    from initserve.spec import SpecError
+    from initserve.exceptions import SpecError
 
     spec = read_spec(args.spec).decode()
     try:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from initserve.draws import Constant, Dirac, Eye, Normal, Orthogonal, Sparse, TruncNormal, Uniform
-from initserve.engine import TensorSource, matrix_view
+from initserve.engine import TensorSource
+from initserve.layout import weight_axes
 from initserve.plan import Plan, TensorPlan, plan
 from initserve.schemes import calculate_gain, fans
 
@@ -47,41 +47,10 @@ class TensorReport:
     flag: str | None
 
 
-def _truncated_std(std: float, alpha: float, beta: float) -> float:
-    """Std of N(0, std^2) truncated to [alpha, beta] (in units of std)."""
-
-    def pdf(x: float) -> float:
-        return math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
-
-    def cdf(x: float) -> float:
-        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
-
-    z = cdf(beta) - cdf(alpha)
-    if z <= 0:
-        return 0.0
-    a_term = alpha * pdf(alpha) if math.isfinite(alpha) else 0.0
-    b_term = beta * pdf(beta) if math.isfinite(beta) else 0.0
-    mean_shift = (pdf(alpha) - pdf(beta)) / z
-    return std * math.sqrt(max(0.0, 1 + (a_term - b_term) / z - mean_shift**2))
-
-
 def theoretical(tensor: TensorPlan) -> tuple[float | None, float | None]:
     """(std, bound) of the draw; None where it does not apply."""
     draw = tensor.draw
-    if isinstance(draw, Uniform):
-        return draw.width / math.sqrt(12), draw.largest_magnitude()
-    if isinstance(draw, Normal):
-        return draw.std, None
-    if isinstance(draw, TruncNormal):
-        mean, std = draw.mean, draw.std
-        return _truncated_std(std, (draw.a - mean) / std, (draw.b - mean) / std), None
-    if isinstance(draw, Orthogonal):
-        rows, cols = matrix_view(tensor)
-        return draw.gain / math.sqrt(max(rows, cols)), None
-    if isinstance(draw, Sparse):
-        rows = tensor.shape[0]
-        return draw.std * math.sqrt(1 - math.ceil(draw.sparsity * rows) / rows), None
-    return 0.0, None
+    return draw.theoretical_std(tensor.shape, tensor.layout), draw.bound()
 
 
 def activation_of(planned: Plan, key: str) -> str | None:
@@ -116,7 +85,7 @@ def report(spec: Any, sources: dict[str, TensorSource] | None = None) -> list[Te
         fan_in = fan_out = None
         gain = tensor.draw.info.get("gain")
         recommended = flag = None
-        if len(tensor.shape) >= 2 and not isinstance(tensor.draw, Constant | Eye | Dirac):
+        if len(tensor.shape) >= 2 and tensor.draw.random:
             fan_in, fan_out = fans(tensor.shape, tensor.layout)  # type: ignore[arg-type]
             activation = activation_of(planned, tensor.key) or "linear"
             recommended = calculate_gain(activation) / math.sqrt(fan_in)
@@ -224,9 +193,8 @@ def _chain(planned: Plan) -> list[tuple[TensorPlan, str]]:
 def _matrix(weights: npt.NDArray[Any], tensor: TensorPlan) -> npt.NDArray[np.float64]:
     """The weight as [out, fan_in]."""
     w = weights.astype(np.float64)
-    if tensor.layout == "torch":
-        return w.reshape(tensor.shape[0], -1)
-    return np.moveaxis(w, -1, 0).reshape(tensor.shape[-1], -1)
+    out = weight_axes(tensor.layout).out
+    return np.moveaxis(w, out, 0).reshape(tensor.shape[out], -1)
 
 
 def propagate(

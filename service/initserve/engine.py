@@ -6,15 +6,16 @@ different indices, at a cost proportional to the part. Two schemes couple all el
 tensor and are computed whole, then sliced: orthogonal (a QR factorisation) and sparse (the zeros
 of a column depend on the whole column). Their parts are still bit-identical to the same part of
 the whole; only their cost is that of the whole tensor (bounded by the service's limits).
+
+The index arithmetic of a region (runs, shards) is tensor_regions.py; which tensors and regions a
+request selects, selection.py.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,75 +23,18 @@ import numpy.typing as npt
 
 from initserve.backends import cpu
 from initserve.draws import KERNEL_NORMAL, Constant, Dirac, Eye, Normal, Orthogonal, Sparse
-from initserve.plan import Plan, TensorPlan, plan
+from initserve.layout import matrix_view, weight_axes
+from initserve.plan import TensorPlan, plan
 from initserve.request import InitRequest, parse_request, selection_arguments
-from initserve.spec import Spec, SpecError
+from initserve.selection import selected_parts
+from initserve.spec import Spec
 from initserve.stream import SPARSE_RANK_SUFFIX, stream_for
-
-Region = tuple[tuple[int, int], ...]  # per dimension [start, stop)
-
+from initserve.tensor_regions import Region, RegionRuns, region_runs
 
 # Run starts computed at a time: a region's runs cost 8 bytes of offset each, so one in
 # one-element runs (a shard along the last dimension) is generated a slice of runs at a time,
 # never with an offset per element of the whole region in memory.
 RUNS_BATCH = 1 << 16
-
-
-@dataclass(frozen=True)
-class RegionRuns:
-    """A hyper-rectangle of a C-order tensor as ``count`` runs of ``run_len`` consecutive flat
-    indices, in the region's own C order. The starts are computed on demand, any slice of them
-    alone (``starts``), at a cost proportional to the slice."""
-
-    run_len: int
-    count: int
-    base: int  # the flat index where the first run starts
-    extents: tuple[int, ...]  # the lengths, in the region, of the dimensions outside a run
-    strides: tuple[int, ...]  # those dimensions' strides in the tensor
-
-    def start(self, index: int) -> int:
-        """Where run ``index`` starts (exact, in Python integers)."""
-        offset = self.base
-        for extent, stride in zip(reversed(self.extents), reversed(self.strides), strict=True):
-            index, position = divmod(index, extent)
-            offset += position * stride
-        return offset
-
-    def starts(self, first: int, stop: int) -> npt.NDArray[np.uint64]:
-        """Where runs [first, stop) start. Every value is a flat index of the tensor, below
-        2^63 (plan.unindexable), so uint64 arithmetic cannot wrap."""
-        index = np.arange(first, stop, dtype=np.uint64)
-        offsets = np.full(stop - first, self.base, dtype=np.uint64)
-        position = np.empty_like(index)
-        for extent, stride in zip(reversed(self.extents), reversed(self.strides), strict=True):
-            np.divmod(index, np.uint64(extent), out=(index, position))
-            position *= np.uint64(stride)
-            offsets += position
-        return offsets
-
-
-def region_runs(shape: Sequence[int], region: Region) -> RegionRuns:
-    """The hyper-rectangle as runs of consecutive flat indices."""
-    ndim = len(shape)
-    if ndim == 0:  # a 0-d tensor: one element
-        return RegionRuns(run_len=1, count=1, base=0, extents=(), strides=())
-    strides = [math.prod(shape[d + 1 :]) for d in range(ndim)]
-    # The innermost dimension not taken whole: dimensions after it fold into each run.
-    split = ndim - 1
-    while split > 0 and region[split] == (0, shape[split]):
-        split -= 1
-    lo, hi = region[split]
-    extents = tuple(d_hi - d_lo for d_lo, d_hi in region[:split])
-    return RegionRuns(
-        run_len=(hi - lo) * strides[split],
-        count=math.prod(extents),
-        base=sum(
-            d_lo * stride
-            for (d_lo, _), stride in zip(region[: split + 1], strides[: split + 1], strict=True)
-        ),
-        extents=extents,
-        strides=tuple(strides[:split]),
-    )
 
 
 # Elements converted per pass when a kernel's float32 (or float64) values are rounded into an
@@ -116,36 +60,13 @@ def _batches(
         yield runs[i : i + per_piece], run_len, i * run_len
 
 
-def matrix_view(tensor: TensorPlan) -> tuple[int, int]:
-    """(rows, cols) of the matrix an orthogonal tensor is (docs/ALGORITHM.md, 4.1): torch
-    layout rows = dim 0, jax layout cols = the last dimension; the rest folds into the other."""
-    shape = tensor.shape
-    rows = shape[0] if tensor.layout == "torch" else tensor.numel // shape[-1]
-    return rows, tensor.numel // rows
-
-
-# Sparse's per-column ranking (a stable argsort of every column, then the zeros put in) costs,
-# measured on the CPU backend, about as much per element as this many flops of the QR per
-# log2(rows): 2048 x 2048 sparse takes as long as 4 * 2048 * 1024^2 / 1.4 flops of orthogonal.
-SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS = 128
-
-
 def coupled_flops(tensor: TensorPlan) -> int:
     """The work of computing a coupled tensor whole, in estimated floating-point operations
-    (INITSERVE_MAX_COUPLED_FLOPS): 4 m n^2 for the Householder QR of an m x n matrix (m >= n)
-    and forming its Q; 128 log2(rows) per element for sparse; 0 for every other draw, whose
-    cost is that of the elements asked for."""
-    draw = tensor.draw
+    (INITSERVE_MAX_COUPLED_FLOPS; Draw.coupled_flops): 0 for an empty tensor and for every draw
+    whose cost is that of the elements asked for."""
     if tensor.numel == 0:
         return 0
-    if isinstance(draw, Orthogonal):
-        rows, cols = matrix_view(tensor)
-        m, n = max(rows, cols), min(rows, cols)
-        return 4 * m * n * n
-    if isinstance(draw, Sparse):
-        log2_rows = max(1, (tensor.shape[0] - 1).bit_length())
-        return SPARSE_FLOPS_PER_ELEMENT_AND_LOG2_ROWS * log2_rows * tensor.numel
-    return 0
+    return tensor.draw.coupled_flops(tensor.shape, tensor.layout)
 
 
 def _kernel_dtype(tensor: TensorPlan) -> np.dtype[Any]:
@@ -347,12 +268,9 @@ class TensorSource:
             return diagonal
         if isinstance(draw, Dirac):
             groups = draw.groups
-            if self.tensor.layout == "torch":
-                out_index, in_index, kernel = index[0], index[1], index[2:]
-                kernel_sizes, out_dim = shape[2:], shape[0]
-            else:
-                out_index, in_index, kernel = index[-1], index[-2], index[:-2]
-                kernel_sizes, out_dim = shape[:-2], shape[-1]
+            axes = weight_axes(self.tensor.layout)
+            out_index, in_index, kernel = index[axes.out], index[axes.inputs], index[axes.kernel]
+            kernel_sizes, out_dim = shape[axes.kernel], shape[axes.out]
             out_per_group = out_dim // groups
             hit = (out_index % out_per_group) == in_index
             for position, size in zip(kernel, kernel_sizes, strict=True):
@@ -372,7 +290,7 @@ class TensorSource:
 
     def _orthogonal(self, draw: Orthogonal) -> npt.NDArray[Any]:
         tensor = self.tensor
-        rows, cols = matrix_view(tensor)
+        rows, cols = matrix_view(tensor.shape, tensor.layout)
         gaussian = self._normal_master(1.0).reshape(rows, cols)
         if rows >= cols:
             # Column-major storage of the rows x cols matrix is its transpose in C order.
@@ -423,126 +341,6 @@ def fill_regions(parts: Iterable[tuple[TensorSource, Region, npt.NDArray[Any]]])
         else:
             queued.append(pieces)
     cpu.fill_pieces(itertools.chain.from_iterable(queued))
-
-
-def split_bounds(length: int, index: int, count: int, split: str) -> tuple[int, int]:
-    """[start, stop) of part ``index`` of ``count`` of a dimension of ``length``.
-
-    "chunk" is torch.chunk's rule (DTensor's Shard): parts of ceil(length / count), trailing
-    parts short or empty. "array_split" is numpy's: the first length % count parts one longer.
-    """
-    if split == "chunk":
-        size = -(-length // count)
-        start = min(index * size, length)
-        return start, min(start + size, length)
-    base, extra = divmod(length, count)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
-
-
-def shard_region(
-    shape: Sequence[int], index: int, count: int, dim: int, split: str = "chunk"
-) -> Region:
-    """Part ``index`` of ``count`` along ``dim``, split as ``split`` says (see split_bounds);
-    tensors with no axis ``dim`` come whole."""
-    full = [(0, n) for n in shape]
-    if dim < len(shape):
-        full[dim] = split_bounds(shape[dim], index, count, split)
-    return tuple(full)
-
-
-def region_problems(shape: Sequence[int], region: Sequence[Sequence[int]]) -> str | None:
-    """Why ``region`` is not a hyper-rectangle of a tensor of ``shape`` (None if it is)."""
-    if len(region) != len(shape):
-        return (
-            f"a region of a rank-{len(shape)} tensor {list(shape)} needs {len(shape)}"
-            f" [start, stop) pairs, got {len(region)}"
-        )
-    bad = [
-        f"dim {d}: [{lo}, {hi}) not within [0, {n}]"
-        for d, ((lo, hi), n) in enumerate(zip(region, shape, strict=True))
-        if not 0 <= lo <= hi <= n
-    ]
-    return f"region outside shape {list(shape)}: {'; '.join(bad)}" if bad else None
-
-
-def select(planned: Plan, only: Iterable[str] | None) -> tuple[TensorPlan, ...]:
-    """The planned tensors named in ``only`` (all when None), in plan order."""
-    if only is None:
-        return planned.tensors
-    wanted = list(only)
-    known = planned.by_key()
-    unknown = UnknownKeys(known)
-    errors = [
-        {"loc": ["only", index], "msg": unknown.message(key), "type": "value_error"}
-        for index, key in enumerate(wanted)
-        if key not in known
-    ]
-    if errors:
-        raise SpecError(errors)
-    chosen = set(wanted)
-    return tuple(t for t in planned.tensors if t.key in chosen)
-
-
-class UnknownKeys:
-    """ "unknown tensor key 'fc1.wieght' (did you mean 'fc1.weight'?)", or some of the keys the
-    spec produces where none is near. difflib costs ~40 microseconds a known key, so the
-    nearest is looked for among at most SEARCHED keys, for the first SUGGESTED unknown ones: a
-    request naming thousands of wrong keys of a 10,000-tensor spec is answered at once."""
-
-    SEARCHED = 1000
-    SUGGESTED = 5
-    LISTED = 10
-
-    def __init__(self, known: Mapping[str, Any]) -> None:
-        self.known = list(known)
-        self.suggested = 0
-
-    def message(self, key: str) -> str:
-        message = f"unknown tensor key {key!r}"
-        if self.suggested < self.SUGGESTED and len(self.known) <= self.SEARCHED:
-            self.suggested += 1
-            close = difflib.get_close_matches(key, self.known, n=1, cutoff=0.6)
-            if close:
-                return f"{message} (did you mean {close[0]!r}?)"
-        listed = ", ".join(repr(k) for k in self.known[: self.LISTED])
-        more = len(self.known) - self.LISTED
-        return f"{message} (the spec produces {listed}{f' and {more} more' if more > 0 else ''})"
-
-
-def selected_parts(
-    planned: Plan,
-    only: Iterable[str] | None = None,
-    shard: tuple[int, int, int] | None = None,
-    split: str = "chunk",
-    regions: Mapping[str, Sequence[Sequence[int]]] | None = None,
-) -> list[tuple[TensorPlan, Region]]:
-    """Each tensor a selection asks for, with its region; raises SpecError naming every unknown
-    key and every region that does not fit its tensor."""
-    if regions is not None:
-        known = planned.by_key()
-        unknown = UnknownKeys(known)
-        errors = []
-        for key, region in regions.items():
-            if key not in known:
-                errors.append({"loc": ["regions", key], "msg": unknown.message(key),
-                               "type": "value_error"})  # fmt: skip
-                continue
-            problem = region_problems(known[key].shape, region)
-            if problem is not None:
-                errors.append({"loc": ["regions", key], "msg": problem, "type": "value_error"})
-        if errors:
-            raise SpecError(errors)
-        chosen = [t for t in planned.tensors if t.key in regions]
-        return [(t, tuple((int(lo), int(hi)) for lo, hi in regions[t.key])) for t in chosen]
-    parts = []
-    for tensor in select(planned, only):
-        if shard is None:
-            parts.append((tensor, tuple((0, n) for n in tensor.shape)))
-        else:
-            index, count, dim = shard
-            parts.append((tensor, shard_region(tensor.shape, index, count, dim, split)))
-    return parts
 
 
 def generate(

@@ -17,20 +17,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from initserve.draws import (
-    BOX_MULLER_MAX_RADIUS,
     Draw,
-    Normal,
-    TruncNormal,
-    Uniform,
 )
-from initserve.schemes import Layout, SchemeError, resolve, torch_default_bias
+from initserve.exceptions import MAX_REPORTED_ERRORS, SchemeError, SpecError
+from initserve.layout import LAYOUTS, Layout, out_features
+from initserve.schemes import resolve, torch_default_bias
 from initserve.spec import (
-    MAX_REPORTED_ERRORS,
     MAX_TENSOR_BYTES,
     InitParams,
     LayerSpec,
     Spec,
-    SpecError,
     TensorSpec,
     parse_spec,
     shape_extent,
@@ -140,15 +136,7 @@ def in_dtype(value: float, dtype: DTypeInfo) -> float:
 
 
 def _magnitude_field(scheme: str, draw: Draw) -> str:
-    if scheme in _MAGNITUDE_FIELD:
-        return _MAGNITUDE_FIELD[scheme]
-    if isinstance(draw, Normal):
-        return "mean" if abs(draw.mean) > draw.std * BOX_MULLER_MAX_RADIUS else "std"
-    if isinstance(draw, Uniform):
-        return "a" if abs(draw.low) > abs(draw.low + draw.width) else "b"
-    if isinstance(draw, TruncNormal):
-        return "a" if abs(draw.a) > abs(draw.b) else "b"
-    return "scheme"
+    return _MAGNITUDE_FIELD.get(scheme, draw.magnitude_field())
 
 
 def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple[str, str] | None:
@@ -172,8 +160,8 @@ def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple
     if spread is not None:
         low, high = spread
         if in_dtype(low, dtype) == in_dtype(high, dtype):
-            field = _MAGNITUDE_FIELD.get(scheme, "std" if isinstance(draw, Normal) else "b")
-            values = "" if isinstance(draw, Uniform | TruncNormal) else " of its values"
+            field = _MAGNITUDE_FIELD.get(scheme, draw.width_field)
+            values = "" if draw.range_is_given else " of its values"
             return (
                 field,
                 f"{scheme}: the interval{values} [{low!r}, {high!r}] is narrower than"
@@ -181,10 +169,11 @@ def representability_problem(scheme: str, draw: Draw, dtype: DTypeInfo) -> tuple
                 f" ({field!r} sets its width); widen it, or use scheme 'constant' for a constant"
                 " tensor",
             )
-    if isinstance(draw, TruncNormal) and draw.p_width <= 0.0:
+    if draw.holds_no_probability and spread is not None:
+        low, high = spread  # trunc_normal's [a, b]
         return (
             "b",
-            f"{scheme}: the interval [{draw.a!r}, {draw.b!r}] holds less probability than"
+            f"{scheme}: the interval [{low!r}, {high!r}] holds less probability than"
             " binary64 can resolve around the mean; widen it or move it towards the mean",
         )
     return None
@@ -265,7 +254,7 @@ def entry_problems(data: Any) -> list[dict[str, Any]]:
     if not isinstance(data, Mapping):
         return []
     layout = data.get("layout", "torch")
-    if layout not in ("torch", "jax"):
+    if layout not in LAYOUTS:
         return []
     dtype = data.get("dtype", "float32")
     problems = _Problems()
@@ -355,8 +344,7 @@ def _resolved(
         add(loc, f"{layer.name}.weight", shape, dtype, seed, (loc, layer.scheme, weight))
         if layer.bias is False:
             continue
-        out_features = shape[0] if layout == "torch" else shape[-1]
-        bias_shape = (out_features,)
+        bias_shape = (out_features(shape, layout),)
         bias_loc = (*loc, "bias")
         if layer.bias is True:
             bias_init, bias_activation = InitParams(scheme="zeros"), None

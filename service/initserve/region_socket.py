@@ -24,13 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from initserve.exceptions import RegistrationProblem
 from initserve.middleware import token_digest, token_matches
-from initserve.shared_memory import RegionProblem, RegionRegistry
+from initserve.shared_regions import SharedRegionRegistry
 from initserve.unix_socket import bind_unix, remove_socket_file, socket_identity
 
 log = logging.getLogger("initserve")
 
-MESSAGE_BYTES = 4096
+MESSAGE_BYTES = 4096  # a registration is a short JSON object; larger is not one
+# Descriptors taken from one message: one is expected; a few more are received (and closed)
+# so that the refusal says how many came, and MSG_CTRUNC marks any beyond them.
+MAX_FDS_RECEIVED = 4
+# Connections the kernel queues before the one serving thread accepts them: enough for every
+# rank of a large node registering at the same moment (each is accepted in microseconds).
+LISTEN_BACKLOG = 64
 # A connection that has not registered within this is closed (it holds no region, only a slot).
 REGISTER_SECONDS = 10.0
 
@@ -38,12 +45,14 @@ REGISTER_SECONDS = 10.0
 class RegistrationServer:
     """Accepts registrations for ``registry`` on ``path`` until ``stop()``."""
 
-    def __init__(self, path: str, mode: int, registry: RegionRegistry, token: str | None) -> None:
+    def __init__(
+        self, path: str, mode: int, registry: SharedRegionRegistry, token: str | None
+    ) -> None:
         self.path, self.registry = path, registry
         self.expected = None if token is None else token_digest(token)
         self.listener = bind_unix(path, mode, socket.SOCK_SEQPACKET)
         self.identity = socket_identity(path)
-        self.listener.listen(64)
+        self.listener.listen(LISTEN_BACKLOG)
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
@@ -100,7 +109,7 @@ class RegistrationServer:
 
     def _register(self, connection: socket.socket) -> None:
         try:
-            message, fds, flags, _ = socket.recv_fds(connection, MESSAGE_BYTES, 4)
+            message, fds, flags, _ = socket.recv_fds(connection, MESSAGE_BYTES, MAX_FDS_RECEIVED)
         except BlockingIOError:
             return
         try:
@@ -125,7 +134,7 @@ class RegistrationServer:
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
-                raise RegionProblem.one(
+                raise RegistrationProblem.one(
                     422,
                     "Unprocessable Content",
                     "message",
@@ -136,7 +145,7 @@ class RegistrationServer:
                 token = payload.get("token")
                 presented = token.encode() if isinstance(token, str) else b""
                 if not token_matches(presented, self.expected):
-                    raise RegionProblem.one(
+                    raise RegistrationProblem.one(
                         401,
                         "Unauthorized",
                         "token",
@@ -144,7 +153,7 @@ class RegistrationServer:
                         "unauthorized",
                     )
             if flags & socket.MSG_CTRUNC or len(fds) != 1:
-                raise RegionProblem.one(
+                raise RegistrationProblem.one(
                     422,
                     "Unprocessable Content",
                     "fd",
@@ -153,7 +162,7 @@ class RegistrationServer:
                     "shm_fds",
                 )
             region = self.registry.register(fds[0])
-        except RegionProblem as problem:
+        except RegistrationProblem as problem:
             return problem.answer()
         return {"region": region.id, "size": region.size}
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from initserve.spec import MAX_DIM, MAX_RANK, Spec, SpecError, invalid_spec
+from initserve.exceptions import SpecError
+from initserve.spec import MAX_DIM, MAX_RANK, Spec, invalid_spec, validation_spec_error
 
 # How a dimension of n is split into count parts. "chunk" is torch.chunk's rule, which DTensor,
 # FSDP2 and tensor parallelism use: parts of ceil(n / count), the trailing ones short or empty
@@ -121,7 +122,7 @@ def selection_arguments(
             return validate(_plain(value))
         except ValidationError as exc:
             root = ShardSelection if field == "shard" else None
-            for error in SpecError.from_validation_error(exc, root).errors:
+            for error in validation_spec_error(exc, root).errors:
                 errors.append({**error, "loc": [field, *error["loc"]]})
             return None
 

@@ -4,8 +4,9 @@ FastAPI decodes and validates a declared body parameter on the event loop before
 runs: for a 10,000-tensor spec that is ~0.05 s of JSON decoding and ~0.3 s of validation, during
 which /livez and every other stream wait. The routes that take a spec read its raw bytes
 instead and call ``parsed_request`` in their worker thread, which fails with the same 422
-problem+json as the declared body of POST /inspect (errors.py), and ``INIT_REQUEST_BODY``
-documents the body in the OpenAPI document as FastAPI does for a declared one."""
+problem+json as the declared body of POST /inspect (exception_handlers.py), and
+``INIT_REQUEST_BODY`` documents the body in the OpenAPI document as FastAPI does for a declared
+one."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any
 
 from fastapi.exceptions import HTTPException
 
+from initserve.exceptions import SpecError
 from initserve.request import EXAMPLE_REQUEST, InitRequest, validated_request
-from initserve.spec import SpecError, json_syntax_error
+from initserve.spec import json_syntax_error
 
 BODY_EXAMPLES: dict[str, dict[str, Any]] = {
     "mlp": {"summary": "an MLP and a ViT position embedding", "value": EXAMPLE_REQUEST},

@@ -12,15 +12,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from initserve.delivery import (
-    IMMUTABLE,
-    Prepared,
-    RangeNotSatisfiable,
-    Rejected,
-    etag_matches,
-    parse_range,
-)
 from initserve.plan import ALGORITHM_VERSION
+from initserve.preparation import IMMUTABLE, Prepared, etag_matches, parse_range
 from initserve.safetensors_writer import BodyWriter
 from initserve.state import ServiceState
 
@@ -47,16 +40,7 @@ def respond(request: Request, prepared: Prepared, state: ServiceState) -> Respon
     range_header = request.headers.get("range")
     if not if_range_holds(request.headers.get("if-range"), etag):
         range_header = None  # RFC 9110 section 13.1.5: a stale If-Range asks for the whole file
-    try:
-        byte_range = parse_range(range_header, total)
-    except RangeNotSatisfiable:
-        raise Rejected(
-            416,
-            "Range Not Satisfiable",
-            f"the file has {total} bytes",
-            "range_not_satisfiable",
-            headers={"Content-Range": f"bytes */{total}"},
-        ) from None
+    byte_range = parse_range(range_header, total)  # RangeNotSatisfiable: a 416 Rejected
     start, stop = (0, total) if byte_range is None else byte_range
     status = 200 if byte_range is None else 206
     if status == 206:

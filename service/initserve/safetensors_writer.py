@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from initserve.engine import RUNS_BATCH, Region, RegionRuns, TensorSource, region_runs
+from initserve.engine import RUNS_BATCH, TensorSource
 from initserve.plan import TensorPlan
+from initserve.tensor_regions import Region, RegionRuns, region_runs
 
 ALIGNMENT = 8
 
@@ -128,6 +130,24 @@ class BodyWriter:
             if lo >= hi:
                 continue
             yield from self._part_bytes(part, lo, hi)
+
+    def write_data_into(self, data: npt.NDArray[np.uint8]) -> None:
+        """The file's data bytes (every byte after the header) into ``data``, as shared-memory
+        delivery writes them. Philox draws and constants are generated in place, each part in
+        one call over every thread; the tensors computed whole (orthogonal, sparse, eye, dirac)
+        go through the bounded chunks of ``chunks``."""
+        file_map = self.file_map
+        base = len(file_map.header)
+        for part, (begin, end) in zip(file_map.parts, file_map.offsets, strict=True):
+            if part.tensor.draw.fills_in_place:
+                out = data[begin:end].view(part.tensor.dtype.numpy)
+                TensorSource(part.tensor, self.backend).region(part.region, out=out)
+                continue
+            position = begin
+            for chunk in self.chunks(base + begin, base + end):
+                piece = np.frombuffer(chunk, dtype=np.uint8)
+                data[position : position + len(piece)] = piece
+                position += len(piece)
 
     def _part_bytes(self, part: Part, lo: int, hi: int) -> Iterator[memoryview]:
         """Bytes [lo, hi) of one part's data, generating only the elements they cover. Each

@@ -32,8 +32,8 @@ from initserve.draws import (
     TruncNormal,
     Uniform,
 )
-
-Layout = Literal["torch", "jax"]
+from initserve.exceptions import SchemeError
+from initserve.layout import Layout, out_features, weight_axes
 
 Nonlinearity = Literal[
     "linear",
@@ -79,15 +79,6 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 # stddev of a standard normal truncated to (-2, 2): JAX's variance_scaling divides by it so the
 # truncated draw has the variance asked for.
 TRUNCATED_STD_2 = 0.87962566103423978
-
-
-class SchemeError(ValueError):
-    """A scheme cannot be applied as asked; ``field`` names the offending spec field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -172,11 +163,9 @@ def fans(shape: tuple[int, ...], layout: Layout) -> tuple[int, int]:
     """
     if len(shape) < 2:
         raise SchemeError("shape", f"needs at least 2 dimensions to have fans, got {list(shape)}")
-    if layout == "torch":
-        receptive_field = math.prod(shape[2:])
-        return shape[1] * receptive_field, shape[0] * receptive_field
-    receptive_field = math.prod(shape[:-2])
-    return shape[-2] * receptive_field, shape[-1] * receptive_field
+    axes = weight_axes(layout)
+    receptive_field = math.prod(shape[axes.kernel])
+    return shape[axes.inputs] * receptive_field, shape[axes.out] * receptive_field
 
 
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
@@ -344,7 +333,7 @@ EYE = Scheme(
 
 def _dirac(p: dict[str, Any], t: Target) -> Draw:
     groups = int(p["groups"])
-    out_dim = t.shape[0] if t.layout == "torch" else t.shape[-1]
+    out_dim = out_features(t.shape, t.layout)
     if out_dim % groups != 0:
         raise SchemeError(
             "groups", f"dirac: groups={groups} must divide the output dimension {out_dim}"

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     )
     chunk_bytes: int = Field(4 << 20, ge=4096, description="bytes generated per streamed chunk")
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 503")
+    # The ETag cache (state.EtagCache). "plan_cache" is the public name of these two settings
+    # (INITSERVE_PLAN_CACHE_ENTRIES, _BYTES), kept though the cache holds requests, not plans.
     plan_cache_entries: int = Field(
         1024, ge=0, description="specs remembered by ETag for GET /init/{etag}"
     )

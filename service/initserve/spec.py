@@ -28,6 +28,9 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from initserve.exceptions import MAX_REPORTED_ERRORS
+from initserve.exceptions import SpecError as SpecError  # initserve_client imports it from here
+from initserve.layout import Layout
 from initserve.schemes import (
     PARAM_NAMES,
     SCHEMES,
@@ -113,42 +116,6 @@ def _not_bool_or_string(value: Any) -> Any:
 Number = Annotated[
     float, Field(strict=True, allow_inf_nan=False), BeforeValidator(_not_bool_or_string)
 ]
-
-# How many problems one SpecError reports: enough to fix a large spec in one round, few enough
-# that a spec with 10,000 bad entries does not produce a megabyte of errors.
-MAX_REPORTED_ERRORS = 100
-
-
-def _where(loc: list[Any]) -> str:
-    return ".".join(map(str, loc)) if loc else "spec"
-
-
-class SpecError(ValueError):
-    """A spec that cannot be served. ``errors`` is a list of {"loc": [...], "msg": str,
-    "type": str}, the same shape pydantic uses, so callers report both kinds alike: every
-    problem found, up to MAX_REPORTED_ERRORS; ``omitted`` counts the ones beyond."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors[:MAX_REPORTED_ERRORS]
-        self.omitted = max(0, len(errors) - MAX_REPORTED_ERRORS)
-        message = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in self.errors)
-        if self.omitted:
-            message += (
-                f"; and {self.omitted} more problems (the first {MAX_REPORTED_ERRORS} are listed)"
-            )
-        super().__init__(message)
-
-    @classmethod
-    def single(cls, loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> SpecError:
-        return cls([{"loc": list(loc), "msg": msg, "type": kind}])
-
-    @classmethod
-    def from_validation_error(
-        cls, exc: ValidationError, root: type[BaseModel] | None = None
-    ) -> SpecError:
-        """pydantic's errors in the user's terms (``user_errors``); ``root``: the model that was
-        validated, whose field names are suggested for a misspelt one."""
-        return cls(user_errors(exc.errors(include_url=False), root))
 
 
 def param_problem(scheme: Scheme, name: str, value: Any) -> tuple[str, str] | None:
@@ -284,7 +251,7 @@ class Spec(BaseModel):
 
     seed: Seed
     dtype: DType = "float32"
-    layout: Literal["torch", "jax"] = "torch"
+    layout: Layout = "torch"
     layers: list[LayerSpec] = Field(default_factory=list)
     tensors: list[TensorSpec] = Field(default_factory=list)
 
@@ -323,7 +290,7 @@ def invalid_spec(data: Any, exc: ValidationError, root: type[Spec]) -> SpecError
         except json.JSONDecodeError as syntax:
             return json_syntax_error(syntax)
         except (ValueError, RecursionError):  # not text, or nested past the stack: pydantic's
-            return SpecError.from_validation_error(exc, root)
+            return validation_spec_error(exc, root)
     errors = user_errors(exc.errors(include_url=False), root)
     if len(errors) > MAX_REPORTED_ERRORS:
         return SpecError(errors)
@@ -377,6 +344,12 @@ _SAYS_WHAT_WAS_GIVEN = frozenset(
         *_NOT_AN_OBJECT,
     )
 )
+
+
+def validation_spec_error(exc: ValidationError, root: type[BaseModel] | None = None) -> SpecError:
+    """pydantic's errors in the user's terms (``user_errors``); ``root``: the model that was
+    validated, whose field names are suggested for a misspelt one."""
+    return SpecError(user_errors(exc.errors(include_url=False), root))
 
 
 def user_errors(

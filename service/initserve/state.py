@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from initserve.delivery import Rejected
+from initserve.exceptions import Rejected
 from initserve.request import InitRequest
 from initserve.settings import Settings
 

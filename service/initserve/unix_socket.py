@@ -10,9 +10,7 @@ import socket
 import stat
 from pathlib import Path
 
-
-class SocketInUse(OSError):
-    """A live server already answers on the path: it is never taken over."""
+from initserve.exceptions import SocketInUse
 
 
 def bind_unix(path: str, mode: int, kind: int = socket.SOCK_STREAM) -> socket.socket:

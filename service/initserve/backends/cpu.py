@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 import initserve.kernels._cpu_kernels as _cpu_kernels
-from initserve.draws import KERNEL_NORMAL, KERNEL_TRUNC_NORMAL, KERNEL_UNIFORM
+from initserve.draws import KERNEL_NORMAL, KERNEL_PARAMS, KERNEL_TRUNC_NORMAL, KERNEL_UNIFORM
 from initserve.stream import StreamId
 
 _lib = ctypes.CDLL(_cpu_kernels.__file__)
@@ -200,7 +200,7 @@ def fill_runs_here(
     if not out.flags.c_contiguous or out.size != n_runs * run_len:
         raise ValueError(f"out must be a C-contiguous array of {n_runs * run_len} elements")
     starts = np.ascontiguousarray(run_starts, dtype=np.uint64)
-    param_array = (ctypes.c_double * 8)(*params)
+    param_array = (ctypes.c_double * KERNEL_PARAMS)(*params)  # zero-filled past the draw's own
     fill(dist, param_array, stream.seed, stream.name0, stream.name1, starts.ctypes.data, n_runs,
          run_len, out.ctypes.data)  # fmt: skip
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from initserve.draws import KERNEL_PARAMS
+from initserve.exceptions import GPUUnavailable
 from initserve.stream import StreamId
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -26,11 +28,9 @@ NVRTC_OPTIONS = (
     "--prec-sqrt=true",
     "--ftz=false",
 )
+# Threads per CUDA block: a multiple of the 32-thread warp, the usual size for a kernel whose
+# threads share nothing (each fills its own four elements).
 THREADS = 256
-
-
-class GPUUnavailable(RuntimeError):
-    pass
 
 
 def cuda_source() -> str:
@@ -104,7 +104,8 @@ def fill_runs_device(
     if count == 0:
         return out
     starts = cupy.asarray(np.ascontiguousarray(run_starts, dtype=np.uint64))
-    param_array = cupy.asarray(np.array(list(params) + [0.0] * (8 - len(params)), dtype=np.float64))
+    padding = [0.0] * (KERNEL_PARAMS - len(params))  # the block is zero past the draw's own
+    param_array = cupy.asarray(np.array(list(params) + padding, dtype=np.float64))
     blocks_per_run = (run_len + 3) // 4 + 1
     total_threads = n_runs * blocks_per_run
     kernel = module.get_function("is_fill_runs_f64" if kernel_float64 else "is_fill_runs_f32")

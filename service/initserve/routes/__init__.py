@@ -5,6 +5,8 @@
 - ``generation``: POST /plan, POST /init, GET and HEAD /init/{etag}
 - ``inspect``: POST /inspect
 - ``docs``: GET /docs, /redoc and their assets (no CDN)
+- ``shared_memory``: GET /shared-memory, POST /shared-memory/init (built per app, with its
+  registry of regions: ``shared_memory.router_for``, not in ROUTERS)
 """
 
 from fastapi import APIRouter

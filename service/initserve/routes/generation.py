@@ -15,7 +15,7 @@ import anyio
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse, Response
 
-from initserve.delivery import Prepared, dry_run_answer, prepare
+from initserve.preparation import Prepared, dry_run_answer, prepare
 from initserve.problems import problem_response, problem_responses
 from initserve.request import InitRequest
 from initserve.request_body import BODY_EXAMPLES, INIT_REQUEST_BODY, parsed_request
@@ -24,12 +24,13 @@ from initserve.state import ServiceDep, ServiceState
 
 router = APIRouter()
 
-# Planning is Python that holds the GIL nearly throughout: two requests planned at once take no
-# less time than one after the other, and every planning thread is one more the event loop waits
-# behind for the GIL (4 clients planning 10,000-tensor specs, all at once: /livez p50 85 ms, p99
-# 0.9 s; one at a time: 17 ms, 0.39 s). So requests are planned one at a time, the others
-# waiting their turn off the loop, their bodies read (each at most INITSERVE_MAX_BODY_BYTES).
-PLANNING = anyio.CapacityLimiter(1)
+# Preparing a request (parsing it, planning it, mapping its file) is Python that holds the GIL
+# nearly throughout: two requests prepared at once take no less time than one after the other,
+# and every such thread is one more the event loop waits behind for the GIL (4 clients sending
+# 10,000-tensor specs, all at once: /livez p50 85 ms, p99 0.9 s; one at a time: 17 ms, 0.39 s).
+# So requests are prepared one at a time, the others waiting their turn off the loop, their
+# bodies read (each at most INITSERVE_MAX_BODY_BYTES).
+PREPARING = anyio.CapacityLimiter(1)
 
 # A body FastAPI parses on the loop (POST /inspect); /plan and /init parse theirs off it.
 InitBody = Annotated[InitRequest, Body(openapi_examples=BODY_EXAMPLES)]
@@ -61,12 +62,12 @@ async def dry_run(request: Request, state: ServiceDep) -> Response:
     body = await request.body()
 
     def answer() -> Response:  # the answer of 10,000 tensors is rendered off the loop too
-        return PlanAnswer(dry_run_answer(planned(parsed_request(body), state)))
+        return DryRunAnswer(dry_run_answer(prepare_and_remember(parsed_request(body), state)))
 
-    return await anyio.to_thread.run_sync(answer, limiter=PLANNING)
+    return await anyio.to_thread.run_sync(answer, limiter=PREPARING)
 
 
-class PlanAnswer(JSONResponse):
+class DryRunAnswer(JSONResponse):
     """JSONResponse's bytes, with the tensors rendered TENSORS_PER_RENDER at a time: one
     json.dumps of 10,000 tensors holds the GIL 0.1-0.2 s, and /livez waits for it; between
     calls the event loop can take the GIL."""
@@ -91,12 +92,12 @@ class PlanAnswer(JSONResponse):
 async def init(request: Request, state: ServiceDep) -> Response:
     body = await request.body()
     prepared = await anyio.to_thread.run_sync(
-        lambda: planned(parsed_request(body), state), limiter=PLANNING
+        lambda: prepare_and_remember(parsed_request(body), state), limiter=PREPARING
     )
     return respond(request, prepared, state)
 
 
-def planned(body: InitRequest, state: ServiceState) -> Prepared:
+def prepare_and_remember(body: InitRequest, state: ServiceState) -> Prepared:
     """``body`` prepared, and remembered by its ETag (in a worker thread: see above)."""
     prepared = prepare(body, state.settings)
     state.etags.remember(prepared.etag, body, prepared.spec_bytes)
@@ -138,5 +139,5 @@ async def _by_etag(request: Request, etag: str, state: ServiceDep) -> Response:
             "Not Found",
             "this server has not seen a request with that ETag; POST /init with the spec",
         )
-    prepared = await anyio.to_thread.run_sync(prepare, known, state.settings, limiter=PLANNING)
+    prepared = await anyio.to_thread.run_sync(prepare, known, state.settings, limiter=PREPARING)
     return respond(request, prepared, state)

@@ -8,8 +8,9 @@ from typing import Any
 import anyio
 from fastapi import APIRouter
 
-from initserve.delivery import Rejected, prepare
 from initserve.diagnostics import inspect_json
+from initserve.exceptions import Rejected
+from initserve.preparation import prepare
 from initserve.problems import problem_responses
 from initserve.routes.generation import InitBody
 from initserve.state import ServiceDep

@@ -13,17 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from initserve.delivery import Rejected
+from initserve.exceptions import Rejected, SpecError
 from initserve.problems import problem_response
 from initserve.request_body import parsed_request
-from initserve.routes.generation import PLANNING
-from initserve.spec import SpecError, user_errors
+from initserve.routes.generation import PREPARING
+from initserve.spec import user_errors
 from initserve.state import service_state
 
 log = logging.getLogger("initserve")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(SpecError, _on_spec_error)  # type: ignore[arg-type]
     app.add_exception_handler(Rejected, _on_rejected)  # type: ignore[arg-type]
@@ -46,7 +46,7 @@ async def _as_spec_error(request: Request, exc: RequestValidationError) -> SpecE
         # valid entries planned one request at a time, as the routes plan theirs.
         body = await request.body()
         try:
-            await anyio.to_thread.run_sync(parsed_request, body, limiter=PLANNING)
+            await anyio.to_thread.run_sync(parsed_request, body, limiter=PREPARING)
         except SpecError as described:
             others = user_errors(e for e in errors if e["loc"][:1] != ("body",))
             return SpecError(others + described.errors) if others else described

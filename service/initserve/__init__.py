@@ -11,6 +11,7 @@ a client needs to validate a spec) loads neither the C kernels nor their thread 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import import_module
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from initserve.delivery import Prepared
     from initserve.engine import TensorSource, generate, shard_region
     from initserve.plan import ALGORITHM_VERSION, Plan, TensorPlan, plan
     from initserve.schemes import CATALOGUE, catalogue_json
+    from initserve.settings import Settings
     from initserve.spec import Spec, SpecError, parse_spec
 
 # Each public name -> the module that defines it.
@@ -53,6 +58,60 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_HOMES})
 
 
+def in_process(
+    body: Mapping[str, Any], refused: Callable[[int, dict[str, Any]], Exception]
+) -> InProcess:
+    """The request ``body`` (what POST /plan and /init take) prepared in this process with the
+    service's request model, limits and layout: the client's ``url="local"``, and the one door
+    it has into the engine. A request the service would refuse raises ``refused(status,
+    problem)``, the problem as the service's problem+json says it."""
+    from initserve.delivery import Rejected, prepare
+    from initserve.request import validated_request
+    from initserve.settings import Settings
+    from initserve.spec import SpecError
+
+    settings = Settings()
+    try:
+        return InProcess(prepare(validated_request(dict(body)), settings), settings)
+    except SpecError as exc:
+        # The service's 422, word for word (errors.py): a problem with the body as a whole
+        # located at "body".
+        errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
+        detail = str(SpecError(errors))
+        if exc.omitted:
+            detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+        raise refused(422, {"detail": detail, "errors": errors}) from None
+    except Rejected as exc:
+        raise refused(exc.status, {"title": exc.title, "detail": exc.detail}) from None
+
+
+class InProcess:
+    """A request ``in_process`` prepared: its POST /plan answer, its POST /init body, or its
+    tensors generated straight into the caller's arrays (one per part, in file order)."""
+
+    def __init__(self, prepared: Prepared, settings: Settings) -> None:
+        self.prepared, self.settings = prepared, settings
+
+    def plan(self) -> dict[str, Any]:
+        from initserve.delivery import dry_run_answer
+
+        return dry_run_answer(self.prepared)
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        from initserve.safetensors_writer import BodyWriter
+
+        return BodyWriter(self.prepared.file_map, self.settings.chunk_bytes).chunks()
+
+    def fill(self, arrays: Sequence[npt.NDArray[Any]]) -> None:
+        from initserve.engine import TensorSource, fill_regions
+
+        parts = self.prepared.file_map.parts
+        fill_regions(
+            (TensorSource(part.tensor), part.region, array)
+            for part, array in zip(parts, arrays, strict=True)
+        )
+
+
 class _Package(ModuleType):
     """The package, whose ``plan`` stays the function: Python's import sets a submodule as an
     attribute of its package once loaded, and ``initserve.plan`` (the module) is loaded lazily,
@@ -79,6 +138,7 @@ __all__ = [
     "__version__",
     "catalogue_json",
     "generate",
+    "in_process",
     "parse_spec",
     "plan",
     "shard_region",

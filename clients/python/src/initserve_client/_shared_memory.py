@@ -34,8 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve_client._exceptions import status_error
-
-MESSAGE_BYTES = 4096
+from initserve_client._protocol import REGISTRATION_MESSAGE_BYTES
 
 
 class RegistrationRefused(Exception):
@@ -222,7 +221,7 @@ def register(path: str, fd: int, token: str | None) -> tuple[socket.socket, str]
         connection.settimeout(30)
         connection.connect(path)
         socket.send_fds(connection, [json.dumps({"token": token}).encode()], [fd])
-        answer = json.loads(connection.recv(MESSAGE_BYTES) or b"{}")
+        answer = json.loads(connection.recv(REGISTRATION_MESSAGE_BYTES) or b"{}")
     except BaseException:
         connection.close()
         raise

@@ -61,6 +61,10 @@ async def test_one_twin_serves_every_call_and_closes_with_the_client() -> None:
     arrays = {k: np.empty_like(v) for k, v in initserve.generate(SPEC).items()}
     await client.fetch_into(SPEC, arrays)
     assert client._sync_twin is twin and same_as_engine(arrays)
+    assert await client.allocate(SPEC, shared_only=True) == {}  # no shared memory here
+    assert {k: v.shape for k, v in (await client.allocate(SPEC)).items()} == {
+        k: v.shape for k, v in arrays.items()
+    }
     await client.aclose()
     assert client._sync_twin is None and twin._http.is_closed
 

@@ -81,6 +81,8 @@ def uses_shared_memory(client: Client) -> bool:
         # The registration socket lies beside the HTTP one, whatever the directory is called in
         # this container.
         client._registration = os.path.join(os.path.dirname(client.uds), name) if name else ""
+        if not name:
+            logger.info("initserve: the server does not allow shared memory: over HTTP")
     return bool(client._registration)
 
 
@@ -182,6 +184,7 @@ def _generate_into(
         client._registration = ""
         return None
     if response.status_code == 403 and SHARED_MEMORY_SWITCH in response.text:
+        logger.info("initserve: the server turned shared memory off: over HTTP from now on")
         client._registration = ""  # turned off since we asked
         return None
     if response.status_code != 200:

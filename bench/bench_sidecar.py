@@ -46,7 +46,7 @@ from common import uds_server
 import initserve
 from initserve.connections import SEND_BUFFER_BYTES
 from initserve_client import Client
-from initserve_client._client import READ_BYTES
+from initserve_client._transport import READ_BYTES
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 SHM_IN_PLACE = "shared memory, arrays in the region (client.allocate)"

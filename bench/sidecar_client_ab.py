@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import uds_server
 
-import initserve_client._client as client_module
+import initserve_client._receiver as client_module
 import initserve_client._shared_memory as shared_memory
 from initserve_client import Client
 

@@ -440,7 +440,7 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
     """fetch_weights and fetch_into read the body with recv_into into its destination: here in
     100-byte reads, so the safetensors header (over 64 KiB: more than h11's first chunk) arrives
     over many reads and every tensor's bytes over several."""
-    from initserve_client import _client
+    from initserve_client import _receiver
 
     dtypes = ["float32", "bfloat16", "float16", "float64"]
     tensors = [
@@ -450,15 +450,15 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
     ] + [{"name": "empty", "shape": [0, 4], "scheme": "uniform"}]  # fmt: skip
     spec = {"seed": 5, "tensors": tensors}
     expected = initserve.generate(spec)
-    monkeypatch.setattr(_client, "READ_BYTES", 100)
+    monkeypatch.setattr(_receiver, "READ_BYTES", 100)
     used: list[int] = []
-    receive_from = _client._Receiver.receive_from
+    receive_from = _receiver.Receiver.receive_from
 
     def counted(receiver: Any, connection: Any, *rest: Any) -> None:
         used.append(receiver.position)
         receive_from(receiver, connection, *rest)
 
-    monkeypatch.setattr(_client._Receiver, "receive_from", counted)
+    monkeypatch.setattr(_receiver.Receiver, "receive_from", counted)
     with Client(server) as client:
         header_bytes = client.plan(spec)["tensors"][0]["byte_range"][0]
         assert header_bytes > 64 << 10

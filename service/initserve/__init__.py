@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from initserve.embedded import InProcess, in_process
     from initserve.engine import TensorSource, generate
     from initserve.exceptions import SpecError
     from initserve.plan import ALGORITHM_VERSION, Plan, TensorPlan, plan
@@ -40,6 +41,8 @@ _HOMES = {
     "TensorSource": "initserve.engine",
     "generate": "initserve.engine",
     "shard_region": "initserve.tensor_regions",
+    "in_process": "initserve.embedded",
+    "InProcess": "initserve.embedded",
 }
 
 
@@ -73,6 +76,7 @@ sys.modules[__name__].__class__ = _Package
 __all__ = [
     "ALGORITHM_VERSION",
     "CATALOGUE",
+    "InProcess",
     "Plan",
     "Spec",
     "SpecError",
@@ -81,6 +85,7 @@ __all__ = [
     "__version__",
     "catalogue_json",
     "generate",
+    "in_process",
     "parse_spec",
     "plan",
     "shard_region",

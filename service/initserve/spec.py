@@ -28,8 +28,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from initserve.exceptions import MAX_REPORTED_ERRORS
-from initserve.exceptions import SpecError as SpecError  # initserve_client imports it from here
+from initserve.exceptions import MAX_REPORTED_ERRORS, SpecError
 from initserve.layout import Layout
 from initserve.schemes import (
     PARAM_NAMES,

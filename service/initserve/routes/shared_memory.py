@@ -39,6 +39,8 @@ from initserve.state import service_state
 REGION_HEADER = "x-initserve-shm-region"
 OFFSET_HEADER = "x-initserve-shm-offset"
 SIZE_HEADER = "x-initserve-shm-size"
+# The problem type of a region id the registry does not hold: the client registers again on it.
+UNKNOWN_REGION = "shm_unknown"
 # 2^64 - 1 has 20 digits: a longer offset or size is past any region, and is refused unread.
 MAX_DIGITS = 20
 # How much of a header's value a problem repeats back.
@@ -167,7 +169,7 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
                     f"no registered region {str(region_id)[:ECHOED_CHARS]!r}: register a memfd"
                     f" on the socket <INITSERVE_UDS>{REGISTRATION_SUFFIX} first",
                     404,
-                    "shm_unknown",
+                    UNKNOWN_REGION,
                 )
             at = placement(region, offset, size, need)
             hole = await anyio.to_thread.run_sync(region.first_hole, at, at + need)

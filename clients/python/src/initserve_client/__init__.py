@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from initserve_client._client import (
-        DEFAULT_DEADLINE,
-        DEFAULT_TIMEOUT,
-        DEFAULT_URL,
-        AsyncClient,
-        Client,
-        fetch_weights,
-    )
+    from initserve_client._async import AsyncClient
     from initserve_client._exceptions import (
         APIConnectionError,
         APIStatusError,
@@ -36,12 +29,16 @@ if TYPE_CHECKING:
         ServiceUnavailableError,
         UnprocessableEntityError,
     )
+    from initserve_client._options import DEFAULT_DEADLINE
+    from initserve_client._protocol import DEFAULT_URL
     from initserve_client._requirements import (
         MissingDependencyError,
     )
     from initserve_client._retry import (
         RetryPolicy,
     )
+    from initserve_client._sync import Client, fetch_weights
+    from initserve_client._transport import DEFAULT_TIMEOUT
     from initserve_client.spec import (
         Layer,
         Spec,
@@ -55,12 +52,12 @@ if TYPE_CHECKING:
 
 # Each public name -> the module that defines it.
 _HOMES = {
-    "DEFAULT_DEADLINE": "initserve_client._client",
-    "DEFAULT_TIMEOUT": "initserve_client._client",
-    "DEFAULT_URL": "initserve_client._client",
-    "AsyncClient": "initserve_client._client",
-    "Client": "initserve_client._client",
-    "fetch_weights": "initserve_client._client",
+    "DEFAULT_DEADLINE": "initserve_client._options",
+    "DEFAULT_TIMEOUT": "initserve_client._transport",
+    "DEFAULT_URL": "initserve_client._protocol",
+    "AsyncClient": "initserve_client._async",
+    "Client": "initserve_client._sync",
+    "fetch_weights": "initserve_client._sync",
     "RetryPolicy": "initserve_client._retry",
     "APIConnectionError": "initserve_client._exceptions",
     "APIStatusError": "initserve_client._exceptions",

@@ -1,6 +1,6 @@
-"""What an install of the client alone may lack, found before any request is sent: the initserve
-engine (``url="local"`` generates in this process) and ml_dtypes (bfloat16 tensors as numpy
-arrays; a file written by ``download`` needs neither)."""
+"""What an install of the client alone may lack, found before any request is sent: ml_dtypes
+(bfloat16 tensors as numpy arrays; a file written by ``download`` needs none), and the error that
+says so. (The initserve engine, which ``url="local"`` needs: _in_process.require_engine.)"""
 
 from __future__ import annotations
 
@@ -16,18 +16,6 @@ if TYPE_CHECKING:
 class MissingDependencyError(InitserveError, ImportError):
     """What was asked for needs a package this install lacks; the message says what to
     install. An ImportError too, so code that guards an optional import catches it."""
-
-
-def require_engine() -> None:
-    """``url="local"``: the initserve engine is importable, or the error says to install it."""
-    try:
-        import initserve  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(
-            'url="local" generates in this process with the initserve engine, which is not'
-            f" installed beside the client: pip install initserve ({exc})",
-            name="initserve",
-        ) from exc
 
 
 def bfloat16_dtype() -> np.dtype[Any]:

@@ -237,3 +237,39 @@ def check_against_spec(header: Header, expected: list[tuple[str, str, tuple[int,
     got = [(e.key, e.dtype, e.shape) for e in header.entries]
     if got != expected:
         raise InvalidResponseError(f"the file holds {got}, the spec asks for {expected}")
+
+
+def data_layout(expected: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[int, int]]:
+    """Each entry's [begin, end) in the data section of the file these entries make (safetensors
+    packs them in order); the last end is the section's size."""
+    layout, position = [], 0
+    for _, code, shape in expected:
+        end = position + math.prod(shape) * numpy_dtype(code).itemsize
+        layout.append((position, end))
+        position = end
+    return layout
+
+
+def data_bytes(layout: list[tuple[int, int]]) -> int:
+    return layout[-1][1] if layout else 0
+
+
+def byte_targets(
+    expected: list[tuple[str, str, tuple[int, ...]]], arrays: Mapping[str, npt.NDArray[Any]]
+) -> list[npt.NDArray[np.uint8]]:
+    """The caller's arrays, in file order, as raw bytes: each checked against its entry
+    (C-contiguous, writeable, of the spec's dtype and shape)."""
+    targets = []
+    for key, code, shape in expected:
+        array = arrays.get(key)
+        if array is None:
+            raise KeyError(f"no target array for {key!r}")
+        if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype.newbyteorder("="):
+            raise ValueError(
+                f"{key}: target is {array.dtype}{list(array.shape)}, the spec gives"
+                f" {numpy_dtype(code)}{list(shape)}"
+            )
+        if not array.flags.c_contiguous or not array.flags.writeable:
+            raise ValueError(f"{key}: the target array must be C-contiguous and writeable")
+        targets.append(array.reshape(-1).view(np.uint8))
+    return targets

@@ -1,4 +1,5 @@
-"""The client's side of shared-memory delivery (the server's: initserve/shared_memory.py).
+"""The client's side of shared-memory delivery (the server's: initserve/shared_regions.py and
+initserve/routes/shared_memory.py).
 
 A region is a memfd this process creates: its pages allocated at once (a write-populate of its
 mapping here, so the server's writes allocate nothing), sealed so that it can neither shrink nor
@@ -34,8 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve_client._exceptions import status_error
-
-MESSAGE_BYTES = 4096
+from initserve_client._protocol import REGISTRATION_MESSAGE_BYTES
 
 
 class RegistrationRefused(Exception):
@@ -222,7 +222,7 @@ def register(path: str, fd: int, token: str | None) -> tuple[socket.socket, str]
         connection.settimeout(30)
         connection.connect(path)
         socket.send_fds(connection, [json.dumps({"token": token}).encode()], [fd])
-        answer = json.loads(connection.recv(MESSAGE_BYTES) or b"{}")
+        answer = json.loads(connection.recv(REGISTRATION_MESSAGE_BYTES) or b"{}")
     except BaseException:
         connection.close()
         raise

@@ -117,7 +117,7 @@ def shard_argument(text: str) -> tuple[int, int, int]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from initserve_client._client import Client
+    from initserve_client._sync import Client
 
     spec = read_spec(args.spec)
     with Client(args.url, token=args.token) as client:

@@ -30,8 +30,8 @@ def in_process(
     try:
         return InProcess(prepare(validated_request(dict(body)), settings), settings)
     except SpecError as exc:
-        # The service's 422, word for word (exception_handlers.py): a problem with the body as a whole
-        # located at "body".
+        # The service's 422, word for word (exception_handlers.py): a problem with the body as
+        # a whole located at "body".
         errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
         detail = str(SpecError(errors))
         if exc.omitted:

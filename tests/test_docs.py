@@ -283,9 +283,16 @@ def test_the_development_page_names_every_dependency() -> None:
     assert [name for name in sorted(names) if not mentions(page, name)] == []
 
 
-def test_the_layout_names_every_module_of_the_service() -> None:
+def test_the_layout_names_every_module_and_no_other() -> None:
     layout = section("docs/development.md", "## Layout")
-    package = REPO / "service/initserve"
-    modules = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
-    modules += [f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()]
-    assert [module for module in sorted(modules) if f"`{module}`" not in layout] == []
+    named = set(re.findall(r"`([A-Za-z_]\w*\.py|[A-Za-z_]\w*/)`", layout))
+    modules: set[str] = set()
+    for package in (REPO / "service/initserve", REPO / "clients/python/src/initserve_client"):
+        for path in package.rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                modules.add(path.name)
+        modules |= {f"{p.name}/" for p in package.rglob("*") if (p / "__init__.py").exists()}
+    assert sorted(modules - named) == []  # every module, in the layout
+    assert sorted(named - modules) == []  # and no module that has gone
+
+

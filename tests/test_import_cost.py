@@ -75,7 +75,8 @@ def test_initserve_help_imports_no_heavy_package() -> None:
 def test_initserve_client_help_imports_no_heavy_package() -> None:
     """Neither httpx nor numpy (what ``initserve_client/__init__.py`` imported eagerly)."""
     loaded = modules_loaded_by_help("initserve-client")
-    assert "initserve_client.cli" in loaded and "initserve_client._client" not in loaded
+    assert "initserve_client.cli" in loaded
+    assert not {"initserve_client._sync", "initserve_client._calls"} & loaded
     assert not {m.partition(".")[0] for m in loaded} & set(HEAVY), loaded & set(HEAVY)
 
 
@@ -92,8 +93,11 @@ assert generate is engine_generate and plan is plan_function and initserve.plan 
 assert sorted(initserve.__all__) == sorted(n for n in initserve.__all__ if hasattr(initserve, n))
 assert all(hasattr(initserve_client, n) for n in initserve_client.__all__)
 from initserve_client import Client, RetryPolicy, MissingDependencyError, init_module
-from initserve_client._client import Client as client_class
-assert Client is client_class
+from initserve_client._client import Client as old_home
+from initserve_client._sync import Client as client_class
+assert Client is client_class is old_home
+from initserve_client.torch_utils import init_module as old_init_module
+assert init_module is old_init_module
 try:
     initserve.no_such_name
 except AttributeError as exc:

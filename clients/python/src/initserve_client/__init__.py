@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         Spec,
         Tensor,
     )
-    from initserve_client.torch_utils import (
+    from initserve_client.torch_init import (
         ModelInitError,
         init_module,
         spec_from_module,
@@ -77,9 +77,9 @@ _HOMES = {
     "Layer": "initserve_client.spec",
     "Spec": "initserve_client.spec",
     "Tensor": "initserve_client.spec",
-    "ModelInitError": "initserve_client.torch_utils",
-    "init_module": "initserve_client.torch_utils",
-    "spec_from_module": "initserve_client.torch_utils",
+    "ModelInitError": "initserve_client.torch_init",
+    "init_module": "initserve_client.torch_init",
+    "spec_from_module": "initserve_client.torch_init",
 }
 
 

@@ -1,7 +1,7 @@
 """The documents agree with the code: the settings, the metric series, the endpoints, the shard
 rule, the command line's options, the dependencies and the layout are read from the code (or a
 real server) and compared with what docs/ and the READMEs say, both ways. (Their examples and
-links: tests/test_readme.py; ALGORITHM.md's constants: tests/test_algorithm_doc.py.)"""
+links: tests/test_documented_examples.py; ALGORITHM.md's constants: tests/test_algorithm_doc.py.)"""
 
 from __future__ import annotations
 

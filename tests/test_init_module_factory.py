@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_any_model import ReverseTied, assert_same_distribution
+from test_init_module_models import ReverseTied, assert_same_distribution
 from torch import nn
 from torch.nn import functional as F
 from torch_models import TitanLlama

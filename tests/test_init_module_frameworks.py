@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_any_model import assert_same_distribution
+from test_init_module_models import assert_same_distribution
 from torch import nn
 
 import initserve

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_any_model import assert_same_distribution
+from test_init_module_models import assert_same_distribution
 from torch import nn
 from torch.nn.utils import parametrize
 

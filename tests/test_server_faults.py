@@ -1,5 +1,5 @@
 """Faults: the server killed and restarted mid-download, and hundreds of clients that vanish
-mid-stream. (SIGTERM during a stream: test_service_uvicorn; truncated and corrupted bodies:
+mid-stream. (SIGTERM during a stream: test_server_process; truncated and corrupted bodies:
 test_client.)"""
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ import pytest
 
 from servers import uvicorn_server
 
+# The shared assertions (assert_same_bits, assert_problem) live in a plain module that tests
+# import; registered before any test imports it, its asserts show their operands as a test's do.
+pytest.register_assert_rewrite("assertions")
+
 REPO = Path(__file__).resolve().parent.parent
 # Philox4x32-10 known answers from Salmon et al. (SC'11), the vectors Random123's kat_vectors
 # ships; vendored so that a plain clone tests without anything beside it.

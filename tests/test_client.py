@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 from safetensors.numpy import load_file
 
 import initserve
@@ -89,7 +90,7 @@ def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) ->
             for key, full in whole.items():
                 chunks = torch.from_numpy(full).chunk(world, dim=0)
                 local = chunks[rank].numpy() if rank < len(chunks) else full[:0]
-                assert got[key].shape == local.shape and got[key].tobytes() == local.tobytes()
+                assert_same_bits(got[key], local)
 
 
 def test_regions_of_several_tensors_in_one_request(server: str) -> None:
@@ -338,7 +339,8 @@ def test_command_line_fetch(server: str, tmp_path: Path) -> None:
     run_cli(str(spec_path), "-o", str(out), "--url", server, "--quiet")
     loaded_f32, expected_f32 = load_file(str(out)), initserve.generate(f32)
     assert set(loaded_f32) == set(expected_f32)
-    assert all(loaded_f32[k].tobytes() == v.tobytes() for k, v in expected_f32.items())
+    for k, v in expected_f32.items():
+        assert_same_bits(loaded_f32[k], v, k)
 
 
 @pytest.mark.anyio
@@ -370,7 +372,7 @@ async def test_async_fetch_into_and_download_equal_the_sync_twin(
         await client.fetch_into(SPEC, into, regions=regions)
         header = await client.download(SPEC, tmp_path / "async.safetensors", only=["fc.bias"])
     for key, region in regions.items():
-        assert into[key].tobytes() == whole[key][tuple(slice(a, b) for a, b in region)].tobytes()
+        assert_same_bits(into[key], whole[key][tuple(slice(a, b) for a, b in region)])
     with Client(server) as sync:
         sync.download(SPEC, tmp_path / "sync.safetensors", only=["fc.bias"])
     assert [e.key for e in header.entries] == ["fc.bias"]
@@ -426,7 +428,8 @@ def test_fetch_into_preallocated_arrays(server: str) -> None:
     arrays = {key: np.empty_like(values) for key, values in expected.items()}
     with Client(server) as client:
         client.fetch_into(spec, arrays)
-        assert all(arrays[k].tobytes() == v.tobytes() for k, v in expected.items())
+        for k, v in expected.items():
+            assert_same_bits(arrays[k], v, k)
         wrong = {**arrays, "fc.weight": np.empty((17, 9), dtype=np.float64)}
         with pytest.raises(ValueError, match=r"fc\.weight"):
             client.fetch_into(spec, wrong)
@@ -467,5 +470,5 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
         client.fetch_into(spec, arrays)
     assert len(used) == 2 and all(position < header_bytes for position in used)
     for key, values in expected.items():
-        assert fetched[key].tobytes() == values.tobytes(), key
-        assert arrays[key].tobytes() == values.tobytes(), key
+        assert_same_bits(fetched[key], values, key)
+        assert_same_bits(arrays[key], values, key)

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 
 import initserve
 from initserve_client import (
@@ -69,7 +70,7 @@ def same(got: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
     assert list(got) == list(expected)
     for key, values in expected.items():
         assert got[key].dtype == values.dtype and got[key].shape == values.shape, key
-        assert got[key].tobytes() == values.tobytes(), key
+        assert_same_bits(got[key], values, key)
 
 
 class Hostile(http.server.ThreadingHTTPServer):
@@ -563,11 +564,11 @@ def test_a_server_killed_mid_generation_is_registered_with_again(tmp_path: Path)
         fetching.join(120)
         assert done == [None]
         expected = initserve.generate(big)["w"]
-        assert arrays["w"].tobytes() == expected.tobytes()
+        assert_same_bits(arrays["w"], expected)
         # Again with the same staging region, on the new server: registered once more, no 404.
         arrays["w"][:] = 0
         client.fetch_into(big, arrays)
-        assert arrays["w"].tobytes() == expected.tobytes()
+        assert_same_bits(arrays["w"], expected)
     finally:
         client.close()
         stop_server(first)

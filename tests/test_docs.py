@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same_bits
 
 import initserve
 from initserve.engine import split_bounds
@@ -215,10 +216,10 @@ def test_the_client_and_the_service_shard_as_the_document_says(
             served = initserve.generate(body)
             for key in ("w", "b"):
                 start, stop = rule(rows, index, count, split)
-                assert served[key].tobytes() == whole[key][start:stop].tobytes()
+                assert_same_bits(served[key], whole[key][start:stop])
                 if split == "chunk":
-                    assert client[key].tobytes() == whole[key][start:stop].tobytes()
-                    assert in_process[key].tobytes() == whole[key][start:stop].tobytes()
+                    assert_same_bits(client[key], whole[key][start:stop])
+                    assert_same_bits(in_process[key], whole[key][start:stop])
 
 
 def test_the_service_has_no_default_split(live_server: str) -> None:

@@ -8,6 +8,7 @@ import secrets
 
 import httpx
 import pytest
+from assertions import assert_problem, assert_same_bits
 from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 import initserve
@@ -26,15 +27,6 @@ def test_hostile_request_gets_its_status(server: str, name: str, body: bytes, st
     assert response.status_code == status, response.text[:300]
     if status >= 400:
         assert_problem(response, status)
-
-
-def assert_problem(response: httpx.Response, status: int) -> None:
-    problem = response.json()
-    assert response.headers["content-type"] == "application/problem+json"
-    assert problem["status"] == status and problem["detail"]
-    assert not problem["detail"].startswith(":"), problem["detail"]
-    for error in problem.get("errors", []):
-        assert error["loc"] and all(part != "" for part in error["loc"]), error
 
 
 @pytest.mark.parametrize(
@@ -110,5 +102,5 @@ def test_server_still_serves_after_the_corpus(server: str) -> None:
     response = httpx.post(f"{server}/init", json=spec)
     from safetensors.numpy import load
 
-    assert load(response.content)["w"].tobytes() == initserve.generate(spec)["w"].tobytes()
+    assert_same_bits(load(response.content)["w"], initserve.generate(spec)["w"])
     assert "initserve_requests_total" in httpx.get(f"{server}/metrics").text

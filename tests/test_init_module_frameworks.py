@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from assertions import assert_same_bits
 from test_init_module_models import assert_same_distribution
 from torch import nn
 
@@ -285,7 +286,7 @@ def test_torchtitan_bits_equal_generate_of_its_spec(titan: dict[str, Any]) -> No
     scratch: dict[str, dict[int, np.ndarray]] = {}
     for name, values in expected.items():
         if name in params:
-            assert params[name].detach().numpy().tobytes() == values.tobytes(), name
+            assert_same_bits(params[name].detach().numpy(), values, name)
         else:
             target, _, draw = name.partition("#draw")
             assert target in params and draw.isdigit(), name
@@ -415,7 +416,7 @@ def test_lora_forms_are_bit_identical_and_equal_generate(lora: dict[str, Any]) -
     for name, parameter in meta.items():
         assert torch.equal(parameter, factory[name]), name
         if name in expected:
-            assert parameter.detach().numpy().tobytes() == expected[name].tobytes(), name
+            assert_same_bits(parameter.detach().numpy(), expected[name], name)
 
 
 def test_dora_is_refused_pre_built_and_served_by_the_factory_form() -> None:

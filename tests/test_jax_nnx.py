@@ -71,8 +71,9 @@ def _model_class() -> Any:
 def scenario_nnx(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
+    from assertions import same_bits
     from flax import nnx
-    from test_jax_arrays import _counting_client, _same_bits
+    from test_jax_arrays import _counting_client
 
     import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
@@ -115,7 +116,7 @@ def scenario_nnx(url: str) -> dict[str, Any]:
         "spec": spec,
         "factory_spec_equal": factory_spec == spec,
         "state_keys": sorted(theirs),
-        "mismatched": [k for k, a in ours.items() if not _same_bits(a, whole[k])],
+        "mismatched": [k for k, a in ours.items() if not same_bits(a, whole[k])],
         "stds": stds,
         "up_sharding": str(ours["layers.0.up.kernel"].sharding.spec),
         "down_shard_shape": list(ours["layers.1.down.kernel"].addressable_shards[0].data.shape),

@@ -6,6 +6,7 @@ shows its operands as one in a test module does."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -58,6 +59,13 @@ def assert_same_bits(actual: Any, expected: Any, what: object = "") -> None:
         f"{a[first]!r} (bits {int(flat_a[differ[0]]):#x}) is not "
         f"{b[first]!r} (bits {int(flat_b[differ[0]]):#x})"
     )
+
+
+def assert_same_tensors(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Every tensor of ``expected``, in its order and no other, is in ``actual`` bit for bit."""
+    assert list(actual) == list(expected)
+    for key, values in expected.items():
+        assert_same_bits(actual[key], values, key)
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from assertions import assert_same_bits
+from assertions import assert_same_bits, assert_same_tensors
 from safetensors.numpy import load_file
 
 import initserve
@@ -41,37 +41,29 @@ FAST_RETRY = RetryPolicy(max_retries=8, base_seconds=0.01, cap_seconds=0.05)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server(chunk_bytes=str(1 << 16)) as (url, _):
-        yield url
-
-
-def same(got: dict[str, Any], expected: dict[str, np.ndarray]) -> bool:
-    return list(got) == list(expected) and all(
-        got[k].dtype == expected[k].dtype and got[k].tobytes() == expected[k].tobytes()
-        for k in expected
-    )
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_fetch_weights_equals_generate(server: str, dtype: str) -> None:
     spec = golden_spec(dtype)
-    assert same(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
+    assert_same_tensors(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
 
 
 def test_url_from_environment(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INITSERVE_URL", server)
     assert Client().url == server
-    assert same(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
+    assert_same_tensors(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
 
 
 @pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (2, 3, 1), (1, 4, 2)])
 def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
     with Client(server) as client:
         got = client.fetch_weights(SPEC, shard=(index, count, dim))
-        assert same(got, initserve.generate(SPEC, shard=(index, count, dim)))
+        assert_same_tensors(got, initserve.generate(SPEC, shard=(index, count, dim)))
         only = client.fetch_weights(SPEC, only=["conv.weight", "sparse"])
-        assert same(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
+        assert_same_tensors(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
 
 
 @pytest.mark.parametrize(("rows", "world"), [(10, 4), (2, 8), (1001, 3), (7, 7)])
@@ -105,7 +97,7 @@ def test_regions_of_several_tensors_in_one_request(server: str) -> None:
         expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
         assert got[key].tobytes() == expected.tobytes() == into[key].tobytes()
     with Client("local") as local:
-        assert same(local.fetch_weights(SPEC, regions=regions), got)
+        assert_same_tensors(local.fetch_weights(SPEC, regions=regions), got)
 
 
 def test_as_torch_gives_the_same_values(server: str) -> None:
@@ -129,7 +121,7 @@ def test_typed_errors(server: str) -> None:
     with uvicorn_server(api_token="secret") as (url, _):
         with pytest.raises(AuthenticationError):
             initserve_client.fetch_weights(SPEC, url=url)
-        assert same(
+        assert_same_tensors(
             initserve_client.fetch_weights(SPEC, url=url, token="secret"), initserve.generate(SPEC)
         )
 
@@ -173,7 +165,7 @@ def test_503_is_retried_honouring_retry_after() -> None:
             ) as client:
                 got = client.fetch_weights(SPEC)
             holder.join()
-        assert same(got, initserve.generate(SPEC))
+        assert_same_tensors(got, initserve.generate(SPEC))
         text = httpx.get(f"{url}/metrics").text
         assert 'initserve_rejections_total{reason="overload_concurrency"}' in text
 
@@ -219,7 +211,7 @@ def test_a_broken_stream_resumes_with_range(server: str, fraction: float) -> Non
     transport = BreakingTransport(after, breaks=2)
     with Client(server, transport=transport, retry=FAST_RETRY) as client:
         got = client.fetch_weights(SPEC)
-    assert same(got, initserve.generate(SPEC))
+    assert_same_tensors(got, initserve.generate(SPEC))
     # Each retry asks only for what it has not got: nothing twice, nothing lost.
     assert transport.ranges == [None, f"bytes={after}-", f"bytes={2 * after}-"]
 
@@ -297,7 +289,9 @@ def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path)
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 4 and all(same(r, initserve.generate(SPEC)) for r in results)
+    assert len(results) == 4
+    for result in results:
+        assert_same_tensors(result, initserve.generate(SPEC))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert [f for f in files if f.endswith(".safetensors")] and not [
         f for f in files if f.endswith(".part")
@@ -348,7 +342,7 @@ async def test_async_client(server: str) -> None:
     async with AsyncClient(server) as client:
         got = await client.fetch_weights(SPEC, shard=(1, 2, 0))
         planned = await client.plan(SPEC)
-    assert same(got, initserve.generate(SPEC, shard=(1, 2, 0)))
+    assert_same_tensors(got, initserve.generate(SPEC, shard=(1, 2, 0)))
     assert planned["etag"] == httpx.post(f"{server}/plan", json=SPEC).json()["etag"]
 
 
@@ -380,7 +374,7 @@ async def test_async_fetch_into_and_download_equal_the_sync_twin(
         tmp_path / "sync.safetensors"
     ).read_bytes()
     async with AsyncClient("local") as local:  # in-process, in a thread
-        assert same(await local.fetch_weights(SPEC, only=["fc.bias"]),
+        assert_same_tensors(await local.fetch_weights(SPEC, only=["fc.bias"]),
                     initserve.generate(SPEC, only=["fc.bias"]))  # fmt: skip
 
 
@@ -416,7 +410,7 @@ def test_typed_builder_is_accepted(server: str) -> None:
         tensors=[Tensor("emb", (10, 4), "trunc_normal", params={"std": 0.02})],
     )
     got = initserve_client.fetch_weights(spec, url=server)
-    assert same(got, initserve.generate(spec.to_dict()))
+    assert_same_tensors(got, initserve.generate(spec.to_dict()))
     with pytest.raises(TypeError, match="a spec is a dict"):
         initserve_client.fetch_weights("not a spec", url=server)  # type: ignore[arg-type]
 

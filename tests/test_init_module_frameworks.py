@@ -442,7 +442,7 @@ def test_dora_is_refused_pre_built_and_served_by_the_factory_form() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_accelerate_fsdp2_prepared_meta_model_equals_single_process(
-    tmp_path: Path, tied: bool
+    tmp_path: Path, tied: bool, live_server: str
 ) -> None:
     """Two gloo ranks: Accelerate's fsdp2_prepare_model shards a meta LlamaForCausalLM (each
     decoder layer, then the root; pad_token_id=0), init_module fills each rank's shards through
@@ -451,12 +451,11 @@ def test_accelerate_fsdp2_prepared_meta_model_equals_single_process(
     import torch.multiprocessing as mp
     from frameworks_worker import llama_config, run_accelerate_fsdp2
 
-    from servers import free_port, uvicorn_server
+    from servers import free_port
 
     out = tmp_path / "full.pt"
-    with uvicorn_server() as (url, _):
-        args = (2, free_port(), url, str(out), tied)
-        mp.spawn(run_accelerate_fsdp2, args=args, nprocs=2, join=True)  # type: ignore[attr-defined]
+    args = (2, free_port(), live_server, str(out), tied)
+    mp.spawn(run_accelerate_fsdp2, args=args, nprocs=2, join=True)  # type: ignore[attr-defined]
     sharded = torch.load(out)
     assert sharded["sharded"]  # every parameter a Shard(0) DTensor, as FSDP2 makes it
     assert sharded["tied"] == [tied, tied]  # on each rank, after the init

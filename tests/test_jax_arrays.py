@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from assertions import same_bits
 
-from servers import metric, uvicorn_server
+from servers import metric
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -327,9 +327,8 @@ def run_scenario(module: Path, scenario: str, url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_jax_arrays import run_scenario
-
-from servers import uvicorn_server
 
 # Real processes (JAX in a subprocess): run by `make test`, not by `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -339,9 +336,8 @@ SCENARIOS = {"zoo": scenario_zoo, "refusals": scenario_refusals, "built": scenar
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")

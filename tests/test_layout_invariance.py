@@ -21,7 +21,7 @@ from torch_models import TitanLlama
 import initserve
 from initserve_client import init_module, spec_from_module
 
-from servers import free_port, uvicorn_server
+from servers import free_port
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -36,15 +36,14 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reports(tmp_path_factory: pytest.TempPathFactory, live_server: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with uvicorn_server() as (url, _):
-        for world_size, layouts in LAYOUTS.items():
-            path = tmp_path_factory.mktemp(f"world{world_size}") / "report.json"
-            args = (world_size, free_port(), url, layouts, str(path))
-            mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
-            for layout, report in json.loads(path.read_text()).items():
-                out[f"{layout}@{world_size}"] = report
+    for world_size, layouts in LAYOUTS.items():
+        path = tmp_path_factory.mktemp(f"world{world_size}") / "report.json"
+        args = (world_size, free_port(), live_server, layouts, str(path))
+        mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
+        for layout, report in json.loads(path.read_text()).items():
+            out[f"{layout}@{world_size}"] = report
     return out
 
 

@@ -614,6 +614,7 @@ print(json.dumps({"growth": peak - base, "params": params}))
 """
 
 
+@pytest.mark.slow  # a fresh process builds a 48 MiB model while its peak RSS is sampled
 def test_the_factory_materialises_each_parameter_once() -> None:
     """Peak resident memory of the factory form, in a fresh process (torch's allocations are
     not Python's): the built model's parameters and little more, not a fetched copy of them

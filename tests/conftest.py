@@ -25,7 +25,9 @@ def kat_path() -> Path:
 @pytest.fixture(scope="session")
 def live_server() -> Iterator[str]:
     """One real server with the default settings, shared by the tests that only talk to it (a
-    server takes a second or two to start and warm up; the suite used to start one per test)."""
+    server takes a second or two to start and warm up; the suite used to start one per test).
+    Under pytest-xdist each worker has its own. A test that stops, reconfigures or counts a
+    server's process-wide state from zero starts its own (tests/servers.py)."""
     with uvicorn_server() as (url, _):
         yield url
 

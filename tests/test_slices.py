@@ -135,7 +135,8 @@ def test_large_tensor_slice_costs_only_the_slice() -> None:
     source = TensorSource(planned.tensors[0])
     tail = source.flat(2**40 - 6, 2**40)
     row = source.region(((2**20 - 1, 2**20), (2**20 - 6, 2**20)))
-    assert tail.tobytes() == row.tobytes() and np.isfinite(tail).all()
+    assert_same_bits(tail, row.reshape(-1))  # the flat range and the 1 x 6 region: one run
+    assert np.isfinite(tail).all()
 
 
 def test_reordering_adding_and_removing_entries_changes_nothing(
@@ -183,7 +184,7 @@ def test_per_tensor_seed_overrides_the_spec_seed() -> None:
     plain = initserve.generate(
         {"seed": 5, "tensors": [{"name": "w", "shape": [16], "scheme": "normal"}]}
     )
-    assert plain["w"].tobytes() == initserve.generate({"seed": 1, **base})["w"].tobytes()
+    assert_same_bits(plain["w"], initserve.generate({"seed": 1, **base})["w"])
 
 
 def test_thread_count_never_changes_a_bit() -> None:

@@ -125,7 +125,7 @@ def test_the_last_elements_of_the_largest_servable_tensor_are_the_contracts(
         [reference_uniform("w", 5, row * cols + col) for col in range(cols - 3, cols)]
         for row in range(rows - 2, rows)
     ]
-    assert got.tobytes() == np.array(expected, dtype=np.float32).tobytes()
+    assert_same_bits(got, np.array(expected, dtype=np.float32))
 
 
 def test_eye_at_the_far_corner_of_the_largest_servable_tensor(server: httpx.Client) -> None:
@@ -137,7 +137,7 @@ def test_eye_at_the_far_corner_of_the_largest_servable_tensor(server: httpx.Clie
     got = load(response.content)["w"]
     rows = np.arange(size - 4, size)[:, None]
     cols = np.arange(size - 5, size - 1)[None, :]
-    assert got.tobytes() == (rows == cols).astype(np.float32).tobytes()
+    assert_same_bits(got, (rows == cols).astype(np.float32))
 
 
 # --- 2. /inspect is bounded exactly as /init is --------------------------------------------------
@@ -342,7 +342,7 @@ def test_torch_default_on_a_layer_with_no_inputs_is_torchs(layout: str, shape: l
     with pytest.warns(UserWarning, match="zero-element"):
         linear = torch.nn.Linear(0, 4)  # reset_parameters: kaiming on no element, then the bias
     assert got["l.weight"].shape == tuple(shape)
-    assert got["l.bias"].tobytes() == linear.bias.detach().numpy().tobytes()  # +0.0, four times
+    assert_same_bits(got["l.bias"], linear.bias)  # +0.0, four times
 
 
 def test_torch_default_on_a_layer_with_no_inputs_is_served(server: httpx.Client) -> None:

@@ -39,9 +39,10 @@ run: $(RUNTIME)
 test: $(DEV)
 	$(PY) -m pytest
 
-# The inner loop: everything but the real multi-process runs (marked slow).
+# The inner loop: everything but the end-to-end and multi-process checks (marked slow), on two
+# xdist workers (each test's fixtures, server included, are per worker; worksteal evens them out).
 test-fast: $(DEV)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n 2 --dist worksteal
 
 # One mypy run over service, client, tests and bench (pyproject's [tool.mypy]): its cache in
 # .mypy_cache makes a warm run take seconds. ruff caches in .ruff_cache.

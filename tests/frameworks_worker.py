@@ -1,4 +1,4 @@
-"""One rank of the Accelerate FSDP2 test (tests/test_frameworks.py, run by mp.spawn)."""
+"""One rank of the Accelerate FSDP2 test (tests/test_init_module_frameworks.py, run by mp.spawn)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from initserve_client import init_module
 
-SEED = 17  # test_frameworks.SEED
+SEED = 17  # test_init_module_frameworks.SEED
 
 
 def llama_config(tied: bool) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_same_bits, assert_same_tensors
 from safetensors.numpy import load_file
 
 import initserve
@@ -40,37 +41,29 @@ FAST_RETRY = RetryPolicy(max_retries=8, base_seconds=0.01, cap_seconds=0.05)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server(chunk_bytes=str(1 << 16)) as (url, _):
-        yield url
-
-
-def same(got: dict[str, Any], expected: dict[str, np.ndarray]) -> bool:
-    return list(got) == list(expected) and all(
-        got[k].dtype == expected[k].dtype and got[k].tobytes() == expected[k].tobytes()
-        for k in expected
-    )
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_fetch_weights_equals_generate(server: str, dtype: str) -> None:
     spec = golden_spec(dtype)
-    assert same(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
+    assert_same_tensors(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
 
 
 def test_url_from_environment(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INITSERVE_URL", server)
     assert Client().url == server
-    assert same(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
+    assert_same_tensors(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
 
 
 @pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (2, 3, 1), (1, 4, 2)])
 def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
     with Client(server) as client:
         got = client.fetch_weights(SPEC, shard=(index, count, dim))
-        assert same(got, initserve.generate(SPEC, shard=(index, count, dim)))
+        assert_same_tensors(got, initserve.generate(SPEC, shard=(index, count, dim)))
         only = client.fetch_weights(SPEC, only=["conv.weight", "sparse"])
-        assert same(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
+        assert_same_tensors(only, initserve.generate(SPEC, only=["conv.weight", "sparse"]))
 
 
 @pytest.mark.parametrize(("rows", "world"), [(10, 4), (2, 8), (1001, 3), (7, 7)])
@@ -89,7 +82,7 @@ def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) ->
             for key, full in whole.items():
                 chunks = torch.from_numpy(full).chunk(world, dim=0)
                 local = chunks[rank].numpy() if rank < len(chunks) else full[:0]
-                assert got[key].shape == local.shape and got[key].tobytes() == local.tobytes()
+                assert_same_bits(got[key], local)
 
 
 def test_regions_of_several_tensors_in_one_request(server: str) -> None:
@@ -102,9 +95,10 @@ def test_regions_of_several_tensors_in_one_request(server: str) -> None:
     assert set(got) == set(regions)
     for key, region in regions.items():
         expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
-        assert got[key].tobytes() == expected.tobytes() == into[key].tobytes()
+        assert_same_bits(got[key], expected, key)
+        assert_same_bits(into[key], expected, key)
     with Client("local") as local:
-        assert same(local.fetch_weights(SPEC, regions=regions), got)
+        assert_same_tensors(local.fetch_weights(SPEC, regions=regions), got)
 
 
 def test_as_torch_gives_the_same_values(server: str) -> None:
@@ -114,7 +108,7 @@ def test_as_torch_gives_the_same_values(server: str) -> None:
     expected = initserve.generate(SPEC)
     assert got["fc.weight"].dtype == torch.bfloat16
     for key, values in expected.items():
-        assert got[key].view(torch.int16).numpy().tobytes() == values.tobytes()
+        assert_same_bits(got[key], values, key)  # a torch bfloat16 tensor, read as its bits
 
 
 def test_typed_errors(server: str) -> None:
@@ -128,7 +122,7 @@ def test_typed_errors(server: str) -> None:
     with uvicorn_server(api_token="secret") as (url, _):
         with pytest.raises(AuthenticationError):
             initserve_client.fetch_weights(SPEC, url=url)
-        assert same(
+        assert_same_tensors(
             initserve_client.fetch_weights(SPEC, url=url, token="secret"), initserve.generate(SPEC)
         )
 
@@ -172,7 +166,7 @@ def test_503_is_retried_honouring_retry_after() -> None:
             ) as client:
                 got = client.fetch_weights(SPEC)
             holder.join()
-        assert same(got, initserve.generate(SPEC))
+        assert_same_tensors(got, initserve.generate(SPEC))
         text = httpx.get(f"{url}/metrics").text
         assert 'initserve_rejections_total{reason="overload_concurrency"}' in text
 
@@ -218,7 +212,7 @@ def test_a_broken_stream_resumes_with_range(server: str, fraction: float) -> Non
     transport = BreakingTransport(after, breaks=2)
     with Client(server, transport=transport, retry=FAST_RETRY) as client:
         got = client.fetch_weights(SPEC)
-    assert same(got, initserve.generate(SPEC))
+    assert_same_tensors(got, initserve.generate(SPEC))
     # Each retry asks only for what it has not got: nothing twice, nothing lost.
     assert transport.ranges == [None, f"bytes={after}-", f"bytes={2 * after}-"]
 
@@ -296,7 +290,9 @@ def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path)
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 4 and all(same(r, initserve.generate(SPEC)) for r in results)
+    assert len(results) == 4
+    for result in results:
+        assert_same_tensors(result, initserve.generate(SPEC))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert [f for f in files if f.endswith(".safetensors")] and not [
         f for f in files if f.endswith(".part")
@@ -325,20 +321,20 @@ def test_command_line_fetch(server: str, tmp_path: Path) -> None:
     forced = run_cli(str(spec_path), "-o", str(out), "--url", server, "--progress")
     assert "initserve: 100%" in forced.stderr and "B/s" in forced.stderr  # tqdm's bar, rate
     assert out.read_bytes() == httpx.post(f"{server}/init", json=SPEC).content
-    import torch  # the official loader needs torch for bfloat16
     from safetensors.torch import load_file as load_torch
 
     loaded = load_torch(str(out))
     expected = initserve.generate(SPEC)
     assert set(loaded) == set(expected)
     for key, values in expected.items():
-        assert loaded[key].view(torch.int16).numpy().tobytes() == values.tobytes()
+        assert_same_bits(loaded[key], values, key)  # a torch bfloat16 tensor, read as its bits
     f32 = golden_spec("float32")
     spec_path.write_text(json.dumps(f32))
     run_cli(str(spec_path), "-o", str(out), "--url", server, "--quiet")
     loaded_f32, expected_f32 = load_file(str(out)), initserve.generate(f32)
     assert set(loaded_f32) == set(expected_f32)
-    assert all(loaded_f32[k].tobytes() == v.tobytes() for k, v in expected_f32.items())
+    for k, v in expected_f32.items():
+        assert_same_bits(loaded_f32[k], v, k)
 
 
 @pytest.mark.anyio
@@ -346,7 +342,7 @@ async def test_async_client(server: str) -> None:
     async with AsyncClient(server) as client:
         got = await client.fetch_weights(SPEC, shard=(1, 2, 0))
         planned = await client.plan(SPEC)
-    assert same(got, initserve.generate(SPEC, shard=(1, 2, 0)))
+    assert_same_tensors(got, initserve.generate(SPEC, shard=(1, 2, 0)))
     assert planned["etag"] == httpx.post(f"{server}/plan", json=SPEC).json()["etag"]
 
 
@@ -370,7 +366,7 @@ async def test_async_fetch_into_and_download_equal_the_sync_twin(
         await client.fetch_into(SPEC, into, regions=regions)
         header = await client.download(SPEC, tmp_path / "async.safetensors", only=["fc.bias"])
     for key, region in regions.items():
-        assert into[key].tobytes() == whole[key][tuple(slice(a, b) for a, b in region)].tobytes()
+        assert_same_bits(into[key], whole[key][tuple(slice(a, b) for a, b in region)])
     with Client(server) as sync:
         sync.download(SPEC, tmp_path / "sync.safetensors", only=["fc.bias"])
     assert [e.key for e in header.entries] == ["fc.bias"]
@@ -378,7 +374,7 @@ async def test_async_fetch_into_and_download_equal_the_sync_twin(
         tmp_path / "sync.safetensors"
     ).read_bytes()
     async with AsyncClient("local") as local:  # in-process, in a thread
-        assert same(await local.fetch_weights(SPEC, only=["fc.bias"]),
+        assert_same_tensors(await local.fetch_weights(SPEC, only=["fc.bias"]),
                     initserve.generate(SPEC, only=["fc.bias"]))  # fmt: skip
 
 
@@ -414,7 +410,7 @@ def test_typed_builder_is_accepted(server: str) -> None:
         tensors=[Tensor("emb", (10, 4), "trunc_normal", params={"std": 0.02})],
     )
     got = initserve_client.fetch_weights(spec, url=server)
-    assert same(got, initserve.generate(spec.to_dict()))
+    assert_same_tensors(got, initserve.generate(spec.to_dict()))
     with pytest.raises(TypeError, match="a spec is a dict"):
         initserve_client.fetch_weights("not a spec", url=server)  # type: ignore[arg-type]
 
@@ -426,7 +422,8 @@ def test_fetch_into_preallocated_arrays(server: str) -> None:
     arrays = {key: np.empty_like(values) for key, values in expected.items()}
     with Client(server) as client:
         client.fetch_into(spec, arrays)
-        assert all(arrays[k].tobytes() == v.tobytes() for k, v in expected.items())
+        for k, v in expected.items():
+            assert_same_bits(arrays[k], v, k)
         wrong = {**arrays, "fc.weight": np.empty((17, 9), dtype=np.float64)}
         with pytest.raises(ValueError, match=r"fc\.weight"):
             client.fetch_into(spec, wrong)
@@ -467,5 +464,5 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
         client.fetch_into(spec, arrays)
     assert len(used) == 2 and all(position < header_bytes for position in used)
     for key, values in expected.items():
-        assert fetched[key].tobytes() == values.tobytes(), key
-        assert arrays[key].tobytes() == values.tobytes(), key
+        assert_same_bits(fetched[key], values, key)
+        assert_same_bits(arrays[key], values, key)

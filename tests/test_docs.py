@@ -1,7 +1,7 @@
 """The documents agree with the code: the settings, the metric series, the endpoints, the shard
 rule, the command line's options, the dependencies and the layout are read from the code (or a
 real server) and compared with what docs/ and the READMEs say, both ways. (Their examples and
-links: tests/test_readme.py; ALGORITHM.md's constants: tests/test_algorithm_doc.py.)"""
+links: tests/test_documented_examples.py; ALGORITHM.md's constants: tests/test_algorithm_doc.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same_bits
 
 import initserve
 from initserve.settings import Settings
@@ -215,10 +216,10 @@ def test_the_client_and_the_service_shard_as_the_document_says(
             served = initserve.generate(body)
             for key in ("w", "b"):
                 start, stop = rule(rows, index, count, split)
-                assert served[key].tobytes() == whole[key][start:stop].tobytes()
+                assert_same_bits(served[key], whole[key][start:stop])
                 if split == "chunk":
-                    assert client[key].tobytes() == whole[key][start:stop].tobytes()
-                    assert in_process[key].tobytes() == whole[key][start:stop].tobytes()
+                    assert_same_bits(client[key], whole[key][start:stop])
+                    assert_same_bits(in_process[key], whole[key][start:stop])
 
 
 def test_the_service_has_no_default_split(live_server: str) -> None:

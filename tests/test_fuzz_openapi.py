@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -22,6 +23,8 @@ from initserve.settings import Settings
 app = create_app(Settings(max_response_bytes=1 << 20, max_tensors=64, max_coupled_elements=1 << 12))
 app.state.service.ready = True
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+# Fuzzing: 60 generated cases per operation, ~20 s in all; not the inner loop (make test runs it).
+pytestmark = pytest.mark.slow
 
 
 @schema.parametrize()

@@ -13,6 +13,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 
 import initserve
 
@@ -94,11 +95,11 @@ def test_half_precision_is_the_rounded_float32(narrow: str) -> None:
     half = initserve.generate(golden_spec(narrow))
     target = np.float16 if narrow == "float16" else ml_dtypes.bfloat16
     for key, values in wide.items():
-        assert half[key].tobytes() == values.astype(target).tobytes(), key
+        assert_same_bits(half[key], values.astype(target), key)
 
 
 def test_float32_is_the_rounded_float64() -> None:
     wide = initserve.generate(golden_spec("float64"))
     narrow = initserve.generate(golden_spec("float32"))
     for key, values in wide.items():
-        assert narrow[key].tobytes() == values.astype(np.float32).tobytes(), key
+        assert_same_bits(narrow[key], values.astype(np.float32), key)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from assertions import same_bits
 
-from servers import metric, uvicorn_server
+from servers import metric
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -146,13 +147,6 @@ def _held_bytes(shape: tuple[int, ...], itemsize: int, indices: list[Any]) -> in
     return sum(math.prod(b - a for a, b in block) * itemsize for block in blocks)
 
 
-def _same_bits(a: Any, b: Any) -> bool:
-    import numpy as np
-
-    a, b = np.asarray(a), np.asarray(b)
-    return bool(a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes())
-
-
 def scenario_arrays(url: str) -> dict[str, Any]:
     import numpy as np
 
@@ -180,12 +174,12 @@ def scenario_arrays(url: str) -> dict[str, Any]:
             **counts,
             "server_bytes": streamed,
             "held_bytes": held,
-            "mismatched": [k for k, a in arrays.items() if not _same_bits(a, whole[k])],
+            "mismatched": [k for k, a in arrays.items() if not same_bits(a, whole[k])],
             "shards_mismatched": [
                 k
                 for k, a in arrays.items()
                 for shard in a.addressable_shards
-                if not _same_bits(shard.data, whole[k][shard.index])
+                if not same_bits(shard.data, whole[k][shard.index])
             ],
             "keys": sorted(arrays),
             "sharding_kept": all(arrays[k].sharding == s for k, s in shardings.items()),
@@ -221,7 +215,7 @@ def scenario_arrays(url: str) -> dict[str, Any]:
                     for r, buf in fetched.get(key, [])
                     if all(lo <= a and b <= hi for (a, b), (lo, hi) in zip(block, r, strict=True))
                 ]
-                if not found or not _same_bits(found[0], whole[key][indices[device]]):
+                if not found or not same_bits(found[0], whole[key][indices[device]]):
                     wrong.append(f"{key}@{device.id}")
         report[f"{mesh_name}/host"] = {**counts, "held_bytes": held_by_host, "wrong": wrong}
     # Splits that do not divide: refused before any request, naming the tensor and mesh axis.
@@ -333,9 +327,8 @@ def run_scenario(module: Path, scenario: str, url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 
 import initserve
 from initserve.schemes import TRUNCATED_STD_2, fans
@@ -83,7 +84,7 @@ def test_layout_changes_fans_not_the_stream() -> None:
     spec = {"seed": 9, "tensors": [{"name": "w", "shape": [8, 16], "scheme": "normal", "std": 0.1}]}
     torch_values = initserve.generate(spec)["w"]
     jax_values = initserve.generate({**spec, "layout": "jax"})["w"]
-    assert torch_values.tobytes() == jax_values.tobytes()
+    assert_same_bits(torch_values, jax_values)
 
 
 def test_jax_layer_bias_has_the_output_dimension() -> None:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_jax_arrays import run_scenario
-
-from servers import uvicorn_server
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -71,8 +68,9 @@ def _model_class() -> Any:
 def scenario_nnx(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
+    from assertions import same_bits
     from flax import nnx
-    from test_jax_arrays import _counting_client, _same_bits
+    from test_jax_arrays import _counting_client
 
     import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
@@ -115,7 +113,7 @@ def scenario_nnx(url: str) -> dict[str, Any]:
         "spec": spec,
         "factory_spec_equal": factory_spec == spec,
         "state_keys": sorted(theirs),
-        "mismatched": [k for k, a in ours.items() if not _same_bits(a, whole[k])],
+        "mismatched": [k for k, a in ours.items() if not same_bits(a, whole[k])],
         "stds": stds,
         "up_sharding": str(ours["layers.0.up.kernel"].sharding.spec),
         "down_shard_shape": list(ours["layers.1.down.kernel"].addressable_shards[0].data.shape),
@@ -176,9 +174,8 @@ SCENARIOS = {"nnx": scenario_nnx, "rules": scenario_rules}
 
 
 @pytest.fixture(scope="module")
-def nnx_report() -> Iterator[dict[str, Any]]:
-    with uvicorn_server() as (url, _):
-        yield run_scenario(HERE, "nnx", url)
+def nnx_report(live_server: str) -> dict[str, Any]:
+    return run_scenario(HERE, "nnx", live_server)
 
 
 def test_spec_keys_are_the_state_paths(nnx_report: dict[str, Any]) -> None:
@@ -223,9 +220,8 @@ def test_the_sharded_model_is_one_request_of_its_bytes(nnx_report: dict[str, Any
     assert nnx_report["body_bytes"] - nnx_report["header_bytes"] == nnx_report["param_bytes"]
 
 
-def test_rules_and_errors() -> None:
-    with uvicorn_server() as (url, _):
-        report = run_scenario(HERE, "rules", url)
+def test_rules_and_errors(live_server: str) -> None:
+    report = run_scenario(HERE, "rules", live_server)
     assert report["up"]["scheme"] == "normal" and report["up"]["std"] == 0.02
     assert report["down"]["scheme"] == "lecun_normal"  # no rule: Flax's default
     assert report["query_kernel"]["scheme"] == "xavier_uniform"

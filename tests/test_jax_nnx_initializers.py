@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_jax_arrays import run_scenario
-
-from servers import uvicorn_server
 
 # Real processes (JAX in a subprocess): run by `make test`, not by `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -120,8 +117,9 @@ def _params(model: Any) -> dict[str, Any]:
 def scenario_zoo(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
+    from assertions import same_bits
     from flax import nnx
-    from test_jax_arrays import _counting_client, _same_bits
+    from test_jax_arrays import _counting_client
 
     import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
@@ -163,7 +161,7 @@ def scenario_zoo(url: str) -> dict[str, Any]:
         "params": report,
         "spec": {t["name"]: t for t in spec["tensors"]},
         "normal_sharding": str(model.normal.kernel.get_value().sharding.spec),
-        "mismatched": [k for k, a in served.items() if not _same_bits(a, whole[k])],
+        "mismatched": [k for k, a in served.items() if not same_bits(a, whole[k])],
         "batch_stats_equal": all(
             bool((a.get_value() == b.get_value()).all())
             for a, b in (
@@ -338,9 +336,8 @@ SCENARIOS = {"zoo": scenario_zoo, "refusals": scenario_refusals, "built": scenar
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")

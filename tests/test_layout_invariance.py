@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from assertions import assert_same_bits
 from layout_worker import build, run
 from torch_models import TitanLlama
 
 import initserve
 from initserve_client import init_module, spec_from_module
 
-from servers import free_port, uvicorn_server
+from servers import free_port
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -35,15 +36,14 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reports(tmp_path_factory: pytest.TempPathFactory, live_server: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with uvicorn_server() as (url, _):
-        for world_size, layouts in LAYOUTS.items():
-            path = tmp_path_factory.mktemp(f"world{world_size}") / "report.json"
-            args = (world_size, free_port(), url, layouts, str(path))
-            mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
-            for layout, report in json.loads(path.read_text()).items():
-                out[f"{layout}@{world_size}"] = report
+    for world_size, layouts in LAYOUTS.items():
+        path = tmp_path_factory.mktemp(f"world{world_size}") / "report.json"
+        args = (world_size, free_port(), live_server, layouts, str(path))
+        mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
+        for layout, report in json.loads(path.read_text()).items():
+            out[f"{layout}@{world_size}"] = report
     return out
 
 
@@ -74,7 +74,7 @@ def test_single_process_init_equals_generate_of_the_spec() -> None:
     params = dict(model.named_parameters())
     assert set(generated) == set(params)
     for name, values in generated.items():
-        assert params[name].detach().numpy().tobytes() == values.tobytes(), name
+        assert_same_bits(params[name].detach().numpy(), values, name)
 
 
 def test_each_rank_receives_its_shard_in_one_request(reports: dict[str, Any]) -> None:
@@ -95,5 +95,5 @@ def test_uneven_fsdp_shards_are_the_torch_chunk_split(reports: dict[str, Any]) -
     parts = [initserve.generate(spec, shard=(rank, 4, 0), only=["registers"])["registers"]
              for rank in range(4)]  # fmt: skip
     assert [p.shape[0] for p in parts] == [1, 1, 0, 0]
-    assert np.concatenate(parts).tobytes() == full.tobytes()
+    assert_same_bits(np.concatenate(parts), full)
     assert reports["fsdp@4"]["digests"]["registers"] == hashlib.sha256(full.tobytes()).hexdigest()

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_any_model import assert_same_distribution
+from assertions import assert_same_bits
+from test_init_module_models import assert_same_distribution
 from torch import nn
 
 import initserve
@@ -285,7 +286,7 @@ def test_torchtitan_bits_equal_generate_of_its_spec(titan: dict[str, Any]) -> No
     scratch: dict[str, dict[int, np.ndarray]] = {}
     for name, values in expected.items():
         if name in params:
-            assert params[name].detach().numpy().tobytes() == values.tobytes(), name
+            assert_same_bits(params[name].detach().numpy(), values, name)
         else:
             target, _, draw = name.partition("#draw")
             assert target in params and draw.isdigit(), name
@@ -415,7 +416,7 @@ def test_lora_forms_are_bit_identical_and_equal_generate(lora: dict[str, Any]) -
     for name, parameter in meta.items():
         assert torch.equal(parameter, factory[name]), name
         if name in expected:
-            assert parameter.detach().numpy().tobytes() == expected[name].tobytes(), name
+            assert_same_bits(parameter.detach().numpy(), expected[name], name)
 
 
 def test_dora_is_refused_pre_built_and_served_by_the_factory_form() -> None:
@@ -441,7 +442,7 @@ def test_dora_is_refused_pre_built_and_served_by_the_factory_form() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_accelerate_fsdp2_prepared_meta_model_equals_single_process(
-    tmp_path: Path, tied: bool
+    tmp_path: Path, tied: bool, live_server: str
 ) -> None:
     """Two gloo ranks: Accelerate's fsdp2_prepare_model shards a meta LlamaForCausalLM (each
     decoder layer, then the root; pad_token_id=0), init_module fills each rank's shards through
@@ -450,12 +451,11 @@ def test_accelerate_fsdp2_prepared_meta_model_equals_single_process(
     import torch.multiprocessing as mp
     from frameworks_worker import llama_config, run_accelerate_fsdp2
 
-    from servers import free_port, uvicorn_server
+    from servers import free_port
 
     out = tmp_path / "full.pt"
-    with uvicorn_server() as (url, _):
-        args = (2, free_port(), url, str(out), tied)
-        mp.spawn(run_accelerate_fsdp2, args=args, nprocs=2, join=True)  # type: ignore[attr-defined]
+    args = (2, free_port(), live_server, str(out), tied)
+    mp.spawn(run_accelerate_fsdp2, args=args, nprocs=2, join=True)  # type: ignore[attr-defined]
     sharded = torch.load(out)
     assert sharded["sharded"]  # every parameter a Shard(0) DTensor, as FSDP2 makes it
     assert sharded["tied"] == [tied, tied]  # on each rank, after the init

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from assertions import assert_same_bits
 from torch import nn
 from torch_models import TitanLlama, depth_std
 
@@ -179,7 +180,7 @@ def test_bits_equal_generate_of_the_spec_on_meta_and_cpu(case: dict[str, Any]) -
         params = dict(case[built].named_parameters())
         assert set(expected) <= set(params)
         for name, values in expected.items():
-            assert params[name].detach().numpy().tobytes() == values.tobytes(), (built, name)
+            assert_same_bits(params[name].detach().numpy(), values, (built, name))
 
 
 def test_every_parameter_is_in_the_spec_or_computed(case: dict[str, Any]) -> None:
@@ -256,7 +257,7 @@ def test_rules_override_the_models_init_for_chosen_parameters() -> None:
     init_module(model, SEED, rules=rules, url="local")
     expected = initserve.generate(spec)
     for name, parameter in model.named_parameters():
-        assert parameter.detach().numpy().tobytes() == expected[name].tobytes(), name
+        assert_same_bits(parameter.detach().numpy(), expected[name], name)
 
 
 class Hostile(nn.Module):

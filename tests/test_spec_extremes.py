@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same_bits
 from hostile_requests import HOSTILE
 from safetensors.numpy import load
 
@@ -125,7 +126,7 @@ def test_the_last_elements_of_the_largest_servable_tensor_are_the_contracts(
         [reference_uniform("w", 5, row * cols + col) for col in range(cols - 3, cols)]
         for row in range(rows - 2, rows)
     ]
-    assert got.tobytes() == np.array(expected, dtype=np.float32).tobytes()
+    assert_same_bits(got, np.array(expected, dtype=np.float32))
 
 
 def test_eye_at_the_far_corner_of_the_largest_servable_tensor(server: httpx.Client) -> None:
@@ -137,7 +138,7 @@ def test_eye_at_the_far_corner_of_the_largest_servable_tensor(server: httpx.Clie
     got = load(response.content)["w"]
     rows = np.arange(size - 4, size)[:, None]
     cols = np.arange(size - 5, size - 1)[None, :]
-    assert got.tobytes() == (rows == cols).astype(np.float32).tobytes()
+    assert_same_bits(got, (rows == cols).astype(np.float32))
 
 
 # --- 2. /inspect is bounded exactly as /init is --------------------------------------------------
@@ -308,10 +309,10 @@ def test_a_run_heavy_region_is_that_slice_of_the_whole(
     for chunk in (8, 24, 4096, 1 << 20):
         assert body_of(spec, region, chunk) == expected.tobytes(), chunk
     (tensor,) = plan(spec).tensors
-    assert TensorSource(tensor).region(tuple(region)).tobytes() == expected.tobytes()
+    assert_same_bits(TensorSource(tensor).region(tuple(region)), expected)
     out = np.empty(expected.shape, dtype=expected.dtype)
     TensorSource(tensor).region(tuple(region), out=out)
-    assert out.tobytes() == expected.tobytes()
+    assert_same_bits(out, expected)
 
 
 def test_a_region_in_one_element_runs_streams_in_memory_of_a_chunk() -> None:
@@ -342,7 +343,7 @@ def test_torch_default_on_a_layer_with_no_inputs_is_torchs(layout: str, shape: l
     with pytest.warns(UserWarning, match="zero-element"):
         linear = torch.nn.Linear(0, 4)  # reset_parameters: kaiming on no element, then the bias
     assert got["l.weight"].shape == tuple(shape)
-    assert got["l.bias"].tobytes() == linear.bias.detach().numpy().tobytes()  # +0.0, four times
+    assert_same_bits(got["l.bias"], linear.bias)  # +0.0, four times
 
 
 def test_torch_default_on_a_layer_with_no_inputs_is_served(server: httpx.Client) -> None:
@@ -400,7 +401,7 @@ async def test_in_process_answers_as_the_service_does(
         generated = initserve.generate(data)
         assert set(generated) == set(served)
         for key, values in generated.items():
-            assert values.shape == served[key].shape and values.tobytes() == served[key].tobytes()
+            assert_same_bits(values, served[key])
         return
     with pytest.raises(SpecError) as refused:
         initserve.generate(data)

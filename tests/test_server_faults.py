@@ -1,5 +1,5 @@
 """Faults: the server killed and restarted mid-download, and hundreds of clients that vanish
-mid-stream. (SIGTERM during a stream: test_service_uvicorn; truncated and corrupted bodies:
+mid-stream. (SIGTERM during a stream: test_server_process; truncated and corrupted bodies:
 test_client.)"""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 import initserve
 from initserve_client import Client, RetryPolicy
@@ -67,6 +68,7 @@ def status_of(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+@pytest.mark.slow  # a soak: 200 streams of 256 MiB dropped, then memory and threads read
 def test_200_disconnects_leave_memory_and_threads_flat() -> None:
     spec = {
         "seed": 3,

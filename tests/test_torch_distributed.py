@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from assertions import assert_same_bits
 from distributed_worker import RULES, Net, run
 from torch import nn
 
 import initserve
 from initserve_client import init_module, spec_from_module
 
-from servers import free_port, uvicorn_server
+from servers import free_port
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
@@ -25,10 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("world_size", [3])
-def test_ranks_initialise_identically_through_the_service(tmp_path: Path, world_size: int) -> None:
+def test_ranks_initialise_identically_through_the_service(
+    tmp_path: Path, world_size: int, live_server: str
+) -> None:
     out = tmp_path / "rank0.json"
-    with uvicorn_server() as (url, _):
-        mp.spawn(run, args=(world_size, free_port(), url, str(out)), nprocs=world_size, join=True)  # type: ignore[attr-defined]
+    args = (world_size, free_port(), live_server, str(out))
+    mp.spawn(run, args=args, nprocs=world_size, join=True)  # type: ignore[attr-defined]
     result = json.loads(out.read_text())
     gathered = result["gathered"]
     assert all(digests == gathered[0] for digests in gathered)  # every rank, every bit
@@ -97,7 +100,7 @@ def test_unknown_modules_and_buffers_are_refused() -> None:
         init_module(model, seed=1, url="http://127.0.0.1:9")  # refused before any request
 
 
-def test_readme_torchrun_example(tmp_path: Path) -> None:
+def test_readme_torchrun_example(tmp_path: Path, live_server: str) -> None:
     """`torchrun --nproc-per-node 2 examples/trainer.py`: both ranks print the same digest."""
     import os
     import subprocess
@@ -105,36 +108,34 @@ def test_readme_torchrun_example(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parent.parent
     torchrun = Path(sys.executable).parent / "torchrun"
-    with uvicorn_server() as (url, _):
-        result = subprocess.run(
-            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
-             str(repo / "examples" / "trainer.py")],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-            env={**os.environ, "INITSERVE_URL": url},
-        )  # fmt: skip
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(repo / "examples" / "trainer.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "INITSERVE_URL": live_server},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     digests = [line.rsplit("sha256 ", 1)[1][:16] for line in result.stdout.split("rank ")[1:]]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
-def test_init_module_streams_into_parameters_of_their_own_dtype() -> None:
+def test_init_module_streams_into_parameters_of_their_own_dtype(live_server: str) -> None:
     import ml_dtypes
 
     from initserve_client import init_module
 
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(torch.bfloat16)
-    with uvicorn_server() as (url, _):
-        init_module(model, seed=3, url=url)
-        bare = nn.Linear(5, 3)  # the whole module is one layer: no name to give it
-        init_module(bare, seed=4, url=url)
+    init_module(model, seed=3, url=live_server)
+    bare = nn.Linear(5, 3)  # the whole module is one layer: no name to give it
+    init_module(bare, seed=4, url=live_server)
     spec = spec_from_module(model, seed=3)
     assert {t.get("dtype") for t in spec["tensors"]} == {"bfloat16"}
     expected = initserve.generate(spec)
     for name, parameter in model.named_parameters():
         got = parameter.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        assert got.tobytes() == expected[name].tobytes(), name
+        assert_same_bits(got, expected[name], name)
     bare_expected = initserve.generate(spec_from_module(bare, seed=4))
-    assert bare.weight.detach().numpy().tobytes() == bare_expected["weight"].tobytes()
+    assert_same_bits(bare.weight.detach().numpy(), bare_expected["weight"])
     bound = 1 / np.sqrt(5)
     assert np.abs(bare.bias.detach().numpy()).max() <= bound
 

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_any_model import ReverseTied, assert_same_distribution
+from assertions import assert_same_bits
+from test_init_module_models import ReverseTied, assert_same_distribution
 from torch import nn
 from torch.nn import functional as F
 from torch_models import TitanLlama
@@ -220,7 +221,7 @@ def test_drawn_tensors_are_generate_of_the_spec(pattern: tuple[str, nn.Module, n
     params = dict(ours.named_parameters())
     for entry in spec["tensors"]:
         values = initserve.generate({"seed": SEED, "tensors": [entry]})[entry["name"]]
-        assert params[entry["name"]].detach().numpy().tobytes() == values.tobytes(), entry
+        assert_same_bits(params[entry["name"]].detach().numpy(), values, entry)
 
 
 def test_the_reverse_tie_gets_the_linears_init() -> None:
@@ -613,6 +614,7 @@ print(json.dumps({"growth": peak - base, "params": params}))
 """
 
 
+@pytest.mark.slow  # a fresh process builds a 48 MiB model while its peak RSS is sampled
 def test_the_factory_materialises_each_parameter_once() -> None:
     """Peak resident memory of the factory form, in a fresh process (torch's allocations are
     not Python's): the built model's parameters and little more, not a fetched copy of them

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_any_model import assert_same_distribution
+from test_init_module_models import assert_same_distribution
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -605,21 +605,25 @@ def run_sharded(case: str, tmp_path: Any) -> tuple[list[Any], Any]:
     return json.loads(out.read_text()), single[0].weight.detach().tolist()
 
 
+@pytest.mark.slow  # two gloo ranks spawned (run_sharded)
 def test_view_writes_on_a_sharded_embedding_land_in_place(tmp_path: Any) -> None:
     ranks, single = run_sharded("view_writes", tmp_path)
     assert ranks == [single, single]
 
 
+@pytest.mark.slow  # two gloo ranks spawned (run_sharded)
 def test_copy_into_rows_of_a_sharded_embedding(tmp_path: Any) -> None:
     ranks, single = run_sharded("copy_rows", tmp_path)
     assert ranks == [single, single]
 
 
+@pytest.mark.slow  # two gloo ranks spawned (run_sharded)
 def test_values_copied_through_views_of_a_sharded_embedding(tmp_path: Any) -> None:
     ranks, single = run_sharded("copy_views", tmp_path)
     assert ranks == [single, single]
 
 
+@pytest.mark.slow  # two gloo ranks spawned (run_sharded)
 def test_a_view_of_a_view_of_a_sharded_embedding_is_refused_on_every_rank(tmp_path: Any) -> None:
     """Each rank holds its part of ``weight[20:40]``: indexing that part again would select the
     wrong rows (rank 1's first row of it is row 32, not 20), so it is refused, by name."""
@@ -628,6 +632,7 @@ def test_a_view_of_a_view_of_a_sharded_embedding_is_refused_on_every_rank(tmp_pa
         assert str(result).startswith("ModelInitError") and "__getitem__" in result, result
 
 
+@pytest.mark.slow  # two gloo ranks spawned (run_sharded)
 def test_masked_fill_on_a_sharded_embedding(tmp_path: Any) -> None:
     ranks, single = run_sharded("masked_fill", tmp_path)
     assert ranks == [single, single]  # served on each rank's rows of the mask

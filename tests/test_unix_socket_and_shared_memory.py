@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 
 import initserve
 from initserve_client import AuthenticationError, Client
@@ -54,7 +55,7 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert a[key].tobytes() == b[key].tobytes(), key
+        assert_same_bits(a[key], b[key], key)
 
 
 # --- the Unix socket -----------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
         regions = {"w": [(10, 20), (3, 40)]}
         part = {"w": np.zeros((10, 37), dtype=np.float32)}
         shm.fetch_into(SPEC, part, regions=regions)
-        assert part["w"].tobytes() == expected["w"][10:20, 3:40].tobytes()
+        assert_same_bits(part["w"], expected["w"][10:20, 3:40])
         # Arrays that are views of a region where the file puts them are refilled in place: the
         # staging region is neither used nor replaced.
         staging.data[:] = 0
@@ -208,7 +209,7 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
     gc.collect()
     same(held, expected)  # the client closed: the mapping lives with the arrays
     held["w"][:5] = 0  # and is the caller's to write
-    assert held["w"][5:].tobytes() == expected["w"][5:].tobytes()
+    assert_same_bits(held["w"][5:], expected["w"][5:])
     # Over the socket into fresh memory, its pages populated ahead of the receive: the same.
     with Client(uds=path, token=TOKEN) as http:
         same(http.fetch_weights(PIECES_SPEC), expected)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_problem, assert_same_bits
 from safetensors import safe_open
 from safetensors.numpy import load
 
@@ -52,14 +53,6 @@ async def client(client_for: Any) -> httpx.AsyncClient:
     return made
 
 
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text[:500]
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    return body
-
-
 async def test_init_returns_safetensors_equal_to_generate(client: httpx.AsyncClient) -> None:
     response = await client.post("/init", json=SPEC)
     assert response.status_code == 200
@@ -69,7 +62,7 @@ async def test_init_returns_safetensors_equal_to_generate(client: httpx.AsyncCli
     expected = initserve.generate(SPEC)
     assert set(loaded) == set(expected)
     for key, values in expected.items():
-        assert loaded[key].dtype == values.dtype and loaded[key].tobytes() == values.tobytes()
+        assert_same_bits(loaded[key], values)
 
 
 async def test_metadata_records_spec_algorithm_and_version(
@@ -138,7 +131,7 @@ async def test_range_returns_exactly_those_bytes(
 async def test_unsatisfiable_range_is_416(client: httpx.AsyncClient) -> None:
     total = len((await client.post("/init", json=SMALL)).content)
     response = await client.post("/init", json=SMALL, headers={"Range": f"bytes={total}-"})
-    problem(response, 416)
+    assert_problem(response, 416)
     assert response.headers["content-range"] == f"bytes */{total}"
 
 
@@ -150,7 +143,7 @@ async def test_get_and_head_by_etag(client: httpx.AsyncClient) -> None:
     assert head.headers["content-length"] == str(len(posted.content))
     got = await client.get(f"/init/{etag}", headers={"Range": "bytes=10-"})
     assert got.status_code == 206 and got.content == posted.content[10:]
-    problem(await client.get("/init/" + "0" * 64), 404)
+    assert_problem(await client.get("/init/" + "0" * 64), 404)
 
 
 @pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (1, 3, 1), (3, 4, 0), (2, 3, 2)])
@@ -162,7 +155,7 @@ async def test_shard_equals_array_split_of_the_full_tensors(
     loaded = load(response.content)
     for key, full in initserve.generate(SPEC).items():
         expected = np.array_split(full, count, axis=dim)[index] if full.ndim > dim else full
-        assert loaded[key].shape == expected.shape and loaded[key].tobytes() == expected.tobytes()
+        assert_same_bits(loaded[key], expected)
 
 
 async def test_shard_without_a_split_is_refused(client: httpx.AsyncClient) -> None:
@@ -170,7 +163,7 @@ async def test_shard_without_a_split_is_refused(client: httpx.AsyncClient) -> No
     response = await client.post(
         "/init", json={**SPEC, "shard": {"index": 0, "count": 2, "dim": 0}}
     )
-    body = problem(response, 422)
+    body = assert_problem(response, 422)
     assert ["shard", "split"] in [e["loc"] for e in body["errors"]]
 
 
@@ -186,7 +179,7 @@ async def test_regions_request_several_tensors_in_one_response(client: httpx.Asy
     assert sorted(loaded) == sorted([key_a, key_b])
     for key, region in regions.items():
         expected = whole[key][tuple(slice(lo, hi) for lo, hi in region)]
-        assert loaded[key].shape == expected.shape and loaded[key].tobytes() == expected.tobytes()
+        assert_same_bits(loaded[key], expected)
     etag = response.headers["etag"]
     again = await client.post(
         "/init", json={**SPEC, "regions": regions}, headers={"If-None-Match": etag}
@@ -197,7 +190,7 @@ async def test_regions_request_several_tensors_in_one_response(client: httpx.Asy
     )
     assert ranged.status_code == 206 and ranged.content == response.content[9:]
     bad = await client.post("/init", json={**SPEC, "regions": {key_a: [[0, 1]], "nope": []}})
-    assert {tuple(e["loc"][:2]) for e in problem(bad, 422)["errors"]} == {
+    assert {tuple(e["loc"][:2]) for e in assert_problem(bad, 422)["errors"]} == {
         ("regions", key_a),
         ("regions", "nope"),
     }
@@ -206,7 +199,7 @@ async def test_regions_request_several_tensors_in_one_response(client: httpx.Asy
 async def test_only_selects_tensors(client: httpx.AsyncClient) -> None:
     response = await client.post("/init", json={**SPEC, "only": ["sparse", "fc.bias"]})
     assert sorted(load(response.content)) == ["fc.bias", "sparse"]
-    problem(await client.post("/init", json={**SPEC, "only": ["nope"]}), 422)
+    assert_problem(await client.post("/init", json={**SPEC, "only": ["nope"]}), 422)
 
 
 async def test_plan_offsets_match_the_file(client: httpx.AsyncClient) -> None:
@@ -279,7 +272,7 @@ async def test_openapi_has_examples_for_init(client: httpx.AsyncClient) -> None:
 async def test_invalid_requests_are_422_naming_the_field(
     client: httpx.AsyncClient, body: Any, loc: list[Any]
 ) -> None:
-    errors = problem(await client.post("/init", json=body), 422)["errors"]
+    errors = assert_problem(await client.post("/init", json=body), 422)["errors"]
     assert any(e["loc"] == loc for e in errors), errors
 
 
@@ -293,7 +286,7 @@ async def test_malformed_bodies_are_4xx_never_500(
         "/init", content=payload, headers={"content-type": "application/json"}
     )
     assert 400 <= response.status_code < 500
-    assert response.headers["content-type"] == "application/problem+json"
+    assert_problem(response, response.status_code)
 
 
 async def test_body_over_the_limit_is_413(client_for: Any) -> None:
@@ -304,12 +297,12 @@ async def test_body_over_the_limit_is_413(client_for: Any) -> None:
             {"name": "w" * 200 + str(i), "shape": [1], "scheme": "zeros"} for i in range(20)
         ],
     }
-    problem(await client.post("/init", json=big), 413)
+    assert_problem(await client.post("/init", json=big), 413)
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted while reading
         yield json.dumps(big).encode()
 
-    problem(
+    assert_problem(
         await client.post("/init", content=chunked(), headers={"content-type": "application/json"}),
         413,
     )
@@ -321,16 +314,19 @@ async def test_request_limits_are_413_before_allocation(client_for: Any) -> None
         "seed": 1,
         "tensors": [{"name": f"t{i}", "shape": [1], "scheme": "zeros"} for i in range(4)],
     }
-    assert "INITSERVE_MAX_TENSORS" in problem(await client.post("/init", json=many), 413)["detail"]
+    assert (
+        "INITSERVE_MAX_TENSORS"
+        in assert_problem(await client.post("/init", json=many), 413)["detail"]
+    )
     huge = {"seed": 1, "tensors": [{"name": "w", "shape": [2**30, 2**30], "scheme": "normal"}]}
     assert (
         "INITSERVE_MAX_RESPONSE_BYTES"
-        in problem(await client.post("/init", json=huge), 413)["detail"]
+        in assert_problem(await client.post("/init", json=huge), 413)["detail"]
     )
     ortho = {"seed": 1, "tensors": [{"name": "q", "shape": [100, 100], "scheme": "orthogonal"}]}
     assert (
         "INITSERVE_MAX_COUPLED_ELEMENTS"
-        in problem(await client.post("/init", json=ortho), 413)["detail"]
+        in assert_problem(await client.post("/init", json=ortho), 413)["detail"]
     )
     text = (await client.get("/metrics")).text
     assert 'initserve_rejections_total{reason="too_many_tensors"} 1.0' in text
@@ -338,8 +334,10 @@ async def test_request_limits_are_413_before_allocation(client_for: Any) -> None
 
 async def test_bearer_token(client_for: Any) -> None:
     client = await client_for(api_token="s3cret")
-    problem(await client.post("/init", json=SMALL), 401)
-    problem(await client.post("/init", json=SMALL, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_problem(await client.post("/init", json=SMALL), 401)
+    assert_problem(
+        await client.post("/init", json=SMALL, headers={"Authorization": "Bearer wrong"}), 401
+    )
     ok = await client.post("/init", json=SMALL, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     for open_path in ("/livez", "/readyz", "/metrics", "/schemes"):
@@ -452,11 +450,11 @@ async def test_a_refused_stream_is_counted_as_its_503(client_for: Any) -> None:
 async def test_problem_locations_are_never_empty(client: httpx.AsyncClient) -> None:
     for body in ([1, 2, 3], "text", None, {"seed": 1}, {}):
         response = await client.post("/init", json=body)
-        errors = problem(response, 422)["errors"]
+        errors = assert_problem(response, 422)["errors"]
         assert all(e["loc"] for e in errors), errors
         assert not response.json()["detail"].startswith(":")
     empty = await client.post("/init", json={"seed": 1})
-    assert problem(empty, 422)["errors"][0]["loc"] == ["body"]
+    assert assert_problem(empty, 422)["errors"][0]["loc"] == ["body"]
 
 
 async def test_every_spec_problem_comes_back_in_one_answer(client: httpx.AsyncClient) -> None:
@@ -468,7 +466,7 @@ async def test_every_spec_problem_comes_back_in_one_answer(client: httpx.AsyncCl
             {"name": "a", "shape": [4], "scheme": "zeros"},
         ],
     }
-    errors = problem(await client.post("/plan", json=spec), 422)["errors"]
+    errors = assert_problem(await client.post("/plan", json=spec), 422)["errors"]
     assert [e["loc"] for e in errors] == [
         ["tensors", 0, "shape"],
         ["tensors", 1, "val"],

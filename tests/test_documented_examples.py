@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from servers import uvicorn_server
-
 REPO = Path(__file__).resolve().parent.parent
 # The documents a user reads: the README, the reference pages it links, the client's README.
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
@@ -129,7 +127,7 @@ TORCHRUN = re.compile(r"<!-- readme-test torchrun -->\n```python\n(.*?)```", re.
 
 
 @pytest.mark.slow
-def test_readme_fsdp2_example_runs_under_torchrun(tmp_path: Path) -> None:
+def test_readme_fsdp2_example_runs_under_torchrun(tmp_path: Path, live_server: str) -> None:
     """The FSDP2 + Hugging Face example, as written, on 2 ranks: each rank holds its torch.chunk
     shard and both see the same full tensor, equal to the single-process init."""
     import hashlib
@@ -137,14 +135,12 @@ def test_readme_fsdp2_example_runs_under_torchrun(tmp_path: Path) -> None:
 
     (code,) = TORCHRUN.findall((REPO / "README.md").read_text())
     torchrun = Path(sys.executable).parent / "torchrun"
-    with uvicorn_server() as (url, _):
-        (tmp_path / "train.py").write_text(code.replace("http://127.0.0.1:8000", url))
-
-        result = subprocess.run(
-            [str(torchrun), "--standalone", "--nproc-per-node", "2", "train.py"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+    (tmp_path / "train.py").write_text(code.replace("http://127.0.0.1:8000", live_server))
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "train.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # Two processes share the pipe: a rank's line may follow another's output on the same line.
     found = sorted(

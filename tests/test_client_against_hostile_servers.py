@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from assertions import assert_same_bits, assert_same_tensors
 
 import initserve
 from initserve_client import (
@@ -40,7 +41,7 @@ from initserve_client import (
     ServiceUnavailableError,
 )
 
-from servers import free_port, metric, start_server, stop_server, uvicorn_server
+from servers import free_port, metric, start_server, stop_server
 
 # Large enough that a body spans many chunks and the 206 cut falls inside a tensor.
 SPEC = {
@@ -55,21 +56,13 @@ FAST_RETRY = RetryPolicy(max_retries=4, base_seconds=0.01, cap_seconds=0.05)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with uvicorn_server() as (url, _):
-        yield url
+def server(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
     return initserve.generate(SPEC)
-
-
-def same(got: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
-    assert list(got) == list(expected)
-    for key, values in expected.items():
-        assert got[key].dtype == values.dtype and got[key].shape == values.shape, key
-        assert got[key].tobytes() == values.tobytes(), key
 
 
 class Hostile(http.server.ThreadingHTTPServer):
@@ -223,14 +216,14 @@ def test_a_re_framed_body_gives_the_exact_bytes(
     land in the tensors."""
     hostile.mode = mode
     with Client(hostile.url, retry=FAST_RETRY) as client:
-        same(client.fetch_weights(SPEC), expected)
+        assert_same_tensors(client.fetch_weights(SPEC), expected)
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)
-        same(arrays, expected)
+        assert_same_tensors(arrays, expected)
         client.download(SPEC, tmp_path / "w.safetensors")
     from safetensors.numpy import load_file
 
-    same(load_file(tmp_path / "w.safetensors"), expected)
+    assert_same_tensors(load_file(tmp_path / "w.safetensors"), expected)
 
 
 @pytest.mark.anyio
@@ -240,7 +233,7 @@ async def test_the_async_twin_reads_a_re_framed_body_exactly(
 ) -> None:
     hostile.mode = mode
     async with AsyncClient(hostile.url, retry=FAST_RETRY) as client:
-        same(await client.fetch_weights(SPEC), expected)
+        assert_same_tensors(await client.fetch_weights(SPEC), expected)
 
 
 # --- a 206 that is not the rest asked for --------------------------------------------------------
@@ -253,7 +246,7 @@ def test_a_206_from_4096_bytes_early_is_refused_and_fetched_again(
     saying so): refused, and the file fetched again from byte 0."""
     hostile.mode = "early206"
     with Client(hostile.url, retry=FAST_RETRY) as client:
-        same(client.fetch_weights(SPEC), expected)
+        assert_same_tensors(client.fetch_weights(SPEC), expected)
     assert [r for r in hostile.requests if r[0] == "/init"] == [
         ("/init", None),
         ("/init", f"bytes={hostile.cut}-"),
@@ -292,7 +285,7 @@ def test_an_object_that_changes_mid_download_leaves_no_bytes_of_the_first(
         hostile.cut = len(whole) - 100  # the first object written past the other's end
         client.download(SPEC, tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").read_bytes() == hostile.other
-    same(load_file(tmp_path / "w.safetensors"), expected)
+    assert_same_tensors(load_file(tmp_path / "w.safetensors"), expected)
 
 
 # --- ETags that are paths ------------------------------------------------------------------------
@@ -308,8 +301,8 @@ def test_an_etag_never_becomes_a_path(
     hostile.mode = "etag"
     hostile.etag = f'"{outside}/abs"' if etag == "ABSOLUTE" else etag
     with Client(hostile.url, cache_dir=cache, retry=FAST_RETRY) as client:
-        same(client.fetch_weights(SPEC), expected)
-        same(client.fetch_weights(SPEC), expected)  # a hit
+        assert_same_tensors(client.fetch_weights(SPEC), expected)
+        assert_same_tensors(client.fetch_weights(SPEC), expected)  # a hit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outside"]
     assert list(outside.iterdir()) == []
     names = sorted(p.name for p in cache.iterdir())
@@ -334,7 +327,7 @@ def test_a_damaged_cache_entry_is_fetched_again_never_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with Client(server, cache_dir=tmp_path) as client:
-        same(client.fetch_weights(SPEC), expected)
+        assert_same_tensors(client.fetch_weights(SPEC), expected)
         entry = cache_entry(tmp_path)
         good = entry.read_bytes()
         if damage == "bit flipped":  # one bit of the last tensor's data
@@ -349,13 +342,13 @@ def test_a_damaged_cache_entry_is_fetched_again_never_served(
             entry.with_suffix(".xxh3").unlink()
         before = metric(server, "initserve_bytes_streamed_total")
         with caplog.at_level(logging.WARNING, logger="initserve_client"):
-            same(client.fetch_weights(SPEC), expected)
+            assert_same_tensors(client.fetch_weights(SPEC), expected)
         assert metric(server, "initserve_bytes_streamed_total") - before == len(good)
         assert "is damaged" in caplog.text
         assert entry.read_bytes() == good  # repaired, not left to fail every later call
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)  # a hit again: nothing streamed
-        same(arrays, expected)
+        assert_same_tensors(arrays, expected)
         assert metric(server, "initserve_bytes_streamed_total") - before == len(good)
 
 
@@ -372,7 +365,7 @@ def test_fetch_into_from_a_flipped_cache_entry_gets_the_true_bytes(
         entry.write_bytes(bytes(raw))
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)
-    same(arrays, expected)
+    assert_same_tensors(arrays, expected)
 
 
 # --- an unusable cache directory -----------------------------------------------------------------
@@ -396,12 +389,12 @@ def test_an_unusable_cache_directory_warns_and_fetches_without_it(
 ) -> None:
     with Client(server, cache_dir=unusable(tmp_path, kind)) as client:
         with pytest.warns(CacheWarning, match="cannot be used"):
-            same(client.fetch_weights(SPEC), expected)
+            assert_same_tensors(client.fetch_weights(SPEC), expected)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: the client goes on without the cache
             arrays = {key: np.zeros_like(values) for key, values in expected.items()}
             client.fetch_into(SPEC, arrays)
-        same(arrays, expected)
+        assert_same_tensors(arrays, expected)
 
 
 # --- a deadline per call -------------------------------------------------------------------------
@@ -563,11 +556,11 @@ def test_a_server_killed_mid_generation_is_registered_with_again(tmp_path: Path)
         fetching.join(120)
         assert done == [None]
         expected = initserve.generate(big)["w"]
-        assert arrays["w"].tobytes() == expected.tobytes()
+        assert_same_bits(arrays["w"], expected)
         # Again with the same staging region, on the new server: registered once more, no 404.
         arrays["w"][:] = 0
         client.fetch_into(big, arrays)
-        assert arrays["w"].tobytes() == expected.tobytes()
+        assert_same_bits(arrays["w"], expected)
     finally:
         client.close()
         stop_server(first)

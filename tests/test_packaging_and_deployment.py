@@ -151,6 +151,7 @@ def test_packages_declare_their_entry_points(path: str) -> None:
         )
 
 
+@pytest.mark.slow  # pip builds both wheels: ~10 s, the packaging end to end
 def test_wheels_hold_every_module(tmp_path: Path) -> None:
     """What the image installs: both wheels, built from this tree, with every module in them."""
     import zipfile

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from servers import uvicorn_server
-
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -23,14 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- readme-test-jax -->\n```python\n(.*?)```", re.S)
 
 
-def test_readme_jax_example_runs(tmp_path: Path) -> None:
+def test_readme_jax_example_runs(tmp_path: Path, live_server: str) -> None:
     blocks = BLOCK.findall((REPO / "README.md").read_text())
     assert len(blocks) == 1
-    with uvicorn_server() as (url, _):
-        code = blocks[0].replace("http://127.0.0.1:8000", url)
-        result = subprocess.run(
-            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
-        )
+    code = blocks[0].replace("http://127.0.0.1:8000", live_server)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "(512, 512)"

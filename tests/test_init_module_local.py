@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_any_model_factory import PATTERNS, ResNet
+from test_init_module_factory import PATTERNS, ResNet
 from torch import nn
 
 from initserve_client import init_module
@@ -24,7 +24,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     # Not hf_gpt2: a second factory build of GPT-2 in one process is refused today, before
     # this change too (its second recording's draws differ from its first: "not
     # deterministic"); its local bytes are checked against generate() in
-    # test_any_model_factory.py.
+    # test_init_module_factory.py.
     **{name: (build, {}) for name, build in PATTERNS.items() if name != "hf_gpt2"},
     "rules_and_init_fn": (
         ruled_resnet,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from assertions import assert_same_bits
 
 from initserve.backends import cpu
 from initserve.stream import StreamId, philox4x32_10, stream_for
@@ -65,4 +66,4 @@ def test_uniform_element_is_the_documented_function_of_its_word() -> None:
     out = np.empty(64, dtype=np.float64)
     cpu.fill_runs(cpu.UNIFORM, (-0.5, 2.0), stream, np.zeros(1, np.uint64), 64, out)
     expected = -0.5 + 2.0 * ((words.astype(np.float64) + 0.5) * 2.0**-32)
-    assert out.tobytes() == expected.tobytes()
+    assert_same_bits(out, expected)

@@ -23,10 +23,11 @@ from typing import Any
 
 import httpx
 from common import uvicorn_server
-from hostile_requests import HOSTILE
 
 import initserve
 from initserve_client import Client, RetryPolicy
+
+from hostile_requests import HOSTILE
 
 
 def workload() -> list[tuple[str, dict[str, Any], tuple[int, int, int] | None]]:

@@ -35,11 +35,11 @@ from typing import Any
 import httpx
 import numpy as np
 from common import uvicorn_server  # noqa: F401  (puts tests/ on sys.path)
-from hostile_requests import HOSTILE
 
 import initserve
 from initserve_client import Client, RetryPolicy
 
+from hostile_requests import HOSTILE
 from servers import free_port, start_server
 
 SETTINGS = {

@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import torch
 import torch.distributed as dist
-from torch_models import TitanLlama, parallelize
 
 from initserve_client import Client, init_module
 from initserve_client.torch_init import local_region
+
+from torch_models import TitanLlama, parallelize
 
 
 class CountingTransport(httpx.HTTPTransport):

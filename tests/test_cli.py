@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from assertions import assert_same_bits
 from safetensors.numpy import load_file
 
 import initserve
 
+from assertions import assert_same_bits
 from golden_specs import golden_spec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from assertions import assert_same_bits, assert_same_tensors
 from safetensors.numpy import load_file
 
 import initserve
@@ -33,6 +32,7 @@ from initserve_client import (
     UnprocessableEntityError,
 )
 
+from assertions import assert_same_bits, assert_same_tensors
 from golden_specs import golden_spec
 from servers import metric, uvicorn_server
 

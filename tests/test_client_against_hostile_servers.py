@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from assertions import assert_same_bits, assert_same_tensors
 
 import initserve
 from initserve_client import (
@@ -41,6 +40,7 @@ from initserve_client import (
     ServiceUnavailableError,
 )
 
+from assertions import assert_same_bits, assert_same_tensors
 from servers import free_port, metric, start_server, stop_server
 
 # Large enough that a body spans many chunks and the 206 cut falls inside a tensor.

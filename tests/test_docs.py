@@ -18,12 +18,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from assertions import assert_same_bits
 
 import initserve
 from initserve.settings import Settings
 from initserve.tensor_regions import split_bounds
 from initserve_client import fetch_weights
+
+from assertions import assert_same_bits
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -295,5 +296,3 @@ def test_the_layout_names_every_module_and_no_other() -> None:
         modules |= {f"{p.name}/" for p in package.rglob("*") if (p / "__init__.py").exists()}
     assert sorted(modules - named) == []  # every module, in the layout
     assert sorted(named - modules) == []  # and no module that has gone
-
-

@@ -7,12 +7,13 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from assertions import assert_same_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import initserve
 from initserve.engine import TensorSource
+
+from assertions import assert_same_bits
 
 FAN_SCHEMES = [
     {"scheme": "xavier_uniform"},

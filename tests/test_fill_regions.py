@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 from initserve import engine
 from initserve.backends import cpu
 from initserve.engine import TensorSource, fill_regions
 
+from assertions import assert_same_bits
 from golden_specs import DTYPES, golden_spec
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 
+from assertions import assert_same_bits
 from golden_specs import DTYPES, golden_spec
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_digests.json").read_text())

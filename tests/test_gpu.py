@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 from initserve.backends.gpu import NVRTC_OPTIONS, cuda_source
 
+from assertions import assert_same_bits
 from golden_specs import DTYPES, golden_spec
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_digests.json").read_text())

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from assertions import assert_problem, assert_same_bits
 from safetensors import safe_open
 from safetensors.numpy import load
 
@@ -19,6 +18,7 @@ from initserve.app import create_app
 from initserve.settings import Settings
 from initserve.state import KEPT_BYTES_PER_SPEC_CHAR
 
+from assertions import assert_problem, assert_same_bits
 from golden_specs import golden_spec
 
 SPEC = {k: v for k, v in golden_spec("float32").items()}

@@ -8,10 +8,11 @@ import secrets
 
 import httpx
 import pytest
-from assertions import assert_problem, assert_same_bits
-from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 import initserve
+
+from assertions import assert_problem, assert_same_bits
+from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from assertions import assert_same_bits
 from test_init_module_models import ReverseTied, assert_same_distribution
 from torch import nn
 from torch.nn import functional as F
-from torch_models import TitanLlama
 
 import initserve
 from initserve_client import ModelInitError, init_module, spec_from_module
+
+from assertions import assert_same_bits
+from torch_models import TitanLlama
 
 SEED = 5
 
@@ -646,9 +647,9 @@ def test_constructor_and_scratch_draws_are_the_same_on_every_rank(
     import json
 
     import torch.multiprocessing as mp
-    from torch_models import DRAWN_RULES, DRAWN_SEED, DrawnEverywhere, drawn_digests, run_drawn
 
     from servers import free_port
+    from torch_models import DRAWN_RULES, DRAWN_SEED, DrawnEverywhere, drawn_digests, run_drawn
 
     out = tmp_path / "ranks.json"
     mp.spawn(run_drawn, args=(world_size, free_port(), layout, str(out)), nprocs=world_size,  # type: ignore[attr-defined]

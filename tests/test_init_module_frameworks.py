@@ -30,12 +30,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from assertions import assert_same_bits
 from test_init_module_models import assert_same_distribution
 from torch import nn
 
 import initserve
 from initserve_client import ModelInitError, init_module, spec_from_module
+
+from assertions import assert_same_bits
 
 SEED = 17
 INSTALL = "pip install --no-deps -r requirements-torchtitan.txt (make install does)"
@@ -449,8 +450,8 @@ def test_accelerate_fsdp2_prepared_meta_model_equals_single_process(
     the service; the gathered full tensors equal the single-process init bit for bit."""
     pytest.importorskip("accelerate", reason="the dev extra (pip install -e '.[dev]')")
     import torch.multiprocessing as mp
-    from frameworks_worker import llama_config, run_accelerate_fsdp2
 
+    from frameworks_worker import llama_config, run_accelerate_fsdp2
     from servers import free_port
 
     out = tmp_path / "full.pt"

@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch_models import TitanLlama
 
 import initserve
 from initserve_client import ModelInitError, init_module, spec_from_module
+
+from torch_models import TitanLlama
 
 SEED = 7
 

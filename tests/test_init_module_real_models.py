@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from assertions import assert_same_bits
 from torch import nn
-from torch_models import TitanLlama, depth_std
 
 import initserve
 from initserve_client import ModelInitError, init_module, spec_from_module
+
+from assertions import assert_same_bits
+from torch_models import TitanLlama, depth_std
 
 SEED = 11
 

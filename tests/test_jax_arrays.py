@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from assertions import same_bits
 
+from assertions import same_bits
 from servers import metric
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not

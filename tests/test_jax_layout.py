@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 from initserve.schemes import TRUNCATED_STD_2, fans
+
+from assertions import assert_same_bits
 
 
 def jax_compute_fans(shape: tuple[int, ...]) -> tuple[float, float]:

@@ -68,12 +68,13 @@ def _model_class() -> Any:
 def scenario_nnx(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
-    from assertions import same_bits
     from flax import nnx
     from test_jax_arrays import _counting_client
 
     import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
+
+    from assertions import same_bits
 
     transformer = _model_class()
     # Auto axes: XLA chooses how to compute on them (Explicit ones would need every matmul's

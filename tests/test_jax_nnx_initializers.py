@@ -117,12 +117,13 @@ def _params(model: Any) -> dict[str, Any]:
 def scenario_zoo(url: str) -> dict[str, Any]:
     import jax
     import numpy as np
-    from assertions import same_bits
     from flax import nnx
     from test_jax_arrays import _counting_client
 
     import initserve
     from initserve_client.jax import init_nnx, spec_from_nnx
+
+    from assertions import same_bits
 
     zoo, _, _ = _zoo()
     mesh = _mesh()

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from assertions import assert_same_bits
-from layout_worker import build, run
-from torch_models import TitanLlama
 
 import initserve
 from initserve_client import init_module, spec_from_module
 
+from assertions import assert_same_bits
+from layout_worker import build, run
 from servers import free_port
+from torch_models import TitanLlama
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not
 # by `make test-fast`.

@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 from scipy import special
 
 from initserve.backends import cpu
+
+from assertions import assert_same_bits
 
 RNG = np.random.default_rng(20261122)
 

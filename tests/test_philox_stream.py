@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 from initserve.backends import cpu
 from initserve.stream import StreamId, philox4x32_10, stream_for
+
+from assertions import assert_same_bits
 
 
 def read_kat(path: Path) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:

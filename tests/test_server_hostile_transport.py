@@ -23,7 +23,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from assertions import assert_same_bits
 from safetensors.numpy import load
 
 import initserve
@@ -35,6 +34,7 @@ from initserve.request import InitRequest
 from initserve.settings import Settings
 from initserve.state import KEPT_BYTES_PER_SPEC_CHAR, EtagCache
 
+from assertions import assert_same_bits
 from servers import REPO, free_port, metric, start_server, stop_server, uds_server, uvicorn_server
 
 SPEC = {"seed": 22, "tensors": [{"name": "w", "shape": [64, 48], "scheme": "normal"}]}

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from assertions import assert_problem, assert_same_bits
 from safetensors.numpy import load
 
 import initserve
 
+from assertions import assert_problem, assert_same_bits
 from golden_specs import golden_spec
 from servers import metric, uvicorn_server
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 from initserve.engine import TensorSource
 
+from assertions import assert_same_bits
 from golden_specs import TENSORS, golden_spec
 
 

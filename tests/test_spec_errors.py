@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from assertions import assert_problem
 
 import initserve
 from initserve import SpecError
@@ -20,6 +19,8 @@ from initserve.problems import UNPROCESSABLE_EXAMPLE, UNPROCESSABLE_EXAMPLE_REQU
 from initserve.request import parse_request
 from initserve.schemes import SCHEMES
 from initserve_client import Client, UnprocessableEntityError
+
+from assertions import assert_problem
 
 
 def tensor(**fields: Any) -> dict[str, Any]:

@@ -18,8 +18,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from assertions import assert_same_bits
-from hostile_requests import HOSTILE
 from safetensors.numpy import load
 
 import initserve
@@ -35,6 +33,9 @@ from initserve.schemes import calculate_gain
 from initserve.settings import Settings
 from initserve.spec import MAX_TENSOR_BYTES
 from initserve.stream import stream_for
+
+from assertions import assert_same_bits
+from hostile_requests import HOSTILE
 
 JSON = {"content-type": "application/json"}
 

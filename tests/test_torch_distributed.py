@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from assertions import assert_same_bits
-from distributed_worker import RULES, Net, run
 from torch import nn
 
 import initserve
 from initserve_client import init_module, spec_from_module
 
+from assertions import assert_same_bits
+from distributed_worker import RULES, Net, run
 from servers import free_port
 
 # Real processes (torch.distributed ranks, JAX in a subprocess): run by `make test`, not

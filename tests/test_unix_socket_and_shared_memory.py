@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from assertions import assert_same_bits
 
 import initserve
 from initserve_client import AuthenticationError, Client
 from initserve_client._shared_memory import SharedRegion
 
+from assertions import assert_same_bits
 from servers import REPO, metric, stop_server, uds_server
 
 SHRINK = fcntl.F_SEAL_SHRINK

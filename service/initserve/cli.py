@@ -159,7 +159,7 @@ def _quiet_collector() -> None:
     frozen out of them for good. The young collections keep their default (700 allocations):
     they are cheap, and they free promptly the reference cycles an abandoned stream leaves (a
     young threshold of 100,000 let 200 abandoned 1 MiB-chunk streams grow RSS by 205 MiB,
-    tests/test_faults.py). /livez p99 under 4 planners: 231 ms before, 30 ms with this
+    tests/test_server_faults.py). /livez p99 under 4 planners: 231 ms before, 30 ms with this
     (bench/livez_under_planning.py, quiet 2-core AMD EPYC).
     """
     gc.collect()

@@ -5,7 +5,7 @@ Written by hand because the official ``safetensors`` writer needs every tensor i
 bytes change from process to process. Here the header is computed from the plan alone (so
 Content-Length and every byte offset are known before anything is generated), its JSON is
 emitted in a fixed order, and the body is produced in bounded chunks, any byte range of it on its
-own. The official loader reads the result (tests/test_service_asgi.py).
+own. The official loader reads the result (tests/test_http_contract.py).
 
 File format (https://github.com/huggingface/safetensors): u64 little-endian header length N,
 N bytes of JSON padded with spaces to a multiple of 8, then the tensors' bytes back to back.

@@ -112,7 +112,7 @@ class Admission:
 # entries of every kind (plain tensors, long names, layers with biases, `only`, `regions`,
 # scalars, rank 8): 12.8 to 19.7 bytes for each character of the canonical JSON. Counted as 24,
 # so that the budget bounds the memory the cache really holds
-# (tests/test_service_hostile.py::test_the_plan_cache_counts_what_it_keeps checks it).
+# (tests/test_server_hostile_transport.py::test_the_plan_cache_counts_what_it_keeps checks it).
 KEPT_BYTES_PER_SPEC_CHAR = 24
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import initserve
-from initserve.schemes import TRUNCATED_STD_2, fans
+from initserve.fans import fans
+from initserve.schemes import TRUNCATED_STD_2
 
 from assertions import assert_same_bits
 

@@ -18,8 +18,8 @@ from initserve import SpecError
 from initserve.backends import cpu
 from initserve.draws import BOX_MULLER_MAX_RADIUS
 from initserve.exceptions import MAX_REPORTED_ERRORS
+from initserve.fans import calculate_gain
 from initserve.plan import DTYPES
-from initserve.schemes import calculate_gain
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 

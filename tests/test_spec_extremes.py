@@ -25,11 +25,11 @@ import initserve_client
 from initserve.app import create_app
 from initserve.engine import RUNS_BATCH, TensorSource, coupled_flops
 from initserve.exceptions import Rejected, SpecError
+from initserve.fans import calculate_gain
 from initserve.plan import plan
 from initserve.preparation import prepare
 from initserve.request import InitRequest, parse_request
 from initserve.safetensors_writer import BodyWriter, Part, map_file
-from initserve.schemes import calculate_gain
 from initserve.settings import Settings
 from initserve.spec import MAX_TENSOR_BYTES
 from initserve.stream import stream_for

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import initserve
-from initserve.schemes import NONLINEARITIES, calculate_gain, fans
+from initserve.fans import calculate_gain, fans
+from initserve.schemes import NONLINEARITIES
 
 SHAPES = [(256, 784), (10, 256), (64, 3, 7, 7), (32, 16, 3), (8, 4, 2, 3, 3), (3, 1)]
 

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from initserve.engine import TensorSource
+from initserve.fans import calculate_gain, fans
 from initserve.layout import weight_axes
 from initserve.plan import Plan, TensorPlan, plan
-from initserve.schemes import calculate_gain, fans
 
 # Elements sampled for empirical statistics: enough for three digits, cheap for any tensor.
 SAMPLE_ELEMENTS = 1 << 20

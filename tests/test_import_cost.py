@@ -93,9 +93,8 @@ assert generate is engine_generate and plan is plan_function and initserve.plan 
 assert sorted(initserve.__all__) == sorted(n for n in initserve.__all__ if hasattr(initserve, n))
 assert all(hasattr(initserve_client, n) for n in initserve_client.__all__)
 from initserve_client import Client, RetryPolicy, MissingDependencyError, init_module
-from initserve_client._client import Client as old_home
 from initserve_client._sync import Client as client_class
-assert Client is client_class is old_home
+assert Client is client_class
 from initserve_client.torch_utils import init_module as old_init_module
 assert init_module is old_init_module
 try:

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from initserve_client._client import Client
 from initserve_client._safetensors import Region, expected_entries, numpy_dtype
+from initserve_client._sync import Client
 from initserve_client.spec import SpecLike, spec_dict
 
 Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)

@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from initserve_client._client import Client
 from initserve_client._safetensors import DTYPE_NAMES
+from initserve_client._sync import Client
 from initserve_client.jax.arrays import fetch_arrays
 from initserve_client.jax.initializer_trace import Found, Unknown, capture
 from initserve_client.jax.initializers import Initializer, UnservableInitializer, flax_default

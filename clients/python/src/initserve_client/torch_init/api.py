@@ -14,7 +14,7 @@ from initserve_client.torch_init.rules import Rules, _rule_inits
 from initserve_client.torch_init.tensors import _Tensors
 
 if TYPE_CHECKING:
-    from initserve_client._client import Client
+    from initserve_client._sync import Client
 
 
 def spec_from_module(

@@ -14,7 +14,7 @@ from initserve_client.torch_init.rules import Rules, _rule_inits
 from initserve_client.torch_init.tensors import _as_tensor, _numpy_view, _Tensors
 
 if TYPE_CHECKING:
-    from initserve_client._client import Client
+    from initserve_client._sync import Client
 
 
 def _is_factory(module: Any) -> bool:

@@ -17,7 +17,7 @@ from initserve_client.torch_init.tensors import _as_tensor, _numpy_view, _Tensor
 from initserve_client.torch_init.ties import _placed
 
 if TYPE_CHECKING:
-    from initserve_client._client import Client
+    from initserve_client._sync import Client
 
 
 def _materialise(module: Any, tensors: _Tensors, device: Any) -> _Tensors:
@@ -45,7 +45,7 @@ def _materialise(module: Any, tensors: _Tensors, device: Any) -> _Tensors:
 @contextmanager
 def _active(client: Client | None, url: str | None, options: dict[str, Any]) -> Iterator[Client]:
     """The caller's client, or one of our own (``url``, ``options``) closed afterwards."""
-    from initserve_client._client import Client
+    from initserve_client._sync import Client
 
     if client is not None:
         yield client

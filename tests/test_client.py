@@ -40,26 +40,23 @@ SPEC = golden_spec("bfloat16")
 FAST_RETRY = RetryPolicy(max_retries=8, base_seconds=0.01, cap_seconds=0.05)
 
 
-@pytest.fixture(scope="module")
-def server(live_server: str) -> str:
-    return live_server
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_fetch_weights_equals_generate(server: str, dtype: str) -> None:
+def test_fetch_weights_equals_generate(live_server: str, dtype: str) -> None:
     spec = golden_spec(dtype)
-    assert_same_tensors(initserve_client.fetch_weights(spec, url=server), initserve.generate(spec))
+    assert_same_tensors(
+        initserve_client.fetch_weights(spec, url=live_server), initserve.generate(spec)
+    )
 
 
-def test_url_from_environment(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INITSERVE_URL", server)
-    assert Client().url == server
+def test_url_from_environment(live_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INITSERVE_URL", live_server)
+    assert Client().url == live_server
     assert_same_tensors(initserve_client.fetch_weights(SPEC), initserve.generate(SPEC))
 
 
 @pytest.mark.parametrize(("index", "count", "dim"), [(0, 2, 0), (2, 3, 1), (1, 4, 2)])
-def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
-    with Client(server) as client:
+def test_shard_and_only(live_server: str, index: int, count: int, dim: int) -> None:
+    with Client(live_server) as client:
         got = client.fetch_weights(SPEC, shard=(index, count, dim))
         assert_same_tensors(got, initserve.generate(SPEC, shard=(index, count, dim)))
         only = client.fetch_weights(SPEC, only=["conv.weight", "sparse"])
@@ -67,7 +64,7 @@ def test_shard_and_only(server: str, index: int, count: int, dim: int) -> None:
 
 
 @pytest.mark.parametrize(("rows", "world"), [(10, 4), (2, 8), (1001, 3), (7, 7)])
-def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) -> None:
+def test_shards_are_dtensors_local_shards(live_server: str, rows: int, world: int) -> None:
     """fetch_weights(shard=(rank, world, 0)) gives what FSDP2/DTensor's Shard(0) holds on that
     rank (torch.chunk: [3, 3, 3, 1] for 10 rows on 4 ranks, empty trailing ranks), never
     numpy.array_split's [3, 3, 2, 2], which was copied into to_local() before."""
@@ -76,7 +73,7 @@ def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) ->
     spec = {"seed": 5, "tensors": [{"name": "w", "shape": [rows, 3], "scheme": "normal"},
                                    {"name": "b", "shape": [rows], "scheme": "normal"}]}  # fmt: skip
     whole = initserve.generate(spec)
-    with Client(server) as client:
+    with Client(live_server) as client:
         for rank in range(world):
             got = client.fetch_weights(spec, shard=(rank, world, 0))
             for key, full in whole.items():
@@ -85,10 +82,10 @@ def test_shards_are_dtensors_local_shards(server: str, rows: int, world: int) ->
                 assert_same_bits(got[key], local)
 
 
-def test_regions_of_several_tensors_in_one_request(server: str) -> None:
+def test_regions_of_several_tensors_in_one_request(live_server: str) -> None:
     regions = {"conv.weight": [(1, 3), (0, 2), (0, 3), (1, 2)], "fc.bias": [(0, 0)]}
     whole = initserve.generate(SPEC)
-    with Client(server) as client:
+    with Client(live_server) as client:
         got = client.fetch_weights(SPEC, regions=regions)
         into = {k: np.empty_like(v) for k, v in got.items()}
         client.fetch_into(SPEC, into, regions=regions)
@@ -101,20 +98,20 @@ def test_regions_of_several_tensors_in_one_request(server: str) -> None:
         assert_same_tensors(local.fetch_weights(SPEC, regions=regions), got)
 
 
-def test_as_torch_gives_the_same_values(server: str) -> None:
+def test_as_torch_gives_the_same_values(live_server: str) -> None:
     import torch
 
-    got = initserve_client.fetch_weights(SPEC, url=server, as_torch=True)
+    got = initserve_client.fetch_weights(SPEC, url=live_server, as_torch=True)
     expected = initserve.generate(SPEC)
     assert got["fc.weight"].dtype == torch.bfloat16
     for key, values in expected.items():
         assert_same_bits(got[key], values, key)  # a torch bfloat16 tensor, read as its bits
 
 
-def test_typed_errors(server: str) -> None:
+def test_typed_errors(live_server: str) -> None:
     bad = {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "xavier_normal"}]}
     with pytest.raises(UnprocessableEntityError) as caught:
-        initserve_client.fetch_weights(bad, url=server)
+        initserve_client.fetch_weights(bad, url=live_server)
     assert caught.value.status_code == 422
     assert caught.value.problem["errors"][0]["loc"] == ["tensors", 0, "shape"]
     with uvicorn_server(max_tensors="2") as (url, _), pytest.raises(PayloadTooLargeError):
@@ -206,11 +203,11 @@ class BreakingTransport(httpx.HTTPTransport):
 
 
 @pytest.mark.parametrize("fraction", [0.0001, 0.01, 0.3, 0.45])
-def test_a_broken_stream_resumes_with_range(server: str, fraction: float) -> None:
-    total = httpx.post(f"{server}/plan", json=SPEC).json()["total_bytes"]
+def test_a_broken_stream_resumes_with_range(live_server: str, fraction: float) -> None:
+    total = httpx.post(f"{live_server}/plan", json=SPEC).json()["total_bytes"]
     after = max(1, int(total * fraction))
     transport = BreakingTransport(after, breaks=2)
-    with Client(server, transport=transport, retry=FAST_RETRY) as client:
+    with Client(live_server, transport=transport, retry=FAST_RETRY) as client:
         got = client.fetch_weights(SPEC)
     assert_same_tensors(got, initserve.generate(SPEC))
     # Each retry asks only for what it has not got: nothing twice, nothing lost.
@@ -277,12 +274,12 @@ def test_hostile_responses_are_refused(name: str) -> None:
         assert isinstance(caught.value, InvalidResponseError)
 
 
-def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path) -> None:
-    before = metric(server, "initserve_bytes_streamed_total")
+def test_cache_downloads_once_and_writes_atomically(live_server: str, tmp_path: Path) -> None:
+    before = metric(live_server, "initserve_bytes_streamed_total")
     results: list[dict[str, Any]] = []
 
     def rank() -> None:
-        with Client(server, cache_dir=tmp_path) as client:
+        with Client(live_server, cache_dir=tmp_path) as client:
             results.append(client.fetch_weights(SPEC))
 
     threads = [threading.Thread(target=rank) for _ in range(4)]
@@ -299,7 +296,7 @@ def test_cache_downloads_once_and_writes_atomically(server: str, tmp_path: Path)
     ]
     size = next(p for p in tmp_path.iterdir() if p.suffix == ".safetensors").stat().st_size
     # One download for four ranks.
-    assert metric(server, "initserve_bytes_streamed_total") - before == size
+    assert metric(live_server, "initserve_bytes_streamed_total") - before == size
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -311,16 +308,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_command_line_fetch(server: str, tmp_path: Path) -> None:
+def test_command_line_fetch(live_server: str, tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(SPEC))
     out = tmp_path / "model.safetensors"
-    result = run_cli(str(spec_path), "-o", str(out), "--url", server)
+    result = run_cli(str(spec_path), "-o", str(out), "--url", live_server)
     assert json.loads(result.stdout)["output"] == str(out)
     assert result.stderr == ""  # stderr is no terminal here: tqdm stays quiet
-    forced = run_cli(str(spec_path), "-o", str(out), "--url", server, "--progress")
+    forced = run_cli(str(spec_path), "-o", str(out), "--url", live_server, "--progress")
     assert "initserve: 100%" in forced.stderr and "B/s" in forced.stderr  # tqdm's bar, rate
-    assert out.read_bytes() == httpx.post(f"{server}/init", json=SPEC).content
+    assert out.read_bytes() == httpx.post(f"{live_server}/init", json=SPEC).content
     from safetensors.torch import load_file as load_torch
 
     loaded = load_torch(str(out))
@@ -330,7 +327,7 @@ def test_command_line_fetch(server: str, tmp_path: Path) -> None:
         assert_same_bits(loaded[key], values, key)  # a torch bfloat16 tensor, read as its bits
     f32 = golden_spec("float32")
     spec_path.write_text(json.dumps(f32))
-    run_cli(str(spec_path), "-o", str(out), "--url", server, "--quiet")
+    run_cli(str(spec_path), "-o", str(out), "--url", live_server, "--quiet")
     loaded_f32, expected_f32 = load_file(str(out)), initserve.generate(f32)
     assert set(loaded_f32) == set(expected_f32)
     for k, v in expected_f32.items():
@@ -338,12 +335,12 @@ def test_command_line_fetch(server: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_client(server: str) -> None:
-    async with AsyncClient(server) as client:
+async def test_async_client(live_server: str) -> None:
+    async with AsyncClient(live_server) as client:
         got = await client.fetch_weights(SPEC, shard=(1, 2, 0))
         planned = await client.plan(SPEC)
     assert_same_tensors(got, initserve.generate(SPEC, shard=(1, 2, 0)))
-    assert planned["etag"] == httpx.post(f"{server}/plan", json=SPEC).json()["etag"]
+    assert planned["etag"] == httpx.post(f"{live_server}/plan", json=SPEC).json()["etag"]
 
 
 def test_the_twins_have_the_same_public_methods() -> None:
@@ -356,18 +353,18 @@ def test_the_twins_have_the_same_public_methods() -> None:
 
 @pytest.mark.anyio
 async def test_async_fetch_into_and_download_equal_the_sync_twin(
-    server: str, tmp_path: Path
+    live_server: str, tmp_path: Path
 ) -> None:
     regions = {"conv.weight": [(1, 3), (0, 3), (0, 3), (0, 3)], "fc.bias": [(2, 9)]}
     whole = initserve.generate(SPEC)
-    async with AsyncClient(server) as client:
+    async with AsyncClient(live_server) as client:
         into = {k: np.empty_like(whole[k][tuple(slice(a, b) for a, b in r)])
                 for k, r in regions.items()}  # fmt: skip
         await client.fetch_into(SPEC, into, regions=regions)
         header = await client.download(SPEC, tmp_path / "async.safetensors", only=["fc.bias"])
     for key, region in regions.items():
         assert_same_bits(into[key], whole[key][tuple(slice(a, b) for a, b in region)])
-    with Client(server) as sync:
+    with Client(live_server) as sync:
         sync.download(SPEC, tmp_path / "sync.safetensors", only=["fc.bias"])
     assert [e.key for e in header.entries] == ["fc.bias"]
     assert (tmp_path / "async.safetensors").read_bytes() == (
@@ -400,7 +397,7 @@ def test_client_imports_nothing_of_the_server() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ""})
 
 
-def test_typed_builder_is_accepted(server: str) -> None:
+def test_typed_builder_is_accepted(live_server: str) -> None:
     from initserve_client import Layer, Spec, Tensor
 
     spec = Spec(
@@ -409,18 +406,18 @@ def test_typed_builder_is_accepted(server: str) -> None:
         layers=[Layer("fc", (16, 8), "kaiming_normal", activation="relu", bias=True)],
         tensors=[Tensor("emb", (10, 4), "trunc_normal", params={"std": 0.02})],
     )
-    got = initserve_client.fetch_weights(spec, url=server)
+    got = initserve_client.fetch_weights(spec, url=live_server)
     assert_same_tensors(got, initserve.generate(spec.to_dict()))
     with pytest.raises(TypeError, match="a spec is a dict"):
-        initserve_client.fetch_weights("not a spec", url=server)  # type: ignore[arg-type]
+        initserve_client.fetch_weights("not a spec", url=live_server)  # type: ignore[arg-type]
 
 
-def test_fetch_into_preallocated_arrays(server: str) -> None:
+def test_fetch_into_preallocated_arrays(live_server: str) -> None:
     spec = golden_spec("float32")
     expected = initserve.generate(spec)
     assert all(values.flags.c_contiguous for values in expected.values())
     arrays = {key: np.empty_like(values) for key, values in expected.items()}
-    with Client(server) as client:
+    with Client(live_server) as client:
         client.fetch_into(spec, arrays)
         for k, v in expected.items():
             assert_same_bits(arrays[k], v, k)
@@ -432,7 +429,7 @@ def test_fetch_into_preallocated_arrays(server: str) -> None:
 
 
 def test_bodies_are_read_from_the_socket_straight_into_place(
-    server: str, monkeypatch: pytest.MonkeyPatch
+    live_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fetch_weights and fetch_into read the body with recv_into into its destination: here in
     100-byte reads, so the safetensors header (over 64 KiB: more than h11's first chunk) arrives
@@ -456,7 +453,7 @@ def test_bodies_are_read_from_the_socket_straight_into_place(
         receive_from(receiver, connection, *rest)
 
     monkeypatch.setattr(_receiver.Receiver, "receive_from", counted)
-    with Client(server) as client:
+    with Client(live_server) as client:
         header_bytes = client.plan(spec)["tensors"][0]["byte_range"][0]
         assert header_bytes > 64 << 10
         fetched = client.fetch_weights(spec)

@@ -56,11 +56,6 @@ FAST_RETRY = RetryPolicy(max_retries=4, base_seconds=0.01, cap_seconds=0.05)
 
 
 @pytest.fixture(scope="module")
-def server(live_server: str) -> str:
-    return live_server
-
-
-@pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
     return initserve.generate(SPEC)
 
@@ -194,8 +189,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hostile(server: str) -> Iterator[Hostile]:
-    proxy = Hostile(server)
+def hostile(live_server: str) -> Iterator[Hostile]:
+    proxy = Hostile(live_server)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:
@@ -320,13 +315,13 @@ def cache_entry(cache: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["bit flipped", "truncated", "emptied", "digest lost"])
 def test_a_damaged_cache_entry_is_fetched_again_never_served(
-    server: str,
+    live_server: str,
     expected: dict[str, np.ndarray],
     tmp_path: Path,
     damage: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with Client(server, cache_dir=tmp_path) as client:
+    with Client(live_server, cache_dir=tmp_path) as client:
         assert_same_tensors(client.fetch_weights(SPEC), expected)
         entry = cache_entry(tmp_path)
         good = entry.read_bytes()
@@ -340,22 +335,22 @@ def test_a_damaged_cache_entry_is_fetched_again_never_served(
             entry.write_bytes(b"")
         else:
             entry.with_suffix(".xxh3").unlink()
-        before = metric(server, "initserve_bytes_streamed_total")
+        before = metric(live_server, "initserve_bytes_streamed_total")
         with caplog.at_level(logging.WARNING, logger="initserve_client"):
             assert_same_tensors(client.fetch_weights(SPEC), expected)
-        assert metric(server, "initserve_bytes_streamed_total") - before == len(good)
+        assert metric(live_server, "initserve_bytes_streamed_total") - before == len(good)
         assert "is damaged" in caplog.text
         assert entry.read_bytes() == good  # repaired, not left to fail every later call
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)  # a hit again: nothing streamed
         assert_same_tensors(arrays, expected)
-        assert metric(server, "initserve_bytes_streamed_total") - before == len(good)
+        assert metric(live_server, "initserve_bytes_streamed_total") - before == len(good)
 
 
 def test_fetch_into_from_a_flipped_cache_entry_gets_the_true_bytes(
-    server: str, expected: dict[str, np.ndarray], tmp_path: Path
+    live_server: str, expected: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    with Client(server, cache_dir=tmp_path) as client:
+    with Client(live_server, cache_dir=tmp_path) as client:
         client.plan(SPEC)
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)
@@ -385,9 +380,9 @@ def unusable(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["a file", "a read-only directory"])
 def test_an_unusable_cache_directory_warns_and_fetches_without_it(
-    server: str, expected: dict[str, np.ndarray], tmp_path: Path, kind: str
+    live_server: str, expected: dict[str, np.ndarray], tmp_path: Path, kind: str
 ) -> None:
-    with Client(server, cache_dir=unusable(tmp_path, kind)) as client:
+    with Client(live_server, cache_dir=unusable(tmp_path, kind)) as client:
         with pytest.warns(CacheWarning, match="cannot be used"):
             assert_same_tensors(client.fetch_weights(SPEC), expected)
         with warnings.catch_warnings():

@@ -15,15 +15,15 @@ from assertions import assert_problem, assert_same_bits
 from hostile_requests import HOSTILE, HOSTILE_HEADERS
 
 
-@pytest.fixture(scope="module")
-def server(live_server: str) -> str:
-    return live_server
-
-
 @pytest.mark.parametrize(("name", "body", "status"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_request_gets_its_status(server: str, name: str, body: bytes, status: int) -> None:
+def test_hostile_request_gets_its_status(
+    live_server: str, name: str, body: bytes, status: int
+) -> None:
     response = httpx.post(
-        f"{server}/plan", content=body, headers={"content-type": "application/json"}, timeout=60
+        f"{live_server}/plan",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
     )
     assert response.status_code == status, response.text[:300]
     if status >= 400:
@@ -34,10 +34,10 @@ def test_hostile_request_gets_its_status(server: str, name: str, body: bytes, st
     ("name", "headers", "body", "status"), HOSTILE_HEADERS, ids=[h[0] for h in HOSTILE_HEADERS]
 )
 def test_hostile_headers_get_their_status(
-    server: str, name: str, headers: dict[str, str], body: bytes, status: int
+    live_server: str, name: str, headers: dict[str, str], body: bytes, status: int
 ) -> None:
     # httpx adds no Content-Type of its own for raw content.
-    response = httpx.post(f"{server}/init", content=body, headers=headers, timeout=60)
+    response = httpx.post(f"{live_server}/init", content=body, headers=headers, timeout=60)
     assert response.status_code == status, response.text[:300]
     if status >= 400:
         assert_problem(response, status)
@@ -51,10 +51,10 @@ def test_hostile_headers_get_their_status(
             assert "application/json" in problem
 
 
-def test_many_problems_are_capped_and_counted(server: str) -> None:
+def test_many_problems_are_capped_and_counted(live_server: str) -> None:
     body = next(b for name, b, _ in HOSTILE if name.startswith("500 bad tensors"))
     response = httpx.post(
-        f"{server}/plan", content=body, headers={"content-type": "application/json"}
+        f"{live_server}/plan", content=body, headers={"content-type": "application/json"}
     )
     problem = response.json()
     assert len(problem["errors"]) == 100
@@ -71,8 +71,8 @@ def request_series(url: str) -> dict[str, float]:
     return samples
 
 
-def test_distinct_paths_do_not_create_metric_series(server: str) -> None:
-    with httpx.Client(base_url=server) as http:
+def test_distinct_paths_do_not_create_metric_series(live_server: str) -> None:
+    with httpx.Client(base_url=live_server) as http:
 
         def one_round() -> None:
             assert http.get(f"/no/such/{secrets.token_hex(16)}").status_code == 404
@@ -81,14 +81,14 @@ def test_distinct_paths_do_not_create_metric_series(server: str) -> None:
             assert http.get(f"/init/{secrets.token_hex(40)}").status_code == 422
 
         one_round()
-        request_series(server)  # a scrape is counted too, once it has been answered
-        before = request_series(server)
+        request_series(live_server)  # a scrape is counted too, once it has been answered
+        before = request_series(live_server)
         # 750 distinct paths: a series per path would show at the first; the count is not the
         # point (it was 3,000 requests, 4 s of the fast suite).
         rounds = 250
         for _ in range(rounds):
             one_round()
-        after = request_series(server)
+        after = request_series(live_server)
     assert set(after) == set(before), set(after) ^ set(before)
     unmatched = 'initserve_requests_total{endpoint="unmatched",status="404"}'
     by_etag = 'initserve_requests_total{endpoint="/init/{etag}",status="404"}'
@@ -96,15 +96,18 @@ def test_distinct_paths_do_not_create_metric_series(server: str) -> None:
     assert after[by_etag] - before[by_etag] == rounds
 
 
-def test_server_still_serves_after_the_corpus(server: str) -> None:
+def test_server_still_serves_after_the_corpus(live_server: str) -> None:
     for _, body, _ in HOSTILE:
         httpx.post(
-            f"{server}/init", content=body, headers={"content-type": "application/json"}, timeout=60
+            f"{live_server}/init",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
         )
-    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert httpx.get(f"{live_server}/readyz").status_code == 200
     spec = {"seed": 5, "tensors": [{"name": "w", "shape": [64, 64], "scheme": "normal"}]}
-    response = httpx.post(f"{server}/init", json=spec)
+    response = httpx.post(f"{live_server}/init", json=spec)
     from safetensors.numpy import load
 
     assert_same_bits(load(response.content)["w"], initserve.generate(spec)["w"])
-    assert "initserve_requests_total" in httpx.get(f"{server}/metrics").text
+    assert "initserve_requests_total" in httpx.get(f"{live_server}/metrics").text

@@ -327,13 +327,8 @@ def run_scenario(module: Path, scenario: str, url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(live_server: str) -> str:
-    return live_server
-
-
-@pytest.fixture(scope="module")
-def arrays_report(server: str) -> dict[str, Any]:
-    return run_scenario(HERE, "arrays", server)
+def arrays_report(live_server: str) -> dict[str, Any]:
+    return run_scenario(HERE, "arrays", live_server)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -395,8 +390,8 @@ def test_uneven_split_is_refused_naming_tensor_and_mesh_axis(
     assert "odd.weight" not in bias["error"]
 
 
-def test_torch_client_and_jax_client_get_the_same_bytes(server: str) -> None:
-    report = run_scenario(HERE, "torch", server)
+def test_torch_client_and_jax_client_get_the_same_bytes(live_server: str) -> None:
+    report = run_scenario(HERE, "torch", live_server)
     for layout in ("jax", "torch"):
         assert report[layout]["keys_equal"], layout
         assert report[layout]["differ"] == [], layout

@@ -337,13 +337,8 @@ SCENARIOS = {"zoo": scenario_zoo, "refusals": scenario_refusals, "built": scenar
 
 
 @pytest.fixture(scope="module")
-def server(live_server: str) -> str:
-    return live_server
-
-
-@pytest.fixture(scope="module")
-def zoo(server: str) -> dict[str, Any]:
-    return run_scenario(HERE, "zoo", server)
+def zoo(live_server: str) -> dict[str, Any]:
+    return run_scenario(HERE, "zoo", live_server)
 
 
 RANDOM = [
@@ -469,8 +464,8 @@ def test_the_factory_is_traced_under_the_mesh_in_one_request(zoo: dict[str, Any]
     assert zoo["batch_stats_equal"]
 
 
-def test_unservable_initializers_are_refused_by_name_before_any_request(server: str) -> None:
-    report = run_scenario(HERE, "refusals", server)
+def test_unservable_initializers_are_refused_by_name_before_any_request(live_server: str) -> None:
+    report = run_scenario(HERE, "refusals", live_server)
     message = report["errors"]["all"]
     assert report["requests"] == 0
     assert message.startswith("6 parameters cannot be initialised")
@@ -494,8 +489,10 @@ def test_unservable_initializers_are_refused_by_name_before_any_request(server: 
     assert by_rule["fine.kernel"]["std"] == 0.02  # no rule: its own initializer
 
 
-def test_a_built_model_gets_its_base_class_defaults_and_constants_are_checked(server: str) -> None:
-    report = run_scenario(HERE, "built", server)
+def test_a_built_model_gets_its_base_class_defaults_and_constants_are_checked(
+    live_server: str,
+) -> None:
+    report = run_scenario(HERE, "built", live_server)
     specs = report["specs"]
     # A model already built records no initializers: each subclass gets its base's defaults.
     assert specs["plain"]["kernel"]["scheme"] == "lecun_normal"

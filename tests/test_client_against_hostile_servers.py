@@ -516,6 +516,7 @@ class Recording(httpx.HTTPTransport):
         return response
 
 
+@pytest.mark.slow  # a server process killed and a second started on its socket
 def test_a_server_killed_mid_generation_is_registered_with_again(tmp_path: Path) -> None:
     """The server is killed while it writes into the client's region and started again on the
     same socket: the client sees that its registration was closed, registers the region with

@@ -97,13 +97,9 @@ def test_distinct_paths_do_not_create_metric_series(live_server: str) -> None:
 
 
 def test_server_still_serves_after_the_corpus(live_server: str) -> None:
-    for _, body, _ in HOSTILE:
-        httpx.post(
-            f"{live_server}/init",
-            content=body,
-            headers={"content-type": "application/json"},
-            timeout=60,
-        )
+    with httpx.Client(base_url=live_server, timeout=60) as client:  # kept alive where allowed
+        for _, body, _ in HOSTILE:
+            client.post("/init", content=body, headers={"content-type": "application/json"})
     assert httpx.get(f"{live_server}/readyz").status_code == 200
     spec = {"seed": 5, "tensors": [{"name": "w", "shape": [64, 64], "scheme": "normal"}]}
     response = httpx.post(f"{live_server}/init", json=spec)

@@ -28,6 +28,7 @@ BIG = {
 }
 
 
+@pytest.mark.slow  # a server process killed mid-download and another started on its port
 def test_server_killed_and_restarted_mid_download_resumes_with_range() -> None:
     port = free_port()
     first = start_server(port, chunk_bytes=str(1 << 20))

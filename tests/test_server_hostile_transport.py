@@ -180,10 +180,18 @@ def test_stalled_readers_are_cut_off_and_their_stream_slots_freed() -> None:
         answer = honest_init(url, deadline=time.monotonic() + 60)
         assert answer.status_code == 200, answer.text[:300]
         assert_same_bits(load(answer.content)["w"], initserve.generate(SPEC)["w"])
-        for reader in stalled:  # each was cut off short of its 64 MiB
-            assert received_until_cut(reader) < (1 << 26)
-            reader.close()
+        # Every stalled stream ends (cut by the server) before any reader reads again: reading
+        # earlier would be progress, and a reader not yet cut would rightly get its whole file.
+        deadline = time.monotonic() + 60
+        while metric(url, "initserve_in_flight") != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert metric(url, "initserve_in_flight") == 0
+        try:
+            for reader in stalled:  # each was cut off short of its 64 MiB
+                assert received_until_cut(reader) < (1 << 26)
+        finally:
+            for reader in stalled:
+                reader.close()
 
 
 def honest_init(url: str, deadline: float) -> httpx.Response:

@@ -395,6 +395,7 @@ def test_an_unusable_cache_directory_warns_and_fetches_without_it(
 # --- a deadline per call -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out the call deadline
 @pytest.mark.parametrize("how", ["fetch_weights", "download", "async"])
 def test_a_server_dripping_a_byte_a_second_ends_at_the_deadline(
     hostile: Hostile, tmp_path: Path, how: str

@@ -91,6 +91,7 @@ def serve(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # a server process per token, each refusing to start
 @pytest.mark.parametrize(
     ("token", "problem"),
     [
@@ -119,6 +120,7 @@ def uds_get(path: Path, route: str = "/livez") -> httpx.Response:
         return http.get(route)
 
 
+@pytest.mark.slow  # two server processes on one socket
 def test_a_second_server_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path: Path) -> None:
     path = tmp_path / "initserve.sock"
     with uds_server(path, allow_shared_memory="true") as (_, first):
@@ -132,6 +134,7 @@ def test_a_second_server_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path: 
         assert first.poll() is None
 
 
+@pytest.mark.slow  # a server process started over a stale socket file
 def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "initserve.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -141,6 +144,7 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
         assert uds_get(path).status_code == 200
 
 
+@pytest.mark.slow  # two server processes, one stopped
 def test_stopping_a_server_leaves_the_socket_another_bound_since(tmp_path: Path) -> None:
     path = tmp_path / "initserve.sock"
     with uds_server(path) as (_, first):
@@ -164,6 +168,7 @@ def raw_request(path: str, body: bytes, extra: str = "") -> bytes:
     ).encode() + body
 
 
+@pytest.mark.slow  # waits out the send timeout of eight stalled readers
 def test_stalled_readers_are_cut_off_and_their_stream_slots_freed() -> None:
     with uvicorn_server(send_timeout_seconds="1") as (url, _):
         port = int(url.rsplit(":", 1)[1])
@@ -212,6 +217,7 @@ def received_until_cut(reader: socket.socket) -> int:
     return total
 
 
+@pytest.mark.slow  # waits out the head timeout
 def test_request_heads_that_never_finish_are_closed_and_logged_once(tmp_path: Path) -> None:
     port, log = free_port(), tmp_path / "server.log"
     server = start_server(port, log, head_timeout_seconds="1")

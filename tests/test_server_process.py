@@ -56,6 +56,7 @@ def test_streamed_response_arrives_in_chunks_and_is_whole(live_server: str) -> N
     assert_same_bits(load(whole)["w"], initserve.generate(spec)["w"])
 
 
+@pytest.mark.slow  # a server process watched while its client goes
 def test_client_disconnect_stops_generation() -> None:
     with uvicorn_server(chunk_bytes=str(1 << 20)) as (url, _):
         with httpx.stream("POST", f"{url}/init", json=BIG, timeout=60) as response:
@@ -95,6 +96,7 @@ def test_overload_is_503_with_retry_after_not_a_queue() -> None:
         assert metric(url, 'initserve_rejections_total{reason="overload_concurrency"}') == 1
 
 
+@pytest.mark.slow  # a server process sent SIGTERM
 def test_sigterm_turns_readiness_off_and_lets_the_stream_finish() -> None:
     spec = {
         "seed": 3,
@@ -120,6 +122,7 @@ def test_sigterm_turns_readiness_off_and_lets_the_stream_finish() -> None:
         assert process.returncode in (0, -signal.SIGTERM)
 
 
+@pytest.mark.slow  # waits out the body timeout
 def test_slow_loris_body_gets_408_and_a_closed_connection() -> None:
     with uvicorn_server(body_timeout_seconds="1") as (url, _):
         host, port = url.removeprefix("http://").split(":")

@@ -23,20 +23,16 @@ def in_process(
     problem)``, the problem as the service's problem+json says it."""
     from initserve.exceptions import Rejected, SpecError
     from initserve.preparation import prepare
+    from initserve.problems import spec_error_problem
     from initserve.request import validated_request
     from initserve.settings import Settings
 
     settings = Settings()
     try:
         return InProcess(prepare(validated_request(dict(body)), settings), settings)
-    except SpecError as exc:
-        # The service's 422, word for word (exception_handlers.py): a problem with the body as
-        # a whole located at "body".
-        errors = [{**error, "loc": error["loc"] or ["body"]} for error in exc.errors]
-        detail = str(SpecError(errors))
-        if exc.omitted:
-            detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
-        raise refused(422, {"detail": detail, "errors": errors}) from None
+    except SpecError as exc:  # the service's 422: its detail and errors, word for word
+        problem = spec_error_problem(exc)
+        raise refused(422, {"detail": problem["detail"], "errors": problem["errors"]}) from None
     except Rejected as exc:
         raise refused(exc.status, {"title": exc.title, "detail": exc.detail}) from None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from initserve.exceptions import Rejected, SpecError
-from initserve.problems import problem_response
+from initserve.problems import problem_json, problem_response, rejected_problem, spec_error_problem
 from initserve.request_body import parsed_request
 from initserve.routes.generation import PREPARING
 from initserve.spec import user_errors
@@ -57,21 +56,12 @@ async def _as_spec_error(request: Request, exc: RequestValidationError) -> SpecE
 
 async def _on_spec_error(request: Request, exc: SpecError) -> JSONResponse:
     service_state(request).metrics.reject("invalid_spec")
-    # Locations relative to the body, as the spec's own are; a problem with the body as a whole
-    # (not an object, no entries) is located at "body", never at an empty path.
-    errors = [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
-    detail = str(SpecError(errors))
-    if exc.omitted:
-        detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
-    return problem_response(422, "Unprocessable Content", detail, errors)
+    return problem_json(spec_error_problem(exc))
 
 
 async def _on_rejected(request: Request, exc: Rejected) -> JSONResponse:
     service_state(request).metrics.reject(exc.reason)
-    errors = (
-        None if exc.errors is None else [{**e, "loc": _body_location(e["loc"])} for e in exc.errors]
-    )
-    return problem_response(exc.status, exc.title, exc.detail, errors, exc.headers)
+    return problem_json(rejected_problem(exc), exc.headers)
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -84,14 +74,6 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
     log.exception("unexpected error on %s", request.url.path)
     return problem_response(500, "Internal Server Error", "unexpected error; see the server log")
-
-
-def _body_location(loc: list[Any]) -> list[Any]:
-    """FastAPI's ("body", "tensors", 0, ...) as ("tensors", 0, ...); ("body",) and () as
-    ("body",); path and query locations as they are."""
-    if loc and loc[0] == "body" and len(loc) > 1:
-        return list(loc[1:])
-    return list(loc) or ["body"]
 
 
 def _title(status: int) -> str:

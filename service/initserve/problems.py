@@ -10,6 +10,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from initserve.exceptions import Rejected, SpecError
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -27,6 +29,36 @@ def problem_body(
     return body
 
 
+def body_location(loc: list[Any]) -> list[Any]:
+    """FastAPI's ("body", "tensors", 0, ...) as ("tensors", 0, ...); ("body",) and () as
+    ("body",): a problem with the body as a whole (not an object, no entries) is located at
+    "body", never at an empty path; path and query locations as they are."""
+    if loc and loc[0] == "body" and len(loc) > 1:
+        return list(loc[1:])
+    return list(loc) or ["body"]
+
+
+def spec_error_problem(exc: SpecError) -> dict[str, Any]:
+    """The 422 of a spec's problems, as the service answers it and ``url="local"`` raises it."""
+    errors = [{**e, "loc": body_location(e["loc"])} for e in exc.errors]
+    detail = str(SpecError(errors))
+    if exc.omitted:
+        detail += f"; and {exc.omitted} more problems (the first {len(errors)} are listed)"
+    return problem_body(422, "Unprocessable Content", detail, errors)
+
+
+def rejected_problem(exc: Rejected) -> dict[str, Any]:
+    """A refusal (413, 416, 404, ...), as the service answers it and ``url="local"`` raises it."""
+    errors = exc.errors
+    if errors is not None:
+        errors = [{**e, "loc": body_location(e["loc"])} for e in errors]
+    return problem_body(exc.status, exc.title, exc.detail, errors)
+
+
+def problem_json(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=body["status"], headers=headers, media_type=PROBLEM_JSON)
+
+
 def problem_response(
     status: int,
     title: str,
@@ -34,12 +66,7 @@ def problem_response(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        problem_body(status, title, detail, errors),
-        status_code=status,
-        headers=headers,
-        media_type=PROBLEM_JSON,
-    )
+    return problem_json(problem_body(status, title, detail, errors), headers)
 
 
 # The problem+json schema, for the OpenAPI document (every error response declares it).

@@ -428,6 +428,16 @@ def test_fetch_into_preallocated_arrays(live_server: str) -> None:
             client.fetch_into(spec, {k: v for k, v in arrays.items() if k != "sparse"})
 
 
+def test_a_target_of_the_other_byte_order_is_refused_not_filled(live_server: str) -> None:
+    """A ">f4" array has float32's kind and size but not its bytes: the wire's little-endian
+    values copied into it would read as other numbers (it was filled, silently)."""
+    spec = {"seed": 1, "tensors": [{"name": "w", "shape": [4], "scheme": "normal"}]}
+    swapped = {"w": np.zeros(4, dtype=np.dtype(np.float32).newbyteorder(">"))}
+    with Client(live_server) as client, pytest.raises(ValueError, match="w: target is >f4"):
+        client.fetch_into(spec, swapped)
+    assert not swapped["w"].any()
+
+
 def test_bodies_are_read_from_the_socket_straight_into_place(
     live_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

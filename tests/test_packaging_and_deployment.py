@@ -152,24 +152,40 @@ def test_packages_declare_their_entry_points(path: str) -> None:
 
 
 @pytest.mark.slow  # pip builds both wheels: ~10 s, the packaging end to end
-def test_wheels_hold_every_module(tmp_path: Path) -> None:
-    """What the image installs: both wheels, built from this tree, with every module in them."""
+def test_wheels_hold_every_module_and_no_other(tmp_path: Path) -> None:
+    """What the image installs: both wheels, built from this tree's files as the image's build
+    context holds them (no build/ left by an earlier install: setuptools reuses build/lib, and a
+    module since moved or deleted would ship again beside its new home), with exactly the
+    tree's modules in them."""
     import zipfile
 
+    context = tmp_path / "context"
+    tracked = ["pyproject.toml", "setup.py", "README.md", "service", "clients/python"]
+    listing = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", *tracked],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    files = listing.stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, context / name)
+    wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO), str(REPO / "clients" / "python")],
+                    "-w", str(wheels), str(context), str(context / "clients" / "python")],
                    check=True, capture_output=True)  # fmt: skip
-    (server,) = tmp_path.glob("initserve-*.whl")
-    (client,) = tmp_path.glob("initserve_client-*.whl")
+    (server,) = wheels.glob("initserve-*.whl")
+    (client,) = wheels.glob("initserve_client-*.whl")
     names = set(zipfile.ZipFile(server).namelist())
-    for source in (REPO / "service").rglob("*.py"):
-        assert str(source.relative_to(REPO / "service")) in names, source
+    modules = {str(p.relative_to(context / "service")) for p in (context / "service").rglob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == modules
     for kernel in ("initserve_math.h", "gpu_kernels.cu", "cpu_kernels.c"):
         assert f"initserve/kernels/{kernel}" in names
     assert any(n.startswith("initserve/kernels/_cpu_kernels") and n.endswith(".so") for n in names)
     client_names = set(zipfile.ZipFile(client).namelist())
-    for source in (REPO / "clients" / "python" / "src").rglob("*.py"):
-        assert str(source.relative_to(REPO / "clients" / "python" / "src")) in client_names
+    source = context / "clients" / "python" / "src"
+    client_modules = {str(p.relative_to(source)) for p in source.rglob("*.py")}
+    assert {n for n in client_names if n.endswith(".py")} == client_modules
 
 
 KUBERNETES_VERSION = "1.33.0"  # native sidecars (1.29) and Indexed Jobs' pod hostnames (1.24)

@@ -264,7 +264,9 @@ def byte_targets(
         array = arrays.get(key)
         if array is None:
             raise KeyError(f"no target array for {key!r}")
-        if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype.newbyteorder("="):
+        # The dtype exactly: a ">f4" target has the float32 kind but not its bytes, and the wire's
+        # little-endian bytes copied into it would read as other numbers, with no error.
+        if tuple(array.shape) != shape or numpy_dtype(code) != array.dtype:
             raise ValueError(
                 f"{key}: target is {array.dtype}{list(array.shape)}, the spec gives"
                 f" {numpy_dtype(code)}{list(shape)}"

@@ -14,6 +14,7 @@ import pytest
 import initserve
 from initserve_client import AsyncClient
 
+from assertions import assert_same_tensors
 from servers import uds_server
 
 SPEC = {
@@ -37,11 +38,8 @@ class Counting(httpx.AsyncHTTPTransport):
         return await super().handle_async_request(request)
 
 
-def same_as_engine(got: dict[str, np.ndarray]) -> bool:
-    expected = initserve.generate(SPEC)
-    return list(got) == list(expected) and all(
-        got[k].tobytes() == expected[k].tobytes() for k in expected
-    )
+def assert_same_as_engine(got: dict[str, np.ndarray]) -> None:
+    assert_same_tensors(got, initserve.generate(SPEC))
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +53,13 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 async def test_one_twin_serves_every_call_and_closes_with_the_client() -> None:
     client = AsyncClient("local")  # in-process: every step blocks, so the twin does it
     assert client._sync_twin is None  # made on first use
-    assert same_as_engine(await client.fetch_weights(SPEC))
+    assert_same_as_engine(await client.fetch_weights(SPEC))
     twin = client._sync_twin
     assert twin is not None
     arrays = {k: np.empty_like(v) for k, v in initserve.generate(SPEC).items()}
     await client.fetch_into(SPEC, arrays)
-    assert client._sync_twin is twin and same_as_engine(arrays)
+    assert client._sync_twin is twin
+    assert_same_as_engine(arrays)
     assert await client.allocate(SPEC, shared_only=True) == {}  # no shared memory here
     assert {k: v.shape for k, v in (await client.allocate(SPEC)).items()} == {
         k: v.shape for k, v in arrays.items()
@@ -75,9 +74,9 @@ async def test_the_cache_path_sends_through_the_callers_transport(
 ) -> None:
     transport = Counting()
     async with AsyncClient(live_server, transport=transport, cache_dir=tmp_path) as client:
-        assert same_as_engine(await client.fetch_weights(SPEC))  # a miss: plan, then fetch
+        assert_same_as_engine(await client.fetch_weights(SPEC))  # a miss: plan, then fetch
         assert transport.sent == [("POST", "/plan"), ("POST", "/init")]
-        assert same_as_engine(await client.fetch_weights(SPEC))  # a hit: the twin knows the ETag
+        assert_same_as_engine(await client.fetch_weights(SPEC))  # a hit: the twin knows the ETag
         assert transport.sent == [("POST", "/plan"), ("POST", "/init")]
     assert list(tmp_path.glob("*.safetensors"))
 
@@ -95,9 +94,11 @@ async def test_shared_memory_keeps_its_probe_and_staging_region_across_calls(
         twin = client._sync_twin
         assert twin is not None and twin._registration  # shared memory, not a fallback
         staging = twin._staging
-        assert staging is not None and same_as_engine(arrays)
+        assert staging is not None
+        assert_same_as_engine(arrays)
         arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
         await client.fetch_into(SPEC, arrays)
-        assert client._sync_twin is twin and twin._staging is staging and same_as_engine(arrays)
+        assert client._sync_twin is twin and twin._staging is staging
+        assert_same_as_engine(arrays)
     init = ("POST", "/shared-memory/init")
     assert transport.sent == [("GET", "/shared-memory"), init, init]  # asked once

@@ -48,3 +48,22 @@ def test_local_and_server_build_the_same_bytes(case: str, live_server: str) -> N
         assert tensor.dtype == theirs[key].dtype, key
         bits = tensor.detach().reshape(-1).view(torch.uint8)  # bit-equal: -0.0 and NaNs too
         assert torch.equal(bits, theirs[key].detach().reshape(-1).view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("form", ["built", "factory"])
+def test_an_async_client_is_refused_not_left_unawaited(form: str) -> None:
+    """An AsyncClient's plan and fetch_into are coroutines: called here they would never run, and
+    the model would keep the values it had, with no error. Refused before anything is written."""
+    from initserve_client import AsyncClient
+
+    def build() -> nn.Linear:
+        model = nn.Linear(4, 3)
+        with torch.no_grad():
+            model.weight.fill_(7.0)
+        return model
+
+    model = build()
+    target: Any = model if form == "built" else build
+    with pytest.raises(TypeError, match="AsyncClient"):
+        init_module(target, 0, client=AsyncClient("local"))  # type: ignore[arg-type]
+    assert model.weight.detach().tolist() == [[7.0] * 4] * 3

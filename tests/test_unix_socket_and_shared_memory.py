@@ -26,7 +26,7 @@ import initserve
 from initserve_client import AuthenticationError, Client
 from initserve_client._shared_memory import SharedRegion
 
-from assertions import assert_same_bits
+from assertions import assert_same_bits, assert_same_tensors
 from servers import REPO, metric, stop_server, uds_server
 
 SHRINK = fcntl.F_SEAL_SHRINK
@@ -51,13 +51,6 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         yield url, path
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert_same_bits(a[key], b[key], key)
-
-
 # --- the Unix socket -----------------------------------------------------------------------------
 
 
@@ -66,7 +59,7 @@ def test_unix_socket_serves_the_same_bytes_as_tcp_with_auth(sidecar: tuple[str, 
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o660  # owner and group: the pod's fsGroup
     with Client(url, token=TOKEN) as tcp, Client(uds=path, token=TOKEN) as uds:
-        same(tcp.fetch_weights(SPEC), uds.fetch_weights(SPEC))
+        assert_same_tensors(tcp.fetch_weights(SPEC), uds.fetch_weights(SPEC))
         assert uds.plan(SPEC)["etag"] == tcp.plan(SPEC)["etag"]
     with Client(uds=path) as anonymous, pytest.raises(AuthenticationError):
         anonymous.fetch_weights(SPEC)
@@ -80,7 +73,7 @@ def test_initserve_uds_in_the_environment_reaches_the_socket(
     monkeypatch.delenv("INITSERVE_URL", raising=False)
     with Client(token=TOKEN) as client, Client(url, token=TOKEN) as tcp:
         assert client.uds == str(path)
-        same(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
+        assert_same_tensors(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
 
 
 def test_cache_and_resume_work_over_the_unix_socket(
@@ -91,7 +84,7 @@ def test_cache_and_resume_work_over_the_unix_socket(
         first = client.fetch_weights(SPEC)
         (cached,) = tmp_path.glob("*.safetensors")
         second = client.fetch_weights(SPEC)
-        same(first, second)
+        assert_same_tensors(first, second)
         # A resumed download: the receiver asks for the bytes after those it has.
         response = client._http.post("/init", json=SPEC, headers={"Range": "bytes=100-"})
         assert response.status_code == 206 and response.content == cached.read_bytes()[100:]
@@ -146,13 +139,13 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
     with Client(url, token=TOKEN) as http, Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         expected = http.fetch_weights(SPEC)
         fetched = shm.fetch_weights(SPEC)
-        same(fetched, expected)
+        assert_same_tensors(fetched, expected)
         assert shm._registration == f"{path}.regions"  # it was shared memory, not a fallback
         assert shm._staging is None
         # The caller's own arrays: through the client's staging region, one copy.
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         shm.fetch_into(SPEC, arrays)
-        same(arrays, expected)
+        assert_same_tensors(arrays, expected)
         staging = shm._staging
         assert staging is not None
         regions = {"w": [(10, 20), (3, 40)]}
@@ -165,11 +158,11 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
         for values in fetched.values():
             values[...] = 0
         shm.fetch_into(SPEC, fetched)
-        same(fetched, expected)
+        assert_same_tensors(fetched, expected)
         assert shm._staging is staging and not staging.data.any()
         placed = shm.allocate(SPEC)
         shm.fetch_into(SPEC, placed)
-        same(placed, expected)
+        assert_same_tensors(placed, expected)
         assert not staging.data.any()
 
 
@@ -198,21 +191,21 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
         fd = _live_fd_of(held["w"])
         size = os.fstat(fd).st_size
         assert os.lseek(fd, 0, os.SEEK_HOLE) == size  # allocated to the last page
-        same(held, expected)
+        assert_same_tensors(held, expected)
         later = shm.fetch_weights(other)  # a region of its own, not the held one
         assert not np.shares_memory(later["w"], held["w"])
         own = {key: np.zeros_like(values) for key, values in later.items()}
         shm.fetch_into(other, own)  # through the staging region, never the held arrays
-        same(own, initserve.generate(other))
-        same(held, expected)
+        assert_same_tensors(own, initserve.generate(other))
+        assert_same_tensors(held, expected)
     del later, own
     gc.collect()
-    same(held, expected)  # the client closed: the mapping lives with the arrays
+    assert_same_tensors(held, expected)  # the client closed: the mapping lives with the arrays
     held["w"][:5] = 0  # and is the caller's to write
     assert_same_bits(held["w"][5:], expected["w"][5:])
     # Over the socket into fresh memory, its pages populated ahead of the receive: the same.
     with Client(uds=path, token=TOKEN) as http:
-        same(http.fetch_weights(PIECES_SPEC), expected)
+        assert_same_tensors(http.fetch_weights(PIECES_SPEC), expected)
 
 
 def test_a_kept_registration_is_used_again_at_once(sidecar: tuple[str, Path]) -> None:
@@ -229,7 +222,7 @@ def test_a_kept_registration_is_used_again_at_once(sidecar: tuple[str, Path]) ->
         shm.fetch_into(SPEC, arrays)
         again = {key: value for key, value in _REGISTERED.items() if key[1] == f"{path}.regions"}
         assert kept and again == kept
-        same(arrays, initserve.generate(SPEC))
+        assert_same_tensors(arrays, initserve.generate(SPEC))
 
 
 def test_the_server_maps_each_region_once_and_lets_it_go_with_the_client(
@@ -281,7 +274,7 @@ def test_shared_memory_is_off_by_default_and_the_client_falls_back(tmp_path: Pat
     path = tmp_path / "off.sock"
     with uds_server(path) as (url, _):
         with Client(uds=path, shared_memory=True) as client, Client(url) as tcp:
-            same(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
+            assert_same_tensors(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
             assert client._registration == ""
         assert not Path(f"{path}.regions").exists()
         response = post_region(path, "0" * 32, token=None)
@@ -482,7 +475,8 @@ def test_a_client_that_lets_go_mid_write_does_not_hurt_the_server(
         assert time.monotonic() < deadline, "the region was not let go"
         time.sleep(0.02)
     with Client(uds=path, shared_memory=True) as client, Client(url) as tcp:
-        same(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))  # still serving, the slot free
+        # Still serving, the slot free.
+        assert_same_tensors(client.fetch_weights(SPEC), tcp.fetch_weights(SPEC))
 
 
 def test_more_regions_than_the_limit_are_refused_with_429(
@@ -516,13 +510,13 @@ def test_cache_hits_are_views_of_the_mapped_file_that_never_write_it(
         (cached,) = tmp_path.glob("*.safetensors")
         before = cached.read_bytes()
         hit = client.fetch_weights(SPEC)
-        same(hit, expected)
+        assert_same_tensors(hit, expected)
         hit["w"][...] = 0  # the caller's own copy-on-write pages
         assert cached.read_bytes() == before
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         client.fetch_into(SPEC, arrays)
-        same(arrays, expected)
+        assert_same_tensors(arrays, expected)
         with open(cached, "ab") as f:  # a file of the wrong size is never served: fetched again
             f.write(b"\0")
-        same(client.fetch_weights(SPEC), expected)
+        assert_same_tensors(client.fetch_weights(SPEC), expected)
         assert cached.read_bytes() == before

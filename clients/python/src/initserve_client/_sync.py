@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import httpx
@@ -132,3 +134,26 @@ def fetch_weights(
         return client.fetch_weights(
             spec, only=only, shard=shard, regions=regions, as_torch=as_torch
         )
+
+
+@contextmanager
+def borrowed_or_own(
+    client: Client | None, url: str | None, options: dict[str, Any]
+) -> Iterator[Client]:
+    """The caller's client, or one of our own (``url``, ``options``) closed afterwards: what the
+    torch and JAX integrations call through. Only a ``Client``: an ``AsyncClient``'s methods are
+    coroutines, and called without an event loop they would do nothing, leaving every tensor as
+    it was with no error."""
+    if client is not None:
+        if not isinstance(client, Client):
+            raise TypeError(
+                f"client must be an initserve_client.Client, not {type(client).__name__}"
+                " (an AsyncClient's calls are coroutines: use Client here)"
+            )
+        yield client
+        return
+    own = Client(url, **options)
+    try:
+        yield own
+    finally:
+        own.close()

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from initserve_client._safetensors import Region, expected_entries, numpy_dtype
-from initserve_client._sync import Client
+from initserve_client._sync import Client, borrowed_or_own
 from initserve_client.spec import SpecLike, spec_dict
 
 Block = tuple[tuple[int, int], ...]  # per dimension [start, stop)
@@ -151,8 +151,7 @@ def fetch_arrays(
     entries = expected_entries(spec_dict(spec), None, None)
     dtypes = {key: numpy_dtype(code) for key, code, _ in entries}
     pieces: dict[str, list[tuple[Block, npt.NDArray[Any]]]] = {key: [] for key, _, _ in entries}
-    active = client if client is not None else Client(url, **options)
-    try:
+    with borrowed_or_own(client, url, options) as active:
         for regions in requests:
             buffers = {
                 key: np.empty(tuple(stop - start for start, stop in block), dtype=dtypes[key])
@@ -163,9 +162,6 @@ def fetch_arrays(
             active.fetch_into(spec, buffers, regions=wire)
             for key, block in regions.items():
                 pieces[key].append((block, buffers[key]))
-    finally:
-        if client is None:
-            active.close()
     arrays: dict[str, jax.Array] = {}
     for key, _, shape in entries:
 

@@ -9,7 +9,7 @@ from initserve_client.torch_init.factory import _build, _is_factory, _record_fac
 from initserve_client.torch_init.own_init import InitFn
 from initserve_client.torch_init.parametrizations import _unparametrized
 from initserve_client.torch_init.recording import _analyse
-from initserve_client.torch_init.replay import _active, _init_built
+from initserve_client.torch_init.replay import _init_built
 from initserve_client.torch_init.rules import Rules, _rule_inits
 from initserve_client.torch_init.tensors import _Tensors
 
@@ -70,7 +70,9 @@ def init_module(
     materialised or written, and raised at once as ModelInitError.
     """
     if _is_factory(module):
-        with _active(client, url, options) as active:
+        from initserve_client._sync import borrowed_or_own
+
+        with borrowed_or_own(client, url, options) as active:
             return _build(module, seed, rules, init_fn, active, device)
     with _unparametrized(module) as swapped:
         recording = _init_built(module, seed, rules, init_fn, url, client, device, options)

@@ -4,8 +4,6 @@ with each draw replaced by the served values (the Writer)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from initserve_client._safetensors import DTYPE_NAMES
@@ -42,21 +40,6 @@ def _materialise(module: Any, tensors: _Tensors, device: Any) -> _Tensors:
     return fresh
 
 
-@contextmanager
-def _active(client: Client | None, url: str | None, options: dict[str, Any]) -> Iterator[Client]:
-    """The caller's client, or one of our own (``url``, ``options``) closed afterwards."""
-    from initserve_client._sync import Client
-
-    if client is not None:
-        yield client
-        return
-    own = Client(url, **options)
-    try:
-        yield own
-    finally:
-        own.close()
-
-
 def _init_built(
     module: Any,
     seed: int,
@@ -88,7 +71,9 @@ def _init_built(
         else local_region(tensors.get(recording.through.get(e["name"], e["name"])))
         for e in fetched
     }  # a scratch draw is whole on every rank, as the code computes from it
-    with _active(client, url, options) as active:
+    from initserve_client._sync import borrowed_or_own
+
+    with borrowed_or_own(client, url, options) as active:
         if spec["tensors"]:
             active.plan(spec, regions=regions)  # the service's checks, before anything is written
         homes: dict[str, Any] = {}  # where fetch_into writes with no copy, if anywhere

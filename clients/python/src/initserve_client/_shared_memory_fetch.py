@@ -118,7 +118,13 @@ def fetch_into(client: Client, fill: Fill, progress: Progress | None) -> bool:
         if client._staging is None or client._staging.size < need:
             client._staging = SharedRegion(need)  # the old one goes with its last view
         staging = client._staging
-        header = _generate_into(client, request, staging.address, 0, need)
+        try:
+            header = _generate_into(client, request, staging.address, 0, need)
+        except BaseException:
+            # A call that gave up may leave the server writing into the region for a while:
+            # the next call gets a region of its own, never one those late bytes can land in.
+            client._staging = None
+            raise
         if header is None:
             return False
         copy_into(header, staging.data[:need], targets)

@@ -45,12 +45,14 @@ from common import uds_server
 
 import initserve
 from initserve.connections import SEND_BUFFER_BYTES
-from initserve_client import Client
+from initserve_client import Client, _shared_memory_fetch
+from initserve_client._shared_memory import huge_pages_for_regions
 from initserve_client._transport import READ_BYTES
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 SHM_IN_PLACE = "shared memory, arrays in the region (client.allocate)"
 SHM_COPY = "shared memory, the caller's own arrays (one copy)"
+SHM_FRESH_REGION = "shared memory, views of a fresh region (fetch_weights where huge pages)"
 GIB_SPEC = {"seed": 0, "tensors": [{"name": "w", "shape": [1 << 28], "scheme": "uniform"}]}
 
 
@@ -120,6 +122,15 @@ def delivery_table(name: str, spec: dict[str, Any], tcp: str, uds: Path, cache: 
             fresh_rows[label] = median_seconds(functools.partial(initserve.generate, spec))
         else:
             fresh_rows[label] = median_seconds(functools.partial(client.fetch_weights, spec))
+    # The other way fetch_weights over shared memory goes, whichever this host takes: views of a
+    # fresh region (the host gives shared memory huge pages) or fresh arrays filled through the
+    # staging region (it does not).
+    chosen = huge_pages_for_regions()
+    setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: True)  # noqa: B010
+    try:
+        fresh_rows[SHM_FRESH_REGION] = median_seconds(functools.partial(shm.fetch_weights, spec))
+    finally:
+        setattr(_shared_memory_fetch, "huge_pages_for_regions", huge_pages_for_regions)  # noqa: B010
     rows: dict[str, float] = {}
     for label, (client, targets) in clients.items():
         rows[label] = median_seconds(functools.partial(client.fetch_into, spec, targets))
@@ -136,6 +147,10 @@ def delivery_table(name: str, spec: dict[str, Any], tcp: str, uds: Path, cache: 
         "fresh memory: fetch_weights (in-process: initserve.generate; safetensors: load_file);"
         " touched: fetch_into arrays touched before"
     )
+    print(
+        "shared memory's fetch_weights on this host (shmem_enabled huge pages:"
+        f" {chosen}): {'views of a fresh region' if chosen else 'through the staging region'}"
+    )
     print("| path | fresh s | fresh vs in-process | touched s | GB/s | touched vs in-process |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, seconds in rows.items():
@@ -147,6 +162,8 @@ def delivery_table(name: str, spec: dict[str, Any], tcp: str, uds: Path, cache: 
             f"| {label} {fresh_cells} {seconds:.3f} | {nbytes / seconds / 1e9:.2f} |"
             f" {base / seconds:.2f}x |"
         )
+    region = fresh_rows[SHM_FRESH_REGION]
+    print(f"| {SHM_FRESH_REGION} | {region:.3f} | {fresh_base / region:.2f}x | - | - | - |")
     tcp, uds_label = "HTTP over TCP", "HTTP over the Unix socket"
     print(
         "shared memory / in-process throughput, fresh memory:"

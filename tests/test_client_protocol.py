@@ -41,6 +41,7 @@ def test_the_shared_memory_headers_are_the_services() -> None:
     assert _protocol.REGION_HEADER.lower() == shared_memory.REGION_HEADER
     assert _protocol.OFFSET_HEADER.lower() == shared_memory.OFFSET_HEADER
     assert _protocol.SIZE_HEADER.lower() == shared_memory.SIZE_HEADER
+    assert _protocol.DATA_RANGE_HEADER.lower() == shared_memory.DATA_RANGE_HEADER
 
 
 def test_a_registration_message_is_the_size_the_service_reads() -> None:

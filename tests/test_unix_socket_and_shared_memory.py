@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import initserve
-from initserve_client import AuthenticationError, Client
-from initserve_client._shared_memory import SharedRegion
+from initserve_client import AuthenticationError, Client, _shared_memory_fetch
+from initserve_client._shared_memory import SharedRegion, placed_region
 
 from assertions import assert_same_bits, assert_same_tensors
 from servers import REPO, metric, stop_server, uds_server
@@ -38,6 +38,7 @@ SPEC = {
         {"name": "e", "shape": [33, 5], "scheme": "trunc_normal", "dtype": "float16"},
     ],
 }
+DATA_BYTES = 300 * 70 * 4 + 70 * 2 + 33 * 5 * 2  # SPEC's data section
 TOKEN = "s3cret-token"
 # Large enough, with 4 KiB chunks, that a write is still in progress when the test acts on it.
 SLOW_SPEC = {"seed": 1, "tensors": [{"name": "w", "shape": [1 << 26], "scheme": "uniform"}]}
@@ -134,14 +135,24 @@ def test_no_tcp_without_a_socket_is_refused_at_start() -> None:
 # --- shared memory -------------------------------------------------------------------------------
 
 
-def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("huge_pages", [True, False], ids=["fresh region", "through staging"])
+def test_shared_memory_gives_the_same_bytes_as_http(
+    sidecar: tuple[str, Path], huge_pages: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ways fetch_weights takes: views of a fresh region (a host whose shared memory gets
+    # huge pages) and fresh arrays filled through the staging region (4 KiB pages).
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: huge_pages)
     url, path = sidecar
     with Client(url, token=TOKEN) as http, Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         expected = http.fetch_weights(SPEC)
         fetched = shm.fetch_weights(SPEC)
         assert_same_tensors(fetched, expected)
         assert shm._registration == f"{path}.regions"  # it was shared memory, not a fallback
-        assert shm._staging is None
+        assert (shm._staging is None) is huge_pages
+        in_a_region = placed_region(
+            [v.reshape(-1).view(np.uint8) for v in fetched.values()], [0, 84000, 84140], DATA_BYTES
+        )
+        assert (in_a_region is not None) is huge_pages
         # The caller's own arrays: through the client's staging region, one copy.
         arrays = {key: np.zeros_like(values) for key, values in expected.items()}
         shm.fetch_into(SPEC, arrays)
@@ -155,15 +166,41 @@ def test_shared_memory_gives_the_same_bytes_as_http(sidecar: tuple[str, Path]) -
         # Arrays that are views of a region where the file puts them are refilled in place: the
         # staging region is neither used nor replaced.
         staging.data[:] = 0
-        for values in fetched.values():
-            values[...] = 0
-        shm.fetch_into(SPEC, fetched)
-        assert_same_tensors(fetched, expected)
-        assert shm._staging is staging and not staging.data.any()
         placed = shm.allocate(SPEC)
         shm.fetch_into(SPEC, placed)
         assert_same_tensors(placed, expected)
-        assert not staging.data.any()
+        if huge_pages:
+            for values in fetched.values():
+                values[...] = 0
+            shm.fetch_into(SPEC, fetched)
+            assert_same_tensors(fetched, expected)
+        assert shm._staging is staging and not staging.data.any()
+
+
+@pytest.mark.parametrize("piece", [1001, 4096, DATA_BYTES - 1, DATA_BYTES])
+def test_pieces_through_the_staging_region_are_the_whole(
+    sidecar: tuple[str, Path], piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pieces that split elements and tensors, two halves taken in turn for 85 pieces, one piece
+    # and a last byte, one piece: every byte where it belongs, and the region two pieces at most.
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", piece)
+    url, path = sidecar
+    with Client(url, token=TOKEN) as http, Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        expected = http.fetch_weights(SPEC)
+        assert_same_tensors(shm.fetch_weights(SPEC), expected)
+        assert shm._staging is not None
+        assert shm._staging.size == min(DATA_BYTES, 2 * piece)
+        arrays = {key: np.full_like(values, 7) for key, values in expected.items()}
+        shm.fetch_into(SPEC, arrays)
+        assert_same_tensors(arrays, expected)
+        part: dict[str, np.ndarray] = {
+            "w": np.zeros((290, 61), dtype=np.float32),
+            "e": np.zeros((3, 5), dtype=np.float16),
+        }
+        shm.fetch_into(SPEC, part, regions={"w": [(10, 300), (9, 70)], "e": [(30, 33), (0, 5)]})
+        assert_same_bits(part["w"], expected["w"][10:, 9:])
+        assert_same_bits(part["e"], expected["e"][30:])
 
 
 # Over the pieces a region is allocated and mapped in (64 MiB), the last one partial.
@@ -177,11 +214,13 @@ PIECES_SPEC = {
 
 
 def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_client(
-    sidecar: tuple[str, Path],
+    sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What fetch_weights returns over shared memory are views of a region of their own: the
-    engine's bytes, every page allocated (no hole for the server to fill), still readable after
-    the client is closed, and never written by a later call that is not given them."""
+    """What fetch_weights returns over shared memory, on a host whose shared memory gets huge
+    pages, are views of a region of their own: the engine's bytes, every page allocated (no
+    hole for the server to fill), still readable after the client is closed, and never written
+    by a later call that is not given them."""
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: True)
     _, path = sidecar
     expected = initserve.generate(PIECES_SPEC)
     other = {**PIECES_SPEC, "seed": 12}
@@ -206,6 +245,29 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
     # Over the socket into fresh memory, its pages populated ahead of the receive: the same.
     with Client(uds=path, token=TOKEN) as http:
         assert_same_tensors(http.fetch_weights(PIECES_SPEC), expected)
+
+
+def test_fresh_arrays_through_the_staging_region_are_the_callers_alone(
+    sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host whose shared memory gets 4 KiB pages, fetch_weights fills fresh memory of the
+    caller's own through the staging region (three pieces of 32 MiB here, two halves in turn):
+    the engine's bytes, in no region, unchanged by later calls, and the staging region never
+    grows past two pieces."""
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 32 << 20)
+    _, path = sidecar
+    expected = initserve.generate(PIECES_SPEC)
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        held = shm.fetch_weights(PIECES_SPEC)
+        assert shm._registration and shm._staging is not None
+        assert shm._staging.size == 64 << 20
+        assert_same_tensors(held, expected)
+        assert not any(np.shares_memory(v, shm._staging.data) for v in held.values())
+        later = shm.fetch_weights({**PIECES_SPEC, "seed": 12})
+        assert_same_tensors(later, initserve.generate({**PIECES_SPEC, "seed": 12}))
+        assert_same_tensors(held, expected)
+    assert_same_tensors(held, expected)
 
 
 def test_a_kept_registration_is_used_again_at_once(sidecar: tuple[str, Path]) -> None:
@@ -378,7 +440,7 @@ def post_region(
     **extra: str,
 ) -> httpx.Response:
     headers = {} if region_id is None else {"X-Initserve-Shm-Region": region_id}
-    headers.update({f"X-Initserve-Shm-{k.title()}": v for k, v in extra.items()})
+    headers.update({f"X-Initserve-Shm-{k.replace('_', '-').title()}": v for k, v in extra.items()})
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     transport = httpx.HTTPTransport(uds=str(path))
@@ -386,8 +448,8 @@ def post_region(
         return http.post("/shared-memory/init", json=spec, headers=headers)
 
 
-DATA_BYTES = 300 * 70 * 4 + 70 * 2 + 33 * 5 * 2
 REGION, OFFSET, SIZE = "x-initserve-shm-region", "x-initserve-shm-offset", "x-initserve-shm-size"
+DATA_RANGE = "x-initserve-shm-data-range"
 
 
 @pytest.mark.parametrize(
@@ -401,6 +463,13 @@ REGION, OFFSET, SIZE = "x-initserve-shm-region", "x-initserve-shm-offset", "x-in
         ("size_not_a_number", DATA_BYTES, {"size": "1e9"}, 422, SIZE),
         ("unknown_region", DATA_BYTES, {"region": "f" * 32}, 404, REGION),
         ("no_region", DATA_BYTES, {"region": None}, 404, REGION),
+        ("range_without_dash", DATA_BYTES, {"data_range": "5"}, 422, DATA_RANGE),
+        ("range_backwards", DATA_BYTES, {"data_range": "10-5"}, 422, DATA_RANGE),
+        ("range_empty", DATA_BYTES, {"data_range": "7-7"}, 422, DATA_RANGE),
+        ("range_negative", DATA_BYTES, {"data_range": "-1-5"}, 422, DATA_RANGE),
+        ("range_past_the_data", DATA_BYTES, {"data_range": f"0-{DATA_BYTES + 1}"}, 422, DATA_RANGE),
+        ("range_not_numbers", DATA_BYTES, {"data_range": "a-b"}, 422, DATA_RANGE),
+        ("range_past_the_region", 100, {"data_range": "0-101"}, 422, REGION),
     ],
 )  # fmt: skip
 def test_hostile_placements_are_refused_and_nothing_is_written(
@@ -424,6 +493,31 @@ def test_hostile_placements_are_refused_and_nothing_is_written(
         assert os.pread(fd, size, 0) == bytes(size)
     os.close(fd)
     assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_a_data_range_lands_alone_where_it_is_placed(sidecar: tuple[str, Path]) -> None:
+    url, path = sidecar
+    with Client(url, token=TOKEN) as http:
+        body = http._http.post("/init", json=SPEC).content
+    data = body[8 + int.from_bytes(body[:8], "little") :]
+    assert len(data) == DATA_BYTES
+    fd = memfd(4096)
+    answer, connection = registration_answer(path, [fd])
+    with connection:
+        # Ranges that split elements and tensors, each at an offset, the rest left alone.
+        for start, stop, offset in [(1, 2000, 7), (83_999, 84_141, 0), (84_139, DATA_BYTES, 100)]:
+            os.pwrite(fd, bytes(4096), 0)
+            response = post_region(
+                path, answer["region"], offset=str(offset), data_range=f"{start}-{stop}"
+            )
+            assert response.status_code == 200, response.text
+            assert response.content == body[: len(response.content)]  # the header, as ever
+            assert response.headers["x-initserve-shm-bytes"] == str(stop - start)
+            region = os.pread(fd, 4096, 0)
+            assert region[offset : offset + stop - start] == data[start:stop]
+            assert region[:offset] == bytes(offset)
+            assert region[offset + stop - start :] == bytes(4096 - offset - stop + start)
+    os.close(fd)
 
 
 def test_shared_memory_needs_the_token(sidecar: tuple[str, Path]) -> None:

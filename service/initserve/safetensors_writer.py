@@ -131,23 +131,43 @@ class BodyWriter:
                 continue
             yield from self._part_bytes(part, lo, hi)
 
-    def write_data_into(self, data: npt.NDArray[np.uint8]) -> None:
-        """The file's data bytes (every byte after the header) into ``data``, as shared-memory
-        delivery writes them. Philox draws and constants are generated in place, each part in
-        one call over every thread; the tensors computed whole (orthogonal, sparse, eye, dirac)
-        go through the bounded chunks of ``chunks``."""
+    def write_data_into(
+        self, data: npt.NDArray[np.uint8], start: int = 0, stop: int | None = None
+    ) -> None:
+        """The file's data bytes [start, stop) (offsets after the header; all of them by
+        default) into ``data``, as shared-memory delivery writes them. Philox draws and
+        constants are generated in place, each part's elements in one call over every thread;
+        the tensors computed whole (orthogonal, sparse, eye, dirac), a shard's part cut by the
+        range and a range that splits an element go through the bounded chunks of ``chunks``,
+        which make any byte range."""
         file_map = self.file_map
         base = len(file_map.header)
+        stop = file_map.total_bytes - base if stop is None else stop
+        if not 0 <= start <= stop <= file_map.total_bytes - base or len(data) != stop - start:
+            raise ValueError(
+                f"data bytes [{start}, {stop}) of {file_map.total_bytes - base} into"
+                f" {len(data)} bytes"
+            )
         for part, (begin, end) in zip(file_map.parts, file_map.offsets, strict=True):
-            if part.tensor.draw.fills_in_place:
-                out = data[begin:end].view(part.tensor.dtype.numpy)
-                TensorSource(part.tensor, self.backend).region(part.region, out=out)
+            lo, hi = max(start, begin), min(stop, end)
+            if lo >= hi:
                 continue
-            position = begin
-            for chunk in self.chunks(base + begin, base + end):
-                piece = np.frombuffer(chunk, dtype=np.uint8)
-                data[position : position + len(piece)] = piece
-                position += len(piece)
+            into = data[lo - start : hi - start]
+            itemsize = part.tensor.dtype.itemsize
+            first, last = (lo - begin) // itemsize, (hi - begin) // itemsize
+            aligned = (lo - begin) % itemsize == 0 and (hi - begin) % itemsize == 0
+            if part.tensor.draw.fills_in_place and lo == begin and hi == end:
+                out = into.view(part.tensor.dtype.numpy)
+                TensorSource(part.tensor, self.backend).region(part.region, out=out)
+            elif part.tensor.draw.fills_in_place and part.is_whole and aligned:
+                out = into.view(part.tensor.dtype.numpy)
+                TensorSource(part.tensor, self.backend).flat(first, last, out=out)
+            else:
+                position = 0
+                for chunk in self.chunks(base + lo, base + hi):
+                    piece = np.frombuffer(chunk, dtype=np.uint8)
+                    into[position : position + len(piece)] = piece
+                    position += len(piece)
 
     def _part_bytes(self, part: Part, lo: int, hi: int) -> Iterator[memoryview]:
         """Bytes [lo, hi) of one part's data, generating only the elements they cover. Each

@@ -39,6 +39,9 @@ from initserve.state import service_state
 REGION_HEADER = "x-initserve-shm-region"
 OFFSET_HEADER = "x-initserve-shm-offset"
 SIZE_HEADER = "x-initserve-shm-size"
+# "<start>-<stop>": only the data bytes [start, stop) (offsets after the header), so a client
+# can stream a model of any size through a small region, a piece at a time.
+DATA_RANGE_HEADER = "x-initserve-shm-data-range"
 # The problem type of a region id the registry does not hold: the client registers again on it.
 UNKNOWN_REGION = "shm_unknown"
 # 2^64 - 1 has 20 digits: a longer offset or size is past any region, and is refused unread.
@@ -67,6 +70,27 @@ def _integer(value: str | None, header: str, default: int | None) -> int | None:
             header, f"must be a non-negative decimal integer, not {value[:ECHOED_CHARS]!r}"
         )
     return int(value)
+
+
+def data_range(text: str | None, data_bytes: int) -> tuple[int, int]:
+    """The data bytes [start, stop) a call asks for: all of them without the header."""
+    if text is None:
+        return 0, data_bytes
+    start_text, dash, stop_text = text.partition("-")
+    if not dash:
+        raise _invalid(
+            DATA_RANGE_HEADER, f"must be <start>-<stop> (data bytes), not {text[:ECHOED_CHARS]!r}"
+        )
+    start = _integer(start_text, DATA_RANGE_HEADER, None)
+    stop = _integer(stop_text, DATA_RANGE_HEADER, None)
+    assert start is not None and stop is not None
+    if not start < stop <= data_bytes:
+        raise _invalid(
+            DATA_RANGE_HEADER,
+            f"[{start}, {stop}) is not a non-empty range of the {data_bytes} data bytes",
+            reason="shm_bad_range",
+        )
+    return start, stop
 
 
 def placement(
@@ -148,6 +172,9 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
         ] = None,
         offset: Annotated[str | None, Header(alias=OFFSET_HEADER, examples=["0"])] = None,
         size: Annotated[str | None, Header(alias=SIZE_HEADER, examples=["84000"])] = None,
+        data_bytes: Annotated[
+            str | None, Header(alias=DATA_RANGE_HEADER, examples=["0-33554432"])
+        ] = None,
     ) -> Response:
         state = service_state(request)
         if registry is None:
@@ -161,7 +188,10 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
             )
         prepared = await anyio.to_thread.run_sync(prepare, body, settings)  # off the loop
         state.etags.remember(prepared.etag, body, prepared.spec_bytes)
-        need = prepared.file_map.total_bytes - len(prepared.file_map.header)
+        start, stop = data_range(
+            data_bytes, prepared.file_map.total_bytes - len(prepared.file_map.header)
+        )
+        need = stop - start
         with registry.using(region_id) as region:
             if region is None:
                 raise _invalid(
@@ -185,7 +215,7 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
                 started = time.perf_counter()
                 writer = BodyWriter(prepared.file_map, settings.chunk_bytes, state.backend)
                 await anyio.to_thread.run_sync(
-                    writer.write_data_into, region.data()[at : at + need]
+                    writer.write_data_into, region.data()[at : at + need], start, stop
                 )
                 state.metrics.generation_seconds.observe(time.perf_counter() - started)
         return Response(

@@ -22,6 +22,7 @@ SHARED_MEMORY_INIT_PATH = "/shared-memory/init"
 REGION_HEADER = "X-Initserve-Shm-Region"
 OFFSET_HEADER = "X-Initserve-Shm-Offset"
 SIZE_HEADER = "X-Initserve-Shm-Size"
+DATA_RANGE_HEADER = "X-Initserve-Shm-Data-Range"
 # One datagram of the registration socket (SOCK_SEQPACKET): the answer fits in it whole.
 REGISTRATION_MESSAGE_BYTES = 4096
 # The problem type of a 404 for a region the server does not know (it restarted): registered

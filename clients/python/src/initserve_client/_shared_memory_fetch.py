@@ -2,23 +2,39 @@
 ``GET /shared-memory``), and ``POST /shared-memory/init`` into a region of ours, registered on
 the server's registration socket (the regions themselves: _shared_memory.py).
 
-Where the data lands: for ``fetch_weights`` a fresh region, whose views the caller gets (no
-copy); for ``fetch_into``, targets that already lie in a region of this process where the file
-puts them are written in place, other targets through the client's staging region (kept and
-registered while the client lives, so its pages are taken once), copied out; ``allocate`` hands
-out arrays in one region, which ``fetch_into`` then fills in place.
+Where the data lands: targets that already lie in a region of this process where the file puts
+them (``allocate``'s arrays, ``fetch_weights``'s earlier answers) are written in place, no copy;
+``allocate`` hands out arrays in one region, which ``fetch_into`` then fills in place. Other
+targets (the caller's own arrays) and ``fetch_weights``'s fresh arrays come through the client's
+staging region, a piece at a time (below), copied out; where this host gives shared memory huge
+pages, ``fetch_weights`` answers views of a fresh region of its own instead (no copy).
+
+Why fresh arrays through the staging region (issue 24, bench/profile_sidecar.py): a fresh region
+costs its pages, 4 KiB each where the host gives shared memory no huge pages (Linux's default,
+``shmem_enabled=never``): 262,144 page faults per GiB, taken, zeroed and mapped (0.23 s per GiB
+over two CPUs here, three times generation's 0.07 s), where numpy's fresh anonymous memory gets
+2 MiB pages (512 faults per GiB). The staging region's pages are taken once per client; the copy
+out of it into fresh anonymous memory costs less than the fresh region's faults, and runs while
+the server generates the next piece.
+
+The staging region holds two pieces of STAGING_PIECE_BYTES, however large the call: the server
+writes data bytes [start, stop) into one (``X-Initserve-Shm-Data-Range``) while the other is
+copied out, so a model of any size passes through 256 MiB of shared memory.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import numpy.typing as npt
 
-from initserve_client._copy import copy_into
+from initserve_client._copy import parallel_copy
 from initserve_client._exceptions import APIConnectionError, InvalidResponseError, status_error
 from initserve_client._problems import (
     note_answer,
@@ -27,6 +43,7 @@ from initserve_client._problems import (
     retry_or_raise,
 )
 from initserve_client._protocol import (
+    DATA_RANGE_HEADER,
     OFFSET_HEADER,
     REGION_HEADER,
     SHARED_MEMORY_INIT_PATH,
@@ -49,6 +66,7 @@ from initserve_client._safetensors import (
 from initserve_client._shared_memory import (
     RegistrationRefused,
     SharedRegion,
+    huge_pages_for_regions,
     placed_region,
     registration,
     unregister,
@@ -58,6 +76,12 @@ if TYPE_CHECKING:
     from initserve_client._sync import Client
 
 GENERATING = "generating into shared memory"
+# The staging region's piece. Each piece costs a round trip (1.5 ms here) and its copy waits on
+# its generation, so larger pieces are faster and the region larger: 1 GiB fetch_weights into
+# fresh memory took 0.27 s in pieces of 64 MiB, 0.24 s of 128 MiB, 0.22 s of 256 MiB and 0.21 s
+# in one piece (2 vCPUs, Intel with AVX-512). 128 MiB: the region never
+# exceeds 256 MiB, where it grew to the largest call before (a whole model's size).
+STAGING_PIECE_BYTES = 128 << 20
 
 
 def uses_shared_memory(client: Client) -> bool:
@@ -89,15 +113,23 @@ def uses_shared_memory(client: Client) -> bool:
 def fetch_weights(
     client: Client, request: Request, progress: Progress | None
 ) -> dict[str, npt.NDArray[Any]] | None:
-    """Views of a fresh region the server generated into: no copy. None where it cannot."""
+    """Fresh arrays the server generated: views of a fresh region where the host gives shared
+    memory huge pages, else fresh anonymous memory filled through the staging region. None
+    where it cannot."""
     if not uses_shared_memory(client):
         return None
     need = data_bytes(data_layout(request.expected))
     if need == 0:
         return None
-    region = SharedRegion(need)
-    header = _generate_into(client, request, region.address, 0, need)
-    return None if header is None else tensors_from_buffer(header, region.data[:need])
+    if huge_pages_for_regions():
+        region = SharedRegion(need)
+        header = _generate_into(client, request, region.address, 0, (0, need))
+        return None if header is None else tensors_from_buffer(header, region.data[:need])
+    data = np.empty(need, dtype=np.uint8)
+    header = _through_staging(
+        client, request, need, lambda start, stop, piece: [(data[start:stop], piece)]
+    )
+    return None if header is None else tensors_from_buffer(header, data)
 
 
 def fetch_into(client: Client, fill: Fill, progress: Progress | None) -> bool:
@@ -113,22 +145,71 @@ def fetch_into(client: Client, fill: Fill, progress: Progress | None) -> bool:
     placed = placed_region(targets, [begin for begin, _ in layout], need)
     if placed is not None:
         address, offset = placed
-        return _generate_into(client, request, address, offset, need) is not None
-    with client._staging_lock:  # one answer at a time in the staging region
-        if client._staging is None or client._staging.size < need:
-            client._staging = SharedRegion(need)  # the old one goes with its last view
+        return _generate_into(client, request, address, offset, (0, need)) is not None
+    sizes = [end - begin for begin, end in layout]
+    if [t.nbytes for t in targets] != sizes:
+        raise ValueError(
+            f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
+        )
+
+    def pairs(
+        start: int, stop: int, piece: npt.NDArray[np.uint8]
+    ) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
+        # Each target's bytes that fall in data bytes [start, stop), from where they lie in the
+        # piece.
+        return [
+            (target[lo - begin : hi - begin], piece[lo - start : hi - start])
+            for target, (begin, end) in zip(targets, layout, strict=True)
+            for lo, hi in [(max(begin, start), min(end, stop))]
+            if lo < hi
+        ]
+
+    return _through_staging(client, request, need, pairs) is not None
+
+
+Pairs = Callable[
+    [int, int, npt.NDArray[np.uint8]],
+    list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]],
+]
+
+
+def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) -> Header | None:
+    """The data section, a piece at a time, through the client's staging region: the server
+    generates piece k + 1 into one half while piece k is copied out of the other (``pairs``
+    says where each byte of [start, stop) goes). The header of the first answer; None where
+    the server cannot."""
+    step = STAGING_PIECE_BYTES
+    pieces = [(at, min(at + step, need)) for at in range(0, need, step)]
+    size = min(need, 2 * step)
+    with client._staging_lock, ThreadPoolExecutor(1, "initserve-staging") as copier:
+        if client._staging is None or client._staging.size < size:
+            client._staging = SharedRegion(size)  # the old one goes with its last view
         staging = client._staging
+        header: Header | None = None
+        copying: Future[None] | None = None
         try:
-            header = _generate_into(client, request, staging.address, 0, need)
+            for index, (start, stop) in enumerate(pieces):
+                at = (index % 2) * step
+                # The half written now was copied out two pieces ago: that copy has finished.
+                answer = _generate_into(client, request, staging.address, at, (start, stop))
+                if copying is not None:
+                    copying.result()
+                if answer is None:
+                    return None
+                if header is None:
+                    header = answer
+                elif answer != header:
+                    raise InvalidResponseError("the server answered another header for a piece")
+                piece = staging.data[at : at + stop - start]
+                copying = copier.submit(parallel_copy, pairs(start, stop, piece))
+            if copying is not None:
+                copying.result()
         except BaseException:
             # A call that gave up may leave the server writing into the region for a while:
             # the next call gets a region of its own, never one those late bytes can land in.
             client._staging = None
             raise
-        if header is None:
-            return False
-        copy_into(header, staging.data[:need], targets)
-    return True
+    return header
 
 
 def allocate(client: Client, expected: Entries) -> dict[str, npt.NDArray[Any]] | None:
@@ -145,11 +226,14 @@ def allocate(client: Client, expected: Entries) -> dict[str, npt.NDArray[Any]] |
 
 
 def _generate_into(
-    client: Client, request: Request, address: int, offset: int, need: int
+    client: Client, request: Request, address: int, offset: int, data_range: tuple[int, int]
 ) -> Header | None:
-    """The server generates the data section into [offset, offset + need) of the region at
-    ``address`` and answers the header; None where it cannot (the registration socket
+    """The server generates data bytes [start, stop) into the region at ``address`` from
+    ``offset`` on and answers the header; None where it cannot (the registration socket
     unreachable from here, shared memory turned off since it was asked)."""
+    start, stop = data_range
+    total = data_bytes(data_layout(request.expected))
+    need = stop - start
     path = client._registration
     assert path
 
@@ -169,7 +253,13 @@ def _generate_into(
         response = client._http.post(
             SHARED_MEMORY_INIT_PATH,
             json=request.body,
-            headers={REGION_HEADER: region_id, OFFSET_HEADER: str(offset), SIZE_HEADER: str(need)},
+            headers={
+                REGION_HEADER: region_id,
+                OFFSET_HEADER: str(offset),
+                SIZE_HEADER: str(need),
+                # The whole data section needs no range: a server from before ranges serves it.
+                **({} if (start, stop) == (0, total) else {DATA_RANGE_HEADER: f"{start}-{stop}"}),
+            },
             timeout=client._timeout(GENERATING),
         )
         note_answer(response)
@@ -197,8 +287,8 @@ def _generate_into(
         raise status_error(response.status_code, problem(response))
     header = parse_header(response.content)
     check_against_spec(header, request.expected)
-    if header.data_bytes != need:
+    if header.data_bytes != total:
         raise InvalidResponseError(
-            f"the header describes {header.data_bytes} data bytes, the spec {need}"
+            f"the header describes {header.data_bytes} data bytes, the spec {total}"
         )
     return header

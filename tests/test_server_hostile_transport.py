@@ -511,3 +511,34 @@ def test_non_ascii_digits_in_placement_headers_are_422(
         assert "non-negative decimal integer" in problem["detail"]
         assert os.pread(fd, DATA_BYTES, 0) == bytes(DATA_BYTES)
     os.close(fd)
+
+
+def _answer_started(framing: dict[str, str]) -> Any:
+    import h11
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET /init HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert type(conn.next_event()) is h11.Request
+    conn.send(h11.Response(status_code=200, headers=list(framing.items())))
+    return conn
+
+
+def test_a_body_chunk_goes_to_the_socket_as_it_is() -> None:
+    """With Content-Length framing the server hands uvicorn the chunk itself (h11's send would
+    copy it into new bytes); chunked framing and the other events are h11's bytes, unchanged."""
+    import h11
+
+    chunk = memoryview(bytearray(b"0123456789" * 1000))
+    conn = _answer_started({"content-length": str(len(chunk) + 3)})
+    send = connections._body_without_copy(conn)
+    assert send(h11.Data(data=chunk)) is chunk
+    assert send(h11.Data(data=b"")) == b""  # what uvicorn sends for HEAD
+    assert send(h11.Data(data=b"end")) == b"end"
+    assert send(h11.EndOfMessage()) == b""
+    with pytest.raises(h11.LocalProtocolError):  # past its Content-Length, as h11 refuses it
+        send(h11.Data(data=b"x"))
+    chunked = _answer_started({"transfer-encoding": "chunked"})
+    expected = _answer_started({"transfer-encoding": "chunked"})
+    send = connections._body_without_copy(chunked)
+    for event in (h11.Data(data=b"abc"), h11.Data(data=b""), h11.EndOfMessage()):
+        assert send(event) == expected.send(event)

@@ -528,10 +528,10 @@ def test_a_body_chunk_goes_to_the_socket_as_it_is() -> None:
     copy it into new bytes); chunked framing and the other events are h11's bytes, unchanged."""
     import h11
 
-    chunk = memoryview(bytearray(b"0123456789" * 1000))
+    chunk = memoryview(bytearray(b"0123456789" * 1000))  # h11 takes any bytes-like object
     conn = _answer_started({"content-length": str(len(chunk) + 3)})
     send = connections._body_without_copy(conn)
-    assert send(h11.Data(data=chunk)) is chunk
+    assert send(h11.Data(data=chunk)) is chunk  # type: ignore[arg-type]
     assert send(h11.Data(data=b"")) == b""  # what uvicorn sends for HEAD
     assert send(h11.Data(data=b"end")) == b"end"
     assert send(h11.EndOfMessage()) == b""

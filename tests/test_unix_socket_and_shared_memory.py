@@ -247,6 +247,41 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
         assert_same_tensors(http.fetch_weights(PIECES_SPEC), expected)
 
 
+def test_a_piece_given_up_on_never_lands_under_a_later_piece(
+    sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt the client gave up on may leave the server writing its piece into a half of
+    the staging region later; the piece after next would be written into that half. So after a
+    retry the pieces go to a region of their own: a late write there reaches nothing read."""
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 1001)
+    real = _shared_memory_fetch._generate_into
+    calls: list[tuple[int, int, int]] = []
+    old_region: list[np.ndarray] = []
+
+    def retried_once(
+        client: Any, request: Any, address: int, offset: int, data_range: Any, retrying: Any
+    ) -> Any:
+        calls.append((address, offset, data_range[1] - data_range[0]))
+        if len(calls) == 2:
+            retrying()  # as if an attempt at piece 1 had been given up on
+            old_region.append(client._staging.data)  # the region that attempt wrote into
+        answer = real(client, request, address, offset, data_range, retrying)
+        if len(calls) == 4:
+            # The given-up attempt's bytes land late, where it wrote piece 1.
+            _, at, size = calls[1]
+            old_region[0][at : at + size] = 0xEE
+        return answer
+
+    monkeypatch.setattr(_shared_memory_fetch, "_generate_into", retried_once)
+    _, path = sidecar
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        assert_same_tensors(shm.fetch_weights(SPEC), initserve.generate(SPEC))
+    assert len(calls) == -(-DATA_BYTES // 1001)
+    assert calls[2][0] != calls[1][0]  # the pieces after the retried one: another region
+    assert all(address == calls[2][0] for address, _, _ in calls[2:])
+
+
 def test_fresh_arrays_through_the_staging_region_are_the_callers_alone(
     sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -187,11 +187,19 @@ def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) 
         staging = client._staging
         header: Header | None = None
         copying: Future[None] | None = None
+        given_up: list[bool] = []
         try:
             for index, (start, stop) in enumerate(pieces):
                 at = (index % 2) * step
                 # The half written now was copied out two pieces ago: that copy has finished.
-                answer = _generate_into(client, request, staging.address, at, (start, stop))
+                answer = _generate_into(
+                    client,
+                    request,
+                    staging.address,
+                    at,
+                    (start, stop),
+                    lambda: given_up.append(True),
+                )
                 if copying is not None:
                     copying.result()
                 if answer is None:
@@ -202,6 +210,12 @@ def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) 
                     raise InvalidResponseError("the server answered another header for a piece")
                 piece = staging.data[at : at + stop - start]
                 copying = copier.submit(parallel_copy, pairs(start, stop, piece))
+                if given_up:
+                    # An attempt given up on may still be writing this piece into this half,
+                    # later: the same bytes, harmless while they are this piece's, wrong under
+                    # the piece after next. The pieces after this one get a region of their own.
+                    client._staging = staging = SharedRegion(size)
+                    given_up.clear()
             if copying is not None:
                 copying.result()
         except BaseException:
@@ -226,11 +240,18 @@ def allocate(client: Client, expected: Entries) -> dict[str, npt.NDArray[Any]] |
 
 
 def _generate_into(
-    client: Client, request: Request, address: int, offset: int, data_range: tuple[int, int]
+    client: Client,
+    request: Request,
+    address: int,
+    offset: int,
+    data_range: tuple[int, int],
+    retrying: Callable[[], None] = lambda: None,
 ) -> Header | None:
     """The server generates data bytes [start, stop) into the region at ``address`` from
     ``offset`` on and answers the header; None where it cannot (the registration socket
-    unreachable from here, shared memory turned off since it was asked)."""
+    unreachable from here, shared memory turned off since it was asked). ``retrying`` is
+    called before each attempt after the first: the server may still be writing what an
+    attempt given up on began (the same bytes, in the same place)."""
     start, stop = data_range
     total = data_bytes(data_layout(request.expected))
     need = stop - start
@@ -271,6 +292,8 @@ def _generate_into(
 
     try:
         for attempt in client._attempts(GENERATING):
+            if attempt.number:
+                retrying()
             with attempt:
                 response = one_attempt()
                 break

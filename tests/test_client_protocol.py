@@ -42,6 +42,7 @@ def test_the_shared_memory_headers_are_the_services() -> None:
     assert _protocol.OFFSET_HEADER.lower() == shared_memory.OFFSET_HEADER
     assert _protocol.SIZE_HEADER.lower() == shared_memory.SIZE_HEADER
     assert _protocol.DATA_RANGE_HEADER.lower() == shared_memory.DATA_RANGE_HEADER
+    assert _protocol.WRITTEN_HEADER.lower() == shared_memory.WRITTEN_HEADER
 
 
 def test_a_registration_message_is_the_size_the_service_reads() -> None:

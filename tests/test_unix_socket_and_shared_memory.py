@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import initserve
-from initserve_client import AuthenticationError, Client, _shared_memory_fetch
+from initserve_client import AuthenticationError, Client, _shared_memory, _shared_memory_fetch
 from initserve_client._shared_memory import SharedRegion, placed_region
 
 from assertions import assert_same_bits, assert_same_tensors
@@ -250,9 +250,9 @@ def test_fresh_arrays_over_shared_memory_are_the_engines_bytes_and_outlive_the_c
 def test_a_piece_given_up_on_never_lands_under_a_later_piece(
     sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An attempt the client gave up on may leave the server writing its piece into a half of
-    the staging region later; the piece after next would be written into that half. So after a
-    retry the pieces go to a region of their own: a late write there reaches nothing read."""
+    """An attempt that got no answer (a timeout) may leave the server writing its piece into a
+    half of the staging region later; the piece after next would be written into that half. So
+    after it the pieces go to a region of their own: a late write there reaches nothing read."""
     monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
     monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 1001)
     real = _shared_memory_fetch._generate_into
@@ -260,13 +260,13 @@ def test_a_piece_given_up_on_never_lands_under_a_later_piece(
     old_region: list[np.ndarray] = []
 
     def retried_once(
-        client: Any, request: Any, address: int, offset: int, data_range: Any, retrying: Any
+        client: Any, request: Any, address: int, offset: int, data_range: Any, unanswered: Any
     ) -> Any:
         calls.append((address, offset, data_range[1] - data_range[0]))
         if len(calls) == 2:
-            retrying()  # as if an attempt at piece 1 had been given up on
+            unanswered()  # as if an attempt at piece 1 had timed out
             old_region.append(client._staging.data)  # the region that attempt wrote into
-        answer = real(client, request, address, offset, data_range, retrying)
+        answer = real(client, request, address, offset, data_range, unanswered)
         if len(calls) == 4:
             # The given-up attempt's bytes land late, where it wrote piece 1.
             _, at, size = calls[1]
@@ -280,6 +280,123 @@ def test_a_piece_given_up_on_never_lands_under_a_later_piece(
     assert len(calls) == -(-DATA_BYTES // 1001)
     assert calls[2][0] != calls[1][0]  # the pieces after the retried one: another region
     assert all(address == calls[2][0] for address, _, _ in calls[2:])
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fetch_weights through the staging region (a host without huge pages for shared memory)
+    in pieces of 4 KiB: SPEC's data in 21 of them."""
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 4096)
+
+
+def test_an_answered_retry_keeps_the_staging_region(
+    sidecar: tuple[str, Path], small_pieces: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A region the server does not know (its registration pushed out) is answered with a 404
+    # and registered again at once: the server wrote nothing, nothing can land late, and the
+    # staging region (its pages taken) stays.
+    real = _shared_memory.registration
+    unknown = iter(["f" * 32])
+    monkeypatch.setattr(
+        _shared_memory_fetch,
+        "registration",
+        lambda address, path, token: next(unknown, None) or real(address, path, token),
+    )
+    _, path = sidecar
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+        shm._registration = f"{path}.regions"  # asked already: the next call registers
+        shm._data_ranges = True
+        staging = shm._staging = SharedRegion(2 * 4096)
+        assert_same_tensors(shm.fetch_weights(SPEC), initserve.generate(SPEC))
+        assert next(unknown, None) is None  # the 404 was answered, and retried
+        assert shm._staging is staging
+
+
+class Watched(httpx.HTTPTransport):
+    """The sidecar's transport, keeping every request sent; with ``understate``, POST
+    /shared-memory/init says it wrote that many bytes fewer than it did (as a server that
+    ignored the range would say another number)."""
+
+    def __init__(self, path: Path, understate: int = 0) -> None:
+        super().__init__(uds=str(path))
+        self.sent: list[httpx.Request] = []
+        self.understate = understate
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(request)
+        response = super().handle_request(request)
+        if request.url.path == "/shared-memory/init" and response.status_code == 200:
+            written = int(response.headers["x-initserve-shm-bytes"])
+            response.headers["x-initserve-shm-bytes"] = str(written - self.understate)
+        return response
+
+
+def test_a_server_that_wrote_other_bytes_than_asked_is_refused(
+    sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from initserve_client import InvalidResponseError
+
+    _, path = sidecar
+    transport = Watched(path, understate=1)
+    with Client(uds=path, token=TOKEN, shared_memory=True, transport=transport) as shm:
+        for huge_pages in (False, True):
+            monkeypatch.setattr(
+                _shared_memory_fetch, "huge_pages_for_regions", lambda huge=huge_pages: huge
+            )
+            with pytest.raises(InvalidResponseError, match="wrote"):
+                shm.fetch_weights(SPEC)
+
+
+def test_a_server_from_before_ranges_gets_whole_calls(
+    sidecar: tuple[str, Path], small_pieces: None
+) -> None:
+    # GET /shared-memory says whether the server writes pieces; one from before ranges does
+    # not say so, and gets the whole data section in one piece (no range header), as then.
+    url, path = sidecar
+    answer = httpx.get(f"{url}/shared-memory", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.json()["data_ranges"] is True
+    watched = Watched(path)
+    with Client(uds=path, token=TOKEN, shared_memory=True, transport=watched) as shm:
+        assert _shared_memory_fetch.uses_shared_memory(shm) and shm._data_ranges
+        shm._data_ranges = False  # what the probe of an older server leaves
+        assert_same_tensors(shm.fetch_weights(SPEC), initserve.generate(SPEC))
+    inits = [r for r in watched.sent if r.url.path == "/shared-memory/init"]
+    assert len(inits) == 1 and "x-initserve-shm-data-range" not in inits[0].headers
+    assert inits[0].headers["x-initserve-shm-size"] == str(DATA_BYTES)
+
+
+def test_calls_side_by_side_each_get_the_whole_bytes(
+    sidecar: tuple[str, Path], small_pieces: None
+) -> None:
+    # Threads sharing one client: one call uses the staging region, a call that finds it busy
+    # a region of its own; every call gets its spec's bytes.
+    _, path = sidecar
+    specs = [{**SPEC, "seed": seed} for seed in range(6)]
+    results: dict[int, Any] = {}
+    with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
+
+        def fetch(seed: int) -> None:
+            for _ in range(3):
+                results[seed] = shm.fetch_weights(specs[seed])
+
+        threads = [threading.Thread(target=fetch, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        # A call that finds the staging region busy does not wait for it: its own region.
+        kept = shm._staging
+        with shm._staging_lock:
+            busy = threading.Thread(target=lambda: results.update({6: shm.fetch_weights(SPEC)}))
+            busy.start()
+            busy.join(60)
+            assert not busy.is_alive(), "a call waited for the busy staging region"
+        assert shm._staging is kept
+    specs.append(SPEC)
+    assert sorted(results) == list(range(7))
+    for seed, fetched in results.items():
+        assert_same_tensors(fetched, initserve.generate(specs[seed]))
 
 
 def test_fresh_arrays_through_the_staging_region_are_the_callers_alone(

@@ -42,6 +42,8 @@ SIZE_HEADER = "x-initserve-shm-size"
 # "<start>-<stop>": only the data bytes [start, stop) (offsets after the header), so a client
 # can stream a model of any size through a small region, a piece at a time.
 DATA_RANGE_HEADER = "x-initserve-shm-data-range"
+# The answer's: how many bytes were written into the region (the client checks it).
+WRITTEN_HEADER = "x-initserve-shm-bytes"
 # The problem type of a region id the registry does not hold: the client registers again on it.
 UNKNOWN_REGION = "shm_unknown"
 # 2^64 - 1 has 20 digits: a longer offset or size is past any region, and is refused unread.
@@ -133,7 +135,11 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
             200: {
                 "content": {
                     "application/json": {
-                        "example": {"enabled": True, "registration": "initserve.sock.regions"}
+                        "example": {
+                            "enabled": True,
+                            "registration": "initserve.sock.regions",
+                            "data_ranges": True,
+                        }
                     }
                 }
             }
@@ -150,6 +156,9 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
             "owner_uid": owner_uid(),
             "max_regions": settings.max_shared_memory_regions,
             "max_region_bytes": settings.max_response_bytes,
+            # POST /shared-memory/init writes a piece of the data where asked
+            # (X-Initserve-Shm-Data-Range): a client streams a model through a small region.
+            "data_ranges": enabled,
         }
 
     @router.post(
@@ -221,7 +230,7 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
         return Response(
             prepared.file_map.header,
             media_type=OCTET_STREAM,
-            headers={**file_headers(prepared, state), "X-Initserve-Shm-Bytes": str(need)},
+            headers={**file_headers(prepared, state), WRITTEN_HEADER: str(need)},
         )
 
     return router

@@ -23,6 +23,7 @@ REGION_HEADER = "X-Initserve-Shm-Region"
 OFFSET_HEADER = "X-Initserve-Shm-Offset"
 SIZE_HEADER = "X-Initserve-Shm-Size"
 DATA_RANGE_HEADER = "X-Initserve-Shm-Data-Range"
+WRITTEN_HEADER = "X-Initserve-Shm-Bytes"  # the answer's: how many bytes the server wrote
 # One datagram of the registration socket (SOCK_SEQPACKET): the answer fits in it whole.
 REGISTRATION_MESSAGE_BYTES = 4096
 # The problem type of a 404 for a region the server does not know (it restarted): registered

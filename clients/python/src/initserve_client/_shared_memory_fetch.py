@@ -51,6 +51,7 @@ from initserve_client._protocol import (
     SHARED_MEMORY_SWITCH,
     SIZE_HEADER,
     UNKNOWN_REGION,
+    WRITTEN_HEADER,
 )
 from initserve_client._request import Entries, Fill, Progress, Request
 from initserve_client._retry import RETRY_STATUSES, Retry, logger
@@ -102,6 +103,7 @@ def uses_shared_memory(client: Client) -> bool:
         # Anything but a clear yes (another server, a proxy's page): over HTTP.
         answer = (problem(response) or {}) if response.status_code == 200 else {}
         name = answer.get("registration") if answer.get("enabled") is True else None
+        client._data_ranges = answer.get("data_ranges") is True
         # The registration socket lies beside the HTTP one, whatever the directory is called in
         # this container.
         client._registration = os.path.join(os.path.dirname(client.uds), name) if name else ""
@@ -178,16 +180,45 @@ def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) 
     generates piece k + 1 into one half while piece k is copied out of the other (``pairs``
     says where each byte of [start, stop) goes). The header of the first answer; None where
     the server cannot."""
-    step = STAGING_PIECE_BYTES
+    # A server from before ranges: the whole call in one piece, as then.
+    step = STAGING_PIECE_BYTES if client._data_ranges else need
     pieces = [(at, min(at + step, need)) for at in range(0, need, step)]
     size = min(need, 2 * step)
-    with client._staging_lock, ThreadPoolExecutor(1, "initserve-staging") as copier:
-        if client._staging is None or client._staging.size < size:
-            client._staging = SharedRegion(size)  # the old one goes with its last view
-        staging = client._staging
+    # The client's staging region where no other call is using it, else one of this call's own
+    # (calls from several threads run side by side, as they did each in a fresh region).
+    shared = client._staging_lock.acquire(blocking=False)
+    if not shared:
+        return _pieces_through(client, request, pieces, size, pairs, None)
+    try:
+        return _pieces_through(client, request, pieces, size, pairs, client)
+    finally:
+        client._staging_lock.release()
+
+
+def _pieces_through(
+    client: Client,
+    request: Request,
+    pieces: list[tuple[int, int]],
+    size: int,
+    pairs: Pairs,
+    keeper: Client | None,
+) -> Header | None:
+    """``pieces`` through a staging region of ``size`` bytes: ``keeper``'s kept one (its lock
+    held) or, without a keeper, one of this call's own."""
+
+    def fresh_region() -> SharedRegion:
+        region = SharedRegion(size)
+        if keeper is not None:
+            keeper._staging = region  # the old one goes with its last view
+        return region
+
+    kept = None if keeper is None else keeper._staging
+    staging = kept if kept is not None and kept.size >= size else fresh_region()
+    step = pieces[0][1] - pieces[0][0]
+    with ThreadPoolExecutor(1, "initserve-staging") as copier:
         header: Header | None = None
         copying: Future[None] | None = None
-        given_up: list[bool] = []
+        unanswered: list[bool] = []
         try:
             for index, (start, stop) in enumerate(pieces):
                 at = (index % 2) * step
@@ -198,7 +229,7 @@ def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) 
                     staging.address,
                     at,
                     (start, stop),
-                    lambda: given_up.append(True),
+                    lambda: unanswered.append(True),
                 )
                 if copying is not None:
                     copying.result()
@@ -210,18 +241,20 @@ def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) 
                     raise InvalidResponseError("the server answered another header for a piece")
                 piece = staging.data[at : at + stop - start]
                 copying = copier.submit(parallel_copy, pairs(start, stop, piece))
-                if given_up:
-                    # An attempt given up on may still be writing this piece into this half,
-                    # later: the same bytes, harmless while they are this piece's, wrong under
-                    # the piece after next. The pieces after this one get a region of their own.
-                    client._staging = staging = SharedRegion(size)
-                    given_up.clear()
+                if unanswered:
+                    # An attempt that got no answer may still be writing this piece into this
+                    # half, later: the same bytes, harmless while they are this piece's, wrong
+                    # under the piece after next. The pieces after this one get a region of
+                    # their own.
+                    staging = fresh_region()
+                    unanswered.clear()
             if copying is not None:
                 copying.result()
         except BaseException:
             # A call that gave up may leave the server writing into the region for a while:
             # the next call gets a region of its own, never one those late bytes can land in.
-            client._staging = None
+            if keeper is not None:
+                keeper._staging = None
             raise
     return header
 
@@ -245,13 +278,14 @@ def _generate_into(
     address: int,
     offset: int,
     data_range: tuple[int, int],
-    retrying: Callable[[], None] = lambda: None,
+    unanswered: Callable[[], None] = lambda: None,
 ) -> Header | None:
     """The server generates data bytes [start, stop) into the region at ``address`` from
     ``offset`` on and answers the header; None where it cannot (the registration socket
-    unreachable from here, shared memory turned off since it was asked). ``retrying`` is
-    called before each attempt after the first: the server may still be writing what an
-    attempt given up on began (the same bytes, in the same place)."""
+    unreachable from here, shared memory turned off since it was asked). ``unanswered`` is
+    called when an attempt gets no answer (a timeout, a dropped connection): the server may
+    still be writing what it began, later (the same bytes, in the same place). An attempt
+    that is answered, whatever the answer, has no write left running."""
     start, stop = data_range
     total = data_bytes(data_layout(request.expected))
     need = stop - start
@@ -271,18 +305,26 @@ def _generate_into(
             # It answered before: the server is restarting. Registered again once it is up.
             raise Retry(APIConnectionError(f"the registration socket {path}: {exc}")) from exc
         client._registered = True
-        response = client._http.post(
-            SHARED_MEMORY_INIT_PATH,
-            json=request.body,
-            headers={
-                REGION_HEADER: region_id,
-                OFFSET_HEADER: str(offset),
-                SIZE_HEADER: str(need),
-                # The whole data section needs no range: a server from before ranges serves it.
-                **({} if (start, stop) == (0, total) else {DATA_RANGE_HEADER: f"{start}-{stop}"}),
-            },
-            timeout=client._timeout(GENERATING),
-        )
+        try:
+            response = client._http.post(
+                SHARED_MEMORY_INIT_PATH,
+                json=request.body,
+                headers={
+                    REGION_HEADER: region_id,
+                    OFFSET_HEADER: str(offset),
+                    SIZE_HEADER: str(need),
+                    # The whole data section needs no range (a server from before ranges).
+                    **(
+                        {}
+                        if (start, stop) == (0, total)
+                        else {DATA_RANGE_HEADER: f"{start}-{stop}"}
+                    ),
+                },
+                timeout=client._timeout(GENERATING),
+            )
+        except httpx.TransportError:
+            unanswered()
+            raise
         note_answer(response)
         if response.status_code == 404 and problem_types(response) == [UNKNOWN_REGION]:
             unregister(address, path)  # the server forgot it: registered again, at once
@@ -292,8 +334,6 @@ def _generate_into(
 
     try:
         for attempt in client._attempts(GENERATING):
-            if attempt.number:
-                retrying()
             with attempt:
                 response = one_attempt()
                 break
@@ -308,6 +348,13 @@ def _generate_into(
         return None
     if response.status_code != 200:
         raise status_error(response.status_code, problem(response))
+    written = response.headers.get(WRITTEN_HEADER)
+    if written != str(need):
+        # A server that wrote other bytes than asked (one that ignored the range): never taken
+        # for one that wrote these.
+        raise InvalidResponseError(
+            f"the server says it wrote {written} bytes into the region; {need} were asked for"
+        )
     header = parse_header(response.content)
     check_against_spec(header, request.expected)
     if header.data_bytes != total:

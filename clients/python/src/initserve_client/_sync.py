@@ -54,12 +54,16 @@ class Client(Options):
         # path where the server allows shared memory, "" where it does not or cannot be reached
         # from here; None until asked (once).
         self._registration: str | None = None
-        # fetch_into's region for targets of the caller's own, kept (and registered) while the
-        # client lives: its pages, once taken, are written again by the next response instead
-        # of being taken afresh (first touch is the cost). One answer at a time uses it.
+        # The staging region, for targets of the caller's own and fresh arrays, kept (and
+        # registered) while the client lives: its pages, once taken, are written again by the
+        # next response instead of being taken afresh (first touch is the cost). One call at a
+        # time uses it; a call that finds it busy takes a region of its own.
         self._staging: SharedRegion | None = None
         self._staging_lock = threading.Lock()
         self._registered = False  # a region was registered on the server's socket once
+        # Whether the server writes a piece of the data (X-Initserve-Shm-Data-Range): one from
+        # before ranges is sent whole calls only.
+        self._data_ranges = False
 
     def __enter__(self) -> Client:
         return self

@@ -766,3 +766,72 @@ def test_cache_hits_are_views_of_the_mapped_file_that_never_write_it(
             f.write(b"\0")
         assert_same_tensors(client.fetch_weights(SPEC), expected)
         assert cached.read_bytes() == before
+
+
+# A write that takes most of a second: eye is computed whole and sent in 4 KiB chunks.
+SLOW_EYE = {"seed": 1, "tensors": [{"name": "w", "shape": [8192, 4096], "scheme": "eye"}]}
+FAST_SAME_SIZE = {"seed": 2, "tensors": [{"name": "w", "shape": [8192, 4096], "scheme": "uniform"}]}
+
+
+@pytest.fixture(scope="module")
+def slow_writer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("slow") / "slow.sock"
+    with uds_server(path, allow_shared_memory="true", chunk_bytes="4096"):
+        yield path
+
+
+def _post(path: Path, region_id: str, spec: dict[str, Any], read_timeout: float) -> int | None:
+    """POST /shared-memory/init; its status, or None where the client gave up waiting."""
+    timeout = httpx.Timeout(60, read=read_timeout)
+    transport = httpx.HTTPTransport(uds=str(path))
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=timeout) as http:
+        try:
+            response = http.post(
+                "/shared-memory/init", json=spec, headers={"X-Initserve-Shm-Region": region_id}
+            )
+        except httpx.ReadTimeout:
+            return None
+    return response.status_code
+
+
+def _data(spec: dict[str, Any]) -> bytes:
+    return b"".join(values.tobytes() for values in initserve.generate(spec).values())
+
+
+@pytest.mark.slow
+def test_no_write_of_a_call_given_up_on_lands_after_a_later_answer(slow_writer: Path) -> None:
+    """A client that gave up waiting (a timeout) may ask again, or ask for other bytes, and
+    use the memory once answered: the write it gave up on must not land after that answer.
+    Writes into a region take turns, and one whose client has gone before its turn is dropped."""
+    size = 8192 * 4096 * 4
+    fd = memfd(size)
+    answer, connection = registration_answer(slow_writer, [fd], token=None)
+    mapping = mmap.mmap(fd, size)
+    with connection:
+        # 1. Given up mid-write, then another call into the same bytes: the later call is
+        # answered after the first write ends, and its bytes are the ones that stay.
+        gave_up = threading.Thread(
+            target=_post, args=(slow_writer, answer["region"], SLOW_EYE, 0.3)
+        )
+        gave_up.start()
+        deadline = time.monotonic() + 30
+        while mapping[:4] == bytes(4):  # the eye's first 1.0: its write has begun
+            assert time.monotonic() < deadline, "the server never wrote into the region"
+            time.sleep(0.001)
+        gave_up.join(30)
+        assert _post(slow_writer, answer["region"], FAST_SAME_SIZE, 60) == 200
+        time.sleep(1.0)  # what the given-up write would still have had to write
+        assert mapping[:] == _data(FAST_SAME_SIZE)
+        # 2. A call given up on while it waited for its turn is never written at all.
+        mapping[:] = bytes(size)
+        slow = threading.Thread(target=_post, args=(slow_writer, answer["region"], SLOW_EYE, 60))
+        slow.start()
+        while mapping[:4] == bytes(4):
+            assert time.monotonic() < deadline + 30, "the server never wrote into the region"
+            time.sleep(0.001)
+        assert _post(slow_writer, answer["region"], FAST_SAME_SIZE, 0.2) is None
+        slow.join(30)
+        time.sleep(0.5)
+        assert mapping[:] == _data(SLOW_EYE)
+    mapping.close()
+    os.close(fd)

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -167,6 +167,8 @@ class SharedRegion:
     fd: int
     users: int = 0
     unregistered: bool = False
+    # Held by each write into the region (routes/shared_memory.py), in a worker thread.
+    writing: threading.Lock = field(default_factory=threading.Lock)
 
     def data(self) -> npt.NDArray[np.uint8]:
         return np.frombuffer(self.mapping, dtype=np.uint8)

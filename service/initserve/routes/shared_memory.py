@@ -220,13 +220,23 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
                     " the region again, or register a new one",
                     reason="shm_holes",
                 )
+            writer = BodyWriter(prepared.file_map, settings.chunk_bytes, state.backend)
+
+            def write_while_asked() -> None:
+                # One write into a region at a time, and none for a client that has gone: a
+                # client that gave up on this call (a timeout) may have asked again, had its
+                # answer and moved on to use its memory (train, or write the next piece there),
+                # so bytes of this call landing later would be silently wrong. Under the
+                # region's lock, an answered call's write is the last one into its bytes.
+                with region.writing:
+                    if anyio.from_thread.run(request.is_disconnected):
+                        return
+                    started = time.perf_counter()
+                    writer.write_data_into(region.data()[at : at + need], start, stop)
+                    state.metrics.generation_seconds.observe(time.perf_counter() - started)
+
             with state.admission.hold(prepared.working_bytes):
-                started = time.perf_counter()
-                writer = BodyWriter(prepared.file_map, settings.chunk_bytes, state.backend)
-                await anyio.to_thread.run_sync(
-                    writer.write_data_into, region.data()[at : at + need], start, stop
-                )
-                state.metrics.generation_seconds.observe(time.perf_counter() - started)
+                await anyio.to_thread.run_sync(write_while_asked)
         return Response(
             prepared.file_map.header,
             media_type=OCTET_STREAM,

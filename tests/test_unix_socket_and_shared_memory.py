@@ -835,3 +835,34 @@ def test_no_write_of_a_call_given_up_on_lands_after_a_later_answer(slow_writer: 
         assert mapping[:] == _data(SLOW_EYE)
     mapping.close()
     os.close(fd)
+
+
+def test_a_cancelled_async_call_writes_nothing_after_its_cancellation(
+    sidecar: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncClient hands shared memory to a thread of its sync twin, which no cancellation can
+    stop: the cancelled call ends when that thread does, never leaving it to write into the
+    caller's arrays after the caller has its CancelledError."""
+    import asyncio
+
+    from initserve_client import AsyncClient
+
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 1 << 20)  # 81 pieces
+    _, path = sidecar
+    arrays = {key: np.zeros_like(v) for key, v in initserve.generate(PIECES_SPEC).items()}
+
+    async def cancelled_midway() -> None:
+        async with AsyncClient(uds=path, token=TOKEN, shared_memory=True) as client:
+            call = asyncio.ensure_future(client.fetch_into(PIECES_SPEC, arrays))
+            while not arrays["w"][:1024].any():  # the first piece is in
+                await asyncio.sleep(0.001)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            # Here, not after asyncio.run: closing the loop waits for its threads.
+            after_cancellation = {key: v.copy() for key, v in arrays.items()}
+            await asyncio.sleep(0.5)
+            assert_same_tensors(arrays, after_cancellation)
+
+    asyncio.run(cancelled_midway())

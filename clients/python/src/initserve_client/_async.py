@@ -14,6 +14,7 @@ go through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, TypeVar
 
 import httpx
@@ -91,8 +92,18 @@ class AsyncClient(Options):
         twin = self._twin()
         if self._bridge is not None:
             self._bridge.loop = asyncio.get_running_loop()
+        work = asyncio.ensure_future(asyncio.to_thread(step.work, twin, *step.args))
         try:
-            return await asyncio.to_thread(step.work, twin, *step.args)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped, and this one may still be writing into the caller's
+            # arrays: the call ends when it does, so that nothing is written after the caller
+            # has its cancellation (and uses its arrays again).
+            while not work.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({work})
+            work.exception()  # its outcome is no one's now; retrieved, so never logged
+            raise
         finally:
             if twin.cache_dir is None:  # found unusable (warned): not tried again
                 self.cache_dir = None

@@ -104,6 +104,8 @@ def fill_runs_device(
     if count == 0:
         return out
     starts = cupy.asarray(np.ascontiguousarray(run_starts, dtype=np.uint64))
+    if len(params) > KERNEL_PARAMS:  # the kernel reads 8: more would be dropped, silently
+        raise ValueError(f"{len(params)} kernel parameters; the block holds {KERNEL_PARAMS}")
     padding = [0.0] * (KERNEL_PARAMS - len(params))  # the block is zero past the draw's own
     param_array = cupy.asarray(np.array(list(params) + padding, dtype=np.float64))
     blocks_per_run = (run_len + 3) // 4 + 1

@@ -39,8 +39,9 @@ from initserve.engine import TensorSource
 from initserve.plan import plan
 from initserve.request import parse_request
 from initserve.shared_regions import _libc, populate
-from initserve_client import Client
-from initserve_client._shared_memory import _allocated_mapping, register
+from initserve_client import Client, _shared_memory_fetch
+from initserve_client._copy import parallel_copy
+from initserve_client._shared_memory import _allocated_mapping, huge_pages_for_regions, register
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 GIB = 1 << 30
@@ -168,10 +169,24 @@ def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
     new[0].close()
     os.close(fd)
 
+    # The two ways fetch_weights over shared memory goes, each forced: views of a fresh region
+    # (a host whose shared memory gets huge pages), and fresh numpy memory filled through the
+    # staging region (one that does not; its floor: generation, and the copy below).
+    for huge, way in ((True, "views of a fresh region"), (False, "through the staging region")):
+        setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda huge=huge: huge)  # noqa: B010
+        try:
+            timed(
+                row,
+                f"fetch_weights over shared memory, fresh: {way} (whole call)",
+                lambda: client.fetch_weights(GIB_SPEC),
+            )
+        finally:
+            setattr(_shared_memory_fetch, "huge_pages_for_regions", huge_pages_for_regions)  # noqa: B010
+    region_bytes = np.ones(GIB, dtype=np.uint8)
     timed(
         row,
-        "fetch_weights over shared memory, fresh (whole call)",
-        lambda: client.fetch_weights(GIB_SPEC),
+        "a copy of 1 GiB into fresh numpy memory (parallel_copy)",
+        lambda: parallel_copy([(np.empty(GIB, dtype=np.uint8), region_bytes)]),
     )
     return row
 

@@ -23,6 +23,7 @@ GPT-2 init_module through shared memory <= 0.6x HF's own init; init_module from 
 
     python bench/bench_sidecar.py           (make bench)
     python bench/bench_sidecar.py gib       (the 1 GiB table alone)
+    python bench/bench_sidecar.py uds [N]   (the Unix socket against TCP, N interleaved rounds)
 """
 
 from __future__ import annotations
@@ -282,7 +283,55 @@ def raw_socket_rate(family: int, nbytes: int = 1 << 30) -> float:
         return received / seconds / 1e9
 
 
+def interleaved_rounds(tcp: str, uds: Path, rounds: int) -> None:
+    """The Unix socket against TCP on 1 GiB, in ``rounds`` rounds that alternate which goes
+    first: each round's ratio, fresh memory (fetch_weights) and touched arrays (fetch_into),
+    and their medians. One run's medians of 3 swing with the machine (the raw sockets' own
+    ratio moved from 0.6x to 1.55x between two runs); rounds side by side show the spread."""
+    fresh: list[float] = []
+    touched: list[float] = []
+    arrays = {"w": np.ones(1 << 28, dtype=np.float32)}
+    with Client(tcp) as over_tcp, Client(uds=uds) as over_uds:
+        for client in (over_tcp, over_uds):
+            client.fetch_weights(GIB_SPEC)  # connected and warm
+        for index in range(rounds):
+            order = (over_tcp, over_uds) if index % 2 == 0 else (over_uds, over_tcp)
+            took: dict[int, tuple[float, float]] = {}
+            for client in order:
+                start = time.perf_counter()
+                result = client.fetch_weights(GIB_SPEC)
+                fresh_s = time.perf_counter() - start
+                del result
+                start = time.perf_counter()
+                client.fetch_into(GIB_SPEC, arrays)
+                took[id(client)] = (fresh_s, time.perf_counter() - start)
+            (tcp_fresh, tcp_touched), (uds_fresh, uds_touched) = (
+                took[id(over_tcp)],
+                took[id(over_uds)],
+            )
+            fresh.append(tcp_fresh / uds_fresh)
+            touched.append(tcp_touched / uds_touched)
+            print(
+                f"round {index + 1}: fresh TCP {tcp_fresh:.3f} s, Unix socket {uds_fresh:.3f} s:"
+                f" {fresh[-1]:.2f}x; touched TCP {tcp_touched:.3f} s, Unix socket"
+                f" {uds_touched:.3f} s: {touched[-1]:.2f}x",
+                flush=True,
+            )
+    print(
+        f"Unix socket / TCP, 1 GiB, median of {rounds} interleaved rounds: fresh memory"
+        f" {statistics.median(fresh):.2f}x ({min(fresh):.2f}-{max(fresh):.2f}x, target >= 1.2x);"
+        f" touched {statistics.median(touched):.2f}x ({min(touched):.2f}-{max(touched):.2f}x)"
+    )
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["uds"]:
+        rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 9
+        with tempfile.TemporaryDirectory() as scratch:
+            uds = Path(scratch) / "initserve.sock"
+            with uds_server(uds, max_response_bytes=str(2 << 30)) as (tcp, _):
+                interleaved_rounds(tcp, uds, rounds)
+        return
     tcp_raw, uds_raw = raw_socket_rate(socket.AF_INET), raw_socket_rate(socket.AF_UNIX)
     print("raw stream socket, 1 GiB, recv_into touched memory (the transport's ceiling):")
     print(

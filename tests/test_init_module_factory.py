@@ -344,7 +344,13 @@ def test_a_served_rand_stays_below_one_as_torchs_does() -> None:
     values = init_module(build, 16, url="local")[0].detach()
     assert bool(values.isfinite().all())
     below_one = np.minimum(uniform, np.float32(1 - 2**-24))
-    assert torch.equal(values, -torch.log(1 - torch.from_numpy(below_one)))
+    expected = -torch.log(1 - torch.from_numpy(below_one))
+    # Within one unit in the last place: the draw is served exactly, but torch's log (MKL's on
+    # this build) is not bit-reproducible between two calls in every process state (one CI run
+    # of the whole suite on an AVX-512 machine differed, not reproduced alone). A draw served
+    # wrong, or the 1.0 kept, is off by far more (or infinite).
+    ulps = (values.view(torch.int32).long() - expected.view(torch.int32).long()).abs()
+    assert int(ulps.max()) <= 1, int(ulps.max())
 
 
 def test_a_draw_that_steers_the_constructor_is_refused_with_that_reason() -> None:

@@ -116,3 +116,20 @@ def test_a_range_outside_the_data_or_the_buffer_is_refused(
     writer = writer_for(whole_parts())
     with pytest.raises(ValueError, match="data bytes"):
         writer.write_data_into(np.zeros(max(size, 0), dtype=np.uint8), start, stop)
+
+
+@pytest.mark.parametrize("parts", [whole_parts, shard_parts], ids=["whole", "shards"])
+def test_every_chunk_is_its_own_memory_nothing_writes_again(parts: Any) -> None:
+    # The server hands each chunk to the socket as it is (connections._body_without_copy), and
+    # the event loop may hold it until the client reads it: a chunk generated into a buffer
+    # that the next chunk reuses would be sent with the next chunk's bytes. Kept all at once,
+    # the chunks must still be the body.
+    writer = BodyWriter(map_file(parts(), {}), 64)  # many chunks per tensor
+    kept = list(writer.chunks())
+    assert len(kept) > 100
+    assert b"".join(bytes(chunk) for chunk in kept) == b"".join(
+        bytes(chunk) for chunk in writer.chunks()
+    )
+    views = [np.frombuffer(chunk, dtype=np.uint8) for chunk in kept if len(chunk)]
+    for a, b in itertools.pairwise(views):
+        assert not np.shares_memory(a, b)

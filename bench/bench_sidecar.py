@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import uds_server
+from common import shared_memory_way, uds_server
 
 import initserve
 from initserve.connections import SEND_BUFFER_BYTES
-from initserve_client import Client, _shared_memory_fetch
+from initserve_client import Client
 from initserve_client._shared_memory import huge_pages_for_regions
 from initserve_client._transport import READ_BYTES
 
@@ -127,11 +127,8 @@ def delivery_table(name: str, spec: dict[str, Any], tcp: str, uds: Path, cache: 
     # fresh region (the host gives shared memory huge pages) or fresh arrays filled through the
     # staging region (it does not).
     chosen = huge_pages_for_regions()
-    setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: True)  # noqa: B010
-    try:
+    with shared_memory_way(huge_pages=True):
         fresh_rows[SHM_FRESH_REGION] = median_seconds(functools.partial(shm.fetch_weights, spec))
-    finally:
-        setattr(_shared_memory_fetch, "huge_pages_for_regions", huge_pages_for_regions)  # noqa: B010
     rows: dict[str, float] = {}
     for label, (client, targets) in clients.items():
         rows[label] = median_seconds(functools.partial(client.fetch_into, spec, targets))

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +47,17 @@ def curl_post(url: str, spec: dict[str, Any]) -> tuple[float, int]:
     if out[2] != "200":
         raise RuntimeError(f"POST /init answered {out[2]}")
     return float(out[0]), int(out[1])
+
+
+@contextmanager
+def shared_memory_way(huge_pages: bool) -> Iterator[None]:
+    """fetch_weights over shared memory forced one way, whatever this host's pages: views of a
+    fresh region (``huge_pages``) or fresh arrays filled through the staging region."""
+    from initserve_client import _shared_memory_fetch
+    from initserve_client._shared_memory import huge_pages_for_regions
+
+    setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: huge_pages)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(_shared_memory_fetch, "huge_pages_for_regions", huge_pages_for_regions)  # noqa: B010

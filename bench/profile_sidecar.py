@@ -32,16 +32,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import uds_server
+from common import shared_memory_way, uds_server
 
 import initserve
 from initserve.engine import TensorSource
 from initserve.plan import plan
 from initserve.request import parse_request
 from initserve.shared_regions import _libc, populate
-from initserve_client import Client, _shared_memory_fetch
+from initserve_client import Client
 from initserve_client._copy import parallel_copy
-from initserve_client._shared_memory import _allocated_mapping, huge_pages_for_regions, register
+from initserve_client._shared_memory import _allocated_mapping, register
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 GIB = 1 << 30
@@ -173,15 +173,12 @@ def one_round(url: str, uds: Path, client: Client) -> dict[str, float]:
     # (a host whose shared memory gets huge pages), and fresh numpy memory filled through the
     # staging region (one that does not; its floor: generation, and the copy below).
     for huge, way in ((True, "views of a fresh region"), (False, "through the staging region")):
-        setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda huge=huge: huge)  # noqa: B010
-        try:
+        with shared_memory_way(huge_pages=huge):
             timed(
                 row,
                 f"fetch_weights over shared memory, fresh: {way} (whole call)",
                 lambda: client.fetch_weights(GIB_SPEC),
             )
-        finally:
-            setattr(_shared_memory_fetch, "huge_pages_for_regions", huge_pages_for_regions)  # noqa: B010
     region_bytes = np.ones(GIB, dtype=np.uint8)
     timed(
         row,

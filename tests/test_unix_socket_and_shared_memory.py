@@ -44,6 +44,13 @@ TOKEN = "s3cret-token"
 SLOW_SPEC = {"seed": 1, "tensors": [{"name": "w", "shape": [1 << 26], "scheme": "uniform"}]}
 
 
+def through_staging(monkeypatch: pytest.MonkeyPatch, piece_bytes: int) -> None:
+    """fetch_weights through the staging region (a host without huge pages for shared memory),
+    in pieces of ``piece_bytes``."""
+    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
+    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", piece_bytes)
+
+
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A server on TCP and on a Unix socket, shared memory on, a bearer token required."""
@@ -183,8 +190,7 @@ def test_pieces_through_the_staging_region_are_the_whole(
 ) -> None:
     # Pieces that split elements and tensors, two halves taken in turn for 85 pieces, one piece
     # and a last byte, one piece: every byte where it belongs, and the region two pieces at most.
-    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
-    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", piece)
+    through_staging(monkeypatch, piece)
     url, path = sidecar
     with Client(url, token=TOKEN) as http, Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         expected = http.fetch_weights(SPEC)
@@ -253,27 +259,32 @@ def test_a_piece_given_up_on_never_lands_under_a_later_piece(
     """An attempt that got no answer (a timeout) may leave the server writing its piece into a
     half of the staging region later; the piece after next would be written into that half. So
     after it the pieces go to a region of their own: a late write there reaches nothing read."""
-    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
-    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 1001)
-    real = _shared_memory_fetch._generate_into
+    through_staging(monkeypatch, 1001)
+    real = _shared_memory_fetch._post_into
     calls: list[tuple[int, int, int]] = []
     old_region: list[np.ndarray] = []
 
     def retried_once(
-        client: Any, request: Any, address: int, offset: int, data_range: Any, unanswered: Any
+        client: Any,
+        request: Any,
+        address: int,
+        offset: int,
+        data_range: Any,
+        total: int,
+        unanswered: Any,
     ) -> Any:
         calls.append((address, offset, data_range[1] - data_range[0]))
         if len(calls) == 2:
             unanswered()  # as if an attempt at piece 1 had timed out
             old_region.append(client._staging.data)  # the region that attempt wrote into
-        answer = real(client, request, address, offset, data_range, unanswered)
+        answer = real(client, request, address, offset, data_range, total, unanswered)
         if len(calls) == 4:
             # The given-up attempt's bytes land late, where it wrote piece 1.
             _, at, size = calls[1]
             old_region[0][at : at + size] = 0xEE
         return answer
 
-    monkeypatch.setattr(_shared_memory_fetch, "_generate_into", retried_once)
+    monkeypatch.setattr(_shared_memory_fetch, "_post_into", retried_once)
     _, path = sidecar
     with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
         assert_same_tensors(shm.fetch_weights(SPEC), initserve.generate(SPEC))
@@ -286,8 +297,7 @@ def test_a_piece_given_up_on_never_lands_under_a_later_piece(
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """fetch_weights through the staging region (a host without huge pages for shared memory)
     in pieces of 4 KiB: SPEC's data in 21 of them."""
-    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
-    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 4096)
+    through_staging(monkeypatch, 4096)
 
 
 def test_an_answered_retry_keeps_the_staging_region(
@@ -406,8 +416,7 @@ def test_fresh_arrays_through_the_staging_region_are_the_callers_alone(
     caller's own through the staging region (three pieces of 32 MiB here, two halves in turn):
     the engine's bytes, in no region, unchanged by later calls, and the staging region never
     grows past two pieces."""
-    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
-    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 32 << 20)
+    through_staging(monkeypatch, 32 << 20)
     _, path = sidecar
     expected = initserve.generate(PIECES_SPEC)
     with Client(uds=path, token=TOKEN, shared_memory=True) as shm:
@@ -847,8 +856,7 @@ def test_a_cancelled_async_call_writes_nothing_after_its_cancellation(
 
     from initserve_client import AsyncClient
 
-    monkeypatch.setattr(_shared_memory_fetch, "huge_pages_for_regions", lambda: False)
-    monkeypatch.setattr(_shared_memory_fetch, "STAGING_PIECE_BYTES", 1 << 20)  # 81 pieces
+    through_staging(monkeypatch, 1 << 20)  # 81 pieces
     _, path = sidecar
     arrays = {key: np.zeros_like(v) for key, v in initserve.generate(PIECES_SPEC).items()}
 

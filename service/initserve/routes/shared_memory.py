@@ -222,7 +222,7 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
                 )
             writer = BodyWriter(prepared.file_map, settings.chunk_bytes, state.backend)
 
-            def write_while_asked() -> None:
+            def write_while_asked() -> bool:
                 # One write into a region at a time, and none for a client that has gone: a
                 # client that gave up on this call (a timeout) may have asked again, had its
                 # answer and moved on to use its memory (train, or write the next piece there),
@@ -230,13 +230,21 @@ def router_for(settings: Settings, registry: SharedRegionRegistry | None) -> API
                 # region's lock, an answered call's write is the last one into its bytes.
                 with region.writing:
                     if anyio.from_thread.run(request.is_disconnected):
-                        return
+                        return False
                     started = time.perf_counter()
                     writer.write_data_into(region.data()[at : at + need], start, stop)
                     state.metrics.generation_seconds.observe(time.perf_counter() - started)
+                    return True
 
             with state.admission.hold(prepared.working_bytes):
-                await anyio.to_thread.run_sync(write_while_asked)
+                written = await anyio.to_thread.run_sync(write_while_asked)
+            if not written:  # never an answer that says bytes were written when none were
+                raise Rejected(
+                    408,
+                    "Request Timeout",
+                    "the client went away before its turn to write: nothing was written",
+                    "shm_client_gone",
+                )
         return Response(
             prepared.file_map.header,
             media_type=OCTET_STREAM,

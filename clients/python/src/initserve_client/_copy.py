@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,8 +23,13 @@ _copy_workers: ThreadPoolExecutor | None = None
 _copy_workers_lock = threading.Lock()
 
 
-def parallel_copy(pairs: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]) -> None:
-    """``np.copyto(target, source)`` for each pair, the pieces spread over the usable CPUs."""
+Pairs = list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]
+
+
+def start_copy(pairs: Pairs) -> Callable[[], None]:
+    """``np.copyto(target, source)`` for each pair, the pieces spread over the usable CPUs and
+    begun now; the function returned waits for them all (and raises the first error). Small
+    copies, or one CPU: done here, before it returns."""
     global _copy_workers
     pieces = [
         (target[i : i + COPY_PIECE_BYTES], source[i : i + COPY_PIECE_BYTES])
@@ -34,13 +40,50 @@ def parallel_copy(pairs: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]
     if threads < 2 or len(pieces) < 2:
         for target, source in pieces:
             np.copyto(target, source)
-        return
+        return lambda: None
     with _copy_workers_lock:
         if _copy_workers is None:
             _copy_workers = ThreadPoolExecutor(threads, thread_name_prefix="initserve-copy")
         workers = _copy_workers
-    for _ in workers.map(lambda pair: np.copyto(*pair), pieces):
-        pass
+    begun = [workers.submit(np.copyto, target, source) for target, source in pieces]
+
+    def wait() -> None:
+        for piece in begun:
+            piece.result()
+
+    return wait
+
+
+def parallel_copy(pairs: Pairs) -> None:
+    """``np.copyto(target, source)`` for each pair, the pieces spread over the usable CPUs."""
+    start_copy(pairs)()
+
+
+def range_pairs(
+    layout: Sequence[tuple[int, int]],
+    targets: Sequence[npt.NDArray[np.uint8]],
+    start: int,
+    stop: int,
+    source: npt.NDArray[np.uint8],
+) -> Pairs:
+    """Where data bytes [start, stop), held in ``source``, go: each target's part of them (the
+    target of entry [begin, end) of ``layout`` holds that entry's bytes)."""
+    return [
+        (target[lo - begin : hi - begin], source[lo - start : hi - start])
+        for target, (begin, end) in zip(targets, layout, strict=True)
+        for lo, hi in [(max(begin, start), min(end, stop))]
+        if lo < hi
+    ]
+
+
+def checked_targets(
+    layout: Sequence[tuple[int, int]], targets: Sequence[npt.NDArray[np.uint8]]
+) -> None:
+    sizes = [end - begin for begin, end in layout]
+    if [t.nbytes for t in targets] != sizes:
+        raise ValueError(
+            f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
+        )
 
 
 def copy_into(
@@ -48,11 +91,6 @@ def copy_into(
 ) -> None:
     """Each entry's bytes of the data section ``data`` copied into its target (raw bytes, in
     file order)."""
-    sizes = [e.end - e.begin for e in header.entries]
-    if [t.nbytes for t in targets] != sizes:
-        raise ValueError(
-            f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
-        )
-    parallel_copy(
-        [(t, data[e.begin : e.end]) for e, t in zip(header.entries, targets, strict=True)]
-    )
+    layout = [(e.begin, e.end) for e in header.entries]
+    checked_targets(layout, targets)
+    parallel_copy(range_pairs(layout, targets, 0, len(data), data))

@@ -24,17 +24,17 @@ copied out, so a model of any size passes through 256 MiB of shared memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 
-from initserve_client._copy import parallel_copy
+from initserve_client._copy import checked_targets, range_pairs, start_copy
 from initserve_client._exceptions import APIConnectionError, InvalidResponseError, status_error
 from initserve_client._problems import (
     note_answer,
@@ -125,12 +125,12 @@ def fetch_weights(
         return None
     if huge_pages_for_regions():
         region = SharedRegion(need)
-        header = _generate_into(client, request, region.address, 0, (0, need))
+        header = _generate_into(client, request, region.address, 0, need)
         return None if header is None else tensors_from_buffer(header, region.data[:need])
+    # numpy's own memory, as initserve.generate's: 2 MiB pages for a large array (not
+    # _safetensors.fresh_buffer's 4 KiB ones, whose faults are what this way avoids).
     data = np.empty(need, dtype=np.uint8)
-    header = _through_staging(
-        client, request, need, lambda start, stop, piece: [(data[start:stop], piece)]
-    )
+    header = _through_staging(client, request, [(0, need)], [data])
     return None if header is None else tensors_from_buffer(header, data)
 
 
@@ -147,115 +147,86 @@ def fetch_into(client: Client, fill: Fill, progress: Progress | None) -> bool:
     placed = placed_region(targets, [begin for begin, _ in layout], need)
     if placed is not None:
         address, offset = placed
-        return _generate_into(client, request, address, offset, (0, need)) is not None
-    sizes = [end - begin for begin, end in layout]
-    if [t.nbytes for t in targets] != sizes:
-        raise ValueError(
-            f"the target arrays hold {[t.nbytes for t in targets]} bytes, the tensors {sizes}"
-        )
-
-    def pairs(
-        start: int, stop: int, piece: npt.NDArray[np.uint8]
-    ) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
-        # Each target's bytes that fall in data bytes [start, stop), from where they lie in the
-        # piece.
-        return [
-            (target[lo - begin : hi - begin], piece[lo - start : hi - start])
-            for target, (begin, end) in zip(targets, layout, strict=True)
-            for lo, hi in [(max(begin, start), min(end, stop))]
-            if lo < hi
-        ]
-
-    return _through_staging(client, request, need, pairs) is not None
+        return _generate_into(client, request, address, offset, need) is not None
+    checked_targets(layout, targets)
+    return _through_staging(client, request, layout, targets) is not None
 
 
-Pairs = Callable[
-    [int, int, npt.NDArray[np.uint8]],
-    list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]],
-]
-
-
-def _through_staging(client: Client, request: Request, need: int, pairs: Pairs) -> Header | None:
-    """The data section, a piece at a time, through the client's staging region: the server
-    generates piece k + 1 into one half while piece k is copied out of the other (``pairs``
-    says where each byte of [start, stop) goes). The header of the first answer; None where
-    the server cannot."""
-    # A server from before ranges: the whole call in one piece, as then.
-    step = STAGING_PIECE_BYTES if client._data_ranges else need
-    pieces = [(at, min(at + step, need)) for at in range(0, need, step)]
-    size = min(need, 2 * step)
-    # The client's staging region where no other call is using it, else one of this call's own
-    # (calls from several threads run side by side, as they did each in a fresh region).
-    shared = client._staging_lock.acquire(blocking=False)
-    if not shared:
-        return _pieces_through(client, request, pieces, size, pairs, None)
-    try:
-        return _pieces_through(client, request, pieces, size, pairs, client)
-    finally:
-        client._staging_lock.release()
-
-
-def _pieces_through(
+def _through_staging(
     client: Client,
     request: Request,
-    pieces: list[tuple[int, int]],
-    size: int,
-    pairs: Pairs,
-    keeper: Client | None,
+    layout: list[tuple[int, int]],
+    targets: list[npt.NDArray[np.uint8]],
 ) -> Header | None:
-    """``pieces`` through a staging region of ``size`` bytes: ``keeper``'s kept one (its lock
-    held) or, without a keeper, one of this call's own."""
+    """The data section, a piece at a time, through a staging region, into ``targets`` (the
+    target of entry [begin, end) of ``layout`` takes those bytes): the server generates piece
+    k + 1 into one half while piece k is copied out of the other. The header of the first
+    answer; None where the server cannot.
+
+    The region is the client's kept one where no other call is using it, else one of this
+    call's own (calls from several threads run side by side, as they did each in a fresh
+    region)."""
+    need = data_bytes(layout)
+    # A server from before ranges: the whole call in one piece, as then.
+    step = STAGING_PIECE_BYTES if client._data_ranges else need
+    size = min(need, 2 * step)
+    kept = client._staging_lock.acquire(blocking=False)
 
     def fresh_region() -> SharedRegion:
         region = SharedRegion(size)
-        if keeper is not None:
-            keeper._staging = region  # the old one goes with its last view
+        if kept:
+            client._staging = region  # the old one goes with its last view
         return region
 
-    kept = None if keeper is None else keeper._staging
-    staging = kept if kept is not None and kept.size >= size else fresh_region()
-    step = pieces[0][1] - pieces[0][0]
-    with ThreadPoolExecutor(1, "initserve-staging") as copier:
-        header: Header | None = None
-        copying: Future[None] | None = None
-        unanswered: list[bool] = []
-        try:
-            for index, (start, stop) in enumerate(pieces):
-                at = (index % 2) * step
-                # The half written now was copied out two pieces ago: that copy has finished.
-                answer = _generate_into(
-                    client,
-                    request,
-                    staging.address,
-                    at,
-                    (start, stop),
-                    lambda: unanswered.append(True),
-                )
-                if copying is not None:
-                    copying.result()
-                if answer is None:
-                    return None
-                if header is None:
-                    header = answer
-                elif answer != header:
-                    raise InvalidResponseError("the server answered another header for a piece")
-                piece = staging.data[at : at + stop - start]
-                copying = copier.submit(parallel_copy, pairs(start, stop, piece))
-                if unanswered:
-                    # An attempt that got no answer may still be writing this piece into this
-                    # half, later: the same bytes, harmless while they are this piece's, wrong
-                    # under the piece after next. The pieces after this one get a region of
-                    # their own.
-                    staging = fresh_region()
-                    unanswered.clear()
-            if copying is not None:
-                copying.result()
-        except BaseException:
-            # A call that gave up may leave the server writing into the region for a while:
-            # the next call gets a region of its own, never one those late bytes can land in.
-            if keeper is not None:
-                keeper._staging = None
-            raise
+    staging = client._staging if kept else None
+    if staging is None or staging.size < size:
+        staging = fresh_region()
+    header: Header | None = None
+    first: bytes | None = None
+    copying: Callable[[], None] = lambda: None  # noqa: E731
+    unanswered: list[bool] = []
+    try:
+        for index, start in enumerate(range(0, need, step)):
+            stop = min(start + step, need)
+            at = (index % 2) * step
+            # The half written now was copied out two pieces ago: that copy has finished.
+            answer = _post_into(
+                client,
+                request,
+                staging.address,
+                at,
+                (start, stop),
+                need,
+                lambda: unanswered.append(True),
+            )
+            copying()
+            if answer is None:
+                return None
+            if first is None:
+                header, first = _checked_header(answer, request, need), answer
+            elif answer != first:
+                raise InvalidResponseError("the server answered another header for a piece")
+            piece = staging.data[at : at + stop - start]
+            copying = start_copy(range_pairs(layout, targets, start, stop, piece))
+            if unanswered:
+                # An attempt that got no answer may still be writing this piece into this half,
+                # later: the same bytes, harmless while they are this piece's, wrong under the
+                # piece after next. The pieces after this one get a region of their own.
+                staging = fresh_region()
+                unanswered.clear()
+        copying()
+    except BaseException:
+        # A call that gave up may leave the server writing into the region for a while: the
+        # next call gets a region of its own, never one those late bytes can land in. Its own
+        # copy ends before the call does: nothing is written into the targets after it.
+        if kept:
+            client._staging = None
+        with contextlib.suppress(Exception):
+            copying()
+        raise
+    finally:
+        if kept:
+            client._staging_lock.release()
     return header
 
 
@@ -273,21 +244,41 @@ def allocate(client: Client, expected: Entries) -> dict[str, npt.NDArray[Any]] |
 
 
 def _generate_into(
+    client: Client, request: Request, address: int, offset: int, total: int
+) -> Header | None:
+    """The server generates the whole data section (``total`` bytes) into the region at
+    ``address`` from ``offset`` on; its header, checked, or None where it cannot."""
+    answer = _post_into(client, request, address, offset, (0, total), total, lambda: None)
+    return None if answer is None else _checked_header(answer, request, total)
+
+
+def _checked_header(answer: bytes, request: Request, total: int) -> Header:
+    header = parse_header(answer)
+    check_against_spec(header, request.expected)
+    if header.data_bytes != total:
+        raise InvalidResponseError(
+            f"the header describes {header.data_bytes} data bytes, the spec {total}"
+        )
+    return header
+
+
+def _post_into(
     client: Client,
     request: Request,
     address: int,
     offset: int,
     data_range: tuple[int, int],
-    unanswered: Callable[[], None] = lambda: None,
-) -> Header | None:
-    """The server generates data bytes [start, stop) into the region at ``address`` from
-    ``offset`` on and answers the header; None where it cannot (the registration socket
-    unreachable from here, shared memory turned off since it was asked). ``unanswered`` is
-    called when an attempt gets no answer (a timeout, a dropped connection): the server may
-    still be writing what it began, later (the same bytes, in the same place). An attempt
-    that is answered, whatever the answer, has no write left running."""
+    total: int,
+    unanswered: Callable[[], None],
+) -> bytes | None:
+    """The server generates data bytes [start, stop) of the ``total`` into the region at
+    ``address`` from ``offset`` on; its answer, the header's bytes, unchecked; None where it
+    cannot (the registration socket unreachable from here, shared memory turned off since it
+    was asked). ``unanswered`` is called when an attempt gets no answer (a timeout, a dropped
+    connection): the server may still be writing what it began, later (the same bytes, in the
+    same place). An attempt that is answered, whatever the answer, has no write left
+    running."""
     start, stop = data_range
-    total = data_bytes(data_layout(request.expected))
     need = stop - start
     path = client._registration
     assert path
@@ -355,10 +346,4 @@ def _generate_into(
         raise InvalidResponseError(
             f"the server says it wrote {written} bytes into the region; {need} were asked for"
         )
-    header = parse_header(response.content)
-    check_against_spec(header, request.expected)
-    if header.data_bytes != total:
-        raise InvalidResponseError(
-            f"the header describes {header.data_bytes} data bytes, the spec {total}"
-        )
-    return header
+    return response.content
